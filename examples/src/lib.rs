@@ -1,0 +1,1 @@
+//! Examples of linking the NBD core.

@@ -1,0 +1,2 @@
+//! smoltcp and embedded-io shells for the NBD core.
+#![no_std]

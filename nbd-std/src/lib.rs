@@ -1,0 +1,1 @@
+//! std shell for the NBD core.

@@ -1,0 +1,2 @@
+//! WebAssembly bindings of the NBD core.
+#![no_std]
