@@ -1,0 +1,448 @@
+//! The connection: its state, the `process` loop, completions and the
+//! events that wait on ordering rules.
+
+use super::inflight::{InFlight, Reason, Reply, RequestId, SlotState};
+use super::negotiation::NegotiationOutput;
+use super::transmission::{ActiveExport, Receiving, ReceiveMode};
+use super::{CloseReason, CompletionError, Config, Event, ProtocolError, ReadOutcome, Request, Step};
+use crate::export::{Catalog, Features};
+use crate::wire::{ClientFlags, Command, ErrorCode, ExtDescriptor, HeaderStyle, WireError};
+
+/// Bytes of partial headers kept between `process` calls (the longest
+/// header is the 32-byte extended request).
+const HEADER_BYTES: usize = 32;
+
+/// Bytes of encoded reply headers handed out by `poll_transmit` (the
+/// longest is an extended ERROR_OFFSET chunk: 32 + 4 + 2 + 8).
+pub(super) const SCRATCH_BYTES: usize = 48;
+
+/// Collects a fixed-size header that may arrive split across inputs,
+/// without copying when it arrives whole.
+#[derive(Debug)]
+pub(super) struct Accumulator {
+    bytes: [u8; HEADER_BYTES],
+    len: usize,
+}
+
+impl Accumulator {
+    const fn new() -> Self {
+        Self { bytes: [0; HEADER_BYTES], len: 0 }
+    }
+
+    /// Takes bytes from `input` towards a `need`-byte header. Returns the
+    /// bytes consumed and, once complete, the header bytes.
+    pub(super) fn fill<'s>(&'s mut self, input: &'s [u8], need: usize) -> (usize, Option<&'s [u8]>) {
+        let need = need.min(HEADER_BYTES);
+        if self.len == 0 && input.len() >= need {
+            return (need, Some(&input[..need]));
+        }
+        let take = (need - self.len).min(input.len());
+        self.bytes[self.len..self.len + take].copy_from_slice(&input[..take]);
+        self.len += take;
+        if self.len == need {
+            self.len = 0;
+            (take, Some(&self.bytes[..need]))
+        } else {
+            (take, None)
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Waiting for the client flags.
+    ClientFlags,
+    /// Waiting for an option header.
+    OptionHeader,
+    /// Buffering `length` bytes of option data.
+    OptionData { code: crate::wire::OptionCode, length: usize },
+    /// Reading past option data that will not be buffered.
+    OptionSkip { code: crate::wire::OptionCode, remaining: u32, refusal: super::negotiation::Refusal },
+    /// Requests and replies.
+    Transmission,
+    /// The session ended.
+    Closed,
+}
+
+/// One server-side NBD connection over a catalog of exports `C`.
+///
+/// `REQUESTS` bounds the requests in flight; `BUFFER` is the byte buffer for
+/// option data and block-status replies (see the [module docs](super)).
+/// Create one per accepted client with [`Connection::new`]; the greeting is
+/// the first thing [`poll_transmit`](Self::poll_transmit) returns.
+#[derive(Debug)]
+pub struct Connection<C, const REQUESTS: usize = 64, const BUFFER: usize = 4352> {
+    pub(super) catalog: C,
+    pub(super) config: Config,
+    pub(super) phase: Phase,
+    pub(super) client_flags: ClientFlags,
+    pub(super) features: Features,
+    pub(super) tls_active: bool,
+    /// Export for which `base:allocation` was selected by the last
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    pub(super) meta_export: Option<usize>,
+    pub(super) output: NegotiationOutput,
+    pub(super) export: Option<ActiveExport>,
+    pub(super) inflight: InFlight<REQUESTS>,
+    pub(super) receiving: Option<Receiving>,
+    pub(super) header: Accumulator,
+    /// Option data during negotiation; a FIFO of encoded block-status
+    /// descriptors (`buffer_start..buffer_end`) during transmission.
+    pub(super) buffer: [u8; BUFFER],
+    pub(super) buffer_start: usize,
+    pub(super) buffer_end: usize,
+    pub(super) scratch: [u8; SCRATCH_BYTES],
+    /// `ExportSelected` waiting to be returned by `process`.
+    pub(super) selected_event: bool,
+    /// The STARTTLS acknowledgement was handed out; hand over next.
+    pub(super) tls_handover: bool,
+    /// An `NBD_OPT_ABORT` acknowledgement was handed out.
+    pub(super) abort_acked: bool,
+    /// `NBD_CMD_DISC` arrived: finish what is in flight, then close.
+    pub(super) draining: bool,
+    pub(super) shutting_down: bool,
+    /// A resize is in flight: no request is read until it completes.
+    pub(super) resize_barrier: Option<RequestId>,
+    /// Requests waiting for an ordering barrier.
+    pub(super) deferred: usize,
+}
+
+impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
+    /// A connection to a client that just connected. The greeting is queued.
+    pub fn new(catalog: C, config: Config) -> Self {
+        Self {
+            catalog,
+            config,
+            phase: Phase::ClientFlags,
+            client_flags: ClientFlags::empty(),
+            features: Features::default(),
+            tls_active: false,
+            meta_export: None,
+            output: NegotiationOutput::Greeting,
+            export: None,
+            inflight: InFlight::new(),
+            receiving: None,
+            header: Accumulator::new(),
+            buffer: [0; BUFFER],
+            buffer_start: 0,
+            buffer_end: 0,
+            scratch: [0; SCRATCH_BYTES],
+            selected_event: false,
+            tls_handover: false,
+            abort_acked: false,
+            draining: false,
+            shutting_down: false,
+            resize_barrier: None,
+            deferred: 0,
+        }
+    }
+
+    /// The catalog this connection serves.
+    pub fn catalog(&self) -> &C {
+        &self.catalog
+    }
+
+    /// Features negotiated so far.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Header style of the transmission phase.
+    pub fn header_style(&self) -> HeaderStyle {
+        if self.features.extended_headers { HeaderStyle::Extended } else { HeaderStyle::Compact }
+    }
+
+    /// The export selected for transmission, by catalog index.
+    pub fn selected_export(&self) -> Option<usize> {
+        self.export.map(|e| e.index)
+    }
+
+    /// The selected export's current size (it changes with `NBD_CMD_RESIZE`).
+    pub fn export_size(&self) -> Option<u64> {
+        self.export.map(|e| e.size)
+    }
+
+    /// Whether TLS was started on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Requests in flight (issued, deferred, or with replies not yet sent).
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether the session ended (a `Close` event was returned).
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Starts a graceful stop (spec: "Terminating the transmission phase"):
+    /// new options get `NBD_REP_ERR_SHUTDOWN`, new requests `NBD_ESHUTDOWN`;
+    /// once nothing is in flight, `process` returns
+    /// [`Event::Close`]`(`[`CloseReason::Shutdown`]`)`.
+    pub fn shutdown(&mut self) {
+        if !self.shutting_down {
+            info!("shutting down: refusing new options and requests");
+        }
+        self.shutting_down = true;
+    }
+
+    /// Consumes bytes the client sent; see the [module docs](super).
+    ///
+    /// Returns an error when the connection must end at once (hard
+    /// disconnect); the shell then closes the transport.
+    pub fn process<'a>(&mut self, input: &'a [u8]) -> Result<Step<'a>, ProtocolError> {
+        if self.phase == Phase::Closed {
+            return Err(ProtocolError::Closed);
+        }
+        if let Some(event) = self.take_event() {
+            return Ok(Step { consumed: 0, event: Some(event) });
+        }
+        let mut consumed = 0;
+        while !self.input_paused() {
+            let rest = &input[consumed..];
+            let (used, event) = if self.phase == Phase::Transmission {
+                self.process_transmission(rest)?
+            } else {
+                self.process_negotiation(rest)?
+            };
+            consumed += used;
+            if event.is_some() {
+                return Ok(Step { consumed, event });
+            }
+            if used == 0 {
+                break;
+            }
+        }
+        Ok(Step { consumed, event: self.take_event() })
+    }
+
+    /// Whether input must wait: replies of the current option are still to
+    /// be sent, a TLS hand-over or close is due, or the session ended.
+    fn input_paused(&self) -> bool {
+        !matches!(self.output, NegotiationOutput::Idle)
+            || self.tls_handover
+            || self.abort_acked
+            || self.selected_event
+            || self.phase == Phase::Closed
+    }
+
+    /// Events that do not come from input: negotiation milestones, the end
+    /// of the session, requests released by an ordering barrier.
+    fn take_event(&mut self) -> Option<Event<'static>> {
+        if self.tls_handover {
+            self.tls_handover = false;
+            self.tls_active = true;
+            // Spec (NBD_OPT_STARTTLS): no negotiation state survives.
+            self.features = Features::default();
+            self.meta_export = None;
+            info!("TLS hand-over: negotiation state reset");
+            return Some(Event::StartTls);
+        }
+        if self.selected_event {
+            self.selected_event = false;
+            let export = self.export?;
+            return Some(Event::ExportSelected {
+                index: export.index,
+                size: export.size,
+                flags: export.flags,
+                features: self.features,
+            });
+        }
+        if let Some(reason) = self.close_due() {
+            info!("session over: {:?}", reason);
+            self.phase = Phase::Closed;
+            return Some(Event::Close(reason));
+        }
+        if self.deferred > 0 {
+            return self.release_deferred().map(Event::Request);
+        }
+        None
+    }
+
+    fn close_due(&self) -> Option<CloseReason> {
+        let idle = self.inflight.is_empty() && self.receiving.is_none();
+        if self.abort_acked {
+            Some(CloseReason::Abort)
+        } else if self.draining && idle {
+            Some(CloseReason::Disconnect)
+        } else if self.shutting_down
+            && matches!(self.output, NegotiationOutput::Idle)
+            && (self.phase != Phase::Transmission || idle)
+        {
+            Some(CloseReason::Shutdown)
+        } else {
+            None
+        }
+    }
+
+    /// Issues the first deferred request whose barrier has cleared: a flush
+    /// once the writes before it completed, a resize once it is alone.
+    fn release_deferred(&mut self) -> Option<Request> {
+        let (id, slot) = self.inflight.deferred().find(|(id, slot)| match slot.command {
+            Command::Flush => !self.inflight.writes_pending_before(slot.sequence),
+            _ => !self.inflight.others_in_flight(*id),
+        })?;
+        let request = match slot.command {
+            Command::Flush => Request::Flush { id },
+            _ => Request::Resize { id, size: slot.offset },
+        };
+        if let Some(slot) = self.inflight.get_mut(id) {
+            slot.state = SlotState::Issued;
+        }
+        self.deferred -= 1;
+        debug!("releasing deferred request {}", id.to_bits());
+        Some(request)
+    }
+
+    /// Answers a request other than a block-status success: `Ok` for
+    /// success, or the error to report. A read's `Ok` means its data is
+    /// ready ([`ReadOutcome::Data`]). A write may fail before its payload
+    /// is whole; the rest of the payload is then read and dropped.
+    pub fn complete(&mut self, id: RequestId, result: Result<(), ErrorCode>) -> Result<(), CompletionError> {
+        let slot = *self.issued(id)?;
+        match slot.command {
+            Command::Read => {
+                let outcome = match result {
+                    Ok(()) => ReadOutcome::Data,
+                    Err(error) => ReadOutcome::Error(error),
+                };
+                return self.complete_read(id, outcome);
+            }
+            Command::BlockStatus if result.is_ok() => return Err(CompletionError::WrongKind),
+            Command::Write if !slot.payload_complete => {
+                if result.is_ok() {
+                    return Err(CompletionError::PayloadIncomplete);
+                }
+                if let Some(receiving) = self.receiving.as_mut().filter(|r| r.id == id) {
+                    receiving.mode = ReceiveMode::Discard;
+                }
+            }
+            Command::Resize => {
+                if result.is_ok()
+                    && let Some(export) = self.export.as_mut()
+                {
+                    info!("export resized from {} to {} bytes", export.size, slot.offset);
+                    export.size = slot.offset;
+                }
+                self.resize_barrier = None;
+            }
+            _ => {}
+        }
+        self.log_completion(id, result);
+        self.inflight.queue_reply(id, Reply::Done { error: result.err().map(|e| (e, Reason::Storage)) });
+        Ok(())
+    }
+
+    /// Answers a read.
+    pub fn complete_read(&mut self, id: RequestId, outcome: ReadOutcome) -> Result<(), CompletionError> {
+        let slot = *self.issued(id)?;
+        if slot.command != Command::Read {
+            return Err(CompletionError::WrongKind);
+        }
+        let reply = match outcome {
+            ReadOutcome::Data => Reply::Data { last: true },
+            ReadOutcome::Streamed => Reply::Data { last: false },
+            ReadOutcome::Zeroes => Reply::Zeroes,
+            ReadOutcome::Error(error) => Reply::Done { error: Some((error, Reason::Storage)) },
+        };
+        self.log_completion(id, if let ReadOutcome::Error(e) = outcome { Err(e) } else { Ok(()) });
+        self.inflight.queue_reply(id, reply);
+        Ok(())
+    }
+
+    /// Ends a read answered with [`ReadOutcome::Streamed`], after the shell
+    /// sent its data: `Ok`, or the error and the export offset where it
+    /// happened (the shell pads the rest of the data with zeroes first, as
+    /// the spec requires). With simple replies an error cannot be reported
+    /// after the data started: that gives `NotRepresentable`, and the shell
+    /// must close the connection (hard disconnect).
+    pub fn finish_streamed_read(&mut self, id: RequestId, result: Result<(), (ErrorCode, u64)>) -> Result<(), CompletionError> {
+        let slot = self.inflight.get(id).ok_or(CompletionError::UnknownRequest)?;
+        if slot.state != SlotState::Streaming {
+            return Err(CompletionError::WrongKind);
+        }
+        let offset_in_range = |offset: u64| offset >= slot.offset && offset - slot.offset < slot.length;
+        match result {
+            Ok(()) if self.features.structured_replies => {
+                self.inflight.queue_reply(id, Reply::Done { error: None });
+            }
+            Ok(()) => self.inflight.free(id),
+            Err((error, offset)) if self.features.structured_replies && offset_in_range(offset) => {
+                self.inflight.queue_reply(id, Reply::ErrorAt { error, offset });
+            }
+            Err(_) => {
+                self.inflight.free(id);
+                return Err(CompletionError::NotRepresentable);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a block-status request for `base:allocation` with the
+    /// extents from the request's offset, in order. The core keeps what the
+    /// spec allows: with `REQ_ONE` one extent clipped to the request; else
+    /// extents until the request's length is covered, clipped to the
+    /// export's end and to the space left in the buffer (at least one).
+    pub fn complete_block_status(&mut self, id: RequestId, extents: &[ExtDescriptor]) -> Result<(), CompletionError> {
+        let slot = *self.issued(id)?;
+        if slot.command != Command::BlockStatus {
+            return Err(CompletionError::WrongKind);
+        }
+        if extents.first().is_none_or(|e| e.length == 0) {
+            return Err(CompletionError::EmptyExtents);
+        }
+        let size = self.export.map_or(0, |e| e.size);
+        let (bytes, count) = self.encode_extents(&slot, size, extents)?;
+        debug!("request {} block status: {} extents", id.to_bits(), count);
+        self.inflight.queue_reply(id, Reply::BlockStatus { bytes, count });
+        Ok(())
+    }
+
+    /// The slot of a request the shell holds.
+    fn issued(&self, id: RequestId) -> Result<&super::inflight::Slot, CompletionError> {
+        let slot = self.inflight.get(id).ok_or(CompletionError::UnknownRequest)?;
+        match slot.state {
+            SlotState::Issued => Ok(slot),
+            SlotState::Replying(_) => Err(CompletionError::Busy),
+            SlotState::Streaming => Err(CompletionError::WrongKind),
+            SlotState::Deferred | SlotState::Free => Err(CompletionError::UnknownRequest),
+        }
+    }
+
+    fn log_completion(&self, id: RequestId, result: Result<(), ErrorCode>) {
+        match result {
+            Ok(()) => debug!("request {} completed", id.to_bits()),
+            Err(error) => warn!("request {} failed: {}", id.to_bits(), error),
+        }
+    }
+
+    /// Client flags, the first thing the client sends.
+    pub(super) fn accept_client_flags(&mut self, flags: ClientFlags) -> Result<(), ProtocolError> {
+        if flags.unknown_bits() != 0 {
+            warn!("client sent unknown client flags {:#x}", flags.unknown_bits());
+            return Err(ProtocolError::UnknownClientFlags(flags.unknown_bits()));
+        }
+        if !flags.contains(ClientFlags::FIXED_NEWSTYLE) && self.config.tls == super::TlsPolicy::Required {
+            // Spec: TLS needs fixed newstyle; without it this server cannot serve.
+            return Err(ProtocolError::TlsRequired);
+        }
+        debug!("client flags {:#x}", flags.bits());
+        self.client_flags = flags;
+        self.phase = Phase::OptionHeader;
+        Ok(())
+    }
+}
+
+/// A wire failure on bytes the core framed itself can only be a bad magic.
+pub(super) fn framing_error(error: WireError) -> ProtocolError {
+    match error {
+        WireError::BadMagic { found } => ProtocolError::BadMagic { found },
+        _ => ProtocolError::BadMagic { found: 0 },
+    }
+}

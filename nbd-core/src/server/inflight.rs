@@ -1,0 +1,273 @@
+//! The bounded table of requests in flight and the queue of replies ready
+//! to send (spec: "Transmission", "Ordering of messages and writes").
+//!
+//! A request holds a slot from its header until its final reply is handed
+//! to the shell, so a reply can only ever carry a cookie the client sent,
+//! and a completion for a slot that was freed and reused is told apart by
+//! the generation in its [`RequestId`].
+
+use heapless::Deque;
+
+use crate::wire::{Command, CommandFlags, ErrorCode};
+
+/// Identifies a request in flight on one connection. Ids are reused once a
+/// request is answered; a stale id is refused, not misapplied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RequestId(u32);
+
+impl RequestId {
+    fn new(index: usize, generation: u16) -> Self {
+        // Tables hold at most u16::MAX slots (checked in `InFlight::new`).
+        Self((u32::from(generation) << 16) | (index as u32 & 0xffff))
+    }
+
+    fn index(self) -> usize {
+        (self.0 & 0xffff) as usize
+    }
+
+    fn generation(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+
+    /// The id as a number, for shells that must pass it through a foreign
+    /// interface (JavaScript, a queue).
+    pub fn to_bits(self) -> u32 {
+        self.0
+    }
+
+    /// An id from [`to_bits`](Self::to_bits).
+    pub fn from_bits(bits: u32) -> Self {
+        Self(bits)
+    }
+}
+
+/// Why the core answered a request with an error itself; gives the human
+/// message of a structured error chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub(crate) enum Reason {
+    Storage,
+    UnknownCommand,
+    BadFlags,
+    NotAdvertised,
+    ReadOnly,
+    OutOfRange,
+    Misaligned,
+    TooLarge,
+    NonZeroFlushRange,
+    NoMetaContext,
+    BadPayload,
+    ShuttingDown,
+}
+
+impl Reason {
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Self::Storage => "",
+            Self::UnknownCommand => "unknown command",
+            Self::BadFlags => "command flags not valid for this command or connection",
+            Self::NotAdvertised => "command not supported by this export",
+            Self::ReadOnly => "export is read-only",
+            Self::OutOfRange => "request extends past the end of the export",
+            Self::Misaligned => "request not aligned to the minimum block size",
+            Self::TooLarge => "request longer than the maximum block size",
+            Self::NonZeroFlushRange => "flush must have offset and length zero",
+            Self::NoMetaContext => "no metadata context was selected for this export",
+            Self::BadPayload => "request payload not valid for this command",
+            Self::ShuttingDown => "server is shutting down",
+        }
+    }
+}
+
+/// A reply waiting for `poll_transmit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reply {
+    /// The final reply: success or error.
+    Done { error: Option<(ErrorCode, Reason)> },
+    /// The whole read range as data; `last` ends the reply with it.
+    Data { last: bool },
+    /// The whole read range reads as zeroes.
+    Zeroes,
+    /// `bytes` of encoded descriptors (`count` of them) at the front of the
+    /// block-status queue.
+    BlockStatus { bytes: usize, count: u32 },
+    /// A streamed read failed at `offset` after its data chunk was sent.
+    ErrorAt { error: ErrorCode, offset: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SlotState {
+    Free,
+    /// Waiting for an ordering barrier before its event goes out.
+    Deferred,
+    /// The shell has the request.
+    Issued,
+    /// A reply is queued.
+    Replying(Reply),
+    /// A streamed read's data chunk was sent; the shell owes the ending.
+    Streaming,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Slot {
+    pub(crate) state: SlotState,
+    pub(crate) generation: u16,
+    pub(crate) command: Command,
+    pub(crate) flags: CommandFlags,
+    /// Write payload fully received (always true for other commands).
+    pub(crate) payload_complete: bool,
+    /// Arrival order, for flush barriers.
+    pub(crate) sequence: u32,
+    pub(crate) cookie: u64,
+    pub(crate) offset: u64,
+    pub(crate) length: u64,
+}
+
+impl Slot {
+    const FREE: Self = Self {
+        state: SlotState::Free,
+        generation: 0,
+        command: Command::Read,
+        flags: CommandFlags::empty(),
+        payload_complete: true,
+        sequence: 0,
+        cookie: 0,
+        offset: 0,
+        length: 0,
+    };
+
+    /// Whether this request changes data, so a later flush must wait for it.
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(self.command, Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize)
+    }
+}
+
+/// Fields of a new request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NewRequest {
+    pub(crate) command: Command,
+    pub(crate) flags: CommandFlags,
+    pub(crate) cookie: u64,
+    pub(crate) offset: u64,
+    pub(crate) length: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct InFlight<const N: usize> {
+    slots: [Slot; N],
+    ready: Deque<u16, N>,
+    used: usize,
+    next_sequence: u32,
+}
+
+impl<const N: usize> InFlight<N> {
+    pub(crate) const fn new() -> Self {
+        assert!(N > 0 && N <= u16::MAX as usize, "REQUESTS must be between 1 and 65535");
+        Self { slots: [Slot::FREE; N], ready: Deque::new(), used: 0, next_sequence: 0 }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.used
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// Whether a reply is queued.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    pub(crate) fn is_full(&self, limit: usize) -> bool {
+        self.used >= limit.min(N)
+    }
+
+    /// Takes a free slot; `None` when the table is full.
+    pub(crate) fn insert(&mut self, request: NewRequest, state: SlotState) -> Option<RequestId> {
+        let index = self.slots.iter().position(|s| s.state == SlotState::Free)?;
+        let slot = &mut self.slots[index];
+        let generation = slot.generation.wrapping_add(1);
+        *slot = Slot {
+            state,
+            generation,
+            command: request.command,
+            flags: request.flags,
+            payload_complete: request.command != Command::Write || request.length == 0,
+            sequence: self.next_sequence,
+            cookie: request.cookie,
+            offset: request.offset,
+            length: request.length,
+        };
+        self.next_sequence = self.next_sequence.wrapping_add(1);
+        self.used += 1;
+        Some(RequestId::new(index, generation))
+    }
+
+    /// The live slot `id` names.
+    pub(crate) fn get(&self, id: RequestId) -> Option<&Slot> {
+        self.slots.get(id.index()).filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: RequestId) -> Option<&mut Slot> {
+        self.slots
+            .get_mut(id.index())
+            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+    }
+
+    /// Queues `reply` for the slot; the slot must not have one queued.
+    pub(crate) fn queue_reply(&mut self, id: RequestId, reply: Reply) {
+        if let Some(slot) = self.get_mut(id) {
+            slot.state = SlotState::Replying(reply);
+            // Cannot overflow: each live slot is queued at most once.
+            let _ = self.ready.push_back(id.index() as u16);
+        }
+    }
+
+    /// Takes the next queued reply, leaving the slot in `Issued` state for
+    /// the caller to free or move on.
+    pub(crate) fn pop_ready(&mut self) -> Option<(RequestId, Slot, Reply)> {
+        let index = usize::from(self.ready.pop_front()?);
+        let slot = &mut self.slots[index];
+        let SlotState::Replying(reply) = slot.state else {
+            return None;
+        };
+        slot.state = SlotState::Issued;
+        Some((RequestId::new(index, slot.generation), *slot, reply))
+    }
+
+    pub(crate) fn free(&mut self, id: RequestId) {
+        if let Some(slot) = self.get_mut(id) {
+            slot.state = SlotState::Free;
+            self.used -= 1;
+        }
+    }
+
+    /// Whether any data-changing request that arrived before `sequence`
+    /// is still waiting for the shell.
+    pub(crate) fn writes_pending_before(&self, sequence: u32) -> bool {
+        self.slots.iter().any(|s| {
+            matches!(s.state, SlotState::Issued | SlotState::Deferred)
+                && s.is_write()
+                && (sequence.wrapping_sub(s.sequence) as i32) > 0
+        })
+    }
+
+    /// Whether anything other than `id` is in flight.
+    pub(crate) fn others_in_flight(&self, id: RequestId) -> bool {
+        self.slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| s.state != SlotState::Free && i != id.index())
+    }
+
+    /// Deferred requests, in table order.
+    pub(crate) fn deferred(&self) -> impl Iterator<Item = (RequestId, &Slot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == SlotState::Deferred)
+            .map(|(i, s)| (RequestId::new(i, s.generation), s))
+    }
+}

@@ -1,0 +1,173 @@
+//! What `poll_transmit` hands out: negotiation replies and transmission
+//! replies (spec: "Simple reply message", "Structured reply chunk
+//! message", "Structured reply types", extended headers).
+//!
+//! Each message is described first as an [`Out`] (header bytes in the
+//! scratch, borrowed tails, the shell's payload) while the state advances,
+//! then resolved into borrowed slices.
+
+use super::connection::Connection;
+use super::inflight::{Reply, RequestId, Slot};
+use super::negotiation::{BASE_ALLOCATION_ID, encode_u16, encode_u32};
+use super::{Payload, Transmit};
+use crate::export::Catalog;
+use crate::wire::{ChunkHeader, ChunkType, Command, ErrorCode, HeaderStyle, ReplyFlags, SimpleReply, WireError};
+
+/// Bytes sent after the scratch header that the core does not copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Tail {
+    Empty,
+    Static(&'static [u8]),
+    ExportName(usize),
+    ExportDescription(usize),
+    /// `start..end` of the connection's buffer.
+    Buffer(usize, usize),
+}
+
+/// One message: `head` bytes of scratch, then the tails, then the payload.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Out {
+    pub(super) head: usize,
+    pub(super) tails: [Tail; 2],
+    pub(super) payload: Option<Payload>,
+}
+
+impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
+    /// The next message to send, or `None` when nothing is due. The core
+    /// counts the message as sent: the shell must send all of it (parts,
+    /// then payload) before the next one.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
+        let out = match self.next_negotiation_output() {
+            Some(out) => out,
+            None => self.next_reply_output()?,
+        };
+        Some(self.resolve(out))
+    }
+
+    /// Whether `poll_transmit` would return a message.
+    pub fn wants_transmit(&self) -> bool {
+        !matches!(self.output, super::negotiation::NegotiationOutput::Idle) || self.inflight.has_ready()
+    }
+
+    fn resolve(&self, out: Out) -> Transmit<'_> {
+        let tail = |tail: Tail| -> &[u8] {
+            match tail {
+                Tail::Empty => &[],
+                Tail::Static(bytes) => bytes,
+                Tail::ExportName(index) => self.catalog.get(index).map_or(&[][..], |e| e.name.as_bytes()),
+                Tail::ExportDescription(index) => self.catalog.get(index).map_or(&[][..], |e| e.description.as_bytes()),
+                Tail::Buffer(start, end) => &self.buffer[start..end],
+            }
+        };
+        Transmit { parts: [&self.scratch[..out.head], tail(out.tails[0]), tail(out.tails[1])], payload: out.payload }
+    }
+
+    /// Encodes a header into the scratch. The scratch fits every header
+    /// the core sends, so `encode` cannot run short.
+    pub(super) fn head(&mut self, encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>) -> Out {
+        let head = encode(&mut self.scratch);
+        debug_assert!(head.is_ok(), "scratch too small: {head:?}");
+        Out { head: head.unwrap_or(0), tails: [Tail::Empty; 2], payload: None }
+    }
+
+    /// The next transmission reply, freeing its slot when it is the last.
+    fn next_reply_output(&mut self) -> Option<Out> {
+        let (id, slot, reply) = self.inflight.pop_ready()?;
+        let structured = self.features.structured_replies;
+        let mut last = true;
+        let out = match reply {
+            Reply::Done { error: None } if structured && (slot.command == Command::Read || self.extended()) => {
+                self.chunk(&slot, ReplyFlags::DONE, ChunkType::None, 0)
+            }
+            Reply::Done { error: Some((error, reason)) } if structured => {
+                let message = reason.message().as_bytes();
+                let mut out = self.chunk(&slot, ReplyFlags::DONE, ChunkType::Error, 6 + message.len());
+                out.head += encode_u32(&mut self.scratch[out.head..], error.to_wire());
+                out.head += encode_u16(&mut self.scratch[out.head..], message.len() as u16);
+                out.tails[0] = Tail::Static(message);
+                out
+            }
+            Reply::Done { error } => self.simple(&slot, error.map(|(e, _)| e)),
+            Reply::Data { last: data_last } => {
+                last = data_last;
+                let mut out = if structured {
+                    let flags = if data_last { ReplyFlags::DONE } else { ReplyFlags::empty() };
+                    let mut out = self.chunk(&slot, flags, ChunkType::OffsetData, 8 + slot.length as usize);
+                    out.head += encode_u64(&mut self.scratch[out.head..], slot.offset);
+                    out
+                } else {
+                    self.simple(&slot, None)
+                };
+                out.payload = Some(Payload::Data { id, offset: slot.offset, length: slot.length });
+                out
+            }
+            Reply::Zeroes if structured => {
+                let mut out = self.chunk(&slot, ReplyFlags::DONE, ChunkType::OffsetHole, 12);
+                out.head += encode_u64(&mut self.scratch[out.head..], slot.offset);
+                // Reads never exceed the maximum block size, a 32-bit value.
+                out.head += encode_u32(&mut self.scratch[out.head..], slot.length as u32);
+                out
+            }
+            Reply::Zeroes => {
+                let mut out = self.simple(&slot, None);
+                out.payload = Some(Payload::Zeroes { length: slot.length });
+                out
+            }
+            Reply::BlockStatus { bytes, count } => {
+                let (chunk_type, prefix) =
+                    if self.extended() { (ChunkType::BlockStatusExt, 8) } else { (ChunkType::BlockStatus, 4) };
+                let mut out = self.chunk(&slot, ReplyFlags::DONE, chunk_type, prefix + bytes);
+                out.head += encode_u32(&mut self.scratch[out.head..], BASE_ALLOCATION_ID);
+                if self.extended() {
+                    out.head += encode_u32(&mut self.scratch[out.head..], count);
+                }
+                let start = self.buffer_start;
+                out.tails[0] = Tail::Buffer(start, start + bytes);
+                // The bytes stay in place until the next append, after this
+                // message was sent.
+                self.buffer_start += bytes;
+                out
+            }
+            Reply::ErrorAt { error, offset } => {
+                let mut out = self.chunk(&slot, ReplyFlags::DONE, ChunkType::ErrorOffset, 14);
+                out.head += encode_u32(&mut self.scratch[out.head..], error.to_wire());
+                out.head += encode_u16(&mut self.scratch[out.head..], 0);
+                out.head += encode_u64(&mut self.scratch[out.head..], offset);
+                out
+            }
+        };
+        self.after_reply(id, last);
+        Some(out)
+    }
+
+    fn after_reply(&mut self, id: RequestId, last: bool) {
+        if last {
+            self.inflight.free(id);
+        } else if let Some(slot) = self.inflight.get_mut(id) {
+            slot.state = super::inflight::SlotState::Streaming;
+        }
+    }
+
+    fn extended(&self) -> bool {
+        self.features.extended_headers
+    }
+
+    /// A simple reply (16 bytes).
+    fn simple(&mut self, slot: &Slot, error: Option<ErrorCode>) -> Out {
+        let reply = SimpleReply { error: error.map_or(0, ErrorCode::to_wire), cookie: slot.cookie };
+        self.head(|out| reply.encode(out))
+    }
+
+    /// A structured or extended chunk header for `payload` bytes.
+    fn chunk(&mut self, slot: &Slot, flags: ReplyFlags, chunk_type: ChunkType, payload: usize) -> Out {
+        let style = self.header_style();
+        let header = ChunkHeader { flags, chunk_type, cookie: slot.cookie, offset: slot.offset, length: payload as u64 };
+        debug_assert!(style == HeaderStyle::Extended || payload <= u32::MAX as usize);
+        self.head(|out| header.encode(style, out))
+    }
+}
+
+pub(super) fn encode_u64(out: &mut [u8], value: u64) -> usize {
+    out[..8].copy_from_slice(&value.to_be_bytes());
+    8
+}

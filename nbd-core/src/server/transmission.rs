@@ -1,0 +1,388 @@
+//! The transmission phase: request headers, validation against the export,
+//! write payloads, block status (spec: "Transmission", "Request types",
+//! "Block size constraints", "Error values", extended headers).
+
+use super::connection::{Connection, framing_error};
+use super::inflight::{NewRequest, Reason, Reply, RequestId, Slot, SlotState};
+use super::negotiation::BASE_ALLOCATION_ID;
+use super::{CompletionError, Event, ProtocolError, Request};
+use crate::export::Catalog;
+use crate::wire::{
+    BlockSizeConstraints, Command, CommandFlags, Descriptor, ErrorCode, ExtDescriptor, HeaderStyle, ListItem,
+    RequestHeader, TransmissionFlags,
+};
+
+/// Most context ids accepted in a block-status payload.
+const MAX_STATUS_PAYLOAD: u64 = 8 + 4 * 64;
+
+/// The export being served, as selected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ActiveExport {
+    pub(super) index: usize,
+    pub(super) size: u64,
+    pub(super) flags: TransmissionFlags,
+    pub(super) block_sizes: BlockSizeConstraints,
+    pub(super) read_only: bool,
+    /// `base:allocation` was selected for this export.
+    pub(super) meta_selected: bool,
+}
+
+/// A request payload being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Receiving {
+    pub(super) id: RequestId,
+    /// Export offset of the next write byte.
+    pub(super) offset: u64,
+    pub(super) remaining: u64,
+    pub(super) mode: ReceiveMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReceiveMode {
+    /// Handed to the shell as `WriteData`.
+    Store,
+    /// Read and dropped (a rejected or failed request).
+    Discard,
+    /// A block-status payload: effect length, then context ids.
+    StatusPayload { effect_length: Option<u64>, bad_id: bool },
+}
+
+impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
+    pub(super) fn process_transmission<'a>(&mut self, input: &'a [u8]) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+        if self.receiving.is_some() {
+            return Ok(self.receive_payload(input));
+        }
+        if self.draining {
+            // The client must send nothing after NBD_CMD_DISC; drop it.
+            return Ok((input.len(), None));
+        }
+        if input.is_empty() || self.resize_barrier.is_some() || self.inflight.is_full(self.config.max_in_flight) {
+            return Ok((0, None));
+        }
+        let style = self.header_style();
+        let (used, header) = match self.header.fill(input, RequestHeader::encoded_len(style)) {
+            (used, Some(bytes)) => (used, Some(RequestHeader::parse(bytes, style).map(|(_, h)| h))),
+            (used, None) => (used, None),
+        };
+        let Some(header) = header else { return Ok((used, None)) };
+        let header = header.map_err(|e| {
+            warn!("bad request magic: closing");
+            framing_error(e)
+        })?;
+        Ok((used, self.handle_request(header)?.map(Event::Request)))
+    }
+
+    fn handle_request(&mut self, header: RequestHeader) -> Result<Option<Request>, ProtocolError> {
+        let Some(export) = self.export else { return Err(ProtocolError::Closed) };
+        let RequestHeader { flags, command, cookie, offset, length } = header;
+        debug!(
+            "request {:?} flags {:?} cookie {:#x} offset {} length {}",
+            command, flags, cookie, offset, length
+        );
+        if command == Command::Disconnect {
+            info!("client sent NBD_CMD_DISC: finishing {} requests in flight", self.inflight.len());
+            self.draining = true;
+            return Ok(None);
+        }
+        let extended = self.header_style() == HeaderStyle::Extended;
+        let payload = if command == Command::Write || (extended && flags.contains(CommandFlags::PAYLOAD_LEN)) {
+            length
+        } else {
+            0
+        };
+        let status_payload = command == Command::BlockStatus && payload > 0;
+        let effect_length = if status_payload { 0 } else { length };
+        let new = NewRequest { command, flags, cookie, offset, length: effect_length };
+        let id = self.inflight.insert(new, SlotState::Issued).ok_or(ProtocolError::TooManyRequests)?;
+        let verdict = self.validate(&export, command, flags, offset, effect_length, payload);
+        if let Err((error, reason)) = verdict {
+            warn!("request {:?} cookie {:#x} refused: {} ({})", command, cookie, error, reason.message());
+            self.inflight.queue_reply(id, Reply::Done { error: Some((error, reason)) });
+            self.discard_payload(id, offset, payload)?;
+            return Ok(None);
+        }
+        if length == 0 && !matches!(command, Command::Flush | Command::Resize) {
+            // Spec: zero lengths are unspecified but must not disconnect;
+            // there is nothing for storage to do.
+            self.inflight.queue_reply(id, Reply::Done { error: None });
+            return Ok(None);
+        }
+        let fua = flags.contains(CommandFlags::FUA);
+        Ok(match command {
+            Command::Read => Some(Request::Read { id, offset, length }),
+            Command::Write => {
+                self.receiving = Some(Receiving { id, offset, remaining: length, mode: ReceiveMode::Store });
+                Some(Request::Write { id, offset, length, fua })
+            }
+            Command::Flush => {
+                let sequence = self.inflight.get(id).map_or(0, |s| s.sequence);
+                if self.inflight.writes_pending_before(sequence) {
+                    self.defer(id);
+                    None
+                } else {
+                    Some(Request::Flush { id })
+                }
+            }
+            Command::Trim => Some(Request::Trim { id, offset, length, fua }),
+            Command::Cache => Some(Request::Cache { id, offset, length }),
+            Command::WriteZeroes => Some(Request::WriteZeroes {
+                id,
+                offset,
+                length,
+                fua,
+                no_hole: flags.contains(CommandFlags::NO_HOLE),
+                fast: flags.contains(CommandFlags::FAST_ZERO),
+            }),
+            Command::BlockStatus if status_payload => {
+                let mode = ReceiveMode::StatusPayload { effect_length: None, bad_id: false };
+                self.receiving = Some(Receiving { id, offset, remaining: payload, mode });
+                None
+            }
+            Command::BlockStatus => {
+                Some(Request::BlockStatus { id, offset, length, req_one: flags.contains(CommandFlags::REQ_ONE) })
+            }
+            Command::Resize => {
+                self.resize_barrier = Some(id);
+                if self.inflight.others_in_flight(id) {
+                    self.defer(id);
+                    None
+                } else {
+                    Some(Request::Resize { id, size: offset })
+                }
+            }
+            Command::Disconnect | Command::Unknown(_) => None,
+        })
+    }
+
+    fn defer(&mut self, id: RequestId) {
+        if let Some(slot) = self.inflight.get_mut(id) {
+            slot.state = SlotState::Deferred;
+            self.deferred += 1;
+        }
+    }
+
+    /// Reads and drops a rejected request's payload so the stream stays in sync.
+    fn discard_payload(&mut self, id: RequestId, offset: u64, payload: u64) -> Result<(), ProtocolError> {
+        if payload == 0 {
+            return Ok(());
+        }
+        if payload > self.config.max_discard {
+            warn!("rejected request carries {} bytes of payload: closing", payload);
+            return Err(ProtocolError::PayloadTooLong { length: payload });
+        }
+        self.receiving = Some(Receiving { id, offset, remaining: payload, mode: ReceiveMode::Discard });
+        Ok(())
+    }
+
+    /// Checks a request against the spec and the export; the error to
+    /// answer with otherwise.
+    fn validate(
+        &self,
+        export: &ActiveExport,
+        command: Command,
+        flags: CommandFlags,
+        offset: u64,
+        length: u64,
+        payload: u64,
+    ) -> Result<(), (ErrorCode, Reason)> {
+        use ErrorCode::{Invalid, NoSpace, Perm, Shutdown};
+        let advertised = |flag| export.flags.contains(flag);
+        let extended = self.header_style() == HeaderStyle::Extended;
+        let command_flags = match command {
+            Command::Read if advertised(TransmissionFlags::SEND_DF) => CommandFlags::DF,
+            Command::Write if extended => CommandFlags::PAYLOAD_LEN,
+            Command::WriteZeroes => CommandFlags::NO_HOLE.with_if(
+                CommandFlags::FAST_ZERO,
+                advertised(TransmissionFlags::SEND_FAST_ZERO),
+            ),
+            Command::BlockStatus => CommandFlags::REQ_ONE.with_if(
+                CommandFlags::PAYLOAD_LEN,
+                extended && advertised(TransmissionFlags::BLOCK_STATUS_PAYLOAD),
+            ),
+            Command::Unknown(_) => return Err((Invalid, Reason::UnknownCommand)),
+            _ => CommandFlags::empty(),
+        };
+        let allowed = command_flags.with_if(CommandFlags::FUA, advertised(TransmissionFlags::SEND_FUA));
+        if flags.without(allowed) != CommandFlags::empty() {
+            return Err((Invalid, Reason::BadFlags));
+        }
+        if self.shutting_down {
+            return Err((Shutdown, Reason::ShuttingDown));
+        }
+        let changes_data = matches!(command, Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize);
+        if changes_data && export.read_only {
+            return Err((Perm, Reason::ReadOnly));
+        }
+        let needed_flag = match command {
+            Command::Flush => Some(TransmissionFlags::SEND_FLUSH),
+            Command::Trim => Some(TransmissionFlags::SEND_TRIM),
+            Command::WriteZeroes => Some(TransmissionFlags::SEND_WRITE_ZEROES),
+            Command::Cache => Some(TransmissionFlags::SEND_CACHE),
+            Command::Resize => Some(TransmissionFlags::SEND_RESIZE),
+            _ => None,
+        };
+        if needed_flag.is_some_and(|flag| !advertised(flag)) {
+            return Err((Invalid, Reason::NotAdvertised));
+        }
+        match command {
+            Command::Flush if offset != 0 || length != 0 => return Err((Invalid, Reason::NonZeroFlushRange)),
+            Command::Flush | Command::Resize => return Ok(()),
+            Command::BlockStatus if !export.meta_selected => return Err((Invalid, Reason::NoMetaContext)),
+            Command::BlockStatus if payload > 0 && !valid_status_payload(payload) => {
+                return Err((Invalid, Reason::BadPayload));
+            }
+            Command::BlockStatus if payload == 0 && length == 0 => return Err((Invalid, Reason::OutOfRange)),
+            _ => {}
+        }
+        let end = offset.checked_add(length).filter(|&end| end <= export.size);
+        if end.is_none() {
+            let error = if matches!(command, Command::Write | Command::WriteZeroes) { NoSpace } else { Invalid };
+            return Err((error, Reason::OutOfRange));
+        }
+        let minimum = u64::from(export.block_sizes.minimum);
+        let reaches_end = end == Some(export.size);
+        if offset % minimum != 0 || (length % minimum != 0 && !reaches_end) {
+            return Err((Invalid, Reason::Misaligned));
+        }
+        let capped = match command {
+            Command::Read | Command::Write | Command::Cache => true,
+            Command::WriteZeroes => !flags.contains(CommandFlags::FAST_ZERO),
+            _ => false,
+        };
+        if capped && length > u64::from(export.block_sizes.maximum) {
+            return Err((Invalid, Reason::TooLarge));
+        }
+        Ok(())
+    }
+
+    /// Takes payload bytes of the request being received.
+    fn receive_payload<'a>(&mut self, input: &'a [u8]) -> (usize, Option<Event<'a>>) {
+        let Some(mut receiving) = self.receiving else { return (0, None) };
+        if let ReceiveMode::StatusPayload { .. } = receiving.mode {
+            return self.receive_status_payload(input);
+        }
+        let take = receiving.remaining.min(input.len() as u64) as usize;
+        if take == 0 {
+            return (0, None);
+        }
+        let offset = receiving.offset;
+        receiving.offset += take as u64;
+        receiving.remaining -= take as u64;
+        let id = receiving.id;
+        if receiving.remaining == 0 {
+            self.receiving = None;
+            if let Some(slot) = self.inflight.get_mut(id) {
+                slot.payload_complete = true;
+            }
+        } else {
+            self.receiving = Some(receiving);
+        }
+        match receiving.mode {
+            ReceiveMode::Store => {
+                let remaining = receiving.remaining;
+                (take, Some(Event::WriteData { id, offset, data: &input[..take], remaining }))
+            }
+            _ => (take, None),
+        }
+    }
+
+    /// Reads a block-status payload (effect length, then the context ids
+    /// wanted) and issues or refuses the request once it is whole.
+    fn receive_status_payload<'a>(&mut self, input: &'a [u8]) -> (usize, Option<Event<'a>>) {
+        let Some(mut receiving) = self.receiving else { return (0, None) };
+        let ReceiveMode::StatusPayload { mut effect_length, mut bad_id } = receiving.mode else {
+            return (0, None);
+        };
+        let need = if effect_length.is_none() { 8 } else { 4 };
+        let (used, field) = match self.header.fill(input, need) {
+            (used, Some(bytes)) => (used, Some(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))),
+            (used, None) => (used, None),
+        };
+        receiving.remaining -= used as u64;
+        match (field, effect_length) {
+            (Some(value), None) => effect_length = Some(value),
+            (Some(value), Some(_)) => bad_id |= value != u64::from(BASE_ALLOCATION_ID),
+            (None, _) => {}
+        }
+        receiving.mode = ReceiveMode::StatusPayload { effect_length, bad_id };
+        if receiving.remaining > 0 {
+            self.receiving = Some(receiving);
+            return (used, None);
+        }
+        self.receiving = None;
+        let id = receiving.id;
+        let length = effect_length.unwrap_or(0);
+        let Some(slot) = self.inflight.get_mut(id) else { return (used, None) };
+        slot.length = length;
+        let slot = *slot;
+        let in_range = self
+            .export
+            .is_some_and(|e| length > 0 && slot.offset.checked_add(length).is_some_and(|end| end <= e.size));
+        if bad_id || !in_range {
+            let reason = if bad_id { Reason::BadPayload } else { Reason::OutOfRange };
+            self.inflight.queue_reply(id, Reply::Done { error: Some((ErrorCode::Invalid, reason)) });
+            return (used, None);
+        }
+        let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
+        (used, Some(Event::Request(Request::BlockStatus { id, offset: slot.offset, length, req_one })))
+    }
+
+    /// Encodes the extents of a block-status reply into the buffer FIFO;
+    /// returns the bytes and count kept.
+    pub(super) fn encode_extents(&mut self, slot: &Slot, size: u64, extents: &[ExtDescriptor]) -> Result<(usize, u32), CompletionError> {
+        let extended = self.header_style() == HeaderStyle::Extended;
+        let item_len = if extended { 16 } else { 8 };
+        if self.buffer_start == self.buffer_end {
+            self.buffer_start = 0;
+            self.buffer_end = 0;
+        }
+        if BUFFER - self.buffer_end < item_len && self.buffer_start > 0 {
+            self.buffer.copy_within(self.buffer_start..self.buffer_end, 0);
+            self.buffer_end -= self.buffer_start;
+            self.buffer_start = 0;
+        }
+        let room = (BUFFER - self.buffer_end) / item_len;
+        if room == 0 {
+            return Err(CompletionError::Busy);
+        }
+        let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
+        let minimum = self.export.map_or(1, |e| u64::from(e.block_sizes.minimum));
+        // Compact descriptors hold 32-bit lengths: keep them block-aligned.
+        let longest = if extended { u64::MAX } else { u64::from(u32::MAX) / minimum * minimum };
+        let available = size.saturating_sub(slot.offset);
+        let mut covered = 0u64;
+        let mut count = 0usize;
+        for extent in extents {
+            if count == room || covered >= slot.length || covered >= available || extent.length == 0 {
+                break;
+            }
+            let mut length = extent.length.min(longest).min(available - covered);
+            if req_one {
+                length = length.min(slot.length);
+            }
+            let at = self.buffer_end + count * item_len;
+            let out = &mut self.buffer[at..at + item_len];
+            if extended {
+                ExtDescriptor { length, status: extent.status }.encode_into(out);
+            } else {
+                // base:allocation defines 32-bit status flags.
+                Descriptor { length: length as u32, status: extent.status as u32 }.encode_into(out);
+            }
+            covered += length;
+            count += 1;
+            if req_one || length < extent.length {
+                break;
+            }
+        }
+        if count == 0 {
+            return Err(CompletionError::EmptyExtents);
+        }
+        let bytes = count * item_len;
+        self.buffer_end += bytes;
+        Ok((bytes, count as u32))
+    }
+}
+
+fn valid_status_payload(payload: u64) -> bool {
+    (8..=MAX_STATUS_PAYLOAD).contains(&payload) && (payload - 8) % 4 == 0
+}
