@@ -16,6 +16,7 @@
 
 mod chunk;
 mod codes;
+mod cursor;
 mod flags;
 mod handshake;
 mod info;
@@ -35,7 +36,9 @@ pub use flags::{
 pub use handshake::{ExportNameReply, Greeting, OldstyleGreeting, ServerHello};
 pub use info::{BlockSizeConstraints, Info};
 pub use list::{ListItem, WireList, WireListIter};
-pub use option::{InfoRequest, MetaContextRequest, OptionHeader, OptionReply, OptionReplyHeader, OptionRequest};
+pub use option::{
+    InfoRequest, MetaContextRequest, OptionHeader, OptionReply, OptionReplyHeader, OptionRequest,
+};
 pub use reply::{ChunkHeader, ReplyHeader, SimpleReply};
 pub use request::{BlockStatusPayload, HeaderStyle, RequestHeader};
 
@@ -44,7 +47,7 @@ pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle greeting magic, and the magic of every option request.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// `cliserv_magic` of the oldstyle greeting.
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// `NBD_REQUEST_MAGIC`: compact request header.
@@ -113,11 +116,15 @@ pub enum WireError {
 impl core::fmt::Display for WireError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::Incomplete { needed } => write!(f, "incomplete message: {needed} more bytes needed"),
+            Self::Incomplete { needed } => {
+                write!(f, "incomplete message: {needed} more bytes needed")
+            }
             Self::BadMagic { found } => write!(f, "bad magic number {found:#x}"),
             Self::BadLength => f.write_str("length field does not match the message"),
             Self::InvalidValue(field) => write!(f, "invalid value in field `{field}`"),
-            Self::BufferTooSmall { needed } => write!(f, "output buffer too small: {needed} bytes needed"),
+            Self::BufferTooSmall { needed } => {
+                write!(f, "output buffer too small: {needed} bytes needed")
+            }
         }
     }
 }

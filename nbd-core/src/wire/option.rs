@@ -1,7 +1,11 @@
 //! Option requests and option replies (spec: "Fixed newstyle negotiation",
 //! "Option types", "Option reply types").
 
-use super::{Info, InfoType, OptionCode, OptionReplyType, WireList};
+use super::cursor::{Reader, Writer, len_u16, len_u32};
+use super::{
+    IHAVEOPT, Info, InfoType, OPTION_HEADER_LEN, OPTION_REPLY_HEADER_LEN, OPTION_REPLY_MAGIC,
+    OptionCode, OptionReplyType, WireError, WireList,
+};
 
 /// Header of an option request: `IHAVEOPT`, option code, data length (16 bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,4 +126,373 @@ pub enum OptionReply<'a> {
         /// Raw data.
         data: &'a [u8],
     },
+}
+
+impl OptionHeader {
+    /// Parses an option request header from the front of `input`.
+    pub fn parse(input: &[u8]) -> Result<(&[u8], Self), WireError> {
+        let mut r = Reader::streaming(input, OPTION_HEADER_LEN);
+        r.magic_u64(IHAVEOPT)?;
+        let code = OptionCode::from_wire(r.u32()?);
+        let length = r.u32()?;
+        Ok((r.rest(), Self { code, length }))
+    }
+
+    /// Bytes the header takes: 16.
+    pub fn encoded_len(&self) -> usize {
+        OPTION_HEADER_LEN
+    }
+
+    /// Writes the header to the front of `out`.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out, OPTION_HEADER_LEN)?;
+        self.write(&mut w)?;
+        Ok(w.finish())
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.u64(IHAVEOPT)?;
+        w.u32(self.code.to_wire())?;
+        w.u32(self.length)
+    }
+}
+
+impl<'a> InfoRequest<'a> {
+    /// Parses `NBD_OPT_INFO`/`NBD_OPT_GO` data: 32-bit name length, name,
+    /// 16-bit count, that many 16-bit types, and nothing after.
+    fn parse_data(data: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::payload(data);
+        // A name too long to leave room for the count (the spec's
+        // "length - 6") makes the count read fail.
+        let name_len = r.u32()?;
+        let name = r.take_wire_len(name_len.into())?;
+        let count = usize::from(r.u16()?);
+        let rest = r.rest();
+        if count.checked_mul(2) != Some(rest.len()) {
+            return Err(WireError::BadLength);
+        }
+        let requests = WireList::decode_exact(count, rest).ok_or(WireError::BadLength)?;
+        Ok(Self { name, requests })
+    }
+
+    fn data_len(&self) -> usize {
+        4usize
+            .saturating_add(self.name.len())
+            .saturating_add(2)
+            .saturating_add(self.requests.encoded_len())
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.u32(len_u32(self.name.len(), "name length")?)?;
+        w.bytes(self.name)?;
+        w.u16(len_u16(self.requests.len(), "info request count")?)?;
+        self.requests
+            .encode_into(w.slot(self.requests.encoded_len())?);
+        Ok(())
+    }
+}
+
+impl<'a> MetaContextRequest<'a> {
+    /// Parses `NBD_OPT_{LIST,SET}_META_CONTEXT` data: 32-bit export name
+    /// length, name, 32-bit query count, queries (each a 32-bit length and
+    /// the string), filling the data exactly.
+    fn parse_data(data: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::payload(data);
+        // A name too long to leave room for the query count makes the
+        // count read fail.
+        let name_len = r.u32()?;
+        let export_name = r.take_wire_len(name_len.into())?;
+        let count = usize::try_from(r.u32()?).map_err(|_| WireError::BadLength)?;
+        let rest = r.rest();
+        // Every query takes at least its 4-byte length: a count the data
+        // cannot hold is refused before walking it.
+        if count > rest.len() / 4 {
+            return Err(WireError::BadLength);
+        }
+        let queries = WireList::decode_exact(count, rest).ok_or(WireError::BadLength)?;
+        Ok(Self {
+            export_name,
+            queries,
+        })
+    }
+
+    fn data_len(&self) -> usize {
+        4usize
+            .saturating_add(self.export_name.len())
+            .saturating_add(4)
+            .saturating_add(self.queries.encoded_len())
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.u32(len_u32(self.export_name.len(), "name length")?)?;
+        w.bytes(self.export_name)?;
+        w.u32(len_u32(self.queries.len(), "query count")?)?;
+        for query in self.queries.iter() {
+            len_u32(query.len(), "query length")?;
+        }
+        self.queries
+            .encode_into(w.slot(self.queries.encoded_len())?);
+        Ok(())
+    }
+}
+
+impl<'a> OptionRequest<'a> {
+    /// The option code.
+    pub fn code(&self) -> OptionCode {
+        match self {
+            Self::ExportName { .. } => OptionCode::ExportName,
+            Self::Abort => OptionCode::Abort,
+            Self::List => OptionCode::List,
+            Self::StartTls => OptionCode::StartTls,
+            Self::Info(_) => OptionCode::Info,
+            Self::Go(_) => OptionCode::Go,
+            Self::StructuredReply => OptionCode::StructuredReply,
+            Self::ListMetaContext(_) => OptionCode::ListMetaContext,
+            Self::SetMetaContext(_) => OptionCode::SetMetaContext,
+            Self::ExtendedHeaders => OptionCode::ExtendedHeaders,
+            Self::Unknown { code, .. } => *code,
+        }
+    }
+
+    /// Parses the complete data of option `code` (the `length` bytes after
+    /// its header). Data that does not fill the option's layout exactly is
+    /// [`WireError::BadLength`]; `NBD_OPT_ABORT` accepts and drops any data;
+    /// `NBD_OPT_PEEK_EXPORT` and unknown options keep their raw data.
+    pub fn parse_payload(code: OptionCode, data: &'a [u8]) -> Result<Self, WireError> {
+        let no_data = |option: Self| {
+            if data.is_empty() {
+                Ok(option)
+            } else {
+                Err(WireError::BadLength)
+            }
+        };
+        match code {
+            OptionCode::ExportName => Ok(Self::ExportName { name: data }),
+            OptionCode::Abort => Ok(Self::Abort),
+            OptionCode::List => no_data(Self::List),
+            OptionCode::StartTls => no_data(Self::StartTls),
+            OptionCode::StructuredReply => no_data(Self::StructuredReply),
+            OptionCode::ExtendedHeaders => no_data(Self::ExtendedHeaders),
+            OptionCode::Info => InfoRequest::parse_data(data).map(Self::Info),
+            OptionCode::Go => InfoRequest::parse_data(data).map(Self::Go),
+            OptionCode::ListMetaContext => {
+                MetaContextRequest::parse_data(data).map(Self::ListMetaContext)
+            }
+            OptionCode::SetMetaContext => {
+                MetaContextRequest::parse_data(data).map(Self::SetMetaContext)
+            }
+            OptionCode::PeekExport | OptionCode::Unknown(_) => Ok(Self::Unknown { code, data }),
+        }
+    }
+
+    /// Parses an option request, header and data, from the front of `input`.
+    pub fn parse(input: &'a [u8]) -> Result<(&'a [u8], Self), WireError> {
+        let (rest, header) = OptionHeader::parse(input)?;
+        let mut r = Reader::streaming(rest, 0);
+        let data = r.take_wire_len(header.length.into())?;
+        let option = Self::parse_payload(header.code, data)?;
+        Ok((r.rest(), option))
+    }
+
+    /// Bytes of option data (the header's `length`).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Self::ExportName { name } => name.len(),
+            Self::Abort
+            | Self::List
+            | Self::StartTls
+            | Self::StructuredReply
+            | Self::ExtendedHeaders => 0,
+            Self::Info(request) | Self::Go(request) => request.data_len(),
+            Self::ListMetaContext(request) | Self::SetMetaContext(request) => request.data_len(),
+            Self::Unknown { data, .. } => data.len(),
+        }
+    }
+
+    /// Bytes the option takes, header included.
+    pub fn encoded_len(&self) -> usize {
+        OPTION_HEADER_LEN.saturating_add(self.payload_len())
+    }
+
+    /// Writes the option, header and data, to the front of `out`.
+    /// `Abort` is sent without data. A name, list or whole option too long
+    /// for its length field is [`WireError::InvalidValue`]. `Unknown` is
+    /// written as given, whatever its code.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        let length = len_u32(self.payload_len(), "option length")?;
+        let mut w = Writer::new(out, self.encoded_len())?;
+        OptionHeader {
+            code: self.code(),
+            length,
+        }
+        .write(&mut w)?;
+        match self {
+            Self::ExportName { name: data } | Self::Unknown { data, .. } => w.bytes(data)?,
+            Self::Abort
+            | Self::List
+            | Self::StartTls
+            | Self::StructuredReply
+            | Self::ExtendedHeaders => {}
+            Self::Info(request) | Self::Go(request) => request.write(&mut w)?,
+            Self::ListMetaContext(request) | Self::SetMetaContext(request) => {
+                request.write(&mut w)?
+            }
+        }
+        Ok(w.finish())
+    }
+}
+
+impl OptionReplyHeader {
+    /// Parses an option reply header from the front of `input`.
+    pub fn parse(input: &[u8]) -> Result<(&[u8], Self), WireError> {
+        let mut r = Reader::streaming(input, OPTION_REPLY_HEADER_LEN);
+        r.magic_u64(OPTION_REPLY_MAGIC)?;
+        let option = OptionCode::from_wire(r.u32()?);
+        let reply_type = OptionReplyType::from_wire(r.u32()?);
+        let length = r.u32()?;
+        Ok((
+            r.rest(),
+            Self {
+                option,
+                reply_type,
+                length,
+            },
+        ))
+    }
+
+    /// Bytes the header takes: 20.
+    pub fn encoded_len(&self) -> usize {
+        OPTION_REPLY_HEADER_LEN
+    }
+
+    /// Writes the header to the front of `out`.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out, OPTION_REPLY_HEADER_LEN)?;
+        self.write(&mut w)?;
+        Ok(w.finish())
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.u64(OPTION_REPLY_MAGIC)?;
+        w.u32(self.option.to_wire())?;
+        w.u32(self.reply_type.to_wire())?;
+        w.u32(self.length)
+    }
+}
+
+impl<'a> OptionReply<'a> {
+    /// The reply type.
+    pub fn reply_type(&self) -> OptionReplyType {
+        match self {
+            Self::Ack => OptionReplyType::Ack,
+            Self::Server { .. } => OptionReplyType::Server,
+            Self::Info(_) => OptionReplyType::Info,
+            Self::MetaContext { .. } => OptionReplyType::MetaContext,
+            Self::Error { reply_type, .. } => *reply_type,
+            Self::Unknown { reply_type, .. } => OptionReplyType::from_wire(*reply_type),
+        }
+    }
+
+    /// Parses the complete data of a reply of type `reply_type` (the
+    /// `length` bytes after its header). Any error type (bit 31 set) keeps
+    /// its data as the message; data that does not fit the type's layout
+    /// is [`WireError::BadLength`].
+    pub fn parse_payload(reply_type: OptionReplyType, data: &'a [u8]) -> Result<Self, WireError> {
+        if reply_type.is_error() {
+            return Ok(Self::Error {
+                reply_type,
+                message: data,
+            });
+        }
+        let mut r = Reader::payload(data);
+        match reply_type {
+            OptionReplyType::Ack => {
+                r.finish()?;
+                Ok(Self::Ack)
+            }
+            OptionReplyType::Server => {
+                let name_len = r.u32()?;
+                let name = r.take_wire_len(name_len.into())?;
+                Ok(Self::Server {
+                    name,
+                    details: r.rest(),
+                })
+            }
+            OptionReplyType::Info => Info::parse(data).map(Self::Info),
+            OptionReplyType::MetaContext => {
+                let id = r.u32()?;
+                Ok(Self::MetaContext { id, name: r.rest() })
+            }
+            other => Ok(Self::Unknown {
+                reply_type: other.to_wire(),
+                data,
+            }),
+        }
+    }
+
+    /// Parses an option reply, header and data, from the front of `input`;
+    /// gives the option it answers with it.
+    pub fn parse(input: &'a [u8]) -> Result<(&'a [u8], (OptionCode, Self)), WireError> {
+        let (rest, header) = OptionReplyHeader::parse(input)?;
+        let mut r = Reader::streaming(rest, 0);
+        let data = r.take_wire_len(header.length.into())?;
+        let reply = Self::parse_payload(header.reply_type, data)?;
+        Ok((r.rest(), (header.option, reply)))
+    }
+
+    /// Bytes of reply data (the header's `length`).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Self::Ack => 0,
+            Self::Server { name, details } => 4usize
+                .saturating_add(name.len())
+                .saturating_add(details.len()),
+            Self::Info(info) => info.encoded_len(),
+            Self::MetaContext { name, .. } => 4usize.saturating_add(name.len()),
+            Self::Error { message: data, .. } | Self::Unknown { data, .. } => data.len(),
+        }
+    }
+
+    /// Bytes the reply takes, header included.
+    pub fn encoded_len(&self) -> usize {
+        OPTION_REPLY_HEADER_LEN.saturating_add(self.payload_len())
+    }
+
+    /// Writes the reply to `option`, header and data, to the front of
+    /// `out`. An `Error` whose type lacks bit 31, or data too long for its
+    /// length field, is [`WireError::InvalidValue`]. `Unknown` is written as
+    /// given, whatever its type.
+    pub fn encode(&self, option: OptionCode, out: &mut [u8]) -> Result<usize, WireError> {
+        if let Self::Error { reply_type, .. } = self {
+            if !reply_type.is_error() {
+                return Err(WireError::InvalidValue("reply type"));
+            }
+        }
+        let length = len_u32(self.payload_len(), "option reply length")?;
+        let mut w = Writer::new(out, self.encoded_len())?;
+        OptionReplyHeader {
+            option,
+            reply_type: self.reply_type(),
+            length,
+        }
+        .write(&mut w)?;
+        match self {
+            Self::Ack => {}
+            Self::Server { name, details } => {
+                w.u32(len_u32(name.len(), "name length")?)?;
+                w.bytes(name)?;
+                w.bytes(details)?;
+            }
+            Self::Info(info) => {
+                let len = info.encoded_len();
+                info.encode(w.slot(len)?)?;
+            }
+            Self::MetaContext { id, name } => {
+                w.u32(*id)?;
+                w.bytes(name)?;
+            }
+            Self::Error { message: data, .. } | Self::Unknown { data, .. } => w.bytes(data)?,
+        }
+        Ok(w.finish())
+    }
 }

@@ -1,7 +1,12 @@
 //! Transmission reply headers (spec: "Simple reply message", "Structured
 //! reply chunk message", extended headers).
 
-use super::{ChunkType, ReplyFlags};
+use super::cursor::{Reader, Writer};
+use super::{
+    ChunkType, EXTENDED_REPLY_HEADER_LEN, EXTENDED_REPLY_MAGIC, HeaderStyle, ReplyFlags,
+    SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC,
+    WireError,
+};
 
 /// Simple reply: magic `0x67446698`, error, cookie (16 bytes), followed by
 /// the read data for a successful `NBD_CMD_READ`.
@@ -42,4 +47,133 @@ pub enum ReplyHeader {
     Structured(ChunkHeader),
     /// Extended reply chunk header.
     Extended(ChunkHeader),
+}
+
+impl SimpleReply {
+    /// Parses a simple reply header from the front of `input`.
+    pub fn parse(input: &[u8]) -> Result<(&[u8], Self), WireError> {
+        let mut r = Reader::streaming(input, SIMPLE_REPLY_LEN);
+        r.magic_u32(SIMPLE_REPLY_MAGIC)?;
+        let error = r.u32()?;
+        let cookie = r.u64()?;
+        Ok((r.rest(), Self { error, cookie }))
+    }
+
+    /// Bytes the header takes: 16.
+    pub fn encoded_len(&self) -> usize {
+        SIMPLE_REPLY_LEN
+    }
+
+    /// Writes the header to the front of `out`.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out, SIMPLE_REPLY_LEN)?;
+        w.u32(SIMPLE_REPLY_MAGIC)?;
+        w.u32(self.error)?;
+        w.u64(self.cookie)?;
+        Ok(w.finish())
+    }
+}
+
+impl ChunkHeader {
+    /// Parses a chunk header of the given style from the front of `input`:
+    /// structured for [`HeaderStyle::Compact`] (`offset` is then zero),
+    /// extended for [`HeaderStyle::Extended`].
+    pub fn parse(input: &[u8], style: HeaderStyle) -> Result<(&[u8], Self), WireError> {
+        let (magic, len) = match style {
+            HeaderStyle::Compact => (STRUCTURED_REPLY_MAGIC, STRUCTURED_REPLY_HEADER_LEN),
+            HeaderStyle::Extended => (EXTENDED_REPLY_MAGIC, EXTENDED_REPLY_HEADER_LEN),
+        };
+        let mut r = Reader::streaming(input, len);
+        r.magic_u32(magic)?;
+        let flags = ReplyFlags(r.u16()?);
+        let chunk_type = ChunkType::from_wire(r.u16()?);
+        let cookie = r.u64()?;
+        let (offset, length) = match style {
+            HeaderStyle::Compact => (0, r.u32()?.into()),
+            HeaderStyle::Extended => (r.u64()?, r.u64()?),
+        };
+        let header = Self {
+            flags,
+            chunk_type,
+            cookie,
+            offset,
+            length,
+        };
+        Ok((r.rest(), header))
+    }
+
+    /// Bytes a header of `style` takes: 20 or 32.
+    pub fn encoded_len(style: HeaderStyle) -> usize {
+        match style {
+            HeaderStyle::Compact => STRUCTURED_REPLY_HEADER_LEN,
+            HeaderStyle::Extended => EXTENDED_REPLY_HEADER_LEN,
+        }
+    }
+
+    /// Writes the header in `style` to the front of `out`. A structured
+    /// header has no offset (it is not written) and cannot carry a length
+    /// over `u32::MAX` ([`WireError::InvalidValue`]).
+    pub fn encode(&self, style: HeaderStyle, out: &mut [u8]) -> Result<usize, WireError> {
+        let compact_length = match style {
+            HeaderStyle::Compact => {
+                Some(u32::try_from(self.length).map_err(|_| WireError::InvalidValue("length"))?)
+            }
+            HeaderStyle::Extended => None,
+        };
+        let mut w = Writer::new(out, Self::encoded_len(style))?;
+        w.u32(match style {
+            HeaderStyle::Compact => STRUCTURED_REPLY_MAGIC,
+            HeaderStyle::Extended => EXTENDED_REPLY_MAGIC,
+        })?;
+        w.u16(self.flags.bits())?;
+        w.u16(self.chunk_type.to_wire())?;
+        w.u64(self.cookie)?;
+        match compact_length {
+            Some(length) => w.u32(length)?,
+            None => {
+                w.u64(self.offset)?;
+                w.u64(self.length)?;
+            }
+        }
+        Ok(w.finish())
+    }
+}
+
+impl ReplyHeader {
+    /// Parses any reply header from the front of `input`, told apart by its
+    /// magic; any other magic is [`WireError::BadMagic`].
+    pub fn parse(input: &[u8]) -> Result<(&[u8], Self), WireError> {
+        let mut r = Reader::streaming(input, SIMPLE_REPLY_LEN);
+        match r.u32()? {
+            SIMPLE_REPLY_MAGIC => {
+                SimpleReply::parse(input).map(|(rest, reply)| (rest, Self::Simple(reply)))
+            }
+            STRUCTURED_REPLY_MAGIC => ChunkHeader::parse(input, HeaderStyle::Compact)
+                .map(|(rest, header)| (rest, Self::Structured(header))),
+            EXTENDED_REPLY_MAGIC => ChunkHeader::parse(input, HeaderStyle::Extended)
+                .map(|(rest, header)| (rest, Self::Extended(header))),
+            found => Err(WireError::BadMagic {
+                found: found.into(),
+            }),
+        }
+    }
+
+    /// Bytes the header takes: 16, 20 or 32.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Self::Simple(reply) => reply.encoded_len(),
+            Self::Structured(_) => ChunkHeader::encoded_len(HeaderStyle::Compact),
+            Self::Extended(_) => ChunkHeader::encoded_len(HeaderStyle::Extended),
+        }
+    }
+
+    /// Writes the header to the front of `out` (a structured header drops
+    /// its `offset`).
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        match self {
+            Self::Simple(reply) => reply.encode(out),
+            Self::Structured(header) => header.encode(HeaderStyle::Compact, out),
+            Self::Extended(header) => header.encode(HeaderStyle::Extended, out),
+        }
+    }
 }

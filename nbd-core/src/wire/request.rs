@@ -1,6 +1,10 @@
 //! Transmission requests (spec: "Request message", extended headers).
 
-use super::{Command, CommandFlags, WireList};
+use super::cursor::{Reader, Writer};
+use super::{
+    Command, CommandFlags, EXTENDED_REQUEST_HEADER_LEN, EXTENDED_REQUEST_MAGIC, REQUEST_HEADER_LEN,
+    REQUEST_MAGIC, WireError, WireList,
+};
 
 /// Which request and reply headers a connection uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -44,4 +48,110 @@ pub struct BlockStatusPayload<'a> {
     pub effect_length: u64,
     /// Context ids to report on.
     pub context_ids: WireList<'a, u32>,
+}
+
+impl RequestHeader {
+    /// Parses a request header of the given style from the front of `input`.
+    pub fn parse(input: &[u8], style: HeaderStyle) -> Result<(&[u8], Self), WireError> {
+        let (magic, len) = match style {
+            HeaderStyle::Compact => (REQUEST_MAGIC, REQUEST_HEADER_LEN),
+            HeaderStyle::Extended => (EXTENDED_REQUEST_MAGIC, EXTENDED_REQUEST_HEADER_LEN),
+        };
+        let mut r = Reader::streaming(input, len);
+        r.magic_u32(magic)?;
+        let flags = CommandFlags(r.u16()?);
+        let command = Command::from_wire(r.u16()?);
+        let cookie = r.u64()?;
+        let offset = r.u64()?;
+        let length = match style {
+            HeaderStyle::Compact => r.u32()?.into(),
+            HeaderStyle::Extended => r.u64()?,
+        };
+        let header = Self {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        Ok((r.rest(), header))
+    }
+
+    /// Parses a request header of either style, told apart by its magic;
+    /// any other magic is [`WireError::BadMagic`].
+    pub fn parse_any(input: &[u8]) -> Result<(&[u8], (HeaderStyle, Self)), WireError> {
+        let mut r = Reader::streaming(input, REQUEST_HEADER_LEN);
+        let style = match r.u32()? {
+            REQUEST_MAGIC => HeaderStyle::Compact,
+            EXTENDED_REQUEST_MAGIC => HeaderStyle::Extended,
+            found => {
+                return Err(WireError::BadMagic {
+                    found: found.into(),
+                });
+            }
+        };
+        let (rest, header) = Self::parse(input, style)?;
+        Ok((rest, (style, header)))
+    }
+
+    /// Bytes a header of `style` takes: 28 or 32.
+    pub fn encoded_len(style: HeaderStyle) -> usize {
+        match style {
+            HeaderStyle::Compact => REQUEST_HEADER_LEN,
+            HeaderStyle::Extended => EXTENDED_REQUEST_HEADER_LEN,
+        }
+    }
+
+    /// Writes the header in `style` to the front of `out`. A compact header
+    /// cannot carry a length over `u32::MAX` ([`WireError::InvalidValue`]).
+    pub fn encode(&self, style: HeaderStyle, out: &mut [u8]) -> Result<usize, WireError> {
+        let compact_length = match style {
+            HeaderStyle::Compact => {
+                Some(u32::try_from(self.length).map_err(|_| WireError::InvalidValue("length"))?)
+            }
+            HeaderStyle::Extended => None,
+        };
+        let mut w = Writer::new(out, Self::encoded_len(style))?;
+        w.u32(match style {
+            HeaderStyle::Compact => REQUEST_MAGIC,
+            HeaderStyle::Extended => EXTENDED_REQUEST_MAGIC,
+        })?;
+        w.u16(self.flags.bits())?;
+        w.u16(self.command.to_wire())?;
+        w.u64(self.cookie)?;
+        w.u64(self.offset)?;
+        match compact_length {
+            Some(length) => w.u32(length)?,
+            None => w.u64(self.length)?,
+        }
+        Ok(w.finish())
+    }
+}
+
+impl<'a> BlockStatusPayload<'a> {
+    /// Parses the complete payload: 64-bit effect length, then 32-bit
+    /// context ids filling the rest exactly.
+    pub fn parse_payload(data: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::payload(data);
+        let effect_length = r.u64()?;
+        let context_ids = WireList::decode_all(r.rest()).ok_or(WireError::BadLength)?;
+        Ok(Self {
+            effect_length,
+            context_ids,
+        })
+    }
+
+    /// Bytes the payload takes.
+    pub fn encoded_len(&self) -> usize {
+        8usize.saturating_add(self.context_ids.encoded_len())
+    }
+
+    /// Writes the payload to the front of `out`.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out, self.encoded_len())?;
+        w.u64(self.effect_length)?;
+        self.context_ids
+            .encode_into(w.slot(self.context_ids.encoded_len())?);
+        Ok(w.finish())
+    }
 }
