@@ -3,8 +3,10 @@
 
 use super::inflight::{InFlight, Reason, Reply, RequestId, SlotState};
 use super::negotiation::NegotiationOutput;
-use super::transmission::{ActiveExport, Receiving, ReceiveMode};
-use super::{CloseReason, CompletionError, Config, Event, ProtocolError, ReadOutcome, Request, Step};
+use super::transmission::{ActiveExport, ReceiveMode, Receiving};
+use super::{
+    CloseReason, CompletionError, Config, Event, ProtocolError, ReadOutcome, Request, Step,
+};
 use crate::export::{Catalog, Features};
 use crate::wire::{ClientFlags, Command, ErrorCode, ExtDescriptor, HeaderStyle, WireError};
 
@@ -26,12 +28,19 @@ pub(super) struct Accumulator {
 
 impl Accumulator {
     const fn new() -> Self {
-        Self { bytes: [0; HEADER_BYTES], len: 0 }
+        Self {
+            bytes: [0; HEADER_BYTES],
+            len: 0,
+        }
     }
 
     /// Takes bytes from `input` towards a `need`-byte header. Returns the
     /// bytes consumed and, once complete, the header bytes.
-    pub(super) fn fill<'s>(&'s mut self, input: &'s [u8], need: usize) -> (usize, Option<&'s [u8]>) {
+    pub(super) fn fill<'s>(
+        &'s mut self,
+        input: &'s [u8],
+        need: usize,
+    ) -> (usize, Option<&'s [u8]>) {
         let need = need.min(HEADER_BYTES);
         if self.len == 0 && input.len() >= need {
             return (need, Some(&input[..need]));
@@ -59,9 +68,16 @@ pub(super) enum Phase {
     /// Waiting for an option header.
     OptionHeader,
     /// Buffering `length` bytes of option data.
-    OptionData { code: crate::wire::OptionCode, length: usize },
+    OptionData {
+        code: crate::wire::OptionCode,
+        length: usize,
+    },
     /// Reading past option data that will not be buffered.
-    OptionSkip { code: crate::wire::OptionCode, remaining: u32, refusal: super::negotiation::Refusal },
+    OptionSkip {
+        code: crate::wire::OptionCode,
+        remaining: u32,
+        refusal: super::negotiation::Refusal,
+    },
     /// Requests and replies.
     Transmission,
     /// The session ended.
@@ -153,7 +169,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// Header style of the transmission phase.
     pub fn header_style(&self) -> HeaderStyle {
-        if self.features.extended_headers { HeaderStyle::Extended } else { HeaderStyle::Compact }
+        if self.features.extended_headers {
+            HeaderStyle::Extended
+        } else {
+            HeaderStyle::Compact
+        }
     }
 
     /// The export selected for transmission, by catalog index.
@@ -201,7 +221,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return Err(ProtocolError::Closed);
         }
         if let Some(event) = self.take_event() {
-            return Ok(Step { consumed: 0, event: Some(event) });
+            return Ok(Step {
+                consumed: 0,
+                event: Some(event),
+            });
         }
         let mut consumed = 0;
         while !self.input_paused() {
@@ -219,7 +242,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 break;
             }
         }
-        Ok(Step { consumed, event: self.take_event() })
+        Ok(Step {
+            consumed,
+            event: self.take_event(),
+        })
     }
 
     /// Whether input must wait: replies of the current option are still to
@@ -284,13 +310,19 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// Issues the first deferred request whose barrier has cleared: a flush
     /// once the writes before it completed, a resize once it is alone.
     fn release_deferred(&mut self) -> Option<Request> {
-        let (id, slot) = self.inflight.deferred().find(|(id, slot)| match slot.command {
-            Command::Flush => !self.inflight.writes_pending_before(slot.sequence),
-            _ => !self.inflight.others_in_flight(*id),
-        })?;
+        let (id, slot) = self
+            .inflight
+            .deferred()
+            .find(|(id, slot)| match slot.command {
+                Command::Flush => !self.inflight.writes_pending_before(slot.sequence),
+                _ => !self.inflight.others_in_flight(*id),
+            })?;
         let request = match slot.command {
             Command::Flush => Request::Flush { id },
-            _ => Request::Resize { id, size: slot.offset },
+            _ => Request::Resize {
+                id,
+                size: slot.offset,
+            },
         };
         if let Some(slot) = self.inflight.get_mut(id) {
             slot.state = SlotState::Issued;
@@ -304,7 +336,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// success, or the error to report. A read's `Ok` means its data is
     /// ready ([`ReadOutcome::Data`]). A write may fail before its payload
     /// is whole; the rest of the payload is then read and dropped.
-    pub fn complete(&mut self, id: RequestId, result: Result<(), ErrorCode>) -> Result<(), CompletionError> {
+    pub fn complete(
+        &mut self,
+        id: RequestId,
+        result: Result<(), ErrorCode>,
+    ) -> Result<(), CompletionError> {
         let slot = *self.issued(id)?;
         match slot.command {
             Command::Read => {
@@ -327,7 +363,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 if result.is_ok()
                     && let Some(export) = self.export.as_mut()
                 {
-                    info!("export resized from {} to {} bytes", export.size, slot.offset);
+                    info!(
+                        "export resized from {} to {} bytes",
+                        export.size, slot.offset
+                    );
                     export.size = slot.offset;
                 }
                 self.resize_barrier = None;
@@ -335,12 +374,21 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             _ => {}
         }
         self.log_completion(id, result);
-        self.inflight.queue_reply(id, Reply::Done { error: result.err().map(|e| (e, Reason::Storage)) });
+        self.inflight.queue_reply(
+            id,
+            Reply::Done {
+                error: result.err().map(|e| (e, Reason::Storage)),
+            },
+        );
         Ok(())
     }
 
     /// Answers a read.
-    pub fn complete_read(&mut self, id: RequestId, outcome: ReadOutcome) -> Result<(), CompletionError> {
+    pub fn complete_read(
+        &mut self,
+        id: RequestId,
+        outcome: ReadOutcome,
+    ) -> Result<(), CompletionError> {
         let slot = *self.issued(id)?;
         if slot.command != Command::Read {
             return Err(CompletionError::WrongKind);
@@ -349,9 +397,18 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             ReadOutcome::Data => Reply::Data { last: true },
             ReadOutcome::Streamed => Reply::Data { last: false },
             ReadOutcome::Zeroes => Reply::Zeroes,
-            ReadOutcome::Error(error) => Reply::Done { error: Some((error, Reason::Storage)) },
+            ReadOutcome::Error(error) => Reply::Done {
+                error: Some((error, Reason::Storage)),
+            },
         };
-        self.log_completion(id, if let ReadOutcome::Error(e) = outcome { Err(e) } else { Ok(()) });
+        self.log_completion(
+            id,
+            if let ReadOutcome::Error(e) = outcome {
+                Err(e)
+            } else {
+                Ok(())
+            },
+        );
         self.inflight.queue_reply(id, reply);
         Ok(())
     }
@@ -362,19 +419,28 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// the spec requires). With simple replies an error cannot be reported
     /// after the data started: that gives `NotRepresentable`, and the shell
     /// must close the connection (hard disconnect).
-    pub fn finish_streamed_read(&mut self, id: RequestId, result: Result<(), (ErrorCode, u64)>) -> Result<(), CompletionError> {
-        let slot = self.inflight.get(id).ok_or(CompletionError::UnknownRequest)?;
+    pub fn finish_streamed_read(
+        &mut self,
+        id: RequestId,
+        result: Result<(), (ErrorCode, u64)>,
+    ) -> Result<(), CompletionError> {
+        let slot = self
+            .inflight
+            .get(id)
+            .ok_or(CompletionError::UnknownRequest)?;
         if slot.state != SlotState::Streaming {
             return Err(CompletionError::WrongKind);
         }
-        let offset_in_range = |offset: u64| offset >= slot.offset && offset - slot.offset < slot.length;
+        let offset_in_range =
+            |offset: u64| offset >= slot.offset && offset - slot.offset < slot.length;
         match result {
             Ok(()) if self.features.structured_replies => {
                 self.inflight.queue_reply(id, Reply::Done { error: None });
             }
             Ok(()) => self.inflight.free(id),
             Err((error, offset)) if self.features.structured_replies && offset_in_range(offset) => {
-                self.inflight.queue_reply(id, Reply::ErrorAt { error, offset });
+                self.inflight
+                    .queue_reply(id, Reply::ErrorAt { error, offset });
             }
             Err(_) => {
                 self.inflight.free(id);
@@ -389,7 +455,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// spec allows: with `REQ_ONE` one extent clipped to the request; else
     /// extents until the request's length is covered, clipped to the
     /// export's end and to the space left in the buffer (at least one).
-    pub fn complete_block_status(&mut self, id: RequestId, extents: &[ExtDescriptor]) -> Result<(), CompletionError> {
+    pub fn complete_block_status(
+        &mut self,
+        id: RequestId,
+        extents: &[ExtDescriptor],
+    ) -> Result<(), CompletionError> {
         let slot = *self.issued(id)?;
         if slot.command != Command::BlockStatus {
             return Err(CompletionError::WrongKind);
@@ -400,13 +470,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let size = self.export.map_or(0, |e| e.size);
         let (bytes, count) = self.encode_extents(&slot, size, extents)?;
         debug!("request {} block status: {} extents", id.to_bits(), count);
-        self.inflight.queue_reply(id, Reply::BlockStatus { bytes, count });
+        self.inflight
+            .queue_reply(id, Reply::BlockStatus { bytes, count });
         Ok(())
     }
 
     /// The slot of a request the shell holds.
     fn issued(&self, id: RequestId) -> Result<&super::inflight::Slot, CompletionError> {
-        let slot = self.inflight.get(id).ok_or(CompletionError::UnknownRequest)?;
+        let slot = self
+            .inflight
+            .get(id)
+            .ok_or(CompletionError::UnknownRequest)?;
         match slot.state {
             SlotState::Issued => Ok(slot),
             SlotState::Replying(_) => Err(CompletionError::Busy),
@@ -425,10 +499,15 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// Client flags, the first thing the client sends.
     pub(super) fn accept_client_flags(&mut self, flags: ClientFlags) -> Result<(), ProtocolError> {
         if flags.unknown_bits() != 0 {
-            warn!("client sent unknown client flags {:#x}", flags.unknown_bits());
+            warn!(
+                "client sent unknown client flags {:#x}",
+                flags.unknown_bits()
+            );
             return Err(ProtocolError::UnknownClientFlags(flags.unknown_bits()));
         }
-        if !flags.contains(ClientFlags::FIXED_NEWSTYLE) && self.config.tls == super::TlsPolicy::Required {
+        if !flags.contains(ClientFlags::FIXED_NEWSTYLE)
+            && self.config.tls == super::TlsPolicy::Required
+        {
             // Spec: TLS needs fixed newstyle; without it this server cannot serve.
             return Err(ProtocolError::TlsRequired);
         }

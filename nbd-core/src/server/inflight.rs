@@ -139,7 +139,10 @@ impl Slot {
 
     /// Whether this request changes data, so a later flush must wait for it.
     pub(crate) fn is_write(&self) -> bool {
-        matches!(self.command, Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize)
+        matches!(
+            self.command,
+            Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize
+        )
     }
 }
 
@@ -163,8 +166,16 @@ pub(crate) struct InFlight<const N: usize> {
 
 impl<const N: usize> InFlight<N> {
     pub(crate) const fn new() -> Self {
-        assert!(N > 0 && N <= u16::MAX as usize, "REQUESTS must be between 1 and 65535");
-        Self { slots: [Slot::FREE; N], ready: Deque::new(), used: 0, next_sequence: 0 }
+        assert!(
+            N > 0 && N <= u16::MAX as usize,
+            "REQUESTS must be between 1 and 65535"
+        );
+        Self {
+            slots: [Slot::FREE; N],
+            ready: Deque::new(),
+            used: 0,
+            next_sequence: 0,
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -207,7 +218,9 @@ impl<const N: usize> InFlight<N> {
 
     /// The live slot `id` names.
     pub(crate) fn get(&self, id: RequestId) -> Option<&Slot> {
-        self.slots.get(id.index()).filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+        self.slots
+            .get(id.index())
+            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
     }
 
     pub(crate) fn get_mut(&mut self, id: RequestId) -> Option<&mut Slot> {

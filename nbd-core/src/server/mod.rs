@@ -360,15 +360,24 @@ impl core::fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::BadMagic { found } => write!(f, "bad magic number {found:#x} from client"),
-            Self::UnknownClientFlags(bits) => write!(f, "client sent unknown client flags {bits:#x}"),
+            Self::UnknownClientFlags(bits) => {
+                write!(f, "client sent unknown client flags {bits:#x}")
+            }
             Self::UnknownExport => f.write_str("NBD_OPT_EXPORT_NAME named an unknown export"),
             Self::ExportNameWithExtendedHeaders => {
                 f.write_str("NBD_OPT_EXPORT_NAME used after extended headers were negotiated")
             }
-            Self::TlsRequired => f.write_str("client did not start TLS, which this server requires"),
-            Self::OptionTooLong { length } => write!(f, "option data of {length} bytes is too long"),
+            Self::TlsRequired => {
+                f.write_str("client did not start TLS, which this server requires")
+            }
+            Self::OptionTooLong { length } => {
+                write!(f, "option data of {length} bytes is too long")
+            }
             Self::PayloadTooLong { length } => {
-                write!(f, "payload of {length} bytes on a rejected request is too long to discard")
+                write!(
+                    f,
+                    "payload of {length} bytes on a rejected request is too long to discard"
+                )
             }
             Self::TooManyRequests => f.write_str("too many requests in flight"),
             Self::Closed => f.write_str("connection already closed"),

@@ -22,13 +22,17 @@ pub(crate) const BASE_ALLOCATION: &[u8] = b"base:allocation";
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
 /// The zero bytes after an `NBD_OPT_EXPORT_NAME` reply.
-static EXPORT_NAME_ZEROES: [u8; crate::wire::EXPORT_NAME_ZEROES] = [0; crate::wire::EXPORT_NAME_ZEROES];
+static EXPORT_NAME_ZEROES: [u8; crate::wire::EXPORT_NAME_ZEROES] =
+    [0; crate::wire::EXPORT_NAME_ZEROES];
 
 /// How to answer an option whose data is skipped rather than buffered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Refusal {
     /// One error reply.
-    Reply { reply_type: OptionReplyType, message: &'static str },
+    Reply {
+        reply_type: OptionReplyType,
+        message: &'static str,
+    },
     /// `NBD_OPT_ABORT` (its data is ignored): acknowledge, then close.
     AbortAck,
 }
@@ -55,31 +59,71 @@ pub(super) enum InfoStep {
 pub(super) enum NegotiationOutput {
     Idle,
     Greeting,
-    Reply { option: OptionCode, reply_type: OptionReplyType, message: &'static str, then: AfterReply },
-    List { next: usize },
-    Info { option: OptionCode, export: usize, step: InfoStep, want_name: bool, want_description: bool, refuse: bool },
-    MetaContext { option: OptionCode, context: Option<u32> },
+    Reply {
+        option: OptionCode,
+        reply_type: OptionReplyType,
+        message: &'static str,
+        then: AfterReply,
+    },
+    List {
+        next: usize,
+    },
+    Info {
+        option: OptionCode,
+        export: usize,
+        step: InfoStep,
+        want_name: bool,
+        want_description: bool,
+        refuse: bool,
+    },
+    MetaContext {
+        option: OptionCode,
+        context: Option<u32>,
+    },
     ExportName,
 }
 
 /// What an option asks for, decided from its data.
 #[derive(Clone, Copy, Debug)]
 enum Action {
-    Reply { reply_type: OptionReplyType, message: &'static str, then: AfterReply },
-    ExportName { export: usize },
+    Reply {
+        reply_type: OptionReplyType,
+        message: &'static str,
+        then: AfterReply,
+    },
+    ExportName {
+        export: usize,
+    },
     List,
-    Info { export: usize, go: bool, want_name: bool, want_description: bool, want_block_size: bool },
+    Info {
+        export: usize,
+        go: bool,
+        want_name: bool,
+        want_description: bool,
+        want_block_size: bool,
+    },
     StructuredReply,
     ExtendedHeaders,
-    MetaContext { export: usize, set: bool, matched: bool },
+    MetaContext {
+        export: usize,
+        set: bool,
+        matched: bool,
+    },
 }
 
 const fn reply(reply_type: OptionReplyType, message: &'static str) -> Action {
-    Action::Reply { reply_type, message, then: AfterReply::Continue }
+    Action::Reply {
+        reply_type,
+        message,
+        then: AfterReply::Continue,
+    }
 }
 
 impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
-    pub(super) fn process_negotiation<'a>(&mut self, input: &'a [u8]) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+    pub(super) fn process_negotiation<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
         match self.phase {
             Phase::ClientFlags => {
                 let (used, flags) = match self.header.fill(input, 4) {
@@ -103,7 +147,8 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             }
             Phase::OptionData { code, length } => {
                 let take = (length - self.buffer_end).min(input.len());
-                self.buffer[self.buffer_end..self.buffer_end + take].copy_from_slice(&input[..take]);
+                self.buffer[self.buffer_end..self.buffer_end + take]
+                    .copy_from_slice(&input[..take]);
                 self.buffer_end += take;
                 if self.buffer_end == length {
                     self.phase = Phase::OptionHeader;
@@ -111,14 +156,22 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 }
                 Ok((take, None))
             }
-            Phase::OptionSkip { code, remaining, refusal } => {
+            Phase::OptionSkip {
+                code,
+                remaining,
+                refusal,
+            } => {
                 let take = (remaining as usize).min(input.len());
                 let remaining = remaining - take as u32;
                 if remaining == 0 {
                     self.phase = Phase::OptionHeader;
                     self.refuse(code, refusal);
                 } else {
-                    self.phase = Phase::OptionSkip { code, remaining, refusal };
+                    self.phase = Phase::OptionSkip {
+                        code,
+                        remaining,
+                        refusal,
+                    };
                 }
                 Ok((take, None))
             }
@@ -148,10 +201,19 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let refusal = refusal.or_else(|| self.refusal_without_data(code, length));
         match refusal {
             Some(refusal) if length == 0 => self.refuse(code, refusal),
-            Some(refusal) => self.phase = Phase::OptionSkip { code, remaining: length, refusal },
+            Some(refusal) => {
+                self.phase = Phase::OptionSkip {
+                    code,
+                    remaining: length,
+                    refusal,
+                }
+            }
             None => {
                 self.buffer_end = 0;
-                self.phase = Phase::OptionData { code, length: length as usize };
+                self.phase = Phase::OptionData {
+                    code,
+                    length: length as usize,
+                };
                 if length == 0 {
                     self.phase = Phase::OptionHeader;
                     self.handle_option(code, 0)?;
@@ -177,9 +239,13 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             }),
             _ if (length as usize) <= BUFFER => None,
             OptionCode::Abort => Some(Refusal::AbortAck),
-            OptionCode::List | OptionCode::StartTls | OptionCode::StructuredReply | OptionCode::ExtendedHeaders => {
-                Some(Refusal::Reply { reply_type: OptionReplyType::ErrInvalid, message: "option takes no data" })
-            }
+            OptionCode::List
+            | OptionCode::StartTls
+            | OptionCode::StructuredReply
+            | OptionCode::ExtendedHeaders => Some(Refusal::Reply {
+                reply_type: OptionReplyType::ErrInvalid,
+                message: "option takes no data",
+            }),
             _ => Some(Refusal::Reply {
                 reply_type: OptionReplyType::ErrTooBig,
                 message: "option data longer than this server accepts",
@@ -189,9 +255,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     fn refuse(&mut self, code: OptionCode, refusal: Refusal) {
         self.output = match refusal {
-            Refusal::Reply { reply_type, message } => {
+            Refusal::Reply {
+                reply_type,
+                message,
+            } => {
                 debug!("option {:?} refused: {}", code, message);
-                NegotiationOutput::Reply { option: code, reply_type, message, then: AfterReply::Continue }
+                NegotiationOutput::Reply {
+                    option: code,
+                    reply_type,
+                    message,
+                    then: AfterReply::Continue,
+                }
             }
             Refusal::AbortAck => NegotiationOutput::Reply {
                 option: code,
@@ -225,23 +299,38 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let structured = self.features.structured_replies;
         Ok(match request {
             OptionRequest::ExportName { name } => {
-                let export = self.catalog.find(name).ok_or(ProtocolError::UnknownExport)?;
+                let export = self
+                    .catalog
+                    .find(name)
+                    .ok_or(ProtocolError::UnknownExport)?;
                 if self.features.extended_headers {
                     return Err(ProtocolError::ExportNameWithExtendedHeaders);
                 }
                 Action::ExportName { export }
             }
-            OptionRequest::Abort => Action::Reply { reply_type: R::Ack, message: "", then: AfterReply::Close },
-            OptionRequest::List if !self.catalog.listable() => reply(R::ErrPolicy, "export listing is disabled"),
+            OptionRequest::Abort => Action::Reply {
+                reply_type: R::Ack,
+                message: "",
+                then: AfterReply::Close,
+            },
+            OptionRequest::List if !self.catalog.listable() => {
+                reply(R::ErrPolicy, "export listing is disabled")
+            }
             OptionRequest::List => Action::List,
-            OptionRequest::StartTls if self.tls_active => reply(R::ErrInvalid, "TLS is already active"),
+            OptionRequest::StartTls if self.tls_active => {
+                reply(R::ErrInvalid, "TLS is already active")
+            }
             OptionRequest::StartTls
                 if self.config.tls == TlsPolicy::Disabled
                     || !self.client_flags.contains(ClientFlags::FIXED_NEWSTYLE) =>
             {
                 reply(R::ErrPolicy, "TLS is not available on this server")
             }
-            OptionRequest::StartTls => Action::Reply { reply_type: R::Ack, message: "", then: AfterReply::StartTls },
+            OptionRequest::StartTls => Action::Reply {
+                reply_type: R::Ack,
+                message: "",
+                then: AfterReply::StartTls,
+            },
             OptionRequest::Info(info) | OptionRequest::Go(info) => {
                 let Some(export) = self.catalog.find(info.name) else {
                     return Ok(reply(R::ErrUnknownExport, "no such export"));
@@ -255,13 +344,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     want_block_size: wants(InfoType::BlockSize),
                 }
             }
-            OptionRequest::StructuredReply if self.features.extended_headers => {
-                reply(R::ErrExtendedHeaderRequired, "extended headers are already negotiated")
-            }
+            OptionRequest::StructuredReply if self.features.extended_headers => reply(
+                R::ErrExtendedHeaderRequired,
+                "extended headers are already negotiated",
+            ),
             OptionRequest::StructuredReply => Action::StructuredReply,
             OptionRequest::ExtendedHeaders => Action::ExtendedHeaders,
             OptionRequest::ListMetaContext(_) | OptionRequest::SetMetaContext(_) if !structured => {
-                reply(R::ErrInvalid, "negotiate structured replies before metadata contexts")
+                reply(
+                    R::ErrInvalid,
+                    "negotiate structured replies before metadata contexts",
+                )
             }
             OptionRequest::ListMetaContext(request) | OptionRequest::SetMetaContext(request) => {
                 let set = code == OptionCode::SetMetaContext;
@@ -274,66 +367,128 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                         return Ok(reply(R::ErrTooBig, "metadata context query too long"));
                     }
                     if !query.contains(&b':') {
-                        return Ok(reply(R::ErrInvalid, "query must start with a namespace and a colon"));
+                        return Ok(reply(
+                            R::ErrInvalid,
+                            "query must start with a namespace and a colon",
+                        ));
                     }
                     // `base:` is a wildcard when listing and is ignored when setting.
                     matched |= query == BASE_ALLOCATION || (!set && query == b"base:");
                 }
-                let supported = self.catalog.get(export).is_some_and(|e| e.capabilities.block_status);
+                let supported = self
+                    .catalog
+                    .get(export)
+                    .is_some_and(|e| e.capabilities.block_status);
                 let matched = supported && (matched || (!set && request.queries.is_empty()));
-                Action::MetaContext { export, set, matched }
+                Action::MetaContext {
+                    export,
+                    set,
+                    matched,
+                }
             }
-            OptionRequest::Unknown { .. } => reply(R::ErrUnsupported, "option not supported by this server"),
+            OptionRequest::Unknown { .. } => {
+                reply(R::ErrUnsupported, "option not supported by this server")
+            }
         })
     }
 
     fn apply(&mut self, option: OptionCode, action: Action) {
         self.output = match action {
-            Action::Reply { reply_type, message, then } => {
+            Action::Reply {
+                reply_type,
+                message,
+                then,
+            } => {
                 if reply_type.is_error() {
                     debug!("option {:?} refused: {}", option, message);
                 }
-                NegotiationOutput::Reply { option, reply_type, message, then }
+                NegotiationOutput::Reply {
+                    option,
+                    reply_type,
+                    message,
+                    then,
+                }
             }
             Action::ExportName { export } => {
                 self.select_export(export);
                 NegotiationOutput::ExportName
             }
             Action::List => NegotiationOutput::List { next: 0 },
-            Action::Info { export, go, want_name, want_description, want_block_size } => {
-                let minimum_above_one = self.catalog.get(export).is_some_and(|e| e.block_sizes.minimum > 1);
-                let refuse = go && self.config.require_block_size_request && minimum_above_one && !want_block_size;
+            Action::Info {
+                export,
+                go,
+                want_name,
+                want_description,
+                want_block_size,
+            } => {
+                let minimum_above_one = self
+                    .catalog
+                    .get(export)
+                    .is_some_and(|e| e.block_sizes.minimum > 1);
+                let refuse = go
+                    && self.config.require_block_size_request
+                    && minimum_above_one
+                    && !want_block_size;
                 if go && !refuse {
                     self.select_export(export);
                 }
-                NegotiationOutput::Info { option, export, step: InfoStep::Export, want_name, want_description, refuse }
+                NegotiationOutput::Info {
+                    option,
+                    export,
+                    step: InfoStep::Export,
+                    want_name,
+                    want_description,
+                    refuse,
+                }
             }
             Action::StructuredReply => {
                 self.features.structured_replies = true;
                 info!("structured replies negotiated");
-                NegotiationOutput::Reply { option, reply_type: OptionReplyType::Ack, message: "", then: AfterReply::Continue }
+                NegotiationOutput::Reply {
+                    option,
+                    reply_type: OptionReplyType::Ack,
+                    message: "",
+                    then: AfterReply::Continue,
+                }
             }
             Action::ExtendedHeaders => {
                 self.features.structured_replies = true;
                 self.features.extended_headers = true;
                 info!("extended headers negotiated");
-                NegotiationOutput::Reply { option, reply_type: OptionReplyType::Ack, message: "", then: AfterReply::Continue }
+                NegotiationOutput::Reply {
+                    option,
+                    reply_type: OptionReplyType::Ack,
+                    message: "",
+                    then: AfterReply::Continue,
+                }
             }
-            Action::MetaContext { export, set, matched } => {
+            Action::MetaContext {
+                export,
+                set,
+                matched,
+            } => {
                 if set && matched {
                     self.meta_export = Some(export);
                     info!("metadata context base:allocation selected");
                 }
-                NegotiationOutput::MetaContext { option, context: matched.then_some(if set { BASE_ALLOCATION_ID } else { 0 }) }
+                NegotiationOutput::MetaContext {
+                    option,
+                    context: matched.then_some(if set { BASE_ALLOCATION_ID } else { 0 }),
+                }
             }
         };
     }
 
     /// Enters transmission on `export` once the current replies are out.
     fn select_export(&mut self, index: usize) {
-        let Some(export) = self.catalog.get(index) else { return };
+        let Some(export) = self.catalog.get(index) else {
+            return;
+        };
         let flags = export.transmission_flags(self.features);
-        info!("export {} selected: {} bytes, flags {:?}", index, export.size, flags);
+        info!(
+            "export {} selected: {} bytes, flags {:?}",
+            index, export.size, flags
+        );
         self.export = Some(ActiveExport {
             index,
             size: export.size,
@@ -354,11 +509,27 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let (out, next) = match self.output {
             NegotiationOutput::Idle => return None,
             NegotiationOutput::Greeting => {
-                let greeting = Greeting { flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES };
-                (self.head(|out| greeting.encode(out)), NegotiationOutput::Idle)
+                let greeting = Greeting {
+                    flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
+                };
+                (
+                    self.head(|out| greeting.encode(out)),
+                    NegotiationOutput::Idle,
+                )
             }
-            NegotiationOutput::Reply { option, reply_type, message, then } => {
-                let out = self.option_reply(option, reply_type, 0, message.len(), Tail::Static(message.as_bytes()));
+            NegotiationOutput::Reply {
+                option,
+                reply_type,
+                message,
+                then,
+            } => {
+                let out = self.option_reply(
+                    option,
+                    reply_type,
+                    0,
+                    message.len(),
+                    Tail::Static(message.as_bytes()),
+                );
                 match then {
                     AfterReply::Continue => {}
                     AfterReply::Close => self.abort_acked = true,
@@ -369,15 +540,35 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             NegotiationOutput::List { next } => match self.catalog.get(next) {
                 Some(export) => {
                     let (name, description) = (export.name.len(), export.description.len());
-                    let mut out = self.option_reply(OptionCode::List, OptionReplyType::Server, 4, name + description, Tail::ExportName(next));
+                    let mut out = self.option_reply(
+                        OptionCode::List,
+                        OptionReplyType::Server,
+                        4,
+                        name + description,
+                        Tail::ExportName(next),
+                    );
                     out.head += encode_u32(&mut self.scratch[out.head..], name as u32);
                     out.tails[1] = Tail::ExportDescription(next);
                     (out, NegotiationOutput::List { next: next + 1 })
                 }
                 None => (self.ack(OptionCode::List), NegotiationOutput::Idle),
             },
-            NegotiationOutput::Info { option, export, step, want_name, want_description, refuse } => {
-                let next_step = |step| NegotiationOutput::Info { option, export, step, want_name, want_description, refuse };
+            NegotiationOutput::Info {
+                option,
+                export,
+                step,
+                want_name,
+                want_description,
+                refuse,
+            } => {
+                let next_step = |step| NegotiationOutput::Info {
+                    option,
+                    export,
+                    step,
+                    want_name,
+                    want_description,
+                    refuse,
+                };
                 match step {
                     InfoStep::Export => {
                         let (size, flags) = self
@@ -385,50 +576,110 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                             .get(export)
                             .map(|e| (e.size, e.transmission_flags(self.features)))
                             .unwrap_or_default();
-                        (self.info(option, Info::Export { size, flags }), next_step(InfoStep::Name))
+                        (
+                            self.info(option, Info::Export { size, flags }),
+                            next_step(InfoStep::Name),
+                        )
                     }
                     InfoStep::Name if want_name => {
                         let len = self.catalog.get(export).map_or(0, |e| e.name.len());
-                        let mut out = self.option_reply(option, OptionReplyType::Info, 2, len, Tail::ExportName(export));
-                        out.head += encode_u16(&mut self.scratch[out.head..], InfoType::Name.to_wire());
+                        let mut out = self.option_reply(
+                            option,
+                            OptionReplyType::Info,
+                            2,
+                            len,
+                            Tail::ExportName(export),
+                        );
+                        out.head +=
+                            encode_u16(&mut self.scratch[out.head..], InfoType::Name.to_wire());
                         (out, next_step(InfoStep::Description))
                     }
                     InfoStep::Description
-                        if want_description && self.catalog.get(export).is_some_and(|e| !e.description.is_empty()) =>
+                        if want_description
+                            && self
+                                .catalog
+                                .get(export)
+                                .is_some_and(|e| !e.description.is_empty()) =>
                     {
                         let len = self.catalog.get(export).map_or(0, |e| e.description.len());
-                        let mut out =
-                            self.option_reply(option, OptionReplyType::Info, 2, len, Tail::ExportDescription(export));
-                        out.head += encode_u16(&mut self.scratch[out.head..], InfoType::Description.to_wire());
+                        let mut out = self.option_reply(
+                            option,
+                            OptionReplyType::Info,
+                            2,
+                            len,
+                            Tail::ExportDescription(export),
+                        );
+                        out.head += encode_u16(
+                            &mut self.scratch[out.head..],
+                            InfoType::Description.to_wire(),
+                        );
                         (out, next_step(InfoStep::BlockSize))
                     }
                     InfoStep::Name => return self.advance_info(next_step(InfoStep::Description)),
-                    InfoStep::Description => return self.advance_info(next_step(InfoStep::BlockSize)),
+                    InfoStep::Description => {
+                        return self.advance_info(next_step(InfoStep::BlockSize));
+                    }
                     InfoStep::BlockSize => {
                         // Always sent: it costs 34 bytes and tells every client
                         // the constraints this server enforces.
-                        let sizes: BlockSizeConstraints =
-                            self.catalog.get(export).map_or(crate::export::DEFAULT_BLOCK_SIZES, |e| e.block_sizes);
-                        (self.info(option, Info::BlockSize(sizes)), next_step(InfoStep::Final))
+                        let sizes: BlockSizeConstraints = self
+                            .catalog
+                            .get(export)
+                            .map_or(crate::export::DEFAULT_BLOCK_SIZES, |e| e.block_sizes);
+                        (
+                            self.info(option, Info::BlockSize(sizes)),
+                            next_step(InfoStep::Final),
+                        )
                     }
                     InfoStep::Final if refuse => {
-                        let message = "request NBD_INFO_BLOCK_SIZE: this export needs aligned requests";
-                        let out = self.option_reply(option, OptionReplyType::ErrBlockSizeRequired, 0, message.len(), Tail::Static(message.as_bytes()));
+                        let message =
+                            "request NBD_INFO_BLOCK_SIZE: this export needs aligned requests";
+                        let out = self.option_reply(
+                            option,
+                            OptionReplyType::ErrBlockSizeRequired,
+                            0,
+                            message.len(),
+                            Tail::Static(message.as_bytes()),
+                        );
                         (out, NegotiationOutput::Idle)
                     }
                     InfoStep::Final => (self.ack(option), NegotiationOutput::Idle),
                 }
             }
-            NegotiationOutput::MetaContext { option, context: Some(id) } => {
-                let mut out = self.option_reply(option, OptionReplyType::MetaContext, 4, BASE_ALLOCATION.len(), Tail::Static(BASE_ALLOCATION));
+            NegotiationOutput::MetaContext {
+                option,
+                context: Some(id),
+            } => {
+                let mut out = self.option_reply(
+                    option,
+                    OptionReplyType::MetaContext,
+                    4,
+                    BASE_ALLOCATION.len(),
+                    Tail::Static(BASE_ALLOCATION),
+                );
                 out.head += encode_u32(&mut self.scratch[out.head..], id);
-                (out, NegotiationOutput::MetaContext { option, context: None })
+                (
+                    out,
+                    NegotiationOutput::MetaContext {
+                        option,
+                        context: None,
+                    },
+                )
             }
-            NegotiationOutput::MetaContext { option, context: None } => (self.ack(option), NegotiationOutput::Idle),
+            NegotiationOutput::MetaContext {
+                option,
+                context: None,
+            } => (self.ack(option), NegotiationOutput::Idle),
             NegotiationOutput::ExportName => {
                 let size = self.export.map_or(0, |e| e.size);
-                let flags = self.export.map_or(crate::wire::TransmissionFlags::HAS_FLAGS, |e| e.flags);
-                let reply = ExportNameReply { size, flags, zeroes: false };
+                let flags = self
+                    .export
+                    .map_or(crate::wire::TransmissionFlags::HAS_FLAGS, |e| e.flags);
+                let reply = ExportNameReply {
+                    size,
+                    flags,
+                    zeroes: false,
+                };
                 let mut out = self.head(|out| reply.encode(out));
                 if !self.client_flags.contains(ClientFlags::NO_ZEROES) {
                     out.tails[0] = Tail::Static(&EXPORT_NAME_ZEROES);
@@ -447,8 +698,19 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// An option reply header announcing `fixed` bytes to be encoded after
     /// it into the scratch and `variable` bytes sent as `tail`.
-    fn option_reply(&mut self, option: OptionCode, reply_type: OptionReplyType, fixed: usize, variable: usize, tail: Tail) -> Out {
-        let header = OptionReplyHeader { option, reply_type, length: (fixed + variable) as u32 };
+    fn option_reply(
+        &mut self,
+        option: OptionCode,
+        reply_type: OptionReplyType,
+        fixed: usize,
+        variable: usize,
+        tail: Tail,
+    ) -> Out {
+        let header = OptionReplyHeader {
+            option,
+            reply_type,
+            length: (fixed + variable) as u32,
+        };
         let mut out = self.head(|out| header.encode(out));
         out.tails[0] = tail;
         out
@@ -459,7 +721,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     fn info(&mut self, option: OptionCode, info: Info<'_>) -> Out {
-        let header = OptionReplyHeader { option, reply_type: OptionReplyType::Info, length: info.encoded_len() as u32 };
+        let header = OptionReplyHeader {
+            option,
+            reply_type: OptionReplyType::Info,
+            length: info.encoded_len() as u32,
+        };
         self.head(|out| {
             let at = header.encode(out)?;
             Ok(at + info.encode(&mut out[at..])?)

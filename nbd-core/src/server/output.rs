@@ -11,7 +11,9 @@ use super::inflight::{Reply, RequestId, Slot};
 use super::negotiation::{BASE_ALLOCATION_ID, encode_u16, encode_u32};
 use super::{Payload, Transmit};
 use crate::export::Catalog;
-use crate::wire::{ChunkHeader, ChunkType, Command, ErrorCode, HeaderStyle, ReplyFlags, SimpleReply, WireError};
+use crate::wire::{
+    ChunkHeader, ChunkType, Command, ErrorCode, HeaderStyle, ReplyFlags, SimpleReply, WireError,
+};
 
 /// Bytes sent after the scratch header that the core does not copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +48,8 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// Whether `poll_transmit` would return a message.
     pub fn wants_transmit(&self) -> bool {
-        !matches!(self.output, super::negotiation::NegotiationOutput::Idle) || self.inflight.has_ready()
+        !matches!(self.output, super::negotiation::NegotiationOutput::Idle)
+            || self.inflight.has_ready()
     }
 
     fn resolve(&self, out: Out) -> Transmit<'_> {
@@ -54,20 +57,40 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             match tail {
                 Tail::Empty => &[],
                 Tail::Static(bytes) => bytes,
-                Tail::ExportName(index) => self.catalog.get(index).map_or(&[][..], |e| e.name.as_bytes()),
-                Tail::ExportDescription(index) => self.catalog.get(index).map_or(&[][..], |e| e.description.as_bytes()),
+                Tail::ExportName(index) => self
+                    .catalog
+                    .get(index)
+                    .map_or(&[][..], |e| e.name.as_bytes()),
+                Tail::ExportDescription(index) => self
+                    .catalog
+                    .get(index)
+                    .map_or(&[][..], |e| e.description.as_bytes()),
                 Tail::Buffer(start, end) => &self.buffer[start..end],
             }
         };
-        Transmit { parts: [&self.scratch[..out.head], tail(out.tails[0]), tail(out.tails[1])], payload: out.payload }
+        Transmit {
+            parts: [
+                &self.scratch[..out.head],
+                tail(out.tails[0]),
+                tail(out.tails[1]),
+            ],
+            payload: out.payload,
+        }
     }
 
     /// Encodes a header into the scratch. The scratch fits every header
     /// the core sends, so `encode` cannot run short.
-    pub(super) fn head(&mut self, encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>) -> Out {
+    pub(super) fn head(
+        &mut self,
+        encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
+    ) -> Out {
         let head = encode(&mut self.scratch);
         debug_assert!(head.is_ok(), "scratch too small: {head:?}");
-        Out { head: head.unwrap_or(0), tails: [Tail::Empty; 2], payload: None }
+        Out {
+            head: head.unwrap_or(0),
+            tails: [Tail::Empty; 2],
+            payload: None,
+        }
     }
 
     /// The next transmission reply, freeing its slot when it is the last.
@@ -76,12 +99,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let structured = self.features.structured_replies;
         let mut last = true;
         let out = match reply {
-            Reply::Done { error: None } if structured && (slot.command == Command::Read || self.extended()) => {
+            Reply::Done { error: None }
+                if structured && (slot.command == Command::Read || self.extended()) =>
+            {
                 self.chunk(&slot, ReplyFlags::DONE, ChunkType::None, 0)
             }
-            Reply::Done { error: Some((error, reason)) } if structured => {
+            Reply::Done {
+                error: Some((error, reason)),
+            } if structured => {
                 let message = reason.message().as_bytes();
-                let mut out = self.chunk(&slot, ReplyFlags::DONE, ChunkType::Error, 6 + message.len());
+                let mut out =
+                    self.chunk(&slot, ReplyFlags::DONE, ChunkType::Error, 6 + message.len());
                 out.head += encode_u32(&mut self.scratch[out.head..], error.to_wire());
                 out.head += encode_u16(&mut self.scratch[out.head..], message.len() as u16);
                 out.tails[0] = Tail::Static(message);
@@ -91,14 +119,27 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             Reply::Data { last: data_last } => {
                 last = data_last;
                 let mut out = if structured {
-                    let flags = if data_last { ReplyFlags::DONE } else { ReplyFlags::empty() };
-                    let mut out = self.chunk(&slot, flags, ChunkType::OffsetData, 8 + slot.length as usize);
+                    let flags = if data_last {
+                        ReplyFlags::DONE
+                    } else {
+                        ReplyFlags::empty()
+                    };
+                    let mut out = self.chunk(
+                        &slot,
+                        flags,
+                        ChunkType::OffsetData,
+                        8 + slot.length as usize,
+                    );
                     out.head += encode_u64(&mut self.scratch[out.head..], slot.offset);
                     out
                 } else {
                     self.simple(&slot, None)
                 };
-                out.payload = Some(Payload::Data { id, offset: slot.offset, length: slot.length });
+                out.payload = Some(Payload::Data {
+                    id,
+                    offset: slot.offset,
+                    length: slot.length,
+                });
                 out
             }
             Reply::Zeroes if structured => {
@@ -110,12 +151,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             }
             Reply::Zeroes => {
                 let mut out = self.simple(&slot, None);
-                out.payload = Some(Payload::Zeroes { length: slot.length });
+                out.payload = Some(Payload::Zeroes {
+                    length: slot.length,
+                });
                 out
             }
             Reply::BlockStatus { bytes, count } => {
-                let (chunk_type, prefix) =
-                    if self.extended() { (ChunkType::BlockStatusExt, 8) } else { (ChunkType::BlockStatus, 4) };
+                let (chunk_type, prefix) = if self.extended() {
+                    (ChunkType::BlockStatusExt, 8)
+                } else {
+                    (ChunkType::BlockStatus, 4)
+                };
                 let mut out = self.chunk(&slot, ReplyFlags::DONE, chunk_type, prefix + bytes);
                 out.head += encode_u32(&mut self.scratch[out.head..], BASE_ALLOCATION_ID);
                 if self.extended() {
@@ -154,14 +200,29 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// A simple reply (16 bytes).
     fn simple(&mut self, slot: &Slot, error: Option<ErrorCode>) -> Out {
-        let reply = SimpleReply { error: error.map_or(0, ErrorCode::to_wire), cookie: slot.cookie };
+        let reply = SimpleReply {
+            error: error.map_or(0, ErrorCode::to_wire),
+            cookie: slot.cookie,
+        };
         self.head(|out| reply.encode(out))
     }
 
     /// A structured or extended chunk header for `payload` bytes.
-    fn chunk(&mut self, slot: &Slot, flags: ReplyFlags, chunk_type: ChunkType, payload: usize) -> Out {
+    fn chunk(
+        &mut self,
+        slot: &Slot,
+        flags: ReplyFlags,
+        chunk_type: ChunkType,
+        payload: usize,
+    ) -> Out {
         let style = self.header_style();
-        let header = ChunkHeader { flags, chunk_type, cookie: slot.cookie, offset: slot.offset, length: payload as u64 };
+        let header = ChunkHeader {
+            flags,
+            chunk_type,
+            cookie: slot.cookie,
+            offset: slot.offset,
+            length: payload as u64,
+        };
         debug_assert!(style == HeaderStyle::Extended || payload <= u32::MAX as usize);
         self.head(|out| header.encode(style, out))
     }

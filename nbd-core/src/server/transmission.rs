@@ -8,8 +8,8 @@ use super::negotiation::BASE_ALLOCATION_ID;
 use super::{CompletionError, Event, ProtocolError, Request};
 use crate::export::Catalog;
 use crate::wire::{
-    BlockSizeConstraints, Command, CommandFlags, Descriptor, ErrorCode, ExtDescriptor, HeaderStyle, ListItem,
-    RequestHeader, TransmissionFlags,
+    BlockSizeConstraints, Command, CommandFlags, Descriptor, ErrorCode, ExtDescriptor, HeaderStyle,
+    ListItem, RequestHeader, TransmissionFlags,
 };
 
 /// Most context ids accepted in a block-status payload.
@@ -44,11 +44,17 @@ pub(super) enum ReceiveMode {
     /// Read and dropped (a rejected or failed request).
     Discard,
     /// A block-status payload: effect length, then context ids.
-    StatusPayload { effect_length: Option<u64>, bad_id: bool },
+    StatusPayload {
+        effect_length: Option<u64>,
+        bad_id: bool,
+    },
 }
 
 impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
-    pub(super) fn process_transmission<'a>(&mut self, input: &'a [u8]) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+    pub(super) fn process_transmission<'a>(
+        &mut self,
+        input: &'a [u8],
+    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
         if self.receiving.is_some() {
             return Ok(self.receive_payload(input));
         }
@@ -56,15 +62,23 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             // The client must send nothing after NBD_CMD_DISC; drop it.
             return Ok((input.len(), None));
         }
-        if input.is_empty() || self.resize_barrier.is_some() || self.inflight.is_full(self.config.max_in_flight) {
+        if input.is_empty()
+            || self.resize_barrier.is_some()
+            || self.inflight.is_full(self.config.max_in_flight)
+        {
             return Ok((0, None));
         }
         let style = self.header_style();
         let (used, header) = match self.header.fill(input, RequestHeader::encoded_len(style)) {
-            (used, Some(bytes)) => (used, Some(RequestHeader::parse(bytes, style).map(|(_, h)| h))),
+            (used, Some(bytes)) => (
+                used,
+                Some(RequestHeader::parse(bytes, style).map(|(_, h)| h)),
+            ),
             (used, None) => (used, None),
         };
-        let Some(header) = header else { return Ok((used, None)) };
+        let Some(header) = header else {
+            return Ok((used, None));
+        };
         let header = header.map_err(|e| {
             warn!("bad request magic: closing");
             framing_error(e)
@@ -73,31 +87,64 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     fn handle_request(&mut self, header: RequestHeader) -> Result<Option<Request>, ProtocolError> {
-        let Some(export) = self.export else { return Err(ProtocolError::Closed) };
-        let RequestHeader { flags, command, cookie, offset, length } = header;
+        let Some(export) = self.export else {
+            return Err(ProtocolError::Closed);
+        };
+        let RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        } = header;
         debug!(
             "request {:?} flags {:?} cookie {:#x} offset {} length {}",
             command, flags, cookie, offset, length
         );
         if command == Command::Disconnect {
-            info!("client sent NBD_CMD_DISC: finishing {} requests in flight", self.inflight.len());
+            info!(
+                "client sent NBD_CMD_DISC: finishing {} requests in flight",
+                self.inflight.len()
+            );
             self.draining = true;
             return Ok(None);
         }
         let extended = self.header_style() == HeaderStyle::Extended;
-        let payload = if command == Command::Write || (extended && flags.contains(CommandFlags::PAYLOAD_LEN)) {
+        let payload = if command == Command::Write
+            || (extended && flags.contains(CommandFlags::PAYLOAD_LEN))
+        {
             length
         } else {
             0
         };
         let status_payload = command == Command::BlockStatus && payload > 0;
         let effect_length = if status_payload { 0 } else { length };
-        let new = NewRequest { command, flags, cookie, offset, length: effect_length };
-        let id = self.inflight.insert(new, SlotState::Issued).ok_or(ProtocolError::TooManyRequests)?;
+        let new = NewRequest {
+            command,
+            flags,
+            cookie,
+            offset,
+            length: effect_length,
+        };
+        let id = self
+            .inflight
+            .insert(new, SlotState::Issued)
+            .ok_or(ProtocolError::TooManyRequests)?;
         let verdict = self.validate(&export, command, flags, offset, effect_length, payload);
         if let Err((error, reason)) = verdict {
-            warn!("request {:?} cookie {:#x} refused: {} ({})", command, cookie, error, reason.message());
-            self.inflight.queue_reply(id, Reply::Done { error: Some((error, reason)) });
+            warn!(
+                "request {:?} cookie {:#x} refused: {} ({})",
+                command,
+                cookie,
+                error,
+                reason.message()
+            );
+            self.inflight.queue_reply(
+                id,
+                Reply::Done {
+                    error: Some((error, reason)),
+                },
+            );
             self.discard_payload(id, offset, payload)?;
             return Ok(None);
         }
@@ -111,8 +158,18 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         Ok(match command {
             Command::Read => Some(Request::Read { id, offset, length }),
             Command::Write => {
-                self.receiving = Some(Receiving { id, offset, remaining: length, mode: ReceiveMode::Store });
-                Some(Request::Write { id, offset, length, fua })
+                self.receiving = Some(Receiving {
+                    id,
+                    offset,
+                    remaining: length,
+                    mode: ReceiveMode::Store,
+                });
+                Some(Request::Write {
+                    id,
+                    offset,
+                    length,
+                    fua,
+                })
             }
             Command::Flush => {
                 let sequence = self.inflight.get(id).map_or(0, |s| s.sequence);
@@ -123,7 +180,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     Some(Request::Flush { id })
                 }
             }
-            Command::Trim => Some(Request::Trim { id, offset, length, fua }),
+            Command::Trim => Some(Request::Trim {
+                id,
+                offset,
+                length,
+                fua,
+            }),
             Command::Cache => Some(Request::Cache { id, offset, length }),
             Command::WriteZeroes => Some(Request::WriteZeroes {
                 id,
@@ -134,13 +196,24 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 fast: flags.contains(CommandFlags::FAST_ZERO),
             }),
             Command::BlockStatus if status_payload => {
-                let mode = ReceiveMode::StatusPayload { effect_length: None, bad_id: false };
-                self.receiving = Some(Receiving { id, offset, remaining: payload, mode });
+                let mode = ReceiveMode::StatusPayload {
+                    effect_length: None,
+                    bad_id: false,
+                };
+                self.receiving = Some(Receiving {
+                    id,
+                    offset,
+                    remaining: payload,
+                    mode,
+                });
                 None
             }
-            Command::BlockStatus => {
-                Some(Request::BlockStatus { id, offset, length, req_one: flags.contains(CommandFlags::REQ_ONE) })
-            }
+            Command::BlockStatus => Some(Request::BlockStatus {
+                id,
+                offset,
+                length,
+                req_one: flags.contains(CommandFlags::REQ_ONE),
+            }),
             Command::Resize => {
                 self.resize_barrier = Some(id);
                 if self.inflight.others_in_flight(id) {
@@ -162,15 +235,28 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     /// Reads and drops a rejected request's payload so the stream stays in sync.
-    fn discard_payload(&mut self, id: RequestId, offset: u64, payload: u64) -> Result<(), ProtocolError> {
+    fn discard_payload(
+        &mut self,
+        id: RequestId,
+        offset: u64,
+        payload: u64,
+    ) -> Result<(), ProtocolError> {
         if payload == 0 {
             return Ok(());
         }
         if payload > self.config.max_discard {
-            warn!("rejected request carries {} bytes of payload: closing", payload);
+            warn!(
+                "rejected request carries {} bytes of payload: closing",
+                payload
+            );
             return Err(ProtocolError::PayloadTooLong { length: payload });
         }
-        self.receiving = Some(Receiving { id, offset, remaining: payload, mode: ReceiveMode::Discard });
+        self.receiving = Some(Receiving {
+            id,
+            offset,
+            remaining: payload,
+            mode: ReceiveMode::Discard,
+        });
         Ok(())
     }
 
@@ -202,14 +288,18 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             Command::Unknown(_) => return Err((Invalid, Reason::UnknownCommand)),
             _ => CommandFlags::empty(),
         };
-        let allowed = command_flags.with_if(CommandFlags::FUA, advertised(TransmissionFlags::SEND_FUA));
+        let allowed =
+            command_flags.with_if(CommandFlags::FUA, advertised(TransmissionFlags::SEND_FUA));
         if flags.without(allowed) != CommandFlags::empty() {
             return Err((Invalid, Reason::BadFlags));
         }
         if self.shutting_down {
             return Err((Shutdown, Reason::ShuttingDown));
         }
-        let changes_data = matches!(command, Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize);
+        let changes_data = matches!(
+            command,
+            Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize
+        );
         if changes_data && export.read_only {
             return Err((Perm, Reason::ReadOnly));
         }
@@ -225,18 +315,28 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return Err((Invalid, Reason::NotAdvertised));
         }
         match command {
-            Command::Flush if offset != 0 || length != 0 => return Err((Invalid, Reason::NonZeroFlushRange)),
+            Command::Flush if offset != 0 || length != 0 => {
+                return Err((Invalid, Reason::NonZeroFlushRange));
+            }
             Command::Flush | Command::Resize => return Ok(()),
-            Command::BlockStatus if !export.meta_selected => return Err((Invalid, Reason::NoMetaContext)),
+            Command::BlockStatus if !export.meta_selected => {
+                return Err((Invalid, Reason::NoMetaContext));
+            }
             Command::BlockStatus if payload > 0 && !valid_status_payload(payload) => {
                 return Err((Invalid, Reason::BadPayload));
             }
-            Command::BlockStatus if payload == 0 && length == 0 => return Err((Invalid, Reason::OutOfRange)),
+            Command::BlockStatus if payload == 0 && length == 0 => {
+                return Err((Invalid, Reason::OutOfRange));
+            }
             _ => {}
         }
         let end = offset.checked_add(length).filter(|&end| end <= export.size);
         if end.is_none() {
-            let error = if matches!(command, Command::Write | Command::WriteZeroes) { NoSpace } else { Invalid };
+            let error = if matches!(command, Command::Write | Command::WriteZeroes) {
+                NoSpace
+            } else {
+                Invalid
+            };
             return Err((error, Reason::OutOfRange));
         }
         let minimum = u64::from(export.block_sizes.minimum);
@@ -257,7 +357,9 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// Takes payload bytes of the request being received.
     fn receive_payload<'a>(&mut self, input: &'a [u8]) -> (usize, Option<Event<'a>>) {
-        let Some(mut receiving) = self.receiving else { return (0, None) };
+        let Some(mut receiving) = self.receiving else {
+            return (0, None);
+        };
         if let ReceiveMode::StatusPayload { .. } = receiving.mode {
             return self.receive_status_payload(input);
         }
@@ -280,7 +382,15 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         match receiving.mode {
             ReceiveMode::Store => {
                 let remaining = receiving.remaining;
-                (take, Some(Event::WriteData { id, offset, data: &input[..take], remaining }))
+                (
+                    take,
+                    Some(Event::WriteData {
+                        id,
+                        offset,
+                        data: &input[..take],
+                        remaining,
+                    }),
+                )
             }
             _ => (take, None),
         }
@@ -289,13 +399,22 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// Reads a block-status payload (effect length, then the context ids
     /// wanted) and issues or refuses the request once it is whole.
     fn receive_status_payload<'a>(&mut self, input: &'a [u8]) -> (usize, Option<Event<'a>>) {
-        let Some(mut receiving) = self.receiving else { return (0, None) };
-        let ReceiveMode::StatusPayload { mut effect_length, mut bad_id } = receiving.mode else {
+        let Some(mut receiving) = self.receiving else {
+            return (0, None);
+        };
+        let ReceiveMode::StatusPayload {
+            mut effect_length,
+            mut bad_id,
+        } = receiving.mode
+        else {
             return (0, None);
         };
         let need = if effect_length.is_none() { 8 } else { 4 };
         let (used, field) = match self.header.fill(input, need) {
-            (used, Some(bytes)) => (used, Some(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))),
+            (used, Some(bytes)) => (
+                used,
+                Some(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))),
+            ),
             (used, None) => (used, None),
         };
         receiving.remaining -= used as u64;
@@ -304,7 +423,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             (Some(value), Some(_)) => bad_id |= value != u64::from(BASE_ALLOCATION_ID),
             (None, _) => {}
         }
-        receiving.mode = ReceiveMode::StatusPayload { effect_length, bad_id };
+        receiving.mode = ReceiveMode::StatusPayload {
+            effect_length,
+            bad_id,
+        };
         if receiving.remaining > 0 {
             self.receiving = Some(receiving);
             return (used, None);
@@ -312,24 +434,52 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.receiving = None;
         let id = receiving.id;
         let length = effect_length.unwrap_or(0);
-        let Some(slot) = self.inflight.get_mut(id) else { return (used, None) };
+        let Some(slot) = self.inflight.get_mut(id) else {
+            return (used, None);
+        };
         slot.length = length;
         let slot = *slot;
-        let in_range = self
-            .export
-            .is_some_and(|e| length > 0 && slot.offset.checked_add(length).is_some_and(|end| end <= e.size));
+        let in_range = self.export.is_some_and(|e| {
+            length > 0
+                && slot
+                    .offset
+                    .checked_add(length)
+                    .is_some_and(|end| end <= e.size)
+        });
         if bad_id || !in_range {
-            let reason = if bad_id { Reason::BadPayload } else { Reason::OutOfRange };
-            self.inflight.queue_reply(id, Reply::Done { error: Some((ErrorCode::Invalid, reason)) });
+            let reason = if bad_id {
+                Reason::BadPayload
+            } else {
+                Reason::OutOfRange
+            };
+            self.inflight.queue_reply(
+                id,
+                Reply::Done {
+                    error: Some((ErrorCode::Invalid, reason)),
+                },
+            );
             return (used, None);
         }
         let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
-        (used, Some(Event::Request(Request::BlockStatus { id, offset: slot.offset, length, req_one })))
+        (
+            used,
+            Some(Event::Request(Request::BlockStatus {
+                id,
+                offset: slot.offset,
+                length,
+                req_one,
+            })),
+        )
     }
 
     /// Encodes the extents of a block-status reply into the buffer FIFO;
     /// returns the bytes and count kept.
-    pub(super) fn encode_extents(&mut self, slot: &Slot, size: u64, extents: &[ExtDescriptor]) -> Result<(usize, u32), CompletionError> {
+    pub(super) fn encode_extents(
+        &mut self,
+        slot: &Slot,
+        size: u64,
+        extents: &[ExtDescriptor],
+    ) -> Result<(usize, u32), CompletionError> {
         let extended = self.header_style() == HeaderStyle::Extended;
         let item_len = if extended { 16 } else { 8 };
         if self.buffer_start == self.buffer_end {
@@ -337,7 +487,8 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             self.buffer_end = 0;
         }
         if BUFFER - self.buffer_end < item_len && self.buffer_start > 0 {
-            self.buffer.copy_within(self.buffer_start..self.buffer_end, 0);
+            self.buffer
+                .copy_within(self.buffer_start..self.buffer_end, 0);
             self.buffer_end -= self.buffer_start;
             self.buffer_start = 0;
         }
@@ -348,12 +499,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
         let minimum = self.export.map_or(1, |e| u64::from(e.block_sizes.minimum));
         // Compact descriptors hold 32-bit lengths: keep them block-aligned.
-        let longest = if extended { u64::MAX } else { u64::from(u32::MAX) / minimum * minimum };
+        let longest = if extended {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX) / minimum * minimum
+        };
         let available = size.saturating_sub(slot.offset);
         let mut covered = 0u64;
         let mut count = 0usize;
         for extent in extents {
-            if count == room || covered >= slot.length || covered >= available || extent.length == 0 {
+            if count == room || covered >= slot.length || covered >= available || extent.length == 0
+            {
                 break;
             }
             let mut length = extent.length.min(longest).min(available - covered);
@@ -363,10 +519,18 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             let at = self.buffer_end + count * item_len;
             let out = &mut self.buffer[at..at + item_len];
             if extended {
-                ExtDescriptor { length, status: extent.status }.encode_into(out);
+                ExtDescriptor {
+                    length,
+                    status: extent.status,
+                }
+                .encode_into(out);
             } else {
                 // base:allocation defines 32-bit status flags.
-                Descriptor { length: length as u32, status: extent.status as u32 }.encode_into(out);
+                Descriptor {
+                    length: length as u32,
+                    status: extent.status as u32,
+                }
+                .encode_into(out);
             }
             covered += length;
             count += 1;
