@@ -97,7 +97,10 @@ impl core::fmt::Display for ExportError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::BadMinimumBlockSize(v) => {
-                write!(f, "minimum block size {v} must be a power of two no larger than 65536")
+                write!(
+                    f,
+                    "minimum block size {v} must be a power of two no larger than 65536"
+                )
             }
             Self::BadPreferredBlockSize(v) => write!(
                 f,
@@ -107,7 +110,9 @@ impl core::fmt::Display for ExportError {
                 f,
                 "maximum block size {v} must be a multiple of the minimum and at least the preferred size"
             ),
-            Self::StringTooLong => f.write_str("export name or description is longer than 4096 bytes"),
+            Self::StringTooLong => {
+                f.write_str("export name or description is longer than 4096 bytes")
+            }
         }
     }
 }
@@ -119,8 +124,15 @@ impl std::error::Error for ExportError {}
 /// constraints"): minimum a power of two ≤ 64 KiB; preferred a power of two
 /// ≥ max(minimum, 512); maximum a multiple of the minimum (or 0xffffffff)
 /// and ≥ min(preferred, export size).
-pub fn validate_block_sizes(sizes: BlockSizeConstraints, export_size: u64) -> Result<(), ExportError> {
-    let BlockSizeConstraints { minimum, preferred, maximum } = sizes;
+pub fn validate_block_sizes(
+    sizes: BlockSizeConstraints,
+    export_size: u64,
+) -> Result<(), ExportError> {
+    let BlockSizeConstraints {
+        minimum,
+        preferred,
+        maximum,
+    } = sizes;
     if !minimum.is_power_of_two() || minimum > MAX_MINIMUM_BLOCK_SIZE {
         return Err(ExportError::BadMinimumBlockSize(minimum));
     }
@@ -219,7 +231,10 @@ impl<'a> Export<'a> {
             .with_if(TransmissionFlags::ROTATIONAL, caps.rotational)
             .with_if(TransmissionFlags::SEND_TRIM, caps.trim && writable)
             .with_if(TransmissionFlags::SEND_WRITE_ZEROES, write_zeroes)
-            .with_if(TransmissionFlags::SEND_FAST_ZERO, write_zeroes && caps.fast_zero)
+            .with_if(
+                TransmissionFlags::SEND_FAST_ZERO,
+                write_zeroes && caps.fast_zero,
+            )
             .with_if(TransmissionFlags::SEND_DF, features.structured_replies)
             .with_if(TransmissionFlags::CAN_MULTI_CONN, caps.multi_conn)
             .with_if(TransmissionFlags::SEND_RESIZE, caps.resize && writable)
@@ -333,20 +348,53 @@ mod tests {
 
     #[test]
     fn block_size_rules() {
-        let ok = BlockSizeConstraints { minimum: 512, preferred: 4096, maximum: 1 << 20 };
+        let ok = BlockSizeConstraints {
+            minimum: 512,
+            preferred: 4096,
+            maximum: 1 << 20,
+        };
         assert_eq!(validate_block_sizes(ok, 1 << 30), Ok(()));
         let bad_min = BlockSizeConstraints { minimum: 3, ..ok };
-        assert_eq!(validate_block_sizes(bad_min, 1 << 30), Err(ExportError::BadMinimumBlockSize(3)));
-        let too_big_min = BlockSizeConstraints { minimum: 1 << 17, preferred: 1 << 17, maximum: 1 << 20 };
-        assert!(matches!(validate_block_sizes(too_big_min, 1 << 30), Err(ExportError::BadMinimumBlockSize(_))));
-        let small_pref = BlockSizeConstraints { preferred: 256, ..ok };
-        assert_eq!(validate_block_sizes(small_pref, 1 << 30), Err(ExportError::BadPreferredBlockSize(256)));
-        let odd_max = BlockSizeConstraints { maximum: 4097 * 512 + 1, ..ok };
-        assert!(matches!(validate_block_sizes(odd_max, 1 << 30), Err(ExportError::BadMaximumBlockSize(_))));
-        let unlimited = BlockSizeConstraints { maximum: u32::MAX, ..ok };
+        assert_eq!(
+            validate_block_sizes(bad_min, 1 << 30),
+            Err(ExportError::BadMinimumBlockSize(3))
+        );
+        let too_big_min = BlockSizeConstraints {
+            minimum: 1 << 17,
+            preferred: 1 << 17,
+            maximum: 1 << 20,
+        };
+        assert!(matches!(
+            validate_block_sizes(too_big_min, 1 << 30),
+            Err(ExportError::BadMinimumBlockSize(_))
+        ));
+        let small_pref = BlockSizeConstraints {
+            preferred: 256,
+            ..ok
+        };
+        assert_eq!(
+            validate_block_sizes(small_pref, 1 << 30),
+            Err(ExportError::BadPreferredBlockSize(256))
+        );
+        let odd_max = BlockSizeConstraints {
+            maximum: 4097 * 512 + 1,
+            ..ok
+        };
+        assert!(matches!(
+            validate_block_sizes(odd_max, 1 << 30),
+            Err(ExportError::BadMaximumBlockSize(_))
+        ));
+        let unlimited = BlockSizeConstraints {
+            maximum: u32::MAX,
+            ..ok
+        };
         assert_eq!(validate_block_sizes(unlimited, 1 << 30), Ok(()));
         // A tiny export may advertise a maximum below the preferred size.
-        let tiny = BlockSizeConstraints { minimum: 1, preferred: 4096, maximum: 1024 };
+        let tiny = BlockSizeConstraints {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 1024,
+        };
         assert_eq!(validate_block_sizes(tiny, 1024), Ok(()));
     }
 
@@ -357,10 +405,17 @@ mod tests {
         assert!(compact.contains(TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_FLUSH));
         assert!(!compact.contains(TransmissionFlags::SEND_DF));
         assert!(!compact.contains(TransmissionFlags::BLOCK_STATUS_PAYLOAD));
-        let extended = export.transmission_flags(Features { structured_replies: true, extended_headers: true });
-        assert!(extended.contains(TransmissionFlags::SEND_DF | TransmissionFlags::BLOCK_STATUS_PAYLOAD));
+        let extended = export.transmission_flags(Features {
+            structured_replies: true,
+            extended_headers: true,
+        });
+        assert!(
+            extended.contains(TransmissionFlags::SEND_DF | TransmissionFlags::BLOCK_STATUS_PAYLOAD)
+        );
 
-        let read_only = export.with_read_only(true).transmission_flags(Features::default());
+        let read_only = export
+            .with_read_only(true)
+            .transmission_flags(Features::default());
         assert!(read_only.contains(TransmissionFlags::READ_ONLY));
         assert!(!read_only.intersects(
             TransmissionFlags::SEND_TRIM

@@ -1,8 +1,18 @@
 //! Big-endian field readers and writers shared by the message parsers and
 //! encoders. Neither panics: every access is length-checked and a short
 //! input or output becomes a [`WireError`].
+//!
+//! Fields are read with `nom`'s streaming parsers; the reader adds what nom
+//! cannot know: how long the whole message is, so `Incomplete` says how
+//! many bytes the message still needs, and whether running out means "wait
+//! for more" (a stream) or "malformed" (a payload whose length is fixed).
+
+use nom::Parser;
+use nom::number::streaming::{be_u16, be_u32, be_u64};
 
 use super::WireError;
+
+type NomResult<'a, T> = nom::IResult<&'a [u8], T, nom::error::Error<&'a [u8]>>;
 
 /// Reads fields from the front of a byte slice.
 ///
@@ -41,7 +51,6 @@ impl<'a> Reader<'a> {
         }
     }
 
-
     /// The error for a read of `len` bytes that does not fit.
     fn short(&self, len: usize) -> WireError {
         if self.streaming {
@@ -57,17 +66,25 @@ impl<'a> Reader<'a> {
         }
     }
 
-
-
+    /// Runs a nom parser for a field of `len` bytes.
+    fn field<T>(
+        &mut self,
+        len: usize,
+        parser: impl FnOnce(&'a [u8]) -> NomResult<'a, T>,
+    ) -> Result<T, WireError> {
+        match parser(self.bytes) {
+            Ok((rest, value)) => {
+                self.consumed = self.consumed.saturating_add(self.bytes.len() - rest.len());
+                self.bytes = rest;
+                Ok(value)
+            }
+            Err(_) => Err(self.short(len)),
+        }
+    }
 
     /// Reads `len` bytes.
     pub(super) fn take(&mut self, len: usize) -> Result<&'a [u8], WireError> {
-        let Some((head, rest)) = self.bytes.split_at_checked(len) else {
-            return Err(self.short(len));
-        };
-        self.bytes = rest;
-        self.consumed = self.consumed.saturating_add(len);
-        Ok(head)
+        self.field(len, |input| nom::bytes::streaming::take(len).parse(input))
     }
 
     /// Reads a length given by a wire field; a length that does not fit
@@ -79,25 +96,16 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
-        let Some((head, rest)) = self.bytes.split_first_chunk::<N>() else {
-            return Err(self.short(N));
-        };
-        self.bytes = rest;
-        self.consumed = self.consumed.saturating_add(N);
-        Ok(*head)
-    }
-
     pub(super) fn u16(&mut self) -> Result<u16, WireError> {
-        self.array().map(u16::from_be_bytes)
+        self.field(2, be_u16)
     }
 
     pub(super) fn u32(&mut self) -> Result<u32, WireError> {
-        self.array().map(u32::from_be_bytes)
+        self.field(4, be_u32)
     }
 
     pub(super) fn u64(&mut self) -> Result<u64, WireError> {
-        self.array().map(u64::from_be_bytes)
+        self.field(8, be_u64)
     }
 
     /// Reads a 64-bit magic number and checks it.

@@ -332,17 +332,19 @@ impl<const R: usize, const B: usize> Driver<R, B> {
     fn on_event(&mut self, event: Event<'_>) {
         match event {
             Event::Request(request) => {
+                // RESIZE changes the size the server validates against.
+                let size = self.conn.export_size().unwrap_or(0);
                 match request {
                     Request::Read { offset, length, .. }
                     | Request::Write { offset, length, .. }
                     | Request::Cache { offset, length, .. }
                     | Request::WriteZeroes { offset, length, .. } => {
                         assert!(
-                            length > 0 && offset + length <= EXPORT_SIZE,
+                            length > 0 && offset + length <= size,
                             "unvalidated range in {request:?}"
                         );
                     }
-                    Request::Trim { offset, length, .. } => assert!(offset + length <= EXPORT_SIZE),
+                    Request::Trim { offset, length, .. } => assert!(offset + length <= size),
                     _ => {}
                 }
                 self.held.push(request);
