@@ -280,17 +280,17 @@ impl<const R: usize, const B: usize> Driver<R, B> {
         if command == Command::Disconnect {
             self.ending = true;
         }
-        if !self.ending || command == Command::Disconnect {
-            self.sent.insert(
-                cookie,
-                Sent {
-                    offset,
-                    length,
-                    command,
-                    finished: false,
-                },
-            );
-        }
+        // Requests after a DISC are never read; after a shutdown they get
+        // ESHUTDOWN. Either way their cookies were sent.
+        self.sent.insert(
+            cookie,
+            Sent {
+                offset,
+                length,
+                command,
+                finished: false,
+            },
+        );
     }
 
     /// Feeds up to `n` stream bytes, handling every event.
