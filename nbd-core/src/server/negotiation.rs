@@ -191,6 +191,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let tls_missing = self.config.tls == TlsPolicy::Required && !self.tls_active;
         let refusal = match code {
             OptionCode::ExportName if tls_missing => return Err(ProtocolError::TlsRequired),
+            // No error reply exists for EXPORT_NAME: a name that cannot be
+            // buffered names no export this connection can serve.
+            OptionCode::ExportName if length as usize > BUFFER => {
+                return Err(ProtocolError::UnknownExport);
+            }
             OptionCode::StartTls | OptionCode::Abort => None,
             _ if tls_missing => Some(Refusal::Reply {
                 reply_type: OptionReplyType::ErrTlsRequired,
