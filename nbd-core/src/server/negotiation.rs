@@ -259,6 +259,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     fn refuse(&mut self, code: OptionCode, refusal: Refusal) {
+        if code == OptionCode::SetMetaContext {
+            // Spec: the selection is replaced even when the option fails.
+            self.meta_export = None;
+        }
         self.output = match refusal {
             Refusal::Reply {
                 reply_type,
