@@ -352,6 +352,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         if capped && length > u64::from(export.block_sizes.maximum) {
             return Err((Invalid, Reason::TooLarge));
         }
+        // A structured chunk's 32-bit length holds the 8-byte offset and
+        // the data; the core sends a read as one chunk.
+        let compact_chunk = self.features.structured_replies && !extended;
+        if command == Command::Read && compact_chunk && length > u64::from(u32::MAX - 8) {
+            return Err((ErrorCode::Overflow, Reason::TooLongForOneChunk));
+        }
         Ok(())
     }
 
