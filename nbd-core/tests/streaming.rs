@@ -1,0 +1,253 @@
+//! The core is sans-IO: input may arrive cut anywhere. Whole conversations
+//! are fed in one piece, cut in two at every byte boundary, byte by byte
+//! and in random small pieces; the server must send the same bytes, ask
+//! storage for the same things and leave storage the same every time.
+
+mod common;
+
+use common::*;
+use nbd_core::export::{Capabilities, Export};
+use nbd_core::server::{CloseReason, Config, Request};
+use nbd_core::wire::{Command, CommandFlags, HeaderStyle, InfoType, OptionCode};
+
+type H = Harness;
+
+fn small_export() -> Export<'static> {
+    Export::new("small", 64 * 1024)
+        .with_description("64 KiB")
+        .with_capabilities(Capabilities {
+            rotational: false,
+            ..Capabilities::ALL
+        })
+}
+
+/// What a run produced: bytes sent, requests made (ids left out), bytes
+/// handed out as write data, final storage.
+type Outcome = (Vec<u8>, Vec<Request>, Vec<u8>, Vec<Vec<u8>>);
+
+fn outcome(h: &mut H, mut sent: Vec<u8>) -> Outcome {
+    sent.extend(h.received());
+    let requests = h
+        .events
+        .iter()
+        .filter_map(Ev::request)
+        .map(anonymous)
+        .collect();
+    let written = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Ev::WriteData { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        h.events.last(),
+        Some(&Ev::Close(CloseReason::Disconnect)),
+        "session did not end"
+    );
+    assert_eq!(h.pending_input(), 0);
+    (sent, requests, written, h.storage.clone())
+}
+
+/// Runs `conversation` against a fresh connection made by `connect`, fed by
+/// `feed`.
+fn run(connect: &dyn Fn() -> H, conversation: &[u8], feed: &dyn Fn(&mut H, &[u8])) -> Outcome {
+    let mut h = connect();
+    let sent = h.received();
+    feed(&mut h, conversation);
+    outcome(&mut h, sent)
+}
+
+fn check_all_splits(connect: &dyn Fn() -> H, conversation: &[u8]) {
+    let whole = run(connect, conversation, &|h, bytes| h.send(bytes));
+    for at in 0..=conversation.len() {
+        let split = run(connect, conversation, &|h, bytes| {
+            h.send(&bytes[..at]);
+            h.send(&bytes[at..]);
+        });
+        assert!(split == whole, "different outcome when cut at byte {at}");
+    }
+    let bytewise = run(connect, conversation, &|h, bytes| h.send_bytewise(bytes));
+    assert!(bytewise == whole, "different outcome byte by byte");
+    for seed in 1..=16 {
+        let pieces = run(connect, conversation, &|h, bytes| {
+            h.send_in_pieces(bytes, seed, 33)
+        });
+        assert!(pieces == whole, "different outcome in pieces, seed {seed}");
+    }
+}
+
+/// Requests exercising every path of the transmission input: headers,
+/// write payloads, discarded payloads, refusals, block status.
+fn transmission_requests(style: HeaderStyle) -> Vec<u8> {
+    let payload: Vec<u8> = (0..700u32).map(|i| (i % 241) as u8).collect();
+    let mut bytes = write_request(style, CommandFlags::FUA, 1, 1000, &payload);
+    bytes.extend(request(
+        style,
+        Command::Read,
+        CommandFlags::empty(),
+        2,
+        900,
+        900,
+    ));
+    bytes.extend(request(
+        style,
+        Command::BlockStatus,
+        CommandFlags::empty(),
+        3,
+        0,
+        4096,
+    ));
+    bytes.extend(request(
+        style,
+        Command::Trim,
+        CommandFlags::empty(),
+        4,
+        8192,
+        4096,
+    ));
+    // Refused: past the end, its payload must be skipped.
+    bytes.extend(write_request(
+        style,
+        CommandFlags::empty(),
+        5,
+        65000,
+        &payload[..600],
+    ));
+    bytes.extend(request(
+        style,
+        Command::Unknown(99),
+        CommandFlags::empty(),
+        6,
+        0,
+        0,
+    ));
+    bytes.extend(request(
+        style,
+        Command::Flush,
+        CommandFlags::empty(),
+        7,
+        0,
+        0,
+    ));
+    bytes.extend(request(
+        style,
+        Command::WriteZeroes,
+        CommandFlags::NO_HOLE,
+        8,
+        0,
+        512,
+    ));
+    bytes.extend(request(style, Command::Read, CommandFlags::DF, 9, 0, 2048));
+    bytes.extend(request(
+        style,
+        Command::Disconnect,
+        CommandFlags::empty(),
+        10,
+        0,
+        0,
+    ));
+    bytes
+}
+
+#[test]
+fn simple_replies_at_every_split() {
+    let connect = || H::transmission(vec![small_export()], Config::default(), false);
+    check_all_splits(&connect, &transmission_requests(HeaderStyle::Compact));
+}
+
+#[test]
+fn structured_replies_at_every_split() {
+    let connect = || H::transmission(vec![small_export()], Config::default(), true);
+    let conversation = transmission_requests(HeaderStyle::Compact);
+    let whole = run(&connect, &conversation, &|h, bytes| h.send(bytes));
+    // Sanity: ten requests, nine replies (none to DISC), writes stored.
+    let got = replies(&whole.0, &[]);
+    let finals: Vec<_> = got
+        .iter()
+        .filter(|r| r.is_final())
+        .map(Reply::cookie)
+        .collect();
+    assert_eq!(finals, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    check_all_splits(&connect, &conversation);
+}
+
+#[test]
+fn extended_headers_at_every_split() {
+    let connect = || H::extended(vec![small_export()], Config::default());
+    let mut conversation = transmission_requests(HeaderStyle::Extended);
+    // A block status with a payload, before the final DISC.
+    let disc = conversation.split_off(conversation.len() - 32);
+    conversation.extend(request(
+        HeaderStyle::Extended,
+        Command::BlockStatus,
+        CommandFlags::PAYLOAD_LEN,
+        11,
+        512,
+        12,
+    ));
+    conversation.extend(1024u64.to_be_bytes());
+    conversation.extend(1u32.to_be_bytes());
+    conversation.extend(disc);
+    check_all_splits(&connect, &conversation);
+}
+
+#[test]
+fn negotiation_at_every_split() {
+    let exports = || vec![small_export(), Export::new("other", 4096)];
+    let connect = || H::new(exports(), Config::default());
+    let mut conversation = client_flags(MODERN);
+    conversation.extend(option(OptionCode::Unknown(0x4242), &[9; 40]));
+    conversation.extend(option(OptionCode::List, &[]));
+    conversation.extend(info("other", &[InfoType::Name, InfoType::Description]));
+    conversation.extend(go("missing", &[]));
+    conversation.extend(option(OptionCode::StructuredReply, &[]));
+    conversation.extend(list_meta("small", &["base:"]));
+    conversation.extend(set_meta("small", &["base:allocation"]));
+    conversation.extend(go("small", &[InfoType::BlockSize]));
+    conversation.extend(request(
+        HeaderStyle::Compact,
+        Command::BlockStatus,
+        CommandFlags::REQ_ONE,
+        1,
+        0,
+        100,
+    ));
+    conversation.extend(request(
+        HeaderStyle::Compact,
+        Command::Disconnect,
+        CommandFlags::empty(),
+        2,
+        0,
+        0,
+    ));
+    check_all_splits(&connect, &conversation);
+}
+
+#[test]
+fn pipelined_before_the_greeting_is_read() {
+    // A client may send everything before reading a byte; the server
+    // answers in order once its output is taken.
+    let mut h = H::new(vec![small_export()], Config::default());
+    let mut conversation = client_flags(MODERN);
+    conversation.extend(go("small", &[]));
+    conversation.extend(request(
+        HeaderStyle::Compact,
+        Command::Read,
+        CommandFlags::empty(),
+        1,
+        0,
+        16,
+    ));
+    h.send(&conversation);
+    let bytes = h.received();
+    assert_eq!(bytes[..18], GREETING);
+    let rest = &bytes[18..];
+    let info_export_and_block_size = 2 * 20 + 12 + 14;
+    let options = option_replies(&rest[..info_export_and_block_size + 20]);
+    assert_eq!(options.last().map(|r| r.option), Some(OptionCode::Go));
+    let got = replies(&rest[info_export_and_block_size + 20..], &[(1, 16)]);
+    assert_read_data(&got, 1, 0, &h.disk()[..16]);
+}
