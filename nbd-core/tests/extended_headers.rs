@@ -433,3 +433,68 @@ fn extended_conversation_streams_byte_by_byte() {
     assert_read_data(&got[1..2], 2, 0, &whole.disk()[..1000]);
     assert_eq!(&split.disk()[100..800], &data[..]);
 }
+
+#[test]
+fn holes_and_streamed_reads_echo_the_offset() {
+    use nbd_core::server::ReadOutcome;
+    let mut h = extended();
+    h.auto_complete = false;
+    h.request(Command::Read, CommandFlags::empty(), 1, 2048, 1024);
+    let hole = h.take_one_held().id();
+    h.request(Command::Read, CommandFlags::empty(), 2, 8192, 512);
+    let streamed = h.take_one_held().id();
+    h.complete_read(hole, ReadOutcome::Zeroes).expect("hole");
+    h.complete_read(streamed, ReadOutcome::Streamed)
+        .expect("streamed");
+    let got = replies(&h.received(), &[]);
+    assert_eq!(got.len(), 2);
+    assert_extended(&got[0], 1, 2048);
+    assert_eq!(
+        got[0].chunk(),
+        Chunk::OffsetHole {
+            offset: 2048,
+            size: 1024
+        }
+    );
+    assert!(got[0].is_final());
+    assert_extended(&got[1], 2, 8192);
+    assert!(
+        !got[1].is_final(),
+        "a streamed read's data chunk stays open"
+    );
+    assert!(matches!(
+        got[1].chunk(),
+        Chunk::OffsetData { offset: 8192, .. }
+    ));
+    h.conn
+        .finish_streamed_read(streamed, Err((ErrorCode::Io, 8192 + 256)))
+        .expect("finish");
+    let got = replies(&h.received(), &[]);
+    assert_eq!(got.len(), 1);
+    assert_extended(&got[0], 2, 8192);
+    assert!(got[0].is_final());
+    assert_eq!(
+        got[0].chunk(),
+        Chunk::ErrorOffset {
+            error: 5,
+            message: b"",
+            offset: 8192 + 256
+        }
+    );
+}
+
+#[test]
+fn zero_length_requests_get_a_none_chunk() {
+    let mut h = extended();
+    for (cookie, command) in [(1, Command::Read), (2, Command::Trim), (3, Command::Cache)] {
+        h.request(command, CommandFlags::empty(), cookie, 512, 0);
+        let got = replies(&h.received(), &[]);
+        assert_eq!(got.len(), 1, "{command:?}");
+        assert_extended(&got[0], cookie, 512);
+        assert_success(&got[0], cookie);
+    }
+    h.write(CommandFlags::empty(), 4, 1024, &[]);
+    let got = replies(&h.received(), &[]);
+    assert_extended(&got[0], 4, 1024);
+    assert_success(&got[0], 4);
+}
