@@ -464,3 +464,28 @@ fn a_set_meta_context_too_big_to_buffer_clears_the_selection() {
     assert_eq!(got.len(), 1);
     assert_error(&got[0], 1, ErrorCode::Invalid);
 }
+
+#[test]
+fn repeated_queries_give_each_context_once() {
+    let mut h = negotiating();
+    h.structured_replies();
+    h.send(&list_meta(
+        "disk",
+        &["base:allocation", "base:", "base:allocation"],
+    ));
+    assert_eq!(h.received(), base_allocation_then_ack(9, 0));
+    let replies = h.option(&set_meta("", &["base:allocation", "base:allocation"]));
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_eq!(replies[0].reply_type, OptionReplyType::MetaContext);
+    assert_eq!(replies[1].reply_type, OptionReplyType::Ack);
+    // "" names the default export, which is "disk".
+    h.go("disk");
+    h.request(Command::BlockStatus, CommandFlags::empty(), 1, 0, 512);
+    let got = replies_of(&mut h);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].error(), 0);
+}
+
+fn replies_of(h: &mut H) -> Vec<Reply> {
+    replies(&h.received(), &[])
+}

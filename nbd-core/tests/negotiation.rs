@@ -740,3 +740,33 @@ fn unlisted_catalog_without_default_export() {
         Err(ProtocolError::UnknownExport)
     );
 }
+
+#[test]
+fn repeated_info_requests_give_each_info_once() {
+    let mut h = H::new(two_exports(), Config::default());
+    h.start(MODERN);
+    let wanted = [
+        InfoType::Export,
+        InfoType::Name,
+        InfoType::Name,
+        InfoType::BlockSize,
+        InfoType::Export,
+    ];
+    let replies = h.option(&info("disk", &wanted));
+    let types: Vec<_> = replies
+        .iter()
+        .map(|r| match r.parsed() {
+            OptionReply::Info(info) => Some(info.info_type()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            Some(InfoType::Export),
+            Some(InfoType::Name),
+            Some(InfoType::BlockSize),
+            None
+        ]
+    );
+}
