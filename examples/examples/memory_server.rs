@@ -39,10 +39,17 @@ fn main() -> std::io::Result<()> {
 
 fn serve(mut stream: TcpStream, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let size = disk.lock().map_err(|_| std::io::Error::other("poisoned"))?.len() as u64;
+    let size = disk
+        .lock()
+        .map_err(|_| std::io::Error::other("poisoned"))?
+        .len() as u64;
     let exports = [Export::new("memory", size)
         .with_description("RAM disk of the memory_server example")
-        .with_capabilities(Capabilities { resize: false, rotational: false, ..Capabilities::ALL })];
+        .with_capabilities(Capabilities {
+            resize: false,
+            rotational: false,
+            ..Capabilities::ALL
+        })];
     let mut conn = StdConnection::new(&exports[..], Config::default());
     let mut input = vec![0u8; 1 << 20];
     let (mut start, mut end) = (0usize, 0usize);
@@ -50,13 +57,20 @@ fn serve(mut stream: TcpStream, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
     let mut reads: HashMap<u32, Vec<u8>> = HashMap::new();
     loop {
         loop {
-            let step = conn.process(&input[start..end]).map_err(std::io::Error::other)?;
+            let step = conn
+                .process(&input[start..end])
+                .map_err(std::io::Error::other)?;
             start += step.consumed;
             let Some(event) = step.event else { break };
             let mut disk = disk.lock().map_err(|_| std::io::Error::other("poisoned"))?;
             match event {
                 Event::Request(request) => answer(&mut conn, &mut disk, &mut reads, request),
-                Event::WriteData { id, offset, data, remaining } => {
+                Event::WriteData {
+                    id,
+                    offset,
+                    data,
+                    remaining,
+                } => {
                     disk[offset as usize..offset as usize + data.len()].copy_from_slice(data);
                     if remaining == 0 {
                         conn.complete(id, Ok(())).map_err(std::io::Error::other)?;
@@ -87,7 +101,12 @@ fn serve(mut stream: TcpStream, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
     }
 }
 
-fn answer(conn: &mut StdConnection<&[Export<'_>]>, disk: &mut [u8], reads: &mut HashMap<u32, Vec<u8>>, request: Request) {
+fn answer(
+    conn: &mut StdConnection<&[Export<'_>]>,
+    disk: &mut [u8],
+    reads: &mut HashMap<u32, Vec<u8>>,
+    request: Request,
+) {
     let range = |offset: u64, length: u64| offset as usize..(offset + length) as usize;
     let result = match request {
         Request::Read { id, offset, length } => {
@@ -95,15 +114,32 @@ fn answer(conn: &mut StdConnection<&[Export<'_>]>, disk: &mut [u8], reads: &mut 
             conn.complete_read(id, ReadOutcome::Data)
         }
         Request::Write { .. } => return,
-        Request::Trim { id, offset, length, .. } | Request::WriteZeroes { id, offset, length, .. } => {
+        Request::Trim {
+            id, offset, length, ..
+        }
+        | Request::WriteZeroes {
+            id, offset, length, ..
+        } => {
             disk[range(offset, length)].fill(0);
             conn.complete(id, Ok(()))
         }
         Request::Flush { id } | Request::Cache { id, .. } => conn.complete(id, Ok(())),
-        Request::BlockStatus { id, offset, length, .. } => {
+        Request::BlockStatus {
+            id, offset, length, ..
+        } => {
             let zero = disk[range(offset, length)].iter().all(|&b| b == 0);
-            let status = if zero { AllocationFlags::ZERO.bits() } else { 0 };
-            conn.complete_block_status(id, &[ExtDescriptor { length, status: u64::from(status) }])
+            let status = if zero {
+                AllocationFlags::ZERO.bits()
+            } else {
+                0
+            };
+            conn.complete_block_status(
+                id,
+                &[ExtDescriptor {
+                    length,
+                    status: u64::from(status),
+                }],
+            )
         }
         Request::Resize { id, .. } => conn.complete(id, Err(ErrorCode::NotSupported)),
         _ => return,
@@ -113,13 +149,19 @@ fn answer(conn: &mut StdConnection<&[Export<'_>]>, disk: &mut [u8], reads: &mut 
     }
 }
 
-fn flush(conn: &mut StdConnection<&[Export<'_>]>, reads: &mut HashMap<u32, Vec<u8>>, output: &mut Vec<u8>) {
+fn flush(
+    conn: &mut StdConnection<&[Export<'_>]>,
+    reads: &mut HashMap<u32, Vec<u8>>,
+    output: &mut Vec<u8>,
+) {
     while let Some(transmit) = conn.poll_transmit() {
         for part in transmit.parts {
             output.extend_from_slice(part);
         }
         match transmit.payload {
-            Some(Payload::Data { id, .. }) => output.extend(reads.remove(&id.to_bits()).unwrap_or_default()),
+            Some(Payload::Data { id, .. }) => {
+                output.extend(reads.remove(&id.to_bits()).unwrap_or_default())
+            }
             Some(Payload::Zeroes { length }) => output.resize(output.len() + length as usize, 0),
             None => {}
         }

@@ -201,10 +201,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.phase == Phase::Closed
     }
 
-    /// Starts a graceful stop (spec: "Terminating the transmission phase"):
-    /// new options get `NBD_REP_ERR_SHUTDOWN`, new requests `NBD_ESHUTDOWN`;
-    /// once nothing is in flight, `process` returns
-    /// [`Event::Close`]`(`[`CloseReason::Shutdown`]`)`.
+    /// Starts a graceful stop (spec: "Terminating the transmission phase").
+    /// During negotiation the session ends at once: `process` returns
+    /// [`Event::Close`]`(`[`CloseReason::Shutdown`]`)` once the current
+    /// option's replies are out. During transmission, new requests get
+    /// `NBD_ESHUTDOWN` and the close comes once nothing is in flight.
     pub fn shutdown(&mut self) {
         if !self.shutting_down {
             info!("shutting down: refusing new options and requests");

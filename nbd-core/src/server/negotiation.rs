@@ -229,14 +229,9 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     /// Options answered without reading their data: unknown ones, options
-    /// during shutdown, and data too long for the buffer.
+    /// and data too long for the buffer. (During shutdown no option is read:
+    /// the session closes.)
     fn refusal_without_data(&self, code: OptionCode, length: u32) -> Option<Refusal> {
-        if self.shutting_down && code != OptionCode::Abort {
-            return Some(Refusal::Reply {
-                reply_type: OptionReplyType::ErrShutdown,
-                message: "server is shutting down",
-            });
-        }
         match code {
             OptionCode::Unknown(_) | OptionCode::PeekExport => Some(Refusal::Reply {
                 reply_type: OptionReplyType::ErrUnsupported,

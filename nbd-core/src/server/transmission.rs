@@ -445,25 +445,21 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         };
         slot.length = length;
         let slot = *slot;
-        let in_range = self.export.is_some_and(|e| {
-            length > 0
-                && slot
-                    .offset
-                    .checked_add(length)
-                    .is_some_and(|end| end <= e.size)
-        });
-        if bad_id || !in_range {
-            let reason = if bad_id {
-                Reason::BadPayload
-            } else {
-                Reason::OutOfRange
-            };
-            self.inflight.queue_reply(
-                id,
-                Reply::Done {
-                    error: Some((ErrorCode::Invalid, reason)),
-                },
-            );
+        // The effect length is known only now: check it as the normal form is.
+        let verdict = match self.export {
+            Some(export) if !bad_id => self.validate(
+                &export,
+                Command::BlockStatus,
+                slot.flags,
+                slot.offset,
+                length,
+                0,
+            ),
+            _ => Err((ErrorCode::Invalid, Reason::BadPayload)),
+        };
+        if let Err(error) = verdict {
+            self.inflight
+                .queue_reply(id, Reply::Done { error: Some(error) });
             return (used, None);
         }
         let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
