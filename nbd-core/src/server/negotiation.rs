@@ -228,8 +228,8 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         Ok(())
     }
 
-    /// Options answered without reading their data: unknown ones, options
-    /// and data too long for the buffer. (During shutdown no option is read:
+    /// Options answered without reading their data: unknown options, and
+    /// data too long for the buffer. (During shutdown no option is read:
     /// the session closes.)
     fn refusal_without_data(&self, code: OptionCode, length: u32) -> Option<Refusal> {
         match code {
