@@ -309,23 +309,34 @@ impl<const N: usize> Catalog for [Export<'_>; N] {
     }
 }
 
-impl<C: Catalog + ?Sized> Catalog for &C {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn get(&self, index: usize) -> Option<Export<'_>> {
-        (**self).get(index)
-    }
-    fn default_index(&self) -> Option<usize> {
-        (**self).default_index()
-    }
-    fn find(&self, name: &[u8]) -> Option<usize> {
-        (**self).find(name)
-    }
-    fn listable(&self) -> bool {
-        (**self).listable()
-    }
+/// Forwards every method, so a catalog shared between connections behaves
+/// exactly like the catalog itself.
+macro_rules! forward_catalog {
+    ($($pointer:ty),*) => {$(
+        impl<C: Catalog + ?Sized> Catalog for $pointer {
+            fn len(&self) -> usize {
+                (**self).len()
+            }
+            fn get(&self, index: usize) -> Option<Export<'_>> {
+                (**self).get(index)
+            }
+            fn default_index(&self) -> Option<usize> {
+                (**self).default_index()
+            }
+            fn find(&self, name: &[u8]) -> Option<usize> {
+                (**self).find(name)
+            }
+            fn listable(&self) -> bool {
+                (**self).listable()
+            }
+        }
+    )*};
 }
+
+forward_catalog!(&C);
+
+#[cfg(feature = "alloc")]
+forward_catalog!(alloc::sync::Arc<C>, alloc::rc::Rc<C>, alloc::boxed::Box<C>);
 
 #[cfg(feature = "alloc")]
 impl Catalog for alloc::vec::Vec<Export<'_>> {

@@ -84,6 +84,7 @@ impl Reason {
 
 /// A reply waiting for `poll_transmit`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub(crate) enum Reply {
     /// The final reply: success or error.
     Done { error: Option<(ErrorCode, Reason)> },

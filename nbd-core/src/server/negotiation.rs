@@ -39,6 +39,7 @@ pub(super) enum Refusal {
 
 /// What happens once a single reply was handed out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub(super) enum AfterReply {
     Continue,
     Close,
@@ -85,6 +86,7 @@ pub(super) enum NegotiationOutput {
 
 /// What an option asks for, decided from its data.
 #[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 enum Action {
     Reply {
         reply_type: OptionReplyType,
@@ -397,6 +399,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     fn apply(&mut self, option: OptionCode, action: Action) {
+        info!("option {:?}: {:?}", option, action);
         self.output = match action {
             Action::Reply {
                 reply_type,
