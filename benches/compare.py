@@ -1,0 +1,896 @@
+#!/usr/bin/env python3
+"""Compare NBD servers side by side: nbd-std against nbdkit, qemu-nbd and nbd-server.
+
+Each server exports 1 GiB on its own loopback port, is filled once, then fio's
+nbd engine runs the workloads in interleaved rounds while the server's CPU time
+is read from /proc. The headline figure is server CPU per I/O (see README.md).
+
+    python3 benches/compare.py            # full run: 3 rounds x 6 workloads x 4 servers
+    python3 benches/compare.py --short    # smoke run: 1 round, 2 s + 1 s warm-up
+
+Needs: fio (with the nbd engine), nbdkit, qemu-nbd, nbd-server, nbdinfo, taskset
+(apt-get install fio nbdkit nbd-server qemu-utils libnbd-bin) and cargo.
+Only the Python 3 standard library is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1 << 20
+
+# key, label, fio --rw, --bs, --iodepth, headline metric
+WORKLOADS = [
+    ("randread-4k-qd1", "4k random read QD1", "randread", "4k", 1, "iops"),
+    ("randread-4k-qd32", "4k random read QD32", "randread", "4k", 32, "iops"),
+    ("randwrite-4k-qd1", "4k random write QD1", "randwrite", "4k", 1, "iops"),
+    ("randwrite-4k-qd32", "4k random write QD32", "randwrite", "4k", 32, "iops"),
+    ("read-1m-qd8", "1M sequential read QD8", "read", "1M", 8, "mibs"),
+    ("write-1m-qd8", "1M sequential write QD8", "write", "1M", 8, "mibs"),
+]
+ALL_SERVERS = ["nbd-std", "nbdkit", "qemu-nbd", "nbd-server"]
+REQUIRED_TOOLS = ["fio", "nbdinfo", "taskset", "nbdkit", "qemu-nbd", "nbd-server"]
+
+# Every process we started and have not yet stopped, for cleanup on any exit.
+LIVE_SERVERS: list = []
+LIVE_CLIENTS: list = []
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- #
+# /proc readers
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 1G, 512M, 1T)")
+    shift = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[m.group(2).upper()]
+    return int(m.group(1)) << shift
+
+
+def parse_cpus(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            cpus.update(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            cpus.add(int(part))
+    return cpus
+
+
+def proc_stat(pid: int) -> dict | None:
+    """Fields of /proc/PID/stat we use (None if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    rest = data[data.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); utime, stime, cutime, cstime are fields 14-17.
+    return {
+        "state": rest[0],
+        "ppid": int(rest[1]),
+        "ticks": int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]),
+    }
+
+
+def all_stats() -> dict[int, dict]:
+    stats = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None:
+                stats[int(name)] = st
+    return stats
+
+
+def process_tree(root: int, stats: dict[int, dict]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, st in stats.items():
+        children.setdefault(st["ppid"], []).append(pid)
+    tree = [root] if root in stats else []
+    i = 0
+    while i < len(tree):
+        tree.extend(children.get(tree[i], []))
+        i += 1
+    return tree
+
+
+def server_cpu(root: int) -> tuple[int, set[int]]:
+    """CPU ticks (utime+stime, all threads, plus reaped children) of root and
+    its live descendants (nbd-server forks a child per connection)."""
+    stats = all_stats()
+    tree = process_tree(root, stats)
+    return sum(stats[p]["ticks"] for p in tree), set(tree)
+
+
+def settle_children(root: int, baseline: set[int], timeout: float = 5.0) -> bool:
+    """Wait until the server's process tree is back to its pre-run members, so
+    per-connection children have exited and been reaped into cutime/cstime."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = all_stats()
+        tree = process_tree(root, stats)
+        extra = [p for p in tree if p not in baseline]
+        if not extra:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st["state"] not in ("Z", "X")
+
+
+def system_ticks() -> dict:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return {"busy": user + nice + system + irq + softirq, "steal": steal, "idle": idle + iowait}
+
+
+def loadavg() -> dict:
+    with open("/proc/loadavg") as f:
+        a = f.read().split()
+    return {"load1": float(a[0]), "load5": float(a[1]), "running": a[3]}
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def listening(port: int) -> bool:
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def free_port(used: set[int]) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in used:
+            used.add(port)
+            return port
+
+
+def tool_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else ""
+
+
+# --------------------------------------------------------------------------- #
+# Servers
+
+
+class Server:
+    """One NBD server process on its own loopback port."""
+
+    def __init__(self, name: str, ctx: "Context", size_arg: str, size: int, tag: str):
+        self.name = name
+        self.ctx = ctx
+        self.size_arg = size_arg
+        self.size = size
+        self.tag = tag
+        self.port = free_port(ctx.ports)
+        self.pid: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.files: list[str] = []
+        self.cmd: list[str] = []
+        self.dead = False
+        self.logpath = os.path.join(ctx.outdir, "logs", f"{name}-{tag}.log")
+        export = "bench" if name == "nbd-server" else ""
+        self.uri = f"nbd://127.0.0.1:{self.port}/{export}"
+
+    # Each server's command line, without the taskset prefix.
+    def command(self) -> list[str]:
+        p = str(self.port)
+        if self.name == "nbd-std":
+            if self.ctx.stand_in:
+                return [self.ctx.nbd_std_bin, p, str(self.size // MiB)]
+            return [self.ctx.nbd_std_bin, "serve", "--port", p, "--size", self.size_arg]
+        if self.name == "nbdkit":
+            return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", p, "memory", self.size_arg]
+        if self.name == "qemu-nbd":
+            img = self.shm_file()
+            return ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", p, "-t", "-e", "8", "-x", "", img]
+        if self.name == "nbd-server":
+            img = self.shm_file()
+            conf = os.path.join(self.ctx.tmpdir, f"nbd-server-{self.tag}.conf")
+            with open(conf, "w") as f:
+                f.write(
+                    "[generic]\n"
+                    "listenaddr = 127.0.0.1\n"
+                    f"port = {self.port}\n"
+                    "allowlist = false\n"
+                    "[bench]\n"
+                    f"exportname = {img}\n"
+                )
+            self.conf = conf
+            self.pidfile = os.path.join(self.ctx.tmpdir, f"nbd-server-{self.tag}.pid")
+            return ["nbd-server", "-C", conf, "-p", self.pidfile]
+        raise BenchError(f"unknown server {self.name}")
+
+    def shm_file(self) -> str:
+        path = f"/dev/shm/nbd-bench-{os.getpid()}-{self.name}-{self.tag}.img"
+        with open(path, "wb") as f:
+            f.truncate(self.size)  # sparse: the fill through NBD allocates it
+        self.files.append(path)
+        return path
+
+    def start(self) -> None:
+        self.cmd = self.ctx.pin(self.ctx.server_cpus) + self.command()
+        LIVE_SERVERS.append(self)
+        logf = open(self.logpath, "w")
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
+        logf.close()
+        if self.name == "nbd-server":
+            # nbd-server always daemonizes: the launcher exits, the daemon
+            # writes its PID to the -p file.
+            try:
+                rc = self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                raise BenchError("nbd-server launcher did not exit")
+            if rc != 0:
+                raise BenchError(f"nbd-server exited {rc}: {self.log_tail()}")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    with open(self.pidfile) as f:
+                        text = f.read().strip()
+                    if text:
+                        self.pid = int(text)
+                        break
+                except FileNotFoundError:
+                    pass
+                time.sleep(0.05)
+            if self.pid is None:
+                raise BenchError("nbd-server wrote no PID file")
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                if self.conf.encode() not in f.read():
+                    raise BenchError(f"PID {self.pid} from {self.pidfile} is not our nbd-server")
+        else:
+            self.pid = self.proc.pid  # taskset execs the server: same PID
+        deadline = time.monotonic() + 30
+        while not listening(self.port):
+            if not alive(self.pid):
+                raise BenchError(f"{self.name} exited at startup: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} is not listening on port {self.port}")
+            time.sleep(0.05)
+        log(f"{self.name}: PID {self.pid}, {self.uri}  ({shlex.join(self.cmd)})")
+
+    def check_size(self) -> None:
+        out = subprocess.run(["nbdinfo", "--size", self.uri], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0 or int(out.stdout.strip() or 0) != self.size:
+            raise BenchError(f"{self.name}: nbdinfo --size {self.uri}: {out.stdout.strip()} {out.stderr.strip()}")
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.logpath) as f:
+                return " | ".join(f.read().strip().splitlines()[-5:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.pid is not None and alive(self.pid):
+            victims = process_tree(self.pid, all_stats())  # the server and its children, by PID
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while any(alive(p) for p in victims) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in victims:
+                if alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.files = []
+        if self in LIVE_SERVERS:
+            LIVE_SERVERS.remove(self)
+
+
+# --------------------------------------------------------------------------- #
+# fio runs
+
+
+class Context:
+    def __init__(self, args):
+        self.args = args
+        self.outdir = args.out
+        self.tmpdir = tempfile.mkdtemp(prefix="nbd-bench-")
+        self.ports: set[int] = set()
+        self.stand_in = args.stand_in
+        self.nbd_std_bin = ""
+        self.server_cpus = args.server_cpus
+        self.client_cpus = args.client_cpus
+        self.no_pin = args.no_pin
+
+    def pin(self, cpus: str) -> list[str]:
+        return [] if self.no_pin else ["taskset", "-c", cpus]
+
+
+def fio_metrics(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    job = data["jobs"][0]
+    if job.get("error"):
+        raise BenchError(f"fio job error {job['error']} in {path}")
+    r, w = job["read"], job["write"]
+    return {
+        "ios": r["total_ios"] + w["total_ios"],
+        "iops": r["iops"] + w["iops"],
+        "mibs": (r["bw_bytes"] + w["bw_bytes"]) / MiB,
+        "bytes": r["io_bytes"] + w["io_bytes"],
+        "runtime_ms": max(r["runtime"], w["runtime"]),
+        "lat_mean_us": max(r["lat_ns"]["mean"], w["lat_ns"]["mean"]) / 1000,
+    }
+
+
+def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dict:
+    """One fio process against the server, bracketed by CPU/load samples."""
+    out = os.path.join(ctx.outdir, "fio", f"{name}.json")
+    cmd = ctx.pin(ctx.client_cpus) + [
+        "fio",
+        f"--name={name}",
+        "--ioengine=nbd",
+        f"--uri={server.uri}",
+        "--numjobs=1",
+        "--output-format=json",
+        f"--output={out}",
+    ] + fio_args
+    srv0, members = server_cpu(server.pid)
+    sys0, load0 = system_ticks(), loadavg()
+    t0 = time.monotonic()
+    with open(os.path.join(ctx.outdir, "logs", f"{name}.fio.log"), "w") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    LIVE_CLIENTS.append(proc)
+    _, status, ru = os.wait4(proc.pid, 0)  # on Ctrl-C, main's cleanup kills it
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    LIVE_CLIENTS.remove(proc)
+    wall = time.monotonic() - t0
+    sys1, load1 = system_ticks(), loadavg()
+    settled = settle_children(server.pid, members)
+    srv1, _ = server_cpu(server.pid)
+    if proc.returncode != 0:
+        raise BenchError(f"fio exited {proc.returncode} (see logs/{name}.fio.log)")
+    if not alive(server.pid):
+        server.dead = True
+        raise BenchError(f"{server.name} died during {name}: {server.log_tail()}")
+    m = fio_metrics(out)
+    server_s = (srv1 - srv0) / CLK_TCK
+    fio_s = ru.ru_utime + ru.ru_stime
+    busy_s = (sys1["busy"] - sys0["busy"]) / CLK_TCK
+    m.update(
+        {
+            "fio_json": os.path.relpath(out, ctx.outdir),
+            "wall_s": wall,
+            "server_cpu_s": server_s,
+            "cpu_us_per_io": server_s / m["ios"] * 1e6 if m["ios"] else None,
+            "fio_cpu_s": fio_s,
+            # CPU used by everything but this server and this fio, in % of one CPU.
+            "others_cpu_pct": max(0.0, busy_s - server_s - fio_s) / wall * 100,
+            "steal_pct": (sys1["steal"] - sys0["steal"]) / CLK_TCK / wall * 100,
+            "load1_before": load0["load1"],
+            "load1_after": load1["load1"],
+            "children_settled": settled,
+        }
+    )
+    return m
+
+
+def workload_args(rw: str, bs: str, qd: int, seconds: float) -> list[str]:
+    return [
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--iodepth={qd}",
+        "--time_based",
+        f"--runtime={int(seconds * 1000)}ms",
+        "--norandommap",
+        "--randrepeat=0",
+    ]
+
+
+def fill(ctx: Context, server: Server) -> dict:
+    log(f"fill {server.name}: writing all {server.size // MiB} MiB once")
+    m = run_fio(ctx, server, f"fill-{server.name}", ["--rw=write", "--bs=1M", "--iodepth=8"])
+    if m["bytes"] != server.size:
+        raise BenchError(f"fill of {server.name} wrote {m['bytes']} of {server.size} bytes")
+    return m
+
+
+def measure(ctx: Context, server: Server, wl: tuple, rnd: int) -> dict:
+    key, _label, rw, bs, qd, _metric = wl
+    args = ctx.args
+    # Warm-up on its own connection, then the measured run with no fio ramp, so
+    # that every I/O the server did inside the CPU window is counted by fio.
+    warm = None
+    if args.ramp > 0:
+        warm = run_fio(ctx, server, f"r{rnd}-{key}-{server.name}-warmup", workload_args(rw, bs, qd, args.ramp))
+    m = run_fio(ctx, server, f"r{rnd}-{key}-{server.name}", workload_args(rw, bs, qd, args.runtime))
+    if warm is not None:
+        m["warmup"] = {k: warm[k] for k in ("iops", "mibs", "cpu_us_per_io", "fio_json")}
+    return m
+
+
+def measure_rss(ctx: Context, name: str) -> dict:
+    """Idle RSS with a big sparse export: after startup, after one nbdinfo."""
+    size_arg = ctx.args.rss_size
+    server = Server(name, ctx, size_arg, parse_size(size_arg), "rss")
+    res: dict = {"server": name, "export_size": size_arg}
+    try:
+        server.start()
+        res["command"] = shlex.join(server.cmd)
+        time.sleep(1.0)
+        res["rss_kib_startup"] = rss_kib(server.pid)
+        out = subprocess.run(["nbdinfo", server.uri], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise BenchError(f"nbdinfo failed: {out.stderr.strip()}")
+        time.sleep(0.5)
+        settle_children(server.pid, {server.pid})
+        res["rss_kib_after_nbdinfo"] = rss_kib(server.pid)
+    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+        res["error"] = str(e)
+        log(f"RSS {name}: {e}")
+    finally:
+        server.stop()
+    return res
+
+
+# --------------------------------------------------------------------------- #
+# Report
+
+
+def fmt_metric(v: float | None, metric: str) -> str:
+    if v is None:
+        return "–"
+    if metric == "iops":
+        return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
+    if metric == "mibs":
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def cell(values: list[float], metric: str, errors: int = 0) -> str:
+    if not values:
+        return "error" if errors else "–"
+    med = fmt_metric(statistics.median(values), metric)
+    if len(values) == 1:
+        return med
+    return f"{med} ({fmt_metric(min(values), metric)}–{fmt_metric(max(values), metric)})"
+
+
+def summarize(runs: list[dict], servers: list[str], workloads: list[tuple]) -> dict:
+    summary = {}
+    for key, _label, _rw, _bs, _qd, metric in workloads:
+        per = {}
+        for s in servers:
+            ok = [r for r in runs if r["workload"] == key and r["server"] == s and "error" not in r]
+            vals = [r[metric] for r in ok]
+            cpus = [r["cpu_us_per_io"] for r in ok if r["cpu_us_per_io"] is not None]
+            per[s] = {
+                "n": len(ok),
+                "errors": len([r for r in runs if r["workload"] == key and r["server"] == s and "error" in r]),
+                metric: vals,
+                "cpu_us_per_io": cpus,
+                f"{metric}_median": statistics.median(vals) if vals else None,
+                "cpu_us_per_io_median": statistics.median(cpus) if cpus else None,
+            }
+        summary[key] = per
+    return summary
+
+
+def ratio(summary_wl: dict, field: str, lower_is_better: bool) -> str:
+    me = summary_wl.get("nbd-std", {}).get(field)
+    peers = {s: v.get(field) for s, v in summary_wl.items() if s != "nbd-std" and v.get(field)}
+    if not me or not peers:
+        return "–"
+    if lower_is_better:
+        best = min(peers, key=peers.get)
+        return f"{peers[best] / me:.2f}× ({best})"
+    best = max(peers, key=peers.get)
+    return f"{me / peers[best]:.2f}× ({best})"
+
+
+def render(report: dict) -> str:
+    cfg, servers = report["config"], report["config"]["servers"]
+    workloads = [w for w in WORKLOADS if w[0] in cfg["workloads"]]
+    lines = [f"# NBD server comparison, {report['started']}", ""]
+    if report.get("interrupted"):
+        lines += [f"**Interrupted ({report['interrupted']}): partial results.**", ""]
+    std = report["commands"].get("nbd-std", "")
+    if cfg["stand_in"]:
+        lines.append("**nbd-std column = STAND-IN** (`memory_server` example, not `nbd-std serve`).")
+        lines.append("")
+    lines += [
+        f"- nbd-std: `{std}` at {report['git']}",
+        f"- machine: {report['machine']['cpus']} CPUs ({report['machine']['cpu_model']}), "
+        f"kernel {report['machine']['kernel']}, {report['machine']['mem_gib']:.0f} GiB RAM",
+        f"- placement: {cfg['placement']}",
+        f"- runs: {cfg['rounds']} interleaved round(s) × {len(workloads)} workload(s) × {len(servers)} server(s); "
+        f"each run = {cfg['ramp']} s warm-up connection + {cfg['runtime']} s measured, "
+        f"fio nbd engine, 1 job, 1 connection; exports {cfg['size']}, filled once before measuring",
+        "- cells: median (min–max over rounds). CPU µs/IO = server utime+stime (all threads and "
+        "children, /proc/PID/stat) during the measured run ÷ I/Os fio completed.",
+        "- vs best peer: throughput = nbd-std ÷ best peer; CPU = best peer's CPU ÷ nbd-std's CPU. "
+        "≥ 1.00 means nbd-std is at or above the best peer.",
+        "",
+        "| workload | figure | " + " | ".join(servers) + " | nbd-std vs best peer |",
+        "|---|---|" + "---|" * len(servers) + "---|",
+    ]
+    for key, label, _rw, _bs, _qd, metric in workloads:
+        s = report["summary"][key]
+        unit = "IOPS" if metric == "iops" else "MiB/s"
+        row = [label, unit] + [cell(s[x][metric], metric, s[x]["errors"]) for x in servers]
+        row.append(ratio(s, f"{metric}_median", False))
+        lines.append("| " + " | ".join(row) + " |")
+        row = ["", "server CPU µs/IO"] + [cell(s[x]["cpu_us_per_io"], "cpu", s[x]["errors"]) for x in servers]
+        row.append(ratio(s, "cpu_us_per_io_median", True))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Fill (each export written once, sequential 1M QD8, before measuring)", ""]
+    lines += ["| server | time s | MiB/s | server CPU s |", "|---|---|---|---|"]
+    for name, f in report["fill"].items():
+        if "error" in f:
+            lines.append(f"| {name} | error: {f['error']} | | |")
+        else:
+            lines.append(
+                f"| {name} | {f['runtime_ms'] / 1000:.2f} | {f['mibs']:,.0f} | {f['server_cpu_s']:.2f} |"
+            )
+    if report["rss"]:
+        lines += ["", f"## Idle RSS with a {cfg['rss_size']} sparse export (VmRSS)", ""]
+        lines += ["| server | after startup | after one nbdinfo |", "|---|---|---|"]
+        for r in report["rss"]:
+            if "error" in r:
+                lines.append(f"| {r['server']} | error: {r['error'][:160]} | |")
+            else:
+                a, b = r.get("rss_kib_startup"), r.get("rss_kib_after_nbdinfo")
+                lines.append(f"| {r['server']} | {a / 1024:.1f} MiB | {b / 1024:.1f} MiB |")
+    runs = [r for r in report["runs"] if "error" not in r]
+    if runs:
+        lines += ["", "## Machine load during the measured runs", ""]
+        lines += ["| | median | max |", "|---|---|---|"]
+        for field, label in (
+            ("load1_after", "load average (1 min, includes server + fio)"),
+            ("others_cpu_pct", "other processes, % of one CPU"),
+            ("steal_pct", "steal (hypervisor), % of one CPU"),
+        ):
+            vals = [r[field] for r in runs]
+            lines.append(f"| {label} | {statistics.median(vals):.2f} | {max(vals):.2f} |")
+    errors = [r for r in report["runs"] if "error" in r]
+    if errors:
+        lines += ["", "## Errors", ""]
+        for r in errors:
+            lines.append(f"- round {r['round']} {r['workload']} {r['server']}: {r['error']}")
+    lines += ["", "<details><summary>Every run</summary>", ""]
+    lines += [
+        "| round | workload | server | IOPS | MiB/s | CPU µs/IO | server CPU s | fio CPU s | load1 | others % | steal % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['round']} | {r['workload']} | {r['server']} | error | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['round']} | {r['workload']} | {r['server']} | {r['iops']:.0f} | {r['mibs']:.0f} | "
+            f"{r['cpu_us_per_io']:.2f} | {r['server_cpu_s']:.2f} | {r['fio_cpu_s']:.2f} | "
+            f"{r['load1_after']:.2f} | {r['others_cpu_pct']:.1f} | {r['steal_pct']:.1f} |"
+        )
+    lines += ["", "</details>", "", "Versions: " + "; ".join(f"{k}: {v}" for k, v in report["versions"].items())]
+    lines += ["", "Commands:", ""] + [f"- {k}: `{v}`" for k, v in report["commands"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- #
+# Main
+
+
+def machine_info() -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": os.uname().release, "mem_gib": mem_kib / (1 << 20)}
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return rev + (" (dirty tree)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def prepare_nbd_std(ctx: Context, args) -> None:
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+    if args.nbd_std_bin:
+        ctx.nbd_std_bin = args.nbd_std_bin
+    elif ctx.stand_in:
+        ctx.nbd_std_bin = os.path.join(target, "release", "examples", "memory_server")
+    else:
+        ctx.nbd_std_bin = os.path.join(target, "release", "nbd-std")
+    if not args.no_build and not args.nbd_std_bin:
+        cmd = ["cargo", "build", "--release"]
+        cmd += ["-p", "nbd-examples", "--example", "memory_server"] if ctx.stand_in else ["-p", "nbd-std"]
+        log("building: " + shlex.join(cmd))
+        subprocess.run(cmd, cwd=REPO, check=True)
+    if not os.access(ctx.nbd_std_bin, os.X_OK):
+        raise BenchError(f"{ctx.nbd_std_bin} not found or not executable")
+    if not ctx.stand_in:
+        probe = subprocess.run([ctx.nbd_std_bin, "serve", "--help"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise BenchError(
+                f"`{ctx.nbd_std_bin} serve --help` failed (exit {probe.returncode}): no serve command yet? "
+                "Use --stand-in to benchmark the memory_server example instead."
+            )
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--short", action="store_true", help="smoke run: 2 s measured + 1 s warm-up, 1 round")
+    p.add_argument("--runtime", type=float, help="measured seconds per run (default 10, --short 2)")
+    p.add_argument("--ramp", type=float, help="warm-up seconds before each run (default 2, --short 1)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --short 1)")
+    p.add_argument("--size", default="1G", help="export size for the throughput runs (default 1G)")
+    p.add_argument("--rss-size", default="1T", help="sparse export size for the idle-RSS check (default 1T)")
+    p.add_argument("--no-rss", action="store_true", help="skip the idle-RSS check")
+    p.add_argument("--rss-peers", action="store_true", help="also measure the peers' idle RSS")
+    p.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma list (default: all four)")
+    p.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS), help="comma list of workload keys")
+    p.add_argument("--server-cpus", default="0", help="taskset CPU list for every server (default 0)")
+    p.add_argument("--client-cpus", default="1", help="taskset CPU list for fio and this script (default 1)")
+    p.add_argument("--no-pin", action="store_true", help="do not use taskset (not comparable with pinned runs)")
+    p.add_argument("--stand-in", action="store_true", help="benchmark the memory_server example as nbd-std")
+    p.add_argument("--nbd-std-bin", help="use this binary for nbd-std (skips the cargo build)")
+    p.add_argument("--no-build", action="store_true", help="do not run cargo build")
+    p.add_argument("--out", help="output directory (default benches/results/TIMESTAMP)")
+    args = p.parse_args(argv)
+    if args.runtime is None:
+        args.runtime = 2.0 if args.short else 10.0
+    if args.ramp is None:
+        args.ramp = 1.0 if args.short else 2.0
+    if args.rounds is None:
+        args.rounds = 1 if args.short else 3
+    for f in ("runtime", "ramp"):
+        v = getattr(args, f)
+        if v == int(v):
+            setattr(args, f, int(v))
+    args.servers = [s for s in args.servers.split(",") if s]
+    for s in args.servers:
+        if s not in ALL_SERVERS:
+            p.error(f"unknown server {s!r}; known: {', '.join(ALL_SERVERS)}")
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    for w in args.workloads:
+        if w not in [x[0] for x in WORKLOADS]:
+            p.error(f"unknown workload {w!r}; known: {', '.join(x[0] for x in WORKLOADS)}")
+    if args.out is None:
+        args.out = os.path.join(REPO, "benches", "results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return args
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    needed = {"nbdkit": "nbdkit", "qemu-nbd": "qemu-nbd", "nbd-server": "nbd-server"}
+    missing = [t for t in missing if t not in needed or needed[t] in args.servers]
+    if missing:
+        print(
+            f"missing tools: {', '.join(missing)}\n"
+            "install: apt-get install fio nbdkit nbd-server qemu-utils libnbd-bin",
+            file=sys.stderr,
+        )
+        return 2
+    online = os.sched_getaffinity(0)
+    if not args.no_pin:
+        for cpus in (args.server_cpus, args.client_cpus):
+            if not parse_cpus(cpus) <= online:
+                print(f"CPU list {cpus} not available (have {sorted(online)}); see --server-cpus/--client-cpus", file=sys.stderr)
+                return 2
+        if parse_cpus(args.server_cpus) & parse_cpus(args.client_cpus):
+            log("note: server and client CPU lists overlap")
+        os.sched_setaffinity(0, parse_cpus(args.client_cpus))  # keep this script off the server's CPU
+    os.makedirs(os.path.join(args.out, "fio"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+
+    ctx = Context(args)
+    size = parse_size(args.size)
+    workloads = [w for w in WORKLOADS if w[0] in args.workloads]
+    placement = (
+        "unpinned"
+        if args.no_pin
+        else f"every server on CPU {args.server_cpus}, fio (and this script) on CPU {args.client_cpus} (taskset -c)"
+    )
+    report: dict = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git": git_rev(),
+        "machine": machine_info(),
+        "config": {
+            "servers": args.servers,
+            "workloads": args.workloads,
+            "rounds": args.rounds,
+            "runtime": args.runtime,
+            "ramp": args.ramp,
+            "size": args.size,
+            "rss_size": args.rss_size,
+            "stand_in": args.stand_in,
+            "server_cpus": None if args.no_pin else args.server_cpus,
+            "client_cpus": None if args.no_pin else args.client_cpus,
+            "placement": placement,
+            "argv": argv,
+        },
+        "versions": {
+            "fio": tool_version(["fio", "--version"]),
+            "nbdkit": tool_version(["nbdkit", "--version"]),
+            "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+            "nbd-server": tool_version(["nbd-server", "-V"]).replace("This is nbd-server version ", ""),
+            "nbdinfo": tool_version(["nbdinfo", "--version"]),
+        },
+        "commands": {},
+        "pids": {},
+        "rss": [],
+        "fill": {},
+        "runs": [],
+    }
+    servers: dict[str, Server] = {}
+    interrupted = None
+    try:
+        if "nbd-std" in args.servers:
+            prepare_nbd_std(ctx, args)
+        if not args.no_rss:
+            for name in ["nbd-std"] + (ALL_SERVERS[1:] if args.rss_peers else []):
+                if name in args.servers:
+                    log(f"idle RSS: {name} with a {args.rss_size} export")
+                    report["rss"].append(measure_rss(ctx, name))
+        for name in args.servers:
+            srv = Server(name, ctx, args.size, size, "bench")
+            servers[name] = srv
+            srv.start()
+            srv.check_size()
+            report["commands"][name] = shlex.join(srv.cmd)
+            report["pids"][name] = srv.pid
+        for name, srv in servers.items():
+            try:
+                report["fill"][name] = fill(ctx, srv)
+            except BenchError as e:
+                report["fill"][name] = {"error": str(e)}
+                log(f"fill {name}: {e}")
+        total = args.rounds * len(workloads) * len(servers)
+        done = 0
+        for rnd in range(1, args.rounds + 1):
+            for wl in workloads:
+                for name, srv in servers.items():
+                    done += 1
+                    rec = {"round": rnd, "workload": wl[0], "server": name}
+                    if srv.dead:
+                        rec["error"] = "server died earlier"
+                    else:
+                        try:
+                            rec.update(measure(ctx, srv, wl, rnd))
+                            metric = wl[5]
+                            log(
+                                f"[{done}/{total}] round {rnd} {wl[0]:18} {name:10} "
+                                f"{fmt_metric(rec[metric], metric):>7} {'IOPS' if metric == 'iops' else 'MiB/s':5} "
+                                f"{rec['cpu_us_per_io']:7.2f} µs/IO  others {rec['others_cpu_pct']:.0f}%"
+                            )
+                        except BenchError as e:
+                            rec["error"] = str(e)
+                            log(f"[{done}/{total}] round {rnd} {wl[0]} {name}: {e}")
+                    report["runs"].append(rec)
+    except KeyboardInterrupt as e:
+        interrupted = str(e) or "Ctrl-C"
+        log(f"interrupted ({interrupted}); stopping servers, writing the partial report")
+    finally:
+        for proc in list(LIVE_CLIENTS):
+            if proc.poll() is None:
+                # fio forks its job into a new session: kill the job by PID too.
+                for pid in reversed(process_tree(proc.pid, all_stats())):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait()
+            LIVE_CLIENTS.remove(proc)
+        for srv in list(LIVE_SERVERS):
+            try:
+                srv.stop()
+            except Exception as e:  # keep cleaning up the others
+                log(f"stopping {srv.name}: {e}")
+        shutil.rmtree(ctx.tmpdir, ignore_errors=True)
+
+    report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    if interrupted:
+        report["interrupted"] = interrupted
+    report["summary"] = summarize(report["runs"], args.servers, workloads)
+    md = render(report)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    log(f"wrote {os.path.join(args.out, 'results.md')} and results.json (raw fio JSON in fio/)")
+    if interrupted:
+        return 130
+    return 1 if any("error" in r for r in report["runs"]) else 0
+
+
+def _on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e or 'Ctrl-C'}); servers stopped")
+        sys.exit(130)
+    except (BenchError, subprocess.CalledProcessError) as e:
+        log(f"error: {e}")
+        sys.exit(1)
