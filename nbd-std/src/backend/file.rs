@@ -1,0 +1,733 @@
+//! A raw image file or a block device.
+//!
+//! Positioned I/O (`pread`/`pwrite`) on one shared descriptor, so requests
+//! from any number of connections run in parallel and share the kernel's
+//! page cache: a `flush` (`fdatasync`) from one connection covers the
+//! writes of all, which makes multi-conn safe.
+//!
+//! On regular files:
+//! - block status follows `SEEK_DATA`/`SEEK_HOLE` (holes are `HOLE | ZERO`,
+//!   the rest data); filesystems without them report everything as data;
+//! - `trim` punches a hole (`FALLOC_FL_PUNCH_HOLE`), so trimmed ranges
+//!   read back as zeroes; where the filesystem cannot, `trim` does nothing
+//!   (the protocol makes it advisory);
+//! - `write_zeroes` punches a hole (unless `NO_HOLE`) or uses
+//!   `FALLOC_FL_ZERO_RANGE`, and writes zero buffers where the filesystem
+//!   supports neither, or fails with `Unsupported` when asked to be fast;
+//! - `resize` changes the file's length.
+//!
+//! On block devices the size is the device's; zeroing uses the kernel's
+//! `fallocate` on the device (write-zeroes or discard commands) on the
+//! sector-aligned part of a range, `trim` discards, and neither block
+//! status nor resize is offered.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::num::NonZeroU64;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
+
+use nbd_core::export::Capabilities;
+use nbd_core::wire::{AllocationFlags, ExtDescriptor};
+use rustix::fs::{Advice, FallocateFlags, SeekFrom};
+use rustix::io::Errno;
+
+use super::{Backend, ZeroFlags};
+
+/// At most this many extents per `block_status` call.
+const MAX_EXTENTS: usize = 1024;
+
+const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
+
+/// Largest zero buffer written at once when zeroing by hand.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Storage in a regular file (raw image) or a block device.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    size: AtomicU64,
+    read_only: bool,
+    block_device: bool,
+    /// `fallocate` alignment: the logical sector size on block devices,
+    /// 1 on files.
+    sector: u64,
+    rotational: bool,
+    /// The device executes write-zeroes itself (so `ZERO_RANGE` on it is
+    /// fast); always true for files, where `ZERO_RANGE` is an extent
+    /// operation.
+    native_zeroes: bool,
+    /// Whether each `fallocate` mode is still believed to work; cleared
+    /// on the first `EOPNOTSUPP`.
+    discard: AtomicBool,
+    punch_hole: AtomicBool,
+    zero_range: AtomicBool,
+    seek_data: AtomicBool,
+    /// Writes hold it shared, `resize` exclusively: no write validated
+    /// against the old size lands past a new, smaller end.
+    resizing: RwLock<()>,
+}
+
+impl FileBackend {
+    /// Opens a regular file or block device, read-write unless `read_only`
+    /// (then `O_RDONLY`, and every write is refused with `EROFS`).
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let meta = file.metadata()?;
+        let kind = meta.file_type();
+        let (block_device, size, sector, device) = if kind.is_block_device() {
+            let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
+            let sector = rustix::fs::ioctl_blksszget(&file).map_or(512, u64::from);
+            (true, size, sector.max(1), meta.rdev())
+        } else if kind.is_file() {
+            (false, meta.len(), 1, meta.dev())
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not a regular file or block device", path.display()),
+            ));
+        };
+        let queue = |name: &str| sysfs_queue_value(device, name);
+        Ok(Self {
+            file,
+            size: AtomicU64::new(size),
+            read_only,
+            block_device,
+            sector,
+            rotational: queue("rotational") == Some(1),
+            native_zeroes: !block_device || queue("write_zeroes_max_bytes").is_some_and(|n| n > 0),
+            discard: AtomicBool::new(block_device),
+            punch_hole: AtomicBool::new(true),
+            zero_range: AtomicBool::new(true),
+            seek_data: AtomicBool::new(!block_device),
+            resizing: RwLock::new(()),
+        })
+    }
+
+    /// Whether this is a block device rather than a regular file.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(Errno::ROFS.into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `fallocate(mode)` unless the mode is known not to work.
+    /// `Ok(false)`: not supported (now remembered).
+    fn try_fallocate(
+        &self,
+        works: &AtomicBool,
+        mode: FallocateFlags,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<bool> {
+        if length == 0 {
+            return Ok(true);
+        }
+        if !works.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match rustix::fs::fallocate(&self.file, mode, offset, length) {
+            Ok(()) => Ok(true),
+            Err(e) if e == Errno::OPNOTSUPP || e == Errno::NOSYS => {
+                works.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write_zero_buffers(&self, offset: u64, length: u64) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; length.min(ZERO_CHUNK) as usize];
+        let end = offset + length;
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The sector-aligned middle `[start, end)` of a range (empty when the
+    /// range holds no whole sector).
+    fn aligned(&self, offset: u64, length: u64) -> (u64, u64) {
+        let end = offset + length;
+        let start = offset.next_multiple_of(self.sector).min(end);
+        let aligned_end = (end / self.sector * self.sector).max(start);
+        (start, aligned_end)
+    }
+
+    fn zero_file(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
+        let keep = FallocateFlags::KEEP_SIZE;
+        if !flags.no_hole
+            && self.try_fallocate(
+                &self.punch_hole,
+                FallocateFlags::PUNCH_HOLE | keep,
+                offset,
+                length,
+            )?
+        {
+            return Ok(());
+        }
+        if self.try_fallocate(
+            &self.zero_range,
+            FallocateFlags::ZERO_RANGE | keep,
+            offset,
+            length,
+        )? {
+            return Ok(());
+        }
+        if flags.fast {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        self.write_zero_buffers(offset, length)
+    }
+
+    /// On a block device `PUNCH_HOLE` is a write-zeroes that may unmap and
+    /// never falls back to writing; `ZERO_RANGE` keeps the blocks mapped
+    /// but lets the kernel write zeroes itself when the device cannot.
+    fn zero_device(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
+        let keep = FallocateFlags::KEEP_SIZE;
+        let (start, end) = self.aligned(offset, length);
+        let mut done = start == end;
+        if !done && !flags.no_hole {
+            done = self.try_fallocate(
+                &self.punch_hole,
+                FallocateFlags::PUNCH_HOLE | keep,
+                start,
+                end - start,
+            )?;
+        }
+        if !done && (self.native_zeroes || !flags.fast) {
+            done = self.try_fallocate(
+                &self.zero_range,
+                FallocateFlags::ZERO_RANGE | keep,
+                start,
+                end - start,
+            )?;
+        }
+        if !done {
+            if flags.fast {
+                return Err(io::ErrorKind::Unsupported.into());
+            }
+            return self.write_zero_buffers(offset, length);
+        }
+        // The partial sectors at either end.
+        self.write_zero_buffers(offset, start - offset)?;
+        self.write_zero_buffers(end, offset + length - end)
+    }
+
+    #[cfg(test)]
+    fn forget_fallocate(&self) {
+        self.discard.store(false, Ordering::Relaxed);
+        self.punch_hole.store(false, Ordering::Relaxed);
+        self.zero_range.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let writable = !self.read_only;
+        Capabilities {
+            flush: writable,
+            fua: writable,
+            // Kept even where the filesystem refuses fallocate: trim is
+            // advisory, and zeroing falls back to writing zeroes (or, when
+            // asked to be fast, says it cannot).
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: writable,
+            cache: true,
+            resize: writable && !self.block_device,
+            multi_conn: true,
+            block_status: !self.block_device,
+            rotational: self.rotational,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let _size_stable = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
+        if offset.saturating_add(data.len() as u64) > self.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write past the end of the export",
+            ));
+        }
+        self.file.write_all_at(data, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Punches a hole in a file (reads then return zeroes); discards on a
+    /// block device (reads then return whatever the device says). Does
+    /// nothing where neither works.
+    fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let _size_stable = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
+        let length = length.min(self.size().saturating_sub(offset));
+        let keep = FallocateFlags::KEEP_SIZE;
+        let (start, end) = self.aligned(offset, length);
+        if self.block_device
+            && self.try_fallocate(
+                &self.discard,
+                FallocateFlags::PUNCH_HOLE | keep | FallocateFlags::NO_HIDE_STALE,
+                start,
+                end - start,
+            )?
+        {
+            return Ok(());
+        }
+        self.try_fallocate(
+            &self.punch_hole,
+            FallocateFlags::PUNCH_HOLE | keep,
+            start,
+            end - start,
+        )?;
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.check_writable()?;
+        let _size_stable = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
+        if offset.saturating_add(length) > self.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "zeroing past the end of the export",
+            ));
+        }
+        if self.block_device {
+            self.zero_device(offset, length, flags)
+        } else {
+            self.zero_file(offset, length, flags)
+        }
+    }
+
+    /// `posix_fadvise(WILLNEED)`: starts reading the range into the page
+    /// cache. A hint, so a refusal is not an error.
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        if let Some(length) = NonZeroU64::new(length) {
+            let _ = rustix::fs::fadvise(&self.file, offset, Some(length), Advice::WillNeed);
+        }
+        Ok(())
+    }
+
+    /// Holes by `SEEK_DATA`/`SEEK_HOLE` (`HOLE | ZERO`), the rest data;
+    /// stops after 1024 extents.
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        extents: &mut Vec<ExtDescriptor>,
+    ) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(length).min(self.size());
+        if offset >= end || !self.seek_data.load(Ordering::Relaxed) {
+            extents.push(ExtDescriptor { length, status: 0 });
+            return Ok(());
+        }
+        let first = extents.len();
+        let mut pos = offset;
+        while pos < end {
+            let data = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(data) => data.max(pos),
+                // Nothing but hole from `pos` to the end of the file.
+                Err(Errno::NXIO) => end,
+                Err(e) if e == Errno::INVAL || e == Errno::OPNOTSUPP => {
+                    // No SEEK_DATA here: everything is data.
+                    self.seek_data.store(false, Ordering::Relaxed);
+                    push_extent(extents, first, end - pos, 0);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data > pos {
+                let next = data.min(end);
+                if !push_extent(extents, first, next - pos, HOLE_ZERO) {
+                    break;
+                }
+                pos = next;
+                continue;
+            }
+            let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(pos)) {
+                // A file changed under us may answer `pos` itself: call the
+                // rest data, which claims nothing.
+                Ok(hole) if hole > pos => hole.min(end),
+                Ok(_) | Err(Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            if !push_extent(extents, first, hole - pos, 0) {
+                break;
+            }
+            pos = hole;
+        }
+        Ok(())
+    }
+
+    /// Sets the file's length: growing adds a hole, shrinking drops data
+    /// past the new end. Not for block devices.
+    fn resize(&self, size: u64) -> io::Result<()> {
+        self.check_writable()?;
+        if self.block_device {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        let _exclusive = self
+            .resizing
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.file.set_len(size)?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Appends `length` bytes of `status` to the extents pushed since `first`,
+/// merging with the last one when equal. False once `MAX_EXTENTS` are
+/// there and a new one would be needed.
+fn push_extent(extents: &mut Vec<ExtDescriptor>, first: usize, length: u64, status: u64) -> bool {
+    if extents.len() > first {
+        if let Some(last) = extents.last_mut().filter(|last| last.status == status) {
+            last.length += length;
+            return true;
+        }
+    }
+    if extents.len() - first == MAX_EXTENTS {
+        return false;
+    }
+    extents.push(ExtDescriptor { length, status });
+    true
+}
+
+/// A number from the block device's queue settings in sysfs
+/// (`/sys/dev/block/MAJ:MIN/queue/NAME`, or its parent's for a partition).
+fn sysfs_queue_value(device: u64, name: &str) -> Option<u64> {
+    let base = format!(
+        "/sys/dev/block/{}:{}",
+        rustix::fs::major(device),
+        rustix::fs::minor(device)
+    );
+    [
+        format!("{base}/queue/{name}"),
+        format!("{base}/../queue/{name}"),
+    ]
+    .iter()
+    .find_map(|path| std::fs::read_to_string(path).ok())
+    .and_then(|text| text.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::error_code;
+    use nbd_core::wire::ErrorCode;
+    use std::path::PathBuf;
+
+    const MIB: u64 = 1 << 20;
+
+    fn status(backend: &FileBackend, offset: u64, length: u64) -> Vec<(u64, u64)> {
+        let mut extents = Vec::new();
+        backend
+            .block_status(offset, length, &mut extents)
+            .expect("block status");
+        extents.iter().map(|e| (e.length, e.status)).collect()
+    }
+
+    fn read(backend: &FileBackend, offset: u64, length: usize) -> Vec<u8> {
+        let mut buf = vec![0xAA; length];
+        backend.read_at(&mut buf, offset).expect("read");
+        buf
+    }
+
+    fn pattern(length: usize, seed: u8) -> Vec<u8> {
+        (0..length)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    /// A fresh sparse file of `size` bytes in a temporary directory.
+    fn image(dir: &tempfile::TempDir, size: u64) -> PathBuf {
+        let path = dir.path().join("disk.img");
+        File::create(&path)
+            .and_then(|f| f.set_len(size))
+            .expect("create image");
+        path
+    }
+
+    fn is_data(extents: &[(u64, u64)], at: u64) -> bool {
+        let mut pos = 0;
+        for &(length, status) in extents {
+            if at < pos + length {
+                return status == 0;
+            }
+            pos += length;
+        }
+        panic!("{at} not covered by {extents:?}");
+    }
+
+    /// Whether this filesystem reports holes at all (tmpfs and ext4 do).
+    fn reports_holes(backend: &FileBackend) -> bool {
+        status(backend, 0, backend.size())
+            .iter()
+            .any(|&(_, s)| s == HOLE_ZERO)
+    }
+
+    #[test]
+    fn unaligned_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, 4 * MIB), false).expect("open");
+        assert_eq!(backend.size(), 4 * MIB);
+        assert!(!backend.is_block_device());
+        let data = pattern(70_001, 5);
+        backend.write_at(&data, 12_345).expect("write");
+        assert_eq!(read(&backend, 12_345, data.len()), data);
+        assert_eq!(read(&backend, 12_344, 1), vec![0]);
+        backend.write_at(&[7], 4 * MIB - 1).expect("last byte");
+        assert_eq!(read(&backend, 4 * MIB - 1, 1), vec![7]);
+        assert!(backend.write_at(&[7], 4 * MIB).is_err());
+        backend.flush().expect("flush");
+        backend.flush_range(0, 4096).expect("fua");
+        backend.cache(0, 4 * MIB).expect("cache");
+        let caps = backend.capabilities();
+        assert!(caps.flush && caps.fua && caps.trim && caps.write_zeroes && caps.fast_zero);
+        assert!(caps.cache && caps.resize && caps.multi_conn && caps.block_status);
+        assert!(backend.may_block());
+    }
+
+    #[test]
+    fn block_status_of_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, 8 * MIB), false).expect("open");
+        // set_len made one hole over everything.
+        assert_eq!(status(&backend, 0, 8 * MIB), vec![(8 * MIB, HOLE_ZERO)]);
+        backend
+            .write_at(&vec![1; MIB as usize], 2 * MIB)
+            .expect("write");
+        backend.write_at(&[1], 6 * MIB + 100).expect("write");
+        let extents = status(&backend, 0, 8 * MIB);
+        assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), 8 * MIB);
+        assert!(!is_data(&extents, 0));
+        assert!(is_data(&extents, 2 * MIB));
+        assert!(is_data(&extents, 3 * MIB - 1));
+        assert!(!is_data(&extents, 4 * MIB + 1));
+        assert!(is_data(&extents, 6 * MIB + 100));
+        assert!(!is_data(&extents, 8 * MIB - 1));
+        // Alternating statuses, each extent merged.
+        assert!(extents.windows(2).all(|w| w[0].1 != w[1].1));
+        // A range starting inside data and ending inside a hole is clipped.
+        let inner = status(&backend, 2 * MIB + 10, MIB);
+        assert_eq!(inner.iter().map(|e| e.0).sum::<u64>(), MIB);
+        assert_eq!(inner[0], (MIB - 10, 0));
+        assert_eq!(inner[1].1, HOLE_ZERO);
+
+        // Punch a hole in the middle of the data (trim).
+        backend.trim(2 * MIB, MIB / 2).expect("trim");
+        let extents = status(&backend, 0, 8 * MIB);
+        assert!(!is_data(&extents, 2 * MIB));
+        assert!(is_data(&extents, 2 * MIB + MIB / 2));
+        assert_eq!(read(&backend, 2 * MIB, 4096), vec![0; 4096]);
+    }
+
+    #[test]
+    fn write_zeroes_modes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, 4 * MIB), false).expect("open");
+        let holes = reports_holes(&backend);
+        backend
+            .write_at(&vec![1; 4 * MIB as usize], 0)
+            .expect("write");
+        backend.flush().expect("flush");
+
+        // Without NO_HOLE: a punched hole.
+        let fast = ZeroFlags {
+            no_hole: false,
+            fast: true,
+        };
+        backend.write_zeroes(MIB, MIB, fast).expect("punch");
+        assert_eq!(read(&backend, MIB - 1, 2), vec![1, 0]);
+        assert_eq!(read(&backend, 2 * MIB - 1, 2), vec![0, 1]);
+        if holes {
+            assert!(!is_data(&status(&backend, 0, 4 * MIB), MIB));
+        }
+
+        // With NO_HOLE: zeroed, still allocated.
+        let no_hole = ZeroFlags {
+            no_hole: true,
+            fast: false,
+        };
+        backend
+            .write_zeroes(3 * MIB + 7, 1000, no_hole)
+            .expect("zero");
+        assert_eq!(read(&backend, 3 * MIB + 6, 1002), {
+            let mut v = vec![0; 1002];
+            v[0] = 1;
+            v[1001] = 1;
+            v
+        });
+        assert!(is_data(&status(&backend, 0, 4 * MIB), 3 * MIB + 7));
+    }
+
+    #[test]
+    fn zeroing_falls_back_without_fallocate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, MIB), false).expect("open");
+        backend.write_at(&vec![3; MIB as usize], 0).expect("write");
+        backend.forget_fallocate();
+        let fast = ZeroFlags {
+            no_hole: false,
+            fast: true,
+        };
+        let err = backend.write_zeroes(100, 5000, fast).expect_err("not fast");
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        assert_eq!(error_code(&err), ErrorCode::NotSupported);
+        // Untouched by the refused fast zero.
+        assert_eq!(read(&backend, 100, 5000), vec![3; 5000]);
+        backend
+            .write_zeroes(100, 3 * MIB / 4, ZeroFlags::default())
+            .expect("slow zero");
+        assert_eq!(
+            read(&backend, 100, 3 * MIB as usize / 4),
+            vec![0; 3 * MIB as usize / 4]
+        );
+        assert_eq!(read(&backend, 99, 1), vec![3]);
+        // Trim without hole punching is a successful no-op.
+        backend.trim(0, MIB).expect("trim");
+        assert_eq!(read(&backend, 0, 1), vec![3]);
+    }
+
+    /// tmpfs punches holes but has no `ZERO_RANGE`: NO_HOLE zeroing must
+    /// fall back for real.
+    #[test]
+    fn tmpfs_zero_range_fallback() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let backend = FileBackend::open(&image(&dir, MIB), false).expect("open");
+        backend.write_at(&vec![5; MIB as usize], 0).expect("write");
+        let fast_no_hole = ZeroFlags {
+            no_hole: true,
+            fast: true,
+        };
+        match backend.write_zeroes(4096, 8192, fast_no_hole) {
+            Ok(()) => assert!(backend.zero_range.load(Ordering::Relaxed)),
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+                assert!(!backend.zero_range.load(Ordering::Relaxed));
+                assert_eq!(read(&backend, 4096, 8192), vec![5; 8192]);
+            }
+        }
+        let no_hole = ZeroFlags {
+            no_hole: true,
+            fast: false,
+        };
+        backend.write_zeroes(4096, 8192, no_hole).expect("zero");
+        assert_eq!(read(&backend, 4096, 8192), vec![0; 8192]);
+        assert_eq!(read(&backend, 4095, 1), vec![5]);
+        assert!(is_data(&status(&backend, 0, MIB), 4096));
+        // Punching works on tmpfs.
+        backend.trim(65536, 65536).expect("trim");
+        assert_eq!(read(&backend, 65536, 65536), vec![0; 65536]);
+        assert!(!is_data(&status(&backend, 0, MIB), 65536));
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = image(&dir, MIB);
+        FileBackend::open(&path, false)
+            .and_then(|b| b.write_at(b"hello", 10))
+            .expect("write");
+        let backend = FileBackend::open(&path, true).expect("open read-only");
+        assert_eq!(read(&backend, 10, 5), b"hello");
+        let refused = [
+            backend.write_at(b"x", 0).expect_err("write"),
+            backend.trim(0, 4096).expect_err("trim"),
+            backend
+                .write_zeroes(0, 4096, ZeroFlags::default())
+                .expect_err("zero"),
+            backend.resize(2 * MIB).expect_err("resize"),
+        ];
+        for err in refused {
+            assert_eq!(error_code(&err), ErrorCode::Perm, "{err}");
+        }
+        let caps = backend.capabilities();
+        assert!(!caps.flush && !caps.fua && !caps.trim && !caps.write_zeroes);
+        assert!(!caps.fast_zero && !caps.resize);
+        assert!(caps.block_status && caps.cache && caps.multi_conn);
+        assert_eq!(read(&backend, 10, 5), b"hello");
+    }
+
+    #[test]
+    fn resize_grows_and_shrinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = image(&dir, MIB);
+        let backend = FileBackend::open(&path, false).expect("open");
+        backend.write_at(&[9; 100], MIB - 100).expect("write");
+        backend.resize(3 * MIB).expect("grow");
+        assert_eq!(backend.size(), 3 * MIB);
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 3 * MIB);
+        assert_eq!(read(&backend, MIB - 1, 2), vec![9, 0]);
+        backend
+            .write_at(&[4], 3 * MIB - 1)
+            .expect("write at the new end");
+        backend.resize(MIB - 50).expect("shrink");
+        assert_eq!(backend.size(), MIB - 50);
+        assert!(backend.write_at(&[1], MIB - 50).is_err());
+        backend.resize(MIB).expect("grow again");
+        assert_eq!(read(&backend, MIB - 51, 51), {
+            let mut v = vec![0; 51];
+            v[0] = 9;
+            v
+        });
+        assert_eq!(
+            status(&backend, 0, MIB).iter().map(|e| e.0).sum::<u64>(),
+            MIB
+        );
+    }
+
+    #[test]
+    fn refuses_other_file_types() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = FileBackend::open(dir.path(), true).expect_err("a directory");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn block_status_stops_after_max_extents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blocks = 2 * MAX_EXTENTS as u64 + 4;
+        let step = 64 * 1024;
+        let backend = FileBackend::open(&image(&dir, blocks * step), false).expect("open");
+        if !reports_holes(&backend) {
+            return;
+        }
+        for block in (0..blocks).step_by(2) {
+            backend.write_at(&[1; 4096], block * step).expect("write");
+        }
+        let extents = status(&backend, 0, blocks * step);
+        assert_eq!(extents.len(), MAX_EXTENTS);
+        assert_eq!(extents[0].1, 0);
+    }
+}
