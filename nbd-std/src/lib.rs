@@ -1,8 +1,18 @@
-//! std shell for the NBD core.
+//! # nbd-std
 //!
-//! Not implemented yet. This crate will hold the TCP and unix-socket
-//! server, the storage backends (memory, file), client commands, a
-//! WebSocket bridge, and the `nbd-std` command-line tool built on them.
+//! The std shell of the NBD core: a TCP and unix-socket server over
+//! storage backends, and the `nbd-std` command-line tool.
+//!
+//! - [`backend`]: the [`Backend`](backend::Backend) trait users implement
+//!   for their own storage, and the `memory` and `file` backends;
+//! - [`export`]: export descriptions as the command line gives them
+//!   (`memory:1G,desc=scratch`, `file:disk.img,ro`) and the catalog served;
+//! - [`server`]: the listener and the per-connection driver of the core.
+
+pub mod backend;
+pub mod export;
+pub mod server;
+pub mod size;
 
 /// TCP port an NBD server listens on unless told otherwise (IANA).
 pub const DEFAULT_PORT: u16 = nbd_core::wire::DEFAULT_PORT;

@@ -1,34 +1,208 @@
-//! `nbd-std`: command-line front end of the std shell.
+//! `nbd-std`: the command-line tool of the std shell.
 //!
-//! No commands exist yet; `serve` arrives with the server.
+//! `nbd-std serve` runs an NBD server; see `nbd-std serve --help`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-fn usage() -> String {
-    format!(
-        "usage: nbd-std <command> [args...]\n\
-         \n\
-         No commands are implemented yet (the `serve` command is coming).\n\
-         The default NBD port is {}.\n",
-        nbd_std::DEFAULT_PORT
-    )
+use clap::{Parser, Subcommand};
+use nbd_std::export::{ExportSet, ExportSpec, StorageSpec};
+use nbd_std::server::{Listener, Server};
+use nbd_std::size::parse_size;
+use tracing::{error, info};
+
+/// Network Block Device tools over the nbd-core protocol core.
+#[derive(Debug, Parser)]
+#[command(name = "nbd-std", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve exports to NBD clients (nbdinfo, qemu, libnbd, nbd-client).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: String,
+    /// TCP port to listen on.
+    #[arg(long, default_value_t = nbd_std::DEFAULT_PORT)]
+    port: u16,
+    /// Listen on this unix socket instead of TCP.
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Size of the default in-memory export (used without --export):
+    /// bytes, or with K, M, G, T (binary units, optional iB/B).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    log_level: String,
+    /// Refuse writes on every export.
+    #[arg(long)]
+    read_only: bool,
+    /// An export: NAME=memory:SIZE or NAME=file:PATH, then ,ro and
+    /// ,desc=TEXT as wanted. Repeat for several; the first is the default.
+    #[arg(long = "export", value_name = "NAME=SPEC", value_parser = ExportSpec::parse)]
+    exports: Vec<ExportSpec>,
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        Some("-h" | "--help" | "help") => {
-            print!("{}", usage());
-            ExitCode::SUCCESS
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => {
+            // --help and --version.
+            print!("{error}");
+            return ExitCode::SUCCESS;
         }
-        Some(other) => {
-            eprintln!("nbd-std: unknown command `{other}`\n");
-            eprint!("{}", usage());
-            ExitCode::from(2)
+        Err(error) => {
+            let rendered = error.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("nbd-std: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
         }
-        None => {
-            eprint!("{}", usage());
-            ExitCode::from(2)
+    };
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+/// Exit code for bad arguments, found before anything listens.
+const USAGE: u8 = 2;
+
+fn serve(args: ServeArgs) -> ExitCode {
+    if let Err(message) = init_logging(&args.log_level) {
+        eprintln!("nbd-std: --log-level: {message}");
+        return ExitCode::from(USAGE);
+    }
+    let specs = if args.exports.is_empty() {
+        vec![ExportSpec {
+            name: "memory".to_owned(),
+            storage: StorageSpec::Memory(args.size),
+            read_only: args.read_only,
+            description: String::new(),
+        }]
+    } else {
+        args.exports
+            .iter()
+            .cloned()
+            .map(|spec| ExportSpec {
+                read_only: spec.read_only || args.read_only,
+                ..spec
+            })
+            .collect()
+    };
+    let mut exports = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        match spec.open() {
+            Ok(export) => exports.push(export),
+            Err(message) => {
+                eprintln!("nbd-std: --export: {message}");
+                return ExitCode::from(USAGE);
+            }
         }
     }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("nbd-std: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match &args.unix {
+            Some(path) => {
+                Listener::bind_unix(path).map_err(|e| format!("--unix {}: {e}", path.display()))
+            }
+            None => Listener::bind_tcp(&args.bind, args.port)
+                .await
+                .map_err(|e| format!("--bind {} --port {}: {e}", args.bind, args.port)),
+        };
+        let listener = match listener {
+            Ok(listener) => listener,
+            Err(message) => {
+                eprintln!("nbd-std: {message}");
+                return ExitCode::from(USAGE);
+            }
+        };
+        for export in &exports {
+            info!(
+                "export `{}`: {} bytes{}{}",
+                export.name,
+                export.backend.size(),
+                if export.read_only { ", read-only" } else { "" },
+                if export.description.is_empty() {
+                    String::new()
+                } else {
+                    format!(", \"{}\"", export.description)
+                }
+            );
+        }
+        let server = Server::new(ExportSet::new(exports), nbd_core::server::Config::default());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received: finishing requests in flight, then exiting");
+            let _ = stop.send(true);
+        });
+        match server.run(listener, stopped).await {
+            Ok(()) => {
+                info!("server stopped");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                error!("server failed: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        _ => {
+            error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn init_logging(level: &str) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => {
+            EnvFilter::try_new(directives).map_err(|e| format!("RUST_LOG: {e}"))?
+        }
+        _ => {
+            let level: tracing::Level = level.parse().map_err(|_| {
+                format!("`{level}` is not a level (error, warn, info, debug, trace)")
+            })?;
+            EnvFilter::new(level.to_string())
+        }
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| e.to_string())
 }

@@ -450,7 +450,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             }
             Action::StructuredReply => {
                 self.features.structured_replies = true;
-                info!("structured replies negotiated");
+                debug!("structured replies negotiated");
                 NegotiationOutput::Reply {
                     option,
                     reply_type: OptionReplyType::Ack,
@@ -461,7 +461,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             Action::ExtendedHeaders => {
                 self.features.structured_replies = true;
                 self.features.extended_headers = true;
-                info!("extended headers negotiated");
+                debug!("extended headers negotiated");
                 NegotiationOutput::Reply {
                     option,
                     reply_type: OptionReplyType::Ack,
@@ -476,7 +476,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             } => {
                 if set && matched {
                     self.meta_export = Some(export);
-                    info!("metadata context base:allocation selected");
+                    debug!("metadata context base:allocation selected");
                 }
                 NegotiationOutput::MetaContext {
                     option,
@@ -492,7 +492,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return;
         };
         let flags = export.transmission_flags(self.features);
-        info!(
+        debug!(
             "export {} selected: {} bytes, flags {:?}",
             index, export.size, flags
         );

@@ -96,7 +96,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// The next transmission reply, freeing its slot when it is the last.
     fn next_reply_output(&mut self) -> Option<Out> {
         let (id, slot, reply) = self.inflight.pop_ready()?;
-        debug!("reply to cookie {:#x} ({:?}): {:?}", slot.cookie, slot.command, reply);
+        debug!(
+            "reply to cookie {:#x} ({:?}): {:?}",
+            slot.cookie, slot.command, reply
+        );
         let structured = self.features.structured_replies;
         let mut last = true;
         let out = match reply {

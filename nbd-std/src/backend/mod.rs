@@ -1,0 +1,151 @@
+//! Storage behind an export. A [`Backend`] is what a user implements to
+//! serve their own storage; `memory` and `file` are the ones the CLI offers.
+//!
+//! Methods take `&self` and may be called from several threads at once
+//! (several connections, several requests in flight); a backend makes its
+//! own interior state safe. Offsets and lengths are already validated by
+//! the protocol core: in range, aligned to the export's block sizes.
+
+use std::io;
+
+use nbd_core::export::{Capabilities, DEFAULT_BLOCK_SIZES};
+use nbd_core::wire::{BlockSizeConstraints, ErrorCode, ExtDescriptor};
+
+pub mod file;
+pub mod memory;
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+
+/// How `write_zeroes` must behave (`NBD_CMD_WRITE_ZEROES` flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ZeroFlags {
+    /// The range must stay allocated (`NBD_CMD_FLAG_NO_HOLE`).
+    pub no_hole: bool,
+    /// Fail with `io::ErrorKind::Unsupported` at once unless zeroing is
+    /// faster than writing zeroes (`NBD_CMD_FLAG_FAST_ZERO`).
+    pub fast: bool,
+}
+
+/// Storage for one export.
+pub trait Backend: Send + Sync + 'static {
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+
+    /// Optional commands this storage supports; the export's transmission
+    /// flags follow from them. `flush` and `fua` must only be claimed when
+    /// [`flush`](Self::flush) really makes data durable.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Block size constraints clients must respect.
+    fn block_sizes(&self) -> BlockSizeConstraints {
+        DEFAULT_BLOCK_SIZES
+    }
+
+    /// Whether calls may block for long (disk I/O): the server then runs
+    /// them on a thread pool. Fast in-memory backends return `false` and
+    /// run inline on the connection's task.
+    fn may_block(&self) -> bool {
+        true
+    }
+
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Stores `data` at `offset`.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable (`NBD_CMD_FLUSH`).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Makes the range durable (`NBD_CMD_FLAG_FUA`); by default a flush.
+    fn flush_range(&self, offset: u64, length: u64) -> io::Result<()> {
+        let _ = (offset, length);
+        self.flush()
+    }
+
+    /// Discards the range (`NBD_CMD_TRIM`); its content is unspecified after.
+    fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        let _ = (offset, length);
+        Ok(())
+    }
+
+    /// Zeroes the range (`NBD_CMD_WRITE_ZEROES`). The default writes zero
+    /// buffers, which is never fast.
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
+        if flags.fast {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        const CHUNK: usize = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(usize::try_from(length).unwrap_or(CHUNK))];
+        let mut at = offset;
+        let end = offset + length;
+        while at < end {
+            let n = (end - at).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Hints that the range will be read soon (`NBD_CMD_CACHE`).
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        let _ = (offset, length);
+        Ok(())
+    }
+
+    /// Appends the `base:allocation` extents covering at least the first
+    /// byte of the range, in order, to `extents` (`NBD_CMD_BLOCK_STATUS`).
+    /// Status bits are `AllocationFlags` (`HOLE` = 1, `ZERO` = 2). The
+    /// default reports the whole range as allocated data.
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        extents: &mut Vec<ExtDescriptor>,
+    ) -> io::Result<()> {
+        let _ = offset;
+        extents.push(ExtDescriptor { length, status: 0 });
+        Ok(())
+    }
+
+    /// Changes the size (`NBD_CMD_RESIZE`).
+    fn resize(&self, size: u64) -> io::Result<()> {
+        let _ = size;
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// The NBD error a storage failure is reported as (spec: "Error values":
+/// `EDQUOT` and `EFBIG` map to `ENOSPC`; unknown failures are `EIO`).
+pub fn error_code(error: &io::Error) -> ErrorCode {
+    const EPERM: i32 = 1;
+    const EACCES: i32 = 13;
+    const EROFS: i32 = 30;
+    const ENOMEM: i32 = 12;
+    const EINVAL: i32 = 22;
+    const ENOSPC: i32 = 28;
+    const EFBIG: i32 = 27;
+    const EDQUOT: i32 = 122;
+    const EOVERFLOW: i32 = 75;
+    const EOPNOTSUPP: i32 = 95;
+    match error.raw_os_error() {
+        Some(EPERM | EACCES | EROFS) => ErrorCode::Perm,
+        Some(ENOMEM) => ErrorCode::NoMemory,
+        Some(EINVAL) => ErrorCode::Invalid,
+        Some(ENOSPC | EFBIG | EDQUOT) => ErrorCode::NoSpace,
+        Some(EOVERFLOW) => ErrorCode::Overflow,
+        Some(EOPNOTSUPP) => ErrorCode::NotSupported,
+        Some(_) => ErrorCode::Io,
+        None => match error.kind() {
+            io::ErrorKind::Unsupported => ErrorCode::NotSupported,
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => ErrorCode::Perm,
+            io::ErrorKind::OutOfMemory => ErrorCode::NoMemory,
+            io::ErrorKind::InvalidInput => ErrorCode::Invalid,
+            io::ErrorKind::StorageFull
+            | io::ErrorKind::QuotaExceeded
+            | io::ErrorKind::FileTooLarge => ErrorCode::NoSpace,
+            _ => ErrorCode::Io,
+        },
+    }
+}

@@ -1,0 +1,487 @@
+//! Drives one client: bytes in to the core, storage work out to the
+//! backend (inline for fast backends, on the blocking pool otherwise), and
+//! every reply ready sent in one vectored write, read data straight from
+//! the buffer it was read into.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+
+use nbd_core::server::{
+    CloseReason, Config, Event, Payload, ReadOutcome, Request, RequestId, StdConnection,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::storage::{Done, Job};
+use crate::backend::{Backend, ZeroFlags, error_code};
+use crate::export::ExportSet;
+
+/// Bytes of client input buffered: room for several 1 MiB writes, so a
+/// burst of requests is handled in one pass.
+const INPUT_BYTES: usize = 4 << 20;
+
+/// Zero bytes for simple replies to reads of holes.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Runs the connection until the client leaves or the session ends.
+pub(super) async fn run<S>(
+    stream: S,
+    exports: Arc<ExportSet>,
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    info!("client connected");
+    let mut driver = Driver::new(exports, config);
+    match driver.serve(stream, shutdown).await {
+        Ok(()) => info!("client disconnected; requests served: {}", driver.requests),
+        Err(error) => warn!(
+            "connection closed ({error}); requests served: {}",
+            driver.requests
+        ),
+    }
+}
+
+/// A write whose payload is being gathered for the blocking pool.
+struct PendingWrite {
+    offset: u64,
+    fua: bool,
+    data: Vec<u8>,
+}
+
+/// One piece of a vectored write.
+enum Segment {
+    /// `out[range]`: reply headers the core encoded.
+    Head(std::ops::Range<usize>),
+    /// Read data.
+    Data(Vec<u8>),
+    /// Zero bytes.
+    Zeroes(u64),
+}
+
+struct Driver {
+    conn: StdConnection<Arc<ExportSet>>,
+    exports: Arc<ExportSet>,
+    backend: Option<Arc<dyn Backend>>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    /// Jobs on the blocking pool.
+    pending: usize,
+    /// Read data waiting for its reply header.
+    read_data: HashMap<RequestId, Vec<u8>>,
+    writes: HashMap<RequestId, PendingWrite>,
+    /// Writes the shell already failed; the core drops the rest of their payload.
+    failed_writes: Vec<RequestId>,
+    /// Completions refused as `Busy` (block-status buffer full), retried
+    /// after the next transmit.
+    retry: Vec<Done>,
+    buffers: Vec<Vec<u8>>,
+    out: Vec<u8>,
+    segments: Vec<Segment>,
+    requests: u64,
+    closed: bool,
+}
+
+impl Driver {
+    fn new(exports: Arc<ExportSet>, config: Config) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            conn: StdConnection::new(Arc::clone(&exports), config),
+            exports,
+            backend: None,
+            done_tx,
+            done_rx,
+            pending: 0,
+            read_data: HashMap::new(),
+            writes: HashMap::new(),
+            failed_writes: Vec::new(),
+            retry: Vec::new(),
+            buffers: Vec::new(),
+            out: Vec::new(),
+            segments: Vec::new(),
+            requests: 0,
+            closed: false,
+        }
+    }
+
+    async fn serve<S>(
+        &mut self,
+        mut stream: S,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut input = vec![0u8; INPUT_BYTES];
+        let (mut start, mut end) = (0usize, 0usize);
+        let mut eof = false;
+        if *shutdown.borrow() {
+            self.conn.shutdown();
+        }
+        loop {
+            while let Ok(done) = self.done_rx.try_recv() {
+                self.pending -= 1;
+                self.apply(done);
+            }
+            start += self.pump(&input[start..end])?;
+            let sent = self.transmit(&mut stream).await?;
+            if self.closed {
+                return stream.shutdown().await;
+            }
+            if start == end {
+                (start, end) = (0, 0);
+            } else if end == input.len() {
+                input.copy_within(start..end, 0);
+                (start, end) = (0, end - start);
+            }
+            if sent > 0 && start < end {
+                // Replies went out; input that waited on them may go on now.
+                continue;
+            }
+            if eof && self.pending == 0 {
+                return Ok(());
+            }
+            let room = !eof && end < input.len();
+            tokio::select! {
+                done = self.done_rx.recv(), if self.pending > 0 => {
+                    if let Some(done) = done {
+                        self.pending -= 1;
+                        self.apply(done);
+                    }
+                }
+                read = stream.read(&mut input[end..]), if room => match read? {
+                    0 => {
+                        debug!("client closed its side");
+                        eof = true;
+                    }
+                    n => end += n,
+                },
+                _ = shutdown.changed() => self.conn.shutdown(),
+                else => return Err(io::Error::other("connection stalled: input buffer full and nothing in flight")),
+            }
+        }
+    }
+
+    /// Feeds input to the core and handles every event; returns the bytes consumed.
+    fn pump(&mut self, input: &[u8]) -> io::Result<usize> {
+        let mut consumed = 0;
+        loop {
+            let step = self.conn.process(&input[consumed..]).map_err(|error| {
+                warn!("protocol error: {error}");
+                io::Error::new(io::ErrorKind::InvalidData, error)
+            })?;
+            consumed += step.consumed;
+            let Some(event) = step.event else {
+                return Ok(consumed);
+            };
+            match event {
+                Event::ExportSelected {
+                    index,
+                    size,
+                    flags,
+                    features,
+                } => {
+                    let served = self
+                        .exports
+                        .get(index)
+                        .ok_or_else(|| io::Error::other("export vanished"))?;
+                    info!(
+                        "export `{}` selected: {size} bytes, flags {flags:?}, structured replies {}, extended headers {}",
+                        served.name, features.structured_replies, features.extended_headers
+                    );
+                    self.backend = Some(Arc::clone(&served.backend));
+                }
+                Event::Request(request) => {
+                    self.requests += 1;
+                    self.request(request);
+                }
+                Event::WriteData {
+                    id,
+                    offset,
+                    data,
+                    remaining,
+                } => self.write_data(id, offset, data, remaining),
+                Event::Close(reason) => {
+                    if reason == CloseReason::Shutdown {
+                        info!("closing for server shutdown");
+                    }
+                    self.closed = true;
+                    return Ok(consumed);
+                }
+                Event::StartTls => {
+                    return Err(io::Error::other(
+                        "TLS requested but this server has no TLS configured",
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn request(&mut self, request: Request) {
+        debug!("request {request:?}");
+        let job = match request {
+            Request::Read { id, offset, length } => {
+                let buffer = self.buffer(length as usize);
+                Job::Read { id, offset, buffer }
+            }
+            Request::Write {
+                id,
+                offset,
+                length,
+                fua,
+            } => {
+                if self.may_block() {
+                    let mut data = self.buffer(0);
+                    data.reserve(length as usize);
+                    self.writes.insert(id, PendingWrite { offset, fua, data });
+                } else if fua {
+                    self.writes.insert(
+                        id,
+                        PendingWrite {
+                            offset,
+                            fua,
+                            data: Vec::new(),
+                        },
+                    );
+                }
+                return;
+            }
+            Request::Flush { id } => Job::Flush { id },
+            Request::Trim {
+                id,
+                offset,
+                length,
+                fua,
+            } => Job::Trim {
+                id,
+                offset,
+                length,
+                fua,
+            },
+            Request::WriteZeroes {
+                id,
+                offset,
+                length,
+                fua,
+                no_hole,
+                fast,
+            } => Job::Zero {
+                id,
+                offset,
+                length,
+                fua,
+                flags: ZeroFlags { no_hole, fast },
+            },
+            Request::Cache { id, offset, length } => Job::Cache { id, offset, length },
+            Request::BlockStatus {
+                id, offset, length, ..
+            } => Job::BlockStatus {
+                id,
+                offset,
+                length,
+                extents: Vec::new(),
+            },
+            Request::Resize { id, size } => Job::Resize { id, size },
+            _ => return,
+        };
+        self.dispatch(job);
+    }
+
+    /// A piece of a write's payload: stored at once by fast backends,
+    /// gathered for the pool otherwise.
+    fn write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
+        if self.failed_writes.contains(&id) {
+            return;
+        }
+        if self.may_block() {
+            let Some(write) = self.writes.get_mut(&id) else {
+                return;
+            };
+            write.data.extend_from_slice(data);
+            if remaining == 0
+                && let Some(write) = self.writes.remove(&id)
+            {
+                self.dispatch(Job::Write {
+                    id,
+                    offset: write.offset,
+                    data: write.data,
+                    fua: write.fua,
+                });
+            }
+            return;
+        }
+        let Some(backend) = self.backend.clone() else {
+            return;
+        };
+        if let Err(error) = backend.write_at(data, offset) {
+            self.writes.remove(&id);
+            self.failed_writes.push(id);
+            self.apply(Done::Other {
+                id,
+                result: Err(error),
+            });
+            return;
+        }
+        if remaining == 0 {
+            let result = match self.writes.remove(&id) {
+                Some(write) => {
+                    backend.flush_range(write.offset, offset + data.len() as u64 - write.offset)
+                }
+                None => Ok(()),
+            };
+            self.apply(Done::Other { id, result });
+        }
+    }
+
+    fn may_block(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| b.may_block())
+    }
+
+    fn dispatch(&mut self, job: Job) {
+        let Some(backend) = self.backend.clone() else {
+            return;
+        };
+        if backend.may_block() {
+            let done_tx = self.done_tx.clone();
+            self.pending += 1;
+            tokio::task::spawn_blocking(move || {
+                // The receiver is gone only when the connection ended.
+                let _ = done_tx.send(job.run(&*backend));
+            });
+        } else {
+            let done = job.run(&*backend);
+            self.apply(done);
+        }
+    }
+
+    /// Hands a finished job's outcome to the core.
+    fn apply(&mut self, done: Done) {
+        if let Err(error) = done.result() {
+            error!("storage error: {error}");
+        }
+        let code = |result: io::Result<()>| result.map_err(|e| error_code(&e));
+        let outcome = match done {
+            Done::Read { id, buffer, result } => match result {
+                Ok(()) => {
+                    self.read_data.insert(id, buffer);
+                    self.conn.complete_read(id, ReadOutcome::Data)
+                }
+                Err(error) => {
+                    self.buffers.push(buffer);
+                    self.conn
+                        .complete_read(id, ReadOutcome::Error(error_code(&error)))
+                }
+            },
+            Done::Write { id, data, result } => {
+                self.buffers.push(data);
+                self.conn.complete(id, code(result))
+            }
+            Done::Other { id, result } => self.conn.complete(id, code(result)),
+            Done::BlockStatus {
+                id,
+                extents,
+                result: Ok(()),
+            } => match self.conn.complete_block_status(id, &extents) {
+                Err(nbd_core::server::CompletionError::Busy) => {
+                    self.retry.push(Done::BlockStatus {
+                        id,
+                        extents,
+                        result: Ok(()),
+                    });
+                    Ok(())
+                }
+                other => other,
+            },
+            Done::BlockStatus { id, result, .. } => self.conn.complete(id, code(result)),
+        };
+        if let Err(error) = outcome {
+            error!("completion refused by the protocol core: {error}");
+        }
+    }
+
+    /// A buffer of `len` bytes, reused when possible.
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut buffer = self.buffers.pop().unwrap_or_default();
+        buffer.resize(len, 0);
+        buffer
+    }
+
+    /// Sends every reply ready in one vectored write; returns the replies sent.
+    async fn transmit<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<usize> {
+        self.out.clear();
+        let mut messages = 0;
+        while let Some(transmit) = self.conn.poll_transmit() {
+            messages += 1;
+            let start = self.out.len();
+            for part in transmit.parts {
+                self.out.extend_from_slice(part);
+            }
+            match self.segments.last_mut() {
+                Some(Segment::Head(range)) if range.end == start => range.end = self.out.len(),
+                _ => self.segments.push(Segment::Head(start..self.out.len())),
+            }
+            match transmit.payload {
+                Some(Payload::Data { id, length, .. }) => {
+                    let data = self.read_data.remove(&id).unwrap_or_else(|| {
+                        error!(
+                            "read data for request {} missing: sending zeroes",
+                            id.to_bits()
+                        );
+                        Vec::new()
+                    });
+                    if data.len() as u64 == length {
+                        self.segments.push(Segment::Data(data));
+                    } else {
+                        self.segments.push(Segment::Zeroes(length));
+                    }
+                }
+                Some(Payload::Zeroes { length }) => self.segments.push(Segment::Zeroes(length)),
+                _ => {}
+            }
+        }
+        if messages > 0 {
+            self.write_segments(stream).await?;
+        }
+        for done in std::mem::take(&mut self.retry) {
+            self.apply(done);
+        }
+        Ok(messages)
+    }
+
+    async fn write_segments<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(self.segments.len());
+        for segment in &self.segments {
+            match segment {
+                Segment::Head(range) => slices.push(IoSlice::new(&self.out[range.clone()])),
+                Segment::Data(data) => slices.push(IoSlice::new(data)),
+                Segment::Zeroes(length) => {
+                    let mut left = *length;
+                    while left > 0 {
+                        let n = left.min(ZEROES.len() as u64) as usize;
+                        slices.push(IoSlice::new(&ZEROES[..n]));
+                        left -= n as u64;
+                    }
+                }
+            }
+        }
+        let mut remaining: &mut [IoSlice<'_>] = &mut slices;
+        while !remaining.is_empty() {
+            let written = stream.write_vectored(remaining).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut remaining, written);
+        }
+        drop(slices);
+        for segment in self.segments.drain(..) {
+            if let Segment::Data(buffer) = segment {
+                self.buffers.push(buffer);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,174 @@
+//! Storage work for one request, run inline or on the blocking pool, and
+//! its outcome.
+
+use std::io;
+
+use nbd_core::server::RequestId;
+use nbd_core::wire::ExtDescriptor;
+
+use crate::backend::{Backend, ZeroFlags};
+
+/// One storage operation.
+#[derive(Debug)]
+pub(super) enum Job {
+    Read {
+        id: RequestId,
+        offset: u64,
+        buffer: Vec<u8>,
+    },
+    Write {
+        id: RequestId,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Flush {
+        id: RequestId,
+    },
+    Trim {
+        id: RequestId,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    Zero {
+        id: RequestId,
+        offset: u64,
+        length: u64,
+        fua: bool,
+        flags: ZeroFlags,
+    },
+    Cache {
+        id: RequestId,
+        offset: u64,
+        length: u64,
+    },
+    BlockStatus {
+        id: RequestId,
+        offset: u64,
+        length: u64,
+        extents: Vec<ExtDescriptor>,
+    },
+    Resize {
+        id: RequestId,
+        size: u64,
+    },
+}
+
+/// What came of a job. Buffers travel back for reuse.
+#[derive(Debug)]
+pub(super) enum Done {
+    Read {
+        id: RequestId,
+        buffer: Vec<u8>,
+        result: io::Result<()>,
+    },
+    Write {
+        id: RequestId,
+        data: Vec<u8>,
+        result: io::Result<()>,
+    },
+    Other {
+        id: RequestId,
+        result: io::Result<()>,
+    },
+    BlockStatus {
+        id: RequestId,
+        extents: Vec<ExtDescriptor>,
+        result: io::Result<()>,
+    },
+}
+
+impl Job {
+    /// Carries the job out.
+    pub(super) fn run(self, backend: &dyn Backend) -> Done {
+        let durable = |fua: bool, offset: u64, length: u64| {
+            if fua {
+                backend.flush_range(offset, length)
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Self::Read {
+                id,
+                offset,
+                mut buffer,
+            } => {
+                let result = backend.read_at(&mut buffer, offset);
+                Done::Read { id, buffer, result }
+            }
+            Self::Write {
+                id,
+                offset,
+                data,
+                fua,
+            } => {
+                let result = backend
+                    .write_at(&data, offset)
+                    .and_then(|()| durable(fua, offset, data.len() as u64));
+                Done::Write { id, data, result }
+            }
+            Self::Flush { id } => Done::Other {
+                id,
+                result: backend.flush(),
+            },
+            Self::Trim {
+                id,
+                offset,
+                length,
+                fua,
+            } => Done::Other {
+                id,
+                result: backend
+                    .trim(offset, length)
+                    .and_then(|()| durable(fua, offset, length)),
+            },
+            Self::Zero {
+                id,
+                offset,
+                length,
+                fua,
+                flags,
+            } => Done::Other {
+                id,
+                result: backend
+                    .write_zeroes(offset, length, flags)
+                    .and_then(|()| durable(fua, offset, length)),
+            },
+            Self::Cache { id, offset, length } => Done::Other {
+                id,
+                result: backend.cache(offset, length),
+            },
+            Self::BlockStatus {
+                id,
+                offset,
+                length,
+                mut extents,
+            } => {
+                extents.clear();
+                let result = backend.block_status(offset, length, &mut extents);
+                Done::BlockStatus {
+                    id,
+                    extents,
+                    result,
+                }
+            }
+            Self::Resize { id, size } => Done::Other {
+                id,
+                result: backend.resize(size),
+            },
+        }
+    }
+}
+
+impl Done {
+    pub(super) fn result(&self) -> &io::Result<()> {
+        match self {
+            Self::Read { result, .. }
+            | Self::Write { result, .. }
+            | Self::Other { result, .. }
+            | Self::BlockStatus { result, .. } => result,
+        }
+    }
+}
