@@ -118,8 +118,12 @@ impl Driver {
         let mut input = vec![0u8; INPUT_BYTES];
         let (mut start, mut end) = (0usize, 0usize);
         let mut eof = false;
+        // Stop watching once told (or once the sender is gone), so a closed
+        // channel cannot wake the loop forever.
+        let mut watching = true;
         if *shutdown.borrow() {
             self.conn.shutdown();
+            watching = false;
         }
         loop {
             while let Ok(done) = self.done_rx.try_recv() {
@@ -159,7 +163,12 @@ impl Driver {
                     }
                     n => end += n,
                 },
-                _ = shutdown.changed() => self.conn.shutdown(),
+                changed = shutdown.changed(), if watching => {
+                    watching = false;
+                    if changed.is_ok() && *shutdown.borrow() {
+                        self.conn.shutdown();
+                    }
+                }
                 else => return Err(io::Error::other("connection stalled: input buffer full and nothing in flight")),
             }
         }

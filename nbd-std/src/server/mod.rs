@@ -93,6 +93,7 @@ impl Server {
         info!("listening on {}", listener.describe());
         let mut connections = JoinSet::new();
         let mut next_id: u64 = 0;
+        let mut watching = true;
         while !*shutdown.borrow() {
             tokio::select! {
                 accepted = accept(&listener) => match accepted {
@@ -107,7 +108,10 @@ impl Server {
                     }
                 },
                 Some(finished) = connections.join_next(), if !connections.is_empty() => report(finished),
-                _ = shutdown.changed() => {}
+                changed = shutdown.changed(), if watching => {
+                    // A dropped sender can never stop the server: serve on.
+                    watching = changed.is_ok();
+                }
             }
         }
         info!(
