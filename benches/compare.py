@@ -617,6 +617,13 @@ def render(report: dict) -> str:
         ):
             vals = [r[field] for r in runs]
             lines.append(f"| {label} | {statistics.median(vals):.2f} | {max(vals):.2f} |")
+        busy = [r for r in runs if r["others_cpu_pct"] > 25]
+        if busy:
+            lines += [
+                "",
+                f"{len(busy)} of {len(runs)} measured runs shared the machine with other processes using more "
+                "than 25 % of a CPU: their throughput (less so their CPU µs/IO) is unreliable; rerun on a quiet machine.",
+            ]
     errors = [r for r in report["runs"] if "error" in r]
     if errors:
         lines += ["", "## Errors", ""]
