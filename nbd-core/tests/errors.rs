@@ -117,6 +117,45 @@ fn write_past_the_end_is_enospc_and_its_payload_consumed() {
 }
 
 #[test]
+fn a_refused_write_is_answered_only_after_its_payload() {
+    // libnbd 1.14 drops the connection when a reply arrives for a write it
+    // is still sending, so the refusal waits for the whole payload.
+    for structured in [false, true] {
+        let mut h = connect(disk(), structured);
+        let payload = vec![0xee; 4096];
+        let bytes = write_request(h.style(), CommandFlags::empty(), 1, SIZE, &payload);
+        h.send(&bytes[..bytes.len() - 1]);
+        assert_eq!(
+            replies(&h.received(), &[]),
+            vec![],
+            "reply before the payload was read"
+        );
+        h.send(&bytes[bytes.len() - 1..]);
+        let got = replies(&h.received(), &[]);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_error(&got[0], 1, ErrorCode::NoSpace);
+    }
+}
+
+#[test]
+fn a_refused_write_ending_at_2_pow_64_keeps_the_stream_in_sync() {
+    let mut h = connect(disk(), true);
+    let payload = vec![0xee; 4096];
+    let bytes = write_request(
+        h.style(),
+        CommandFlags::empty(),
+        1,
+        u64::MAX - 4095,
+        &payload,
+    );
+    h.send(&bytes);
+    let got = replies(&h.received(), &[]);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_error(&got[0], 1, ErrorCode::NoSpace);
+    h.read_ok(2, 0, 512);
+}
+
+#[test]
 fn misaligned_requests_are_einval() {
     for structured in [false, true] {
         let mut h = connect(disk().with_block_sizes(ALIGNED), structured);

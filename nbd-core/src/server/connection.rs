@@ -359,6 +359,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 if let Some(receiving) = self.receiving.as_mut().filter(|r| r.id == id) {
                     receiving.mode = ReceiveMode::Discard;
                 }
+                self.log_completion(id, result);
+                let error = result.err().map(|e| (e, Reason::Storage));
+                self.inflight.reply_after_payload(id, Reply::Done { error });
+                return Ok(());
             }
             Command::Resize => {
                 if result.is_ok()
@@ -484,7 +488,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             .ok_or(CompletionError::UnknownRequest)?;
         match slot.state {
             SlotState::Issued => Ok(slot),
-            SlotState::Replying(_) => Err(CompletionError::Busy),
+            SlotState::Replying(_) | SlotState::AwaitingPayload(_) => Err(CompletionError::Busy),
             SlotState::Streaming => Err(CompletionError::WrongKind),
             SlotState::Deferred | SlotState::Free => Err(CompletionError::UnknownRequest),
         }

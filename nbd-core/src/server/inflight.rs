@@ -108,6 +108,10 @@ pub(crate) enum SlotState {
     Issued,
     /// A reply is queued.
     Replying(Reply),
+    /// The reply is decided but waits until the request's payload has been
+    /// read: a client still sending it may not expect a reply yet (libnbd
+    /// 1.14 drops the connection on one).
+    AwaitingPayload(Reply),
     /// A streamed read's data chunk was sent; the shell owes the ending.
     Streaming,
 }
@@ -238,6 +242,23 @@ impl<const N: usize> InFlight<N> {
             slot.state = SlotState::Replying(reply);
             // Cannot overflow: each live slot is queued at most once.
             let _ = self.ready.push_back(id.index() as u16);
+        }
+    }
+
+    /// Queues `reply` once the request's payload has been read
+    /// ([`finish_payload`](Self::finish_payload)).
+    pub(crate) fn reply_after_payload(&mut self, id: RequestId, reply: Reply) {
+        if let Some(slot) = self.get_mut(id) {
+            slot.state = SlotState::AwaitingPayload(reply);
+        }
+    }
+
+    /// The request's payload has been read: queue a reply waiting on it.
+    pub(crate) fn finish_payload(&mut self, id: RequestId) {
+        let Some(slot) = self.get_mut(id) else { return };
+        slot.payload_complete = true;
+        if let SlotState::AwaitingPayload(reply) = slot.state {
+            self.queue_reply(id, reply);
         }
     }
 

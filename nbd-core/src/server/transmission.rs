@@ -139,13 +139,15 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 error,
                 reason.message()
             );
-            self.inflight.queue_reply(
-                id,
-                Reply::Done {
-                    error: Some((error, reason)),
-                },
-            );
-            self.discard_payload(id, offset, payload)?;
+            let reply = Reply::Done {
+                error: Some((error, reason)),
+            };
+            if payload > 0 {
+                self.discard_payload(id, offset, payload)?;
+                self.inflight.reply_after_payload(id, reply);
+            } else {
+                self.inflight.queue_reply(id, reply);
+            }
             return Ok(None);
         }
         if length == 0 && !matches!(command, Command::Flush | Command::Resize) {
@@ -241,9 +243,6 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         offset: u64,
         payload: u64,
     ) -> Result<(), ProtocolError> {
-        if payload == 0 {
-            return Ok(());
-        }
         if payload > self.config.max_discard {
             warn!(
                 "rejected request carries {} bytes of payload: closing",
@@ -374,14 +373,13 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return (0, None);
         }
         let offset = receiving.offset;
-        receiving.offset += take as u64;
+        // A discarded payload's offset may run past 2^64: it is never used.
+        receiving.offset = receiving.offset.wrapping_add(take as u64);
         receiving.remaining -= take as u64;
         let id = receiving.id;
         if receiving.remaining == 0 {
             self.receiving = None;
-            if let Some(slot) = self.inflight.get_mut(id) {
-                slot.payload_complete = true;
-            }
+            self.inflight.finish_payload(id);
         } else {
             self.receiving = Some(receiving);
         }

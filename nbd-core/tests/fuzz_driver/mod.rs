@@ -239,6 +239,8 @@ impl<const R: usize, const B: usize> Driver<R, B> {
             0 => u64::from(bytes.u16()) * 512,
             1 => u64::from(bytes.u32()),
             2 => EXPORT_SIZE - u64::from(bytes.u8()) * 512,
+            // Ranges ending at or past 2^64.
+            _ if shape & 0x80 != 0 => u64::MAX - u64::from(bytes.u16()),
             _ => u64::from(bytes.u32()) << 32,
         };
         let length = match (shape >> 2) & 3 {
