@@ -31,6 +31,7 @@ compile_error!("features `defmt` and `log` are mutually exclusive: pick one logg
 #[macro_use]
 mod log;
 
+pub mod client;
 pub mod export;
 pub mod server;
 pub mod wire;

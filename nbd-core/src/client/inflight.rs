@@ -1,0 +1,258 @@
+//! The bounded table of requests in flight and the queue of request
+//! headers waiting to be sent (spec: "Transmission").
+//!
+//! A request holds a slot from the call that issues it until its final
+//! reply. Its cookie on the wire is its [`RequestId`] (slot index and
+//! generation), so a reply is matched in constant time and a reply for a
+//! request already answered, or never sent, is told apart.
+
+use heapless::Deque;
+
+use super::coverage::Coverage;
+use crate::wire::{Command, CommandFlags, ErrorCode};
+
+/// Identifies a request in flight on one connection; also its cookie on
+/// the wire. Ids are reused once a request is done; a stale id never
+/// matches a later request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RequestId(u32);
+
+impl RequestId {
+    fn new(index: usize, generation: u16) -> Self {
+        // Tables hold at most u16::MAX slots (checked in `InFlight::new`).
+        Self((u32::from(generation) << 16) | (index as u32 & 0xffff))
+    }
+
+    fn index(self) -> usize {
+        (self.0 & 0xffff) as usize
+    }
+
+    fn generation(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+
+    /// The id as a number, for shells that must pass it through a foreign
+    /// interface (JavaScript, a queue).
+    pub fn to_bits(self) -> u32 {
+        self.0
+    }
+
+    /// An id from [`to_bits`](Self::to_bits).
+    pub fn from_bits(bits: u32) -> Self {
+        Self(bits)
+    }
+
+    /// The cookie the request carries on the wire.
+    pub fn cookie(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SlotState {
+    Free,
+    /// Issued; its header waits for `poll_transmit`.
+    Queued,
+    /// Sent; replies may come.
+    Sent,
+}
+
+/// What a request's replies have delivered so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Progress {
+    /// Nothing to track (commands without content).
+    Nothing,
+    /// Ranges of a read covered by content chunks.
+    Read(Coverage),
+    /// Metadata contexts answered, one bit per selected context.
+    Status { seen: u8 },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Slot {
+    pub(super) state: SlotState,
+    pub(super) generation: u16,
+    pub(super) command: Command,
+    pub(super) flags: CommandFlags,
+    pub(super) offset: u64,
+    pub(super) length: u64,
+    /// The first error the replies reported.
+    pub(super) error: Option<ErrorCode>,
+    pub(super) progress: Progress,
+}
+
+impl Slot {
+    const FREE: Self = Self {
+        state: SlotState::Free,
+        generation: 0,
+        command: Command::Read,
+        flags: CommandFlags::empty(),
+        offset: 0,
+        length: 0,
+        error: None,
+        progress: Progress::Nothing,
+    };
+
+    /// Export offset one past the request's range (saturating: ranges were
+    /// checked when issued).
+    pub(super) fn end(&self) -> u64 {
+        self.offset.saturating_add(self.length)
+    }
+
+    /// Whether `[offset, offset + length)` lies inside the request's range.
+    pub(super) fn contains(&self, offset: u64, length: u64) -> bool {
+        offset >= self.offset
+            && offset
+                .checked_add(length)
+                .is_some_and(|end| end <= self.end())
+    }
+}
+
+/// Fields of a new request.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct NewRequest {
+    pub(super) command: Command,
+    pub(super) flags: CommandFlags,
+    pub(super) offset: u64,
+    pub(super) length: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct InFlight<const N: usize> {
+    slots: [Slot; N],
+    /// Slots whose headers wait to be sent, in issue order.
+    queue: Deque<u16, N>,
+    used: usize,
+}
+
+impl<const N: usize> InFlight<N> {
+    pub(super) const fn new() -> Self {
+        assert!(
+            N > 0 && N <= u16::MAX as usize,
+            "REQUESTS must be between 1 and 65535"
+        );
+        Self {
+            slots: [Slot::FREE; N],
+            queue: Deque::new(),
+            used: 0,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.used
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    pub(super) fn is_full(&self) -> bool {
+        self.used >= N
+    }
+
+    /// Whether a header waits to be sent.
+    pub(super) fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Takes a free slot and queues its header; `None` when full.
+    pub(super) fn insert(&mut self, request: NewRequest) -> Option<RequestId> {
+        let index = self.slots.iter().position(|s| s.state == SlotState::Free)?;
+        let slot = &mut self.slots[index];
+        let generation = slot.generation.wrapping_add(1);
+        let progress = match request.command {
+            // Reads never exceed the maximum block size, a 32-bit value.
+            Command::Read => Progress::Read(Coverage::new()),
+            Command::BlockStatus => Progress::Status { seen: 0 },
+            _ => Progress::Nothing,
+        };
+        *slot = Slot {
+            state: SlotState::Queued,
+            generation,
+            command: request.command,
+            flags: request.flags,
+            offset: request.offset,
+            length: request.length,
+            error: None,
+            progress,
+        };
+        // Cannot overflow: each live slot is queued at most once.
+        let _ = self.queue.push_back(index as u16);
+        self.used += 1;
+        Some(RequestId::new(index, generation))
+    }
+
+    /// The next header to send; the slot becomes `Sent`.
+    pub(super) fn pop_queued(&mut self) -> Option<(RequestId, Slot)> {
+        let index = usize::from(self.queue.pop_front()?);
+        let slot = self.slots.get_mut(index)?;
+        slot.state = SlotState::Sent;
+        Some((RequestId::new(index, slot.generation), *slot))
+    }
+
+    /// The request a reply's cookie names, if it was sent and is not done.
+    pub(super) fn by_cookie(&self, cookie: u64) -> Option<RequestId> {
+        let id = RequestId::from_bits(u32::try_from(cookie).ok()?);
+        let slot = self.get(id)?;
+        (slot.state == SlotState::Sent).then_some(id)
+    }
+
+    /// The live slot `id` names.
+    pub(super) fn get(&self, id: RequestId) -> Option<&Slot> {
+        self.slots
+            .get(id.index())
+            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+    }
+
+    pub(super) fn get_mut(&mut self, id: RequestId) -> Option<&mut Slot> {
+        self.slots
+            .get_mut(id.index())
+            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+    }
+
+    pub(super) fn free(&mut self, id: RequestId) {
+        if let Some(slot) = self.get_mut(id) {
+            slot.state = SlotState::Free;
+            self.used -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(command: Command) -> NewRequest {
+        NewRequest {
+            command,
+            flags: CommandFlags::empty(),
+            offset: 0,
+            length: 512,
+        }
+    }
+
+    #[test]
+    fn cookies_name_sent_requests_only() {
+        let mut table = InFlight::<2>::new();
+        let a = table.insert(request(Command::Read)).expect("slot");
+        let b = table.insert(request(Command::Write)).expect("slot");
+        assert!(table.is_full());
+        assert_eq!(table.insert(request(Command::Flush)), None);
+        // Not sent yet: a reply for it cannot be real.
+        assert_eq!(table.by_cookie(a.cookie()), None);
+        assert_eq!(table.pop_queued().map(|(id, _)| id), Some(a));
+        assert_eq!(table.by_cookie(a.cookie()), Some(a));
+        assert_eq!(table.by_cookie(b.cookie()), None);
+        table.free(a);
+        assert_eq!(table.by_cookie(a.cookie()), None);
+        // The slot is reused with a new generation: the old cookie stays dead.
+        let c = table.insert(request(Command::Read)).expect("slot");
+        assert_ne!(c, a);
+        assert_eq!(table.pop_queued().map(|(id, _)| id), Some(b));
+        assert_eq!(table.pop_queued().map(|(id, _)| id), Some(c));
+        assert_eq!(table.by_cookie(a.cookie()), None);
+        assert_eq!(table.by_cookie(c.cookie()), Some(c));
+        assert_eq!(table.by_cookie(u64::MAX), None);
+    }
+}

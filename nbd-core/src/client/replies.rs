@@ -1,0 +1,622 @@
+//! Replies in the transmission phase (spec: "Simple reply message",
+//! "Structured reply chunk message", "Structured reply types", "Request
+//! types", extended headers).
+//!
+//! Every reply header is checked against the negotiated style and the
+//! request its cookie names; chunk payloads are read as they arrive: read
+//! data and block status descriptors are handed out as slices of the input,
+//! small fixed fields are collected in the accumulator, error messages are
+//! skipped.
+
+use super::connection::{Connection, Ending, Raw, Span};
+use super::inflight::{Progress, RequestId, Slot};
+use super::{ProtocolError, parse_descriptor};
+use crate::wire::{
+    ChunkHeader, ChunkType, Command, CommandFlags, EXTENDED_REPLY_HEADER_LEN, EXTENDED_REPLY_MAGIC,
+    ErrorCode, HeaderStyle, ReplyFlags, ReplyHeader, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC, SimpleReply,
+};
+
+/// What the next input bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Receive {
+    /// A reply header; its magic gives its length.
+    Header,
+    /// Data of a successful simple reply to a read.
+    SimpleData {
+        id: RequestId,
+        offset: u64,
+        remaining: u64,
+    },
+    /// A chunk's payload.
+    Chunk(ChunkRead),
+}
+
+/// A chunk whose payload is being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ChunkRead {
+    id: RequestId,
+    chunk_type: ChunkType,
+    done: bool,
+    /// Payload bytes still to come.
+    remaining: u64,
+    part: Part,
+}
+
+/// Which field of the payload comes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// The 8-byte offset of `NBD_REPLY_TYPE_OFFSET_DATA`.
+    DataOffset,
+    /// The data, for export offset `offset`.
+    Data { offset: u64 },
+    /// Offset and size of `NBD_REPLY_TYPE_OFFSET_HOLE`.
+    Hole,
+    /// Error value and message length of an error chunk.
+    ErrorHead,
+    /// The message, skipped; then the offset of `ERROR_OFFSET`, or the rest.
+    ErrorMessage { left: u16, then_offset: bool },
+    /// The offset of `NBD_REPLY_TYPE_ERROR_OFFSET`.
+    ErrorOffset,
+    /// Context id (and, extended, descriptor count) of a block status chunk.
+    StatusHead,
+    /// Descriptors, the next one starting at export offset `offset`.
+    Descriptors { context_id: u32, offset: u64 },
+    /// The rest of an unknown error chunk.
+    Skip,
+}
+
+fn be(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
+    pub(super) fn process_reply(
+        &mut self,
+        input: &[u8],
+    ) -> Result<(usize, Option<Raw>), ProtocolError> {
+        if input.is_empty() {
+            return Ok((0, None));
+        }
+        match self.receive {
+            Receive::Header => self.read_header(input),
+            Receive::SimpleData {
+                id,
+                offset,
+                remaining,
+            } => {
+                let take = remaining.min(input.len() as u64);
+                let remaining = remaining - take;
+                let data = Raw::ReadData {
+                    id,
+                    offset,
+                    data: Span::Input(0, take as usize),
+                };
+                if remaining > 0 {
+                    self.receive = Receive::SimpleData {
+                        id,
+                        offset: offset + take,
+                        remaining,
+                    };
+                    return Ok((take as usize, Some(data)));
+                }
+                self.receive = Receive::Header;
+                self.pending = Some(self.finish(id)?);
+                Ok((take as usize, Some(data)))
+            }
+            Receive::Chunk(chunk) => self.read_chunk(chunk, input),
+        }
+    }
+
+    /// A reply header, checked against the negotiated style.
+    fn read_header(&mut self, input: &[u8]) -> Result<(usize, Option<Raw>), ProtocolError> {
+        let mut used = 0;
+        if self.accumulator.len() < 4 {
+            let (taken, ready) = self.accumulator.fill(input, 4);
+            used += taken;
+            if !ready {
+                return Ok((used, None));
+            }
+        }
+        let magic = be(&self.accumulator.bytes()[..4]) as u32;
+        let features = self.features;
+        let (len, allowed) = match magic {
+            SIMPLE_REPLY_MAGIC => (SIMPLE_REPLY_LEN, !features.extended_headers),
+            STRUCTURED_REPLY_MAGIC => (
+                STRUCTURED_REPLY_HEADER_LEN,
+                features.structured_replies && !features.extended_headers,
+            ),
+            EXTENDED_REPLY_MAGIC => (EXTENDED_REPLY_HEADER_LEN, features.extended_headers),
+            found => {
+                return Err(ProtocolError::BadMagic {
+                    found: found.into(),
+                });
+            }
+        };
+        if !allowed {
+            return Err(ProtocolError::WrongHeaderStyle);
+        }
+        let (taken, ready) = self.accumulator.fill(&input[used..], len);
+        used += taken;
+        if !ready {
+            return Ok((used, None));
+        }
+        let header = ReplyHeader::parse(self.accumulator.bytes())
+            .map_err(|_| ProtocolError::BadMagic {
+                found: magic.into(),
+            })?
+            .1;
+        self.accumulator.clear();
+        let raw = match header {
+            ReplyHeader::Simple(reply) => self.on_simple(reply)?,
+            ReplyHeader::Structured(chunk) => self.on_chunk(chunk, HeaderStyle::Compact)?,
+            ReplyHeader::Extended(chunk) => self.on_chunk(chunk, HeaderStyle::Extended)?,
+        };
+        Ok((used, raw))
+    }
+
+    /// The request a reply's cookie names.
+    fn replied(&self, cookie: u64) -> Result<(RequestId, Slot), ProtocolError> {
+        let id = self
+            .inflight
+            .by_cookie(cookie)
+            .ok_or(ProtocolError::UnknownCookie { cookie })?;
+        let slot = *self
+            .inflight
+            .get(id)
+            .ok_or(ProtocolError::UnknownCookie { cookie })?;
+        Ok((id, slot))
+    }
+
+    fn on_simple(&mut self, reply: SimpleReply) -> Result<Option<Raw>, ProtocolError> {
+        let (id, slot) = self.replied(reply.cookie)?;
+        if slot.command == Command::Read && self.features.structured_replies {
+            return Err(ProtocolError::SimpleReplyToRead);
+        }
+        match ErrorCode::from_wire(reply.error) {
+            Some(error) => {
+                self.record_error(id, error);
+                self.finish(id).map(Some)
+            }
+            None if slot.command == Command::Read => {
+                self.receive = Receive::SimpleData {
+                    id,
+                    offset: slot.offset,
+                    remaining: slot.length,
+                };
+                Ok(None)
+            }
+            // Block status needs a structured reply with descriptors.
+            None if slot.command == Command::BlockStatus => Err(ProtocolError::MissingBlockStatus),
+            None => self.finish(id).map(Some),
+        }
+    }
+
+    /// A chunk header: which payload follows, and whether the request
+    /// allows it.
+    fn on_chunk(
+        &mut self,
+        header: ChunkHeader,
+        style: HeaderStyle,
+    ) -> Result<Option<Raw>, ProtocolError> {
+        let (id, slot) = self.replied(header.cookie)?;
+        if style == HeaderStyle::Extended && header.offset != slot.offset {
+            return Err(ProtocolError::OffsetMismatch {
+                expected: slot.offset,
+                found: header.offset,
+            });
+        }
+        let ChunkHeader {
+            flags,
+            chunk_type,
+            length,
+            ..
+        } = header;
+        let done = flags.contains(ReplyFlags::DONE);
+        let extended = style == HeaderStyle::Extended;
+        let command = slot.command;
+        let bad = ProtocolError::BadChunk { chunk_type };
+        let check = |ok: bool| if ok { Ok(()) } else { Err(bad) };
+        let allowed = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ProtocolError::UnexpectedChunk {
+                    chunk_type,
+                    command,
+                })
+            }
+        };
+        let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
+        let part = match chunk_type {
+            ChunkType::None => {
+                check(length == 0 && done)?;
+                return self.finish(id).map(Some);
+            }
+            ChunkType::OffsetData => {
+                allowed(command == Command::Read)?;
+                check(length > 8 && length - 8 <= slot.length)?;
+                Part::DataOffset
+            }
+            ChunkType::OffsetHole => {
+                allowed(command == Command::Read)?;
+                check(length == 12)?;
+                Part::Hole
+            }
+            ChunkType::BlockStatus => {
+                allowed(command == Command::BlockStatus && !extended)?;
+                check(length >= 12 && (length - 4) % 8 == 0 && (!req_one || length == 12))?;
+                Part::StatusHead
+            }
+            ChunkType::BlockStatusExt => {
+                allowed(command == Command::BlockStatus && extended)?;
+                check(length >= 24 && (length - 8) % 16 == 0 && (!req_one || length == 24))?;
+                Part::StatusHead
+            }
+            ChunkType::ErrorOffset => {
+                allowed(slot.length > 0)?;
+                check(length >= 14)?;
+                Part::ErrorHead
+            }
+            other if other.is_error() => {
+                check(length >= 6)?;
+                Part::ErrorHead
+            }
+            _ => {
+                return Err(ProtocolError::UnexpectedChunk {
+                    chunk_type,
+                    command,
+                });
+            }
+        };
+        self.receive = Receive::Chunk(ChunkRead {
+            id,
+            chunk_type,
+            done,
+            remaining: length,
+            part,
+        });
+        Ok(None)
+    }
+
+    /// Collects `need` bytes of a fixed field of `chunk`; `None` until whole.
+    fn field(&mut self, chunk: &mut ChunkRead, input: &[u8], need: usize) -> (usize, Option<u64>) {
+        let (used, ready) = self.accumulator.fill(input, need);
+        chunk.remaining -= used as u64;
+        if !ready {
+            return (used, None);
+        }
+        let value = be(self.accumulator.bytes());
+        self.accumulator.clear();
+        (used, Some(value))
+    }
+
+    fn read_chunk(
+        &mut self,
+        mut chunk: ChunkRead,
+        input: &[u8],
+    ) -> Result<(usize, Option<Raw>), ProtocolError> {
+        let (used, event) = match chunk.part {
+            Part::DataOffset => match self.field(&mut chunk, input, 8) {
+                (used, Some(offset)) => {
+                    self.cover(chunk.id, offset, chunk.remaining)?;
+                    chunk.part = Part::Data { offset };
+                    (used, None)
+                }
+                (used, None) => (used, None),
+            },
+            Part::Data { offset } => {
+                let take = chunk.remaining.min(input.len() as u64);
+                chunk.remaining -= take;
+                chunk.part = Part::Data {
+                    offset: offset + take,
+                };
+                let data = Raw::ReadData {
+                    id: chunk.id,
+                    offset,
+                    data: Span::Input(0, take as usize),
+                };
+                (take as usize, Some(data))
+            }
+            Part::Hole => self.read_hole(&mut chunk, input)?,
+            Part::ErrorHead => self.read_error_head(&mut chunk, input)?,
+            Part::ErrorMessage { left, then_offset } => {
+                let take = usize::from(left).min(input.len());
+                let left = left - take as u16;
+                chunk.remaining -= take as u64;
+                chunk.part = match left {
+                    0 if then_offset => Part::ErrorOffset,
+                    0 => Part::Skip,
+                    _ => Part::ErrorMessage { left, then_offset },
+                };
+                (take, None)
+            }
+            Part::ErrorOffset => match self.field(&mut chunk, input, 8) {
+                (used, Some(offset)) => {
+                    let in_range = self
+                        .inflight
+                        .get(chunk.id)
+                        .is_some_and(|slot| slot.contains(offset, 1));
+                    if !in_range {
+                        return Err(ProtocolError::ChunkOutOfRange);
+                    }
+                    debug!("error at offset {}", offset);
+                    (used, None)
+                }
+                (used, None) => (used, None),
+            },
+            Part::StatusHead => self.read_status_head(&mut chunk, input)?,
+            Part::Descriptors { context_id, offset } => {
+                self.read_descriptors(&mut chunk, input, context_id, offset)?
+            }
+            Part::Skip => {
+                let take = chunk.remaining.min(input.len() as u64);
+                chunk.remaining -= take;
+                (take as usize, None)
+            }
+        };
+        if chunk.remaining > 0 {
+            self.receive = Receive::Chunk(chunk);
+            return Ok((used, event));
+        }
+        // The chunk is whole.
+        self.receive = Receive::Header;
+        let done = if chunk.done {
+            Some(self.finish(chunk.id)?)
+        } else {
+            None
+        };
+        Ok(match event {
+            Some(event) => {
+                self.pending = done;
+                (used, Some(event))
+            }
+            None => (used, done),
+        })
+    }
+
+    fn read_hole(
+        &mut self,
+        chunk: &mut ChunkRead,
+        input: &[u8],
+    ) -> Result<(usize, Option<Raw>), ProtocolError> {
+        let (used, ready) = self.accumulator.fill(input, 12);
+        chunk.remaining -= used as u64;
+        if !ready {
+            return Ok((used, None));
+        }
+        let bytes = self.accumulator.bytes();
+        let (offset, size) = (be(&bytes[..8]), be(&bytes[8..12]));
+        self.accumulator.clear();
+        if size == 0 {
+            return Err(ProtocolError::BadChunk {
+                chunk_type: ChunkType::OffsetHole,
+            });
+        }
+        self.cover(chunk.id, offset, size)?;
+        let hole = Raw::ReadHole {
+            id: chunk.id,
+            offset,
+            length: size,
+        };
+        Ok((used, Some(hole)))
+    }
+
+    fn read_error_head(
+        &mut self,
+        chunk: &mut ChunkRead,
+        input: &[u8],
+    ) -> Result<(usize, Option<Raw>), ProtocolError> {
+        let (used, ready) = self.accumulator.fill(input, 6);
+        chunk.remaining -= used as u64;
+        if !ready {
+            return Ok((used, None));
+        }
+        let bytes = self.accumulator.bytes();
+        let (error, message) = (be(&bytes[..4]) as u32, be(&bytes[4..6]) as u16);
+        self.accumulator.clear();
+        let rest = chunk.remaining;
+        let message_len = u64::from(message);
+        // The header's length covers the message and the type's fields.
+        let fits = match chunk.chunk_type {
+            ChunkType::Error => rest == message_len,
+            ChunkType::ErrorOffset => rest == message_len + 8,
+            _ => message_len <= rest,
+        };
+        let Some(code) = ErrorCode::from_wire(error).filter(|_| fits) else {
+            return Err(ProtocolError::BadChunk {
+                chunk_type: chunk.chunk_type,
+            });
+        };
+        self.record_error(chunk.id, code);
+        chunk.part = match (message, chunk.chunk_type) {
+            (0, ChunkType::ErrorOffset) => Part::ErrorOffset,
+            (0, _) => Part::Skip,
+            (left, chunk_type) => Part::ErrorMessage {
+                left,
+                then_offset: chunk_type == ChunkType::ErrorOffset,
+            },
+        };
+        Ok((used, None))
+    }
+
+    fn read_status_head(
+        &mut self,
+        chunk: &mut ChunkRead,
+        input: &[u8],
+    ) -> Result<(usize, Option<Raw>), ProtocolError> {
+        let extended = self.features.extended_headers;
+        let need = if extended { 8 } else { 4 };
+        let (used, ready) = self.accumulator.fill(input, need);
+        chunk.remaining -= used as u64;
+        if !ready {
+            return Ok((used, None));
+        }
+        let bytes = self.accumulator.bytes();
+        let context_id = be(&bytes[..4]) as u32;
+        let count = extended.then(|| be(&bytes[4..8]));
+        self.accumulator.clear();
+        if count.is_some_and(|count| count.checked_mul(16) != Some(chunk.remaining)) {
+            return Err(ProtocolError::BadChunk {
+                chunk_type: chunk.chunk_type,
+            });
+        }
+        let index = self
+            .contexts
+            .iter()
+            .position(|&id| id == context_id)
+            .ok_or(ProtocolError::UnknownMetaContext(context_id))?;
+        let slot = self
+            .inflight
+            .get_mut(chunk.id)
+            .ok_or(ProtocolError::MissingBlockStatus)?;
+        let Progress::Status { seen } = &mut slot.progress else {
+            return Err(ProtocolError::MissingBlockStatus);
+        };
+        if *seen & (1 << index) != 0 {
+            return Err(ProtocolError::DuplicateBlockStatus(context_id));
+        }
+        *seen |= 1 << index;
+        chunk.part = Part::Descriptors {
+            context_id,
+            offset: slot.offset,
+        };
+        Ok((used, None))
+    }
+
+    /// Hands out whole descriptors from the input; one split across inputs
+    /// is collected in the accumulator and handed out from there.
+    fn read_descriptors(
+        &mut self,
+        chunk: &mut ChunkRead,
+        input: &[u8],
+        context_id: u32,
+        offset: u64,
+    ) -> Result<(usize, Option<Raw>), ProtocolError> {
+        let extended = self.features.extended_headers;
+        let item = if extended { 16 } else { 8 };
+        let (used, span, bytes) = if self.accumulator.len() > 0 || input.len() < item {
+            let (used, ready) = self.accumulator.fill(input, item);
+            chunk.remaining -= used as u64;
+            if !ready {
+                return Ok((used, None));
+            }
+            self.accumulator.clear();
+            (used, Span::Accumulator(item), self.accumulator.held(item))
+        } else {
+            let whole = (chunk.remaining.min(input.len() as u64) as usize) / item * item;
+            chunk.remaining -= whole as u64;
+            (whole, Span::Input(0, whole), &input[..whole])
+        };
+        let slot = self
+            .inflight
+            .get(chunk.id)
+            .ok_or(ProtocolError::MissingBlockStatus)?;
+        let size = self.export.map_or(0, |e| e.size);
+        let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
+        let mut next = offset;
+        for item in bytes.chunks_exact(item) {
+            let descriptor = parse_descriptor(item, extended);
+            if descriptor.length == 0 {
+                return Err(ProtocolError::EmptyDescriptor);
+            }
+            let end = next
+                .checked_add(descriptor.length)
+                .filter(|&end| end <= size && (!req_one || descriptor.length <= slot.length));
+            next = end.ok_or(ProtocolError::ChunkOutOfRange)?;
+        }
+        chunk.part = Part::Descriptors {
+            context_id,
+            offset: next,
+        };
+        let event = Raw::BlockStatus {
+            id: chunk.id,
+            context_id,
+            offset,
+            descriptors: span,
+        };
+        Ok((used, Some(event)))
+    }
+
+    /// Records a content chunk of a read: inside the request, not
+    /// overlapping, at most one with `DF`.
+    fn cover(&mut self, id: RequestId, offset: u64, length: u64) -> Result<(), ProtocolError> {
+        let slot = self
+            .inflight
+            .get_mut(id)
+            .ok_or(ProtocolError::ChunkOutOfRange)?;
+        if !slot.contains(offset, length) {
+            return Err(ProtocolError::ChunkOutOfRange);
+        }
+        let df = slot.flags.contains(CommandFlags::DF);
+        let start = offset - slot.offset;
+        let Progress::Read(coverage) = &mut slot.progress else {
+            return Err(ProtocolError::ChunkOutOfRange);
+        };
+        if df && coverage.chunks() > 0 {
+            return Err(ProtocolError::Fragmented);
+        }
+        // Reads are at most the maximum block size: relative offsets fit.
+        let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(start + length)) else {
+            return Err(ProtocolError::ChunkOutOfRange);
+        };
+        coverage.add(start, end)
+    }
+
+    fn record_error(&mut self, id: RequestId, error: ErrorCode) {
+        warn!("request {} failed: {}", id.to_bits(), error);
+        if let Some(slot) = self.inflight.get_mut(id) {
+            slot.error.get_or_insert(error);
+        }
+    }
+
+    /// Ends request `id` at its final reply: checks that a successful read
+    /// was covered and a block status answered for every context.
+    fn finish(&mut self, id: RequestId) -> Result<Raw, ProtocolError> {
+        let Some(slot) = self.inflight.get(id).copied() else {
+            return Err(ProtocolError::UnknownCookie {
+                cookie: id.cookie(),
+            });
+        };
+        let result = match slot.error {
+            Some(error) => Err(error),
+            None => {
+                match slot.progress {
+                    Progress::Read(coverage)
+                        if self.features.structured_replies
+                            && !coverage.covers(slot.length as u32) =>
+                    {
+                        return Err(ProtocolError::IncompleteRead);
+                    }
+                    Progress::Status { seen }
+                        if u32::from(seen) != (1 << self.contexts.len()) - 1 =>
+                    {
+                        return Err(ProtocolError::MissingBlockStatus);
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+        };
+        if self.resizing == Some(id) {
+            self.resizing = None;
+            if result.is_ok()
+                && let Some(export) = self.export.as_mut()
+            {
+                info!(
+                    "export resized from {} to {} bytes",
+                    export.size, slot.offset
+                );
+                export.size = slot.offset;
+            }
+        }
+        if result == Err(ErrorCode::Shutdown) && self.ending == Ending::Open {
+            // Spec: a client receiving ESHUTDOWN must disconnect softly.
+            info!("server is shutting down: disconnecting");
+            self.ending = Ending::Disconnect;
+        }
+        debug!("request {} done: {:?}", id.to_bits(), result);
+        self.inflight.free(id);
+        Ok(Raw::Done { id, result })
+    }
+}
