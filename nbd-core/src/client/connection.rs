@@ -386,7 +386,9 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     /// Consumes bytes the server sent; see the [module docs](super).
     ///
     /// Returns an error when the connection must end at once (hard
-    /// disconnect); the shell then closes the transport. Events borrow the
+    /// disconnect); the shell then closes the transport. Once the session
+    /// ended, calls return no event, and any byte is an error
+    /// ([`ProtocolError::Closed`]). Events borrow the
     /// input (read data, descriptors) or the connection (negotiation
     /// strings) until the next call.
     pub fn process<'a>(&'a mut self, input: &'a [u8]) -> Result<Step<'a>, ProtocolError> {
@@ -410,7 +412,12 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
             return Ok((0, Some(raw)));
         }
         if self.phase == Phase::Closed {
-            return Err(ProtocolError::Closed);
+            // Nothing may follow the end of the session.
+            return if input.is_empty() {
+                Ok((0, None))
+            } else {
+                Err(ProtocolError::Closed)
+            };
         }
         let mut consumed = 0;
         loop {
