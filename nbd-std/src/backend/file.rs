@@ -34,10 +34,7 @@ use nbd_core::wire::{AllocationFlags, ExtDescriptor};
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
-use super::{Backend, ZeroFlags};
-
-/// At most this many extents per `block_status` call.
-const MAX_EXTENTS: usize = 1024;
+use super::{Backend, ZeroFlags, push_extent};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
 
@@ -404,23 +401,6 @@ impl Backend for FileBackend {
     }
 }
 
-/// Appends `length` bytes of `status` to the extents pushed since `first`,
-/// merging with the last one when equal. False once `MAX_EXTENTS` are
-/// there and a new one would be needed.
-fn push_extent(extents: &mut Vec<ExtDescriptor>, first: usize, length: u64, status: u64) -> bool {
-    if extents.len() > first {
-        if let Some(last) = extents.last_mut().filter(|last| last.status == status) {
-            last.length += length;
-            return true;
-        }
-    }
-    if extents.len() - first == MAX_EXTENTS {
-        return false;
-    }
-    extents.push(ExtDescriptor { length, status });
-    true
-}
-
 /// A number from the block device's queue settings in sysfs
 /// (`/sys/dev/block/MAJ:MIN/queue/NAME`, or its parent's for a partition).
 fn sysfs_queue_value(device: u64, name: &str) -> Option<u64> {
@@ -441,7 +421,7 @@ fn sysfs_queue_value(device: u64, name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::error_code;
+    use crate::backend::{MAX_EXTENTS, error_code};
     use nbd_core::wire::ErrorCode;
     use std::path::PathBuf;
 

@@ -26,7 +26,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use nbd_core::export::Capabilities;
 use nbd_core::wire::{AllocationFlags, ExtDescriptor};
 
-use super::{Backend, ZeroFlags};
+use super::{Backend, ZeroFlags, push_extent};
 
 const PAGE_SHIFT: u32 = 16;
 /// Allocation granularity in bytes (64 KiB).
@@ -40,9 +40,6 @@ const SHARDS: usize = 1 << SHARD_BITS;
 const CHUNK_SHIFT: u32 = 14;
 const CHUNK_PAGES: u32 = 1 << CHUNK_SHIFT;
 
-/// At most this many extents per `block_status` call (the protocol lets a
-/// reply cover less than the range asked for).
-const MAX_EXTENTS: usize = 1024;
 /// At most this many single-page lookups per `block_status` call, bounding
 /// its cost when chunks are partly allocated.
 const MAX_PAGE_LOOKUPS: usize = 1 << 18;
@@ -348,23 +345,6 @@ impl Backend for MemoryBackend {
     }
 }
 
-/// Appends `length` bytes of `status` to the extents pushed since `first`,
-/// merging with the last one when equal. False once `MAX_EXTENTS` are
-/// there and a new one would be needed.
-fn push_extent(extents: &mut Vec<ExtDescriptor>, first: usize, length: u64, status: u64) -> bool {
-    if extents.len() > first {
-        if let Some(last) = extents.last_mut().filter(|last| last.status == status) {
-            last.length += length;
-            return true;
-        }
-    }
-    if extents.len() - first == MAX_EXTENTS {
-        return false;
-    }
-    extents.push(ExtDescriptor { length, status });
-    true
-}
-
 /// A zeroed page.
 fn new_page() -> Page {
     vec![0u8; PAGE_SIZE].into_boxed_slice()
@@ -444,7 +424,7 @@ impl Hasher for PageHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::error_code;
+    use crate::backend::{MAX_EXTENTS, error_code};
 
     const TIB: u64 = 1 << 40;
     const P: u64 = PAGE_SIZE as u64;

@@ -116,6 +116,32 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// At most this many extents per `block_status` call (the protocol lets a
+/// reply cover less than the range asked for).
+pub(crate) const MAX_EXTENTS: usize = 1024;
+
+/// Appends `length` bytes of `status` to the extents pushed since `first`,
+/// merging with the last one when equal. False once `MAX_EXTENTS` are
+/// there and a new one would be needed.
+pub(crate) fn push_extent(
+    extents: &mut Vec<ExtDescriptor>,
+    first: usize,
+    length: u64,
+    status: u64,
+) -> bool {
+    if extents.len() > first {
+        if let Some(last) = extents.last_mut().filter(|last| last.status == status) {
+            last.length += length;
+            return true;
+        }
+    }
+    if extents.len() - first == MAX_EXTENTS {
+        return false;
+    }
+    extents.push(ExtDescriptor { length, status });
+    true
+}
+
 /// The NBD error a storage failure is reported as (spec: "Error values":
 /// `EDQUOT` and `EFBIG` map to `ENOSPC`; unknown failures are `EIO`).
 pub fn error_code(error: &io::Error) -> ErrorCode {
