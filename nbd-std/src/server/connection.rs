@@ -73,8 +73,6 @@ struct Driver {
     /// Read data waiting for its reply header.
     read_data: HashMap<RequestId, Vec<u8>>,
     writes: HashMap<RequestId, PendingWrite>,
-    /// Writes the shell already failed; the core drops the rest of their payload.
-    failed_writes: Vec<RequestId>,
     /// Completions refused as `Busy` (block-status buffer full), retried
     /// after the next transmit.
     retry: Vec<Done>,
@@ -97,7 +95,6 @@ impl Driver {
             pending: 0,
             read_data: HashMap::new(),
             writes: HashMap::new(),
-            failed_writes: Vec::new(),
             retry: Vec::new(),
             buffers: Vec::new(),
             out: Vec::new(),
@@ -303,9 +300,6 @@ impl Driver {
     /// A piece of a write's payload: stored at once by fast backends,
     /// gathered for the pool otherwise.
     fn write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
-        if self.failed_writes.contains(&id) {
-            return;
-        }
         if self.may_block() {
             let Some(write) = self.writes.get_mut(&id) else {
                 return;
@@ -327,8 +321,8 @@ impl Driver {
             return;
         };
         if let Err(error) = backend.write_at(data, offset) {
+            // The core drops the rest of this write's payload from now on.
             self.writes.remove(&id);
-            self.failed_writes.push(id);
             self.apply(Done::Other {
                 id,
                 result: Err(error),
