@@ -19,6 +19,47 @@
 //!   request ends with exactly one [`Event::Done`]. Requests complete in
 //!   any order.
 //!
+//! A shell's loop, with the export mirrored in `disk`:
+//!
+//! ```no_run
+//! use nbd_core::client::{Event, Payload, ProtocolError, StdConnection};
+//! use nbd_core::wire::CommandFlags;
+//!
+//! /// Handles the server bytes in `input`, then sends what is due.
+//! fn round(
+//!     conn: &mut StdConnection,
+//!     input: &mut Vec<u8>,
+//!     send: &mut impl FnMut(&[u8]),
+//!     disk: &mut [u8],
+//! ) -> Result<(), ProtocolError> {
+//!     loop {
+//!         let step = conn.process(input)?;
+//!         let consumed = step.consumed;
+//!         let Some(event) = step.event else { break };
+//!         match event {
+//!             Event::Ready => {
+//!                 let _ = conn.read(0, 4096, CommandFlags::empty());
+//!             }
+//!             Event::ReadData { offset, data, .. } => {
+//!                 disk[offset as usize..][..data.len()].copy_from_slice(data);
+//!             }
+//!             Event::Done { id, result } => { /* request `id` ended */ }
+//!             _ => {}
+//!         }
+//!         input.drain(..consumed);
+//!     }
+//!     while let Some(transmit) = conn.poll_transmit() {
+//!         for part in transmit.parts {
+//!             send(part);
+//!         }
+//!         if let Some(Payload::Data { offset, length, .. }) = transmit.payload {
+//!             send(&disk[offset as usize..][..length as usize]);
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
 //! Negotiation follows the [`Config`]: fixed newstyle only (oldstyle and
 //! non-fixed servers are refused with a [`ProtocolError`]), `NO_ZEROES`
 //! when offered, `NBD_OPT_STARTTLS` first when asked for (the shell starts
@@ -49,7 +90,15 @@
 //! (adjacent chunks merge into one, so a server sending chunks in order, in
 //! reverse, or in a few interleaved streams never comes near it); a server
 //! fragmenting a read beyond that is refused with
-//! [`ProtocolError::TooFragmented`].
+//! [`ProtocolError::TooFragmented`]. Error offsets are checked to lie inside
+//! the request; content chunks after an error chunk are accepted (they may
+//! not overlap earlier content), and the read then fails with the error.
+//!
+//! A request's cookie on the wire is its [`RequestId`], so replies are
+//! matched without a search, and one for a request not in flight (never
+//! sent, already done) is refused. Replies to `NBD_OPT_*` must come after
+//! the option was handed out by `poll_transmit`: a shell sends what is due
+//! before reading more.
 
 mod connection;
 mod coverage;
