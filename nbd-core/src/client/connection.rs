@@ -3,8 +3,9 @@
 
 use heapless::Vec;
 
+use super::config::Settings;
 use super::inflight::{InFlight, RequestId};
-use super::negotiation::{Negotiation, Settings};
+use super::negotiation::Negotiation;
 use super::replies::Receive;
 use super::{
     Config, ConfigError, Descriptors, Event, ExportInfo, MAX_META_CONTEXTS, MIN_REPLY_SPACE,

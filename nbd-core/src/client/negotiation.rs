@@ -8,47 +8,13 @@
 //! replies), metadata contexts, then GO (or EXPORT_NAME), INFO or LIST.
 
 use super::connection::{Connection, Phase, Raw, RawInfo, Span};
-use super::{Config, ExportInfo, Mode, ProtocolError, TlsPolicy};
+use super::{ExportInfo, Mode, ProtocolError, TlsPolicy};
 use crate::export::{DEFAULT_BLOCK_SIZES, Features, validate_block_sizes};
 use crate::wire::{
     BlockSizeConstraints, ExportNameReply, GREETING_LEN, Greeting, HandshakeFlags, IHAVEOPT, Info,
     NBD_MAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_HEADER_LEN, OptionCode, OptionReply, OptionReplyHeader,
     OptionReplyType, TransmissionFlags, WireError,
 };
-
-/// What the [`Config`] asks for, kept for the whole negotiation. The export
-/// name is `buffer[..name_len]`; the query count and queries, in wire form,
-/// `buffer[name_len..queries_end]`; option replies go after them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Settings {
-    pub(super) mode: Mode,
-    pub(super) tls: TlsPolicy,
-    pub(super) structured: bool,
-    pub(super) extended: bool,
-    pub(super) request_name: bool,
-    pub(super) request_description: bool,
-    pub(super) request_block_size: bool,
-    pub(super) name_len: usize,
-    pub(super) queries_end: usize,
-    pub(super) query_count: usize,
-}
-
-impl Settings {
-    pub(super) fn new(config: &Config<'_>, name_len: usize, queries_end: usize) -> Self {
-        Self {
-            mode: config.mode,
-            tls: config.tls,
-            structured: config.structured_replies,
-            extended: config.extended_headers,
-            request_name: config.request_name,
-            request_description: config.request_description,
-            request_block_size: config.request_block_size,
-            name_len,
-            queries_end,
-            query_count: config.meta_contexts.len(),
-        }
-    }
-}
 
 /// An option the client sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

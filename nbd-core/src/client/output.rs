@@ -6,12 +6,45 @@
 //! scratch, tails in the scratch or the buffer, the shell's payload) while
 //! the state advances, then resolved into borrowed slices.
 
+use super::RequestId;
 use super::connection::{Connection, Ending, Phase, SECOND_PART};
 use super::negotiation::OptionStep;
-use super::{Payload, Transmit};
 use crate::wire::{
     ClientFlags, Command, CommandFlags, InfoType, OptionHeader, RequestHeader, WireError,
 };
+
+/// One message to send: `parts` in order (empty ones skipped), then the
+/// shell-owned `payload`, if any. The core counts it as sent once returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit<'a> {
+    /// Bytes the core encoded, and strings copied from the [`Config`](super::Config).
+    pub parts: [&'a [u8]; 3],
+    /// What the shell appends after the parts.
+    pub payload: Option<Payload>,
+}
+
+impl Transmit<'_> {
+    /// Total bytes of `parts`.
+    pub fn parts_len(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).sum()
+    }
+}
+
+/// Shell-owned bytes that follow a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Payload {
+    /// The data of write `id`: `length` bytes for export offset `offset`.
+    Data {
+        /// The write.
+        id: RequestId,
+        /// Export offset of the first byte.
+        offset: u64,
+        /// Bytes to send.
+        length: u64,
+    },
+}
 
 /// Bytes sent after the scratch header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

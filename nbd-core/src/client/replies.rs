@@ -8,9 +8,10 @@
 //! small fixed fields are collected in the accumulator, error messages are
 //! skipped.
 
+use super::ProtocolError;
 use super::connection::{Connection, Ending, Raw, Span};
+use super::event::parse_descriptor;
 use super::inflight::{Progress, RequestId, Slot};
-use super::{ProtocolError, parse_descriptor};
 use crate::wire::{
     ChunkHeader, ChunkType, Command, CommandFlags, EXTENDED_REPLY_HEADER_LEN, EXTENDED_REPLY_MAGIC,
     ErrorCode, HeaderStyle, ReplyFlags, ReplyHeader, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
