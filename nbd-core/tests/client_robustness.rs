@@ -43,7 +43,8 @@ fn random_cases_reach_deep_states() {
         totals.content += stats.content;
     }
     println!(
-        "{cases} cases: {ready} reached transmission, {failed} ended in a protocol error; {} requests issued, {} done, {} content events",
+        "{cases} cases: {ready} reached transmission, {failed} ended in a protocol error; \
+         {} requests issued, {} done, {} content events",
         totals.issued, totals.done, totals.content
     );
     println!("errors: {errors:?}");

@@ -599,3 +599,25 @@ fn simple_read_data_comes_as_it_arrives() {
         ]
     );
 }
+
+#[test]
+fn configurations_that_do_not_fit_are_refused() {
+    use nbd_core::client::{ConfigError, Connection, MIN_REPLY_SPACE};
+    let long = "x".repeat(4097);
+    assert_eq!(
+        Connection::<4, 8192>::new(Config::new(&long)).err(),
+        Some(ConfigError::StringTooLong)
+    );
+    let queries = [long.as_str()];
+    assert_eq!(
+        Connection::<4, 8192>::new(Config::new("").with_meta_contexts(&queries)).err(),
+        Some(ConfigError::StringTooLong)
+    );
+    // Name, query count, one query of 15 bytes, and room for replies.
+    let needed = 4 + 4 + 4 + 15 + MIN_REPLY_SPACE;
+    assert_eq!(
+        Connection::<4, 64>::new(Config::new("disk")).err(),
+        Some(ConfigError::BufferTooSmall { needed })
+    );
+    assert!(Connection::<4, 91>::new(Config::new("disk")).is_ok());
+}

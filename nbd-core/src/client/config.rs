@@ -31,9 +31,9 @@ pub enum Mode {
     List,
 }
 
-/// What the client asks for during negotiation. Strings are copied into the
-/// connection by [`Connection::new`](super::Connection::new), so a `Config` may borrow short-lived
-/// data.
+/// What the client asks for during negotiation. Strings are copied into
+/// the connection by [`Connection::new`](super::Connection::new), so a
+/// `Config` may borrow short-lived data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config<'a> {
     /// Export to select or describe; empty for the server's default export.

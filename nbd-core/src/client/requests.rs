@@ -87,8 +87,9 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
 
     /// Ends the session gracefully: no new request is accepted,
     /// `NBD_CMD_DISC` goes out once every request in flight is answered,
-    /// then [`Event::Closed`](super::Event::Closed). During negotiation,
-    /// the same as [`abort`](Self::abort).
+    /// and the next `process` call (with no input, if none comes) returns
+    /// [`Event::Closed`](super::Event::Closed). During negotiation, the
+    /// same as [`abort`](Self::abort).
     pub fn disconnect(&mut self) -> Result<(), UsageError> {
         match self.phase {
             Phase::Greeting | Phase::Negotiating => {
