@@ -7,9 +7,12 @@
 //!   for their own storage, and the `memory` and `file` backends;
 //! - [`export`]: export descriptions as the command line gives them
 //!   (`memory:1G,desc=scratch`, `file:disk.img,ro`) and the catalog served;
-//! - [`server`]: the listener and the per-connection driver of the core.
+//! - [`server`]: the listener and the per-connection driver of the core;
+//! - [`client`]: an async client (one or several connections per export,
+//!   many requests in flight), NBD URIs, export listing and description.
 
 pub mod backend;
+pub mod client;
 pub mod export;
 pub mod server;
 pub mod size;

@@ -1,0 +1,730 @@
+//! The connection task: owns the socket and the core's client state
+//! machine, takes operations from callers over a channel, splits them into
+//! NBD requests no larger than the server's maximum block size, keeps as
+//! many in flight as the core allows, and answers each caller on its
+//! oneshot when all of its requests are done.
+//!
+//! Reading and writing the socket are interleaved by readiness, never one
+//! blocking the other: a large write payload goes out while read replies
+//! come in, so neither side can wait on a full socket buffer forever.
+//! Write payloads go out by vectored write straight from the caller's
+//! buffer; read data is copied once, from the input buffer into the
+//! caller's.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use nbd_core::client::{Event, Payload, ProtocolError, RequestId, StdConnection, UsageError};
+use nbd_core::wire::{Command, CommandFlags};
+use tokio::io::Interest;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::Extent;
+use super::error::{Error, Result};
+use super::transport::Transport;
+
+/// Bytes of server input read at once.
+const INPUT_BYTES: usize = 1 << 20;
+
+/// Most slices passed to one vectored write.
+const MAX_SLICES: usize = 64;
+
+/// Operations queued on a connection beyond which callers wait.
+pub(crate) const CHANNEL_DEPTH: usize = 256;
+
+/// Answer channels.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// One caller operation.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// Fill `buf` from `offset`; the filled buffer comes back.
+    Read {
+        offset: u64,
+        buf: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
+    /// Write `data` at `offset`; the buffer comes back for reuse.
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+        reply: Reply<Vec<u8>>,
+    },
+    /// Flush, trim, zero or cache: a command without data.
+    Command {
+        command: Command,
+        flags: CommandFlags,
+        offset: u64,
+        length: u64,
+        reply: Reply<()>,
+    },
+    /// Block status of one request (the caller loops over a range).
+    BlockStatus {
+        offset: u64,
+        length: u64,
+        reply: Reply<Vec<Extent>>,
+    },
+    /// Finish what is in flight, send `NBD_CMD_DISC`, close.
+    Disconnect { reply: Reply<()> },
+}
+
+/// The error that ended a connection, shared with its callers.
+pub(crate) type FatalSlot = Arc<Mutex<Option<Error>>>;
+
+pub(crate) fn fatal_error(slot: &FatalSlot) -> Option<Error> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// What the driver needs to know about the export.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Largest request for reads, writes, trims and zeroing.
+    pub(crate) max_piece: u64,
+    /// Id of the `base:allocation` context.
+    pub(crate) base_allocation: Option<u32>,
+}
+
+/// Who waits for an operation, and its buffer.
+#[derive(Debug)]
+enum Waiter {
+    Read {
+        buf: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
+    Write {
+        data: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
+    Unit {
+        reply: Reply<()>,
+    },
+    Status {
+        extents: Vec<Extent>,
+        reply: Reply<Vec<Extent>>,
+    },
+}
+
+impl Waiter {
+    fn fail(self, error: Error) {
+        // A caller that gave up (dropped its future) is not an error.
+        match self {
+            Self::Read { reply, .. } | Self::Write { reply, .. } => drop(reply.send(Err(error))),
+            Self::Unit { reply } => drop(reply.send(Err(error))),
+            Self::Status { reply, .. } => drop(reply.send(Err(error))),
+        }
+    }
+
+    fn succeed(self) {
+        // A caller that gave up (dropped its future) is not an error.
+        match self {
+            Self::Read { buf, reply } => drop(reply.send(Ok(buf))),
+            Self::Write { data, reply } => drop(reply.send(Ok(data))),
+            Self::Unit { reply } => drop(reply.send(Ok(()))),
+            Self::Status { extents, reply } => drop(reply.send(Ok(extents))),
+        }
+    }
+}
+
+/// An operation being served.
+#[derive(Debug)]
+struct Pending {
+    waiter: Waiter,
+    /// Export offset of the operation's first byte.
+    offset: u64,
+    /// Requests not yet done.
+    parts_left: usize,
+    /// Payload pieces not yet written to the socket.
+    unsent: usize,
+    error: Option<Error>,
+}
+
+/// One NBD request of an operation.
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    op: u64,
+    command: Command,
+    flags: CommandFlags,
+    offset: u64,
+    length: u64,
+}
+
+fn command_name(command: Command) -> &'static str {
+    match command {
+        Command::Read => "read",
+        Command::Write => "write",
+        Command::Flush => "flush",
+        Command::Trim => "trim",
+        Command::Cache => "cache",
+        Command::WriteZeroes => "write zeroes",
+        Command::BlockStatus => "block status",
+        Command::Resize => "resize",
+        _ => "request",
+    }
+}
+
+/// A piece of output: encoded headers, or a slice of a write's data.
+#[derive(Clone, Copy, Debug)]
+enum Segment {
+    Head { start: usize, end: usize },
+    Payload { op: u64, start: usize, end: usize },
+}
+
+impl Segment {
+    fn len(&self) -> usize {
+        match *self {
+            Self::Head { start, end } | Self::Payload { start, end, .. } => end - start,
+        }
+    }
+}
+
+/// Operation bookkeeping, apart from the core so that events borrowing
+/// the core can be handled.
+#[derive(Debug)]
+struct State {
+    limits: Limits,
+    next_op: u64,
+    pending: HashMap<u64, Pending>,
+    /// Requests not yet accepted by the core (it was full).
+    queue: VecDeque<Part>,
+    inflight: HashMap<RequestId, Part>,
+    out: Vec<u8>,
+    segments: VecDeque<Segment>,
+    /// Bytes of the first segment already written.
+    written: usize,
+    /// The session ended (`NBD_CMD_DISC` sent and everything answered).
+    closed: bool,
+    /// A fatal error found while handling events.
+    fatal: Option<Error>,
+}
+
+/// Runs one connection until it is disconnected or fails.
+pub(crate) async fn run(
+    transport: Transport,
+    conn: Box<StdConnection>,
+    leftover: Vec<u8>,
+    limits: Limits,
+    ops: mpsc::Receiver<Op>,
+    fatal: FatalSlot,
+) {
+    let mut driver = Driver {
+        transport,
+        conn,
+        input: vec![0u8; INPUT_BYTES.max(leftover.len())],
+        end: leftover.len(),
+        state: State {
+            limits,
+            next_op: 0,
+            pending: HashMap::new(),
+            queue: VecDeque::new(),
+            inflight: HashMap::new(),
+            out: Vec::new(),
+            segments: VecDeque::new(),
+            written: 0,
+            closed: false,
+            fatal: None,
+        },
+        ops,
+        closing: false,
+        disconnect_sent: false,
+        disconnect_waiters: Vec::new(),
+        eof: false,
+    };
+    driver.input[..leftover.len()].copy_from_slice(&leftover);
+    let result = driver.serve().await;
+    let error = match result {
+        Ok(()) => Error::Disconnected,
+        Err(error) => {
+            warn!("NBD connection failed: {error}");
+            error
+        }
+    };
+    *fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
+    for (_, pending) in driver.state.pending.drain() {
+        pending.waiter.fail(error.clone());
+    }
+    let outcome = match error {
+        Error::Disconnected => Ok(()),
+        other => Err(other),
+    };
+    for waiter in driver.disconnect_waiters {
+        let _ = waiter.send(outcome.clone());
+    }
+    // Operations sent meanwhile: answered with the same error.
+    driver.ops.close();
+    while let Some(op) = driver.ops.recv().await {
+        refuse(op, outcome.clone().err().unwrap_or(Error::Disconnected));
+    }
+}
+
+fn refuse(op: Op, error: Error) {
+    match op {
+        Op::Read { reply, .. } | Op::Write { reply, .. } => drop(reply.send(Err(error))),
+        Op::Command { reply, .. } | Op::Disconnect { reply } => drop(reply.send(Err(error))),
+        Op::BlockStatus { reply, .. } => drop(reply.send(Err(error))),
+    }
+}
+
+struct Driver {
+    transport: Transport,
+    conn: Box<StdConnection>,
+    input: Vec<u8>,
+    /// Bytes of `input` not yet processed (from 0).
+    end: usize,
+    state: State,
+    ops: mpsc::Receiver<Op>,
+    /// No more operations are taken; disconnect once the queue drains.
+    closing: bool,
+    disconnect_sent: bool,
+    disconnect_waiters: Vec<Reply<()>>,
+    eof: bool,
+}
+
+impl Driver {
+    async fn serve(&mut self) -> Result<()> {
+        // Input that came with the end of negotiation.
+        self.process()?;
+        loop {
+            self.issue();
+            if self.closing && self.state.queue.is_empty() && !self.disconnect_sent {
+                // The core sends NBD_CMD_DISC once every request is answered.
+                self.disconnect_sent = true;
+                let _ = self.conn.disconnect();
+            }
+            self.collect_output();
+            // Pending events (the end of the session after DISC).
+            self.process()?;
+            if let Some(error) = self.state.fatal.take() {
+                return Err(error);
+            }
+            if self.state.closed && self.state.segments.is_empty() {
+                let _ = self.transport.shutdown().await;
+                return Ok(());
+            }
+            if self.eof {
+                return match self.conn.end_of_input() {
+                    Ok(()) if self.closing => Ok(()),
+                    Ok(()) => Err(Error::Closed {
+                        reason: String::new(),
+                    }),
+                    Err(ProtocolError::UnexpectedEof) => Err(Error::Closed {
+                        reason: format!("with {} requests in flight", self.state.inflight.len()),
+                    }),
+                    Err(error) => Err(Error::Protocol(error)),
+                };
+            }
+            let mut interest = Interest::READABLE;
+            if !self.state.segments.is_empty() {
+                interest = interest.add(Interest::WRITABLE);
+            }
+            let take_ops = !self.closing && self.state.queue.is_empty();
+            tokio::select! {
+                ready = self.transport.ready(interest) => {
+                    let ready = ready.map_err(Error::io)?;
+                    if ready.is_writable() {
+                        self.write()?;
+                    }
+                    if ready.is_readable() || ready.is_read_closed() {
+                        self.read()?;
+                    }
+                }
+                op = self.ops.recv(), if take_ops => match op {
+                    Some(op) => {
+                        self.accept(op);
+                        while self.state.queue.len() < 4 * crate::client::MAX_REQUESTS {
+                            match self.ops.try_recv() {
+                                Ok(op) => self.accept(op),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    // Every handle is gone: leave politely.
+                    None => self.closing = true,
+                },
+            }
+        }
+    }
+
+    /// Takes an operation: splits it into requests and queues them.
+    fn accept(&mut self, op: Op) {
+        let state = &mut self.state;
+        let id = state.next_op;
+        state.next_op += 1;
+        let max = state.limits.max_piece.max(1);
+        let (waiter, command, flags, offset, length) = match op {
+            Op::Read { offset, buf, reply } => {
+                let length = buf.len() as u64;
+                (
+                    Waiter::Read { buf, reply },
+                    Command::Read,
+                    CommandFlags::empty(),
+                    offset,
+                    length,
+                )
+            }
+            Op::Write {
+                offset,
+                data,
+                fua,
+                reply,
+            } => {
+                let length = data.len() as u64;
+                let flags = CommandFlags::empty().with_if(CommandFlags::FUA, fua);
+                (
+                    Waiter::Write { data, reply },
+                    Command::Write,
+                    flags,
+                    offset,
+                    length,
+                )
+            }
+            Op::Command {
+                command,
+                flags,
+                offset,
+                length,
+                reply,
+            } => (Waiter::Unit { reply }, command, flags, offset, length),
+            Op::BlockStatus {
+                offset,
+                length,
+                reply,
+            } => (
+                Waiter::Status {
+                    extents: Vec::new(),
+                    reply,
+                },
+                Command::BlockStatus,
+                CommandFlags::empty(),
+                offset,
+                length,
+            ),
+            Op::Disconnect { reply } => {
+                self.closing = true;
+                self.disconnect_waiters.push(reply);
+                return;
+            }
+        };
+        let mut parts = 0;
+        if matches!(command, Command::Flush | Command::BlockStatus) {
+            state.queue.push_back(Part {
+                op: id,
+                command,
+                flags,
+                offset,
+                length,
+            });
+            parts = 1;
+        } else {
+            let mut at = offset;
+            let end = offset + length;
+            while at < end {
+                let piece = (end - at).min(max);
+                state.queue.push_back(Part {
+                    op: id,
+                    command,
+                    flags,
+                    offset: at,
+                    length: piece,
+                });
+                at += piece;
+                parts += 1;
+            }
+        }
+        if parts == 0 {
+            waiter.succeed();
+            return;
+        }
+        state.pending.insert(
+            id,
+            Pending {
+                waiter,
+                offset,
+                parts_left: parts,
+                unsent: 0,
+                error: None,
+            },
+        );
+    }
+
+    /// Hands queued requests to the core while it has room.
+    fn issue(&mut self) {
+        while let Some(&part) = self.state.queue.front() {
+            let result = match part.command {
+                Command::Read => self.conn.read(part.offset, part.length, part.flags),
+                Command::Write => self.conn.write(
+                    part.offset,
+                    part.length,
+                    part.flags.contains(CommandFlags::FUA),
+                ),
+                Command::Flush => self.conn.flush(),
+                Command::Trim => self.conn.trim(
+                    part.offset,
+                    part.length,
+                    part.flags.contains(CommandFlags::FUA),
+                ),
+                Command::WriteZeroes => {
+                    self.conn.write_zeroes(part.offset, part.length, part.flags)
+                }
+                Command::Cache => self.conn.cache(part.offset, part.length),
+                Command::BlockStatus => self.conn.block_status(part.offset, part.length, false),
+                other => Err(UsageError::NotAdvertised(other)),
+            };
+            match result {
+                Ok(id) => {
+                    self.state.queue.pop_front();
+                    self.state.inflight.insert(id, part);
+                }
+                Err(UsageError::Full) => return,
+                Err(error) => {
+                    self.state.queue.pop_front();
+                    let error = Error::Usage {
+                        command: command_name(part.command),
+                        error,
+                    };
+                    self.state.part_done(part, Some(error));
+                }
+            }
+        }
+    }
+
+    /// Moves the core's messages into the output queue.
+    fn collect_output(&mut self) {
+        let state = &mut self.state;
+        if state.segments.is_empty() {
+            state.out.clear();
+            state.written = 0;
+        }
+        while let Some(transmit) = self.conn.poll_transmit() {
+            let start = state.out.len();
+            for part in transmit.parts {
+                state.out.extend_from_slice(part);
+            }
+            let end = state.out.len();
+            match state.segments.back_mut() {
+                Some(Segment::Head { end: last, .. }) if *last == start => *last = end,
+                _ => state.segments.push_back(Segment::Head { start, end }),
+            }
+            if let Some(Payload::Data { id, offset, length }) = transmit.payload {
+                let Some(part) = state.inflight.get(&id) else {
+                    state.fatal = Some(Error::io(io::Error::other(
+                        "internal error: payload for an unknown request",
+                    )));
+                    return;
+                };
+                let op = part.op;
+                let Some(pending) = state.pending.get_mut(&op) else {
+                    continue;
+                };
+                pending.unsent += 1;
+                let start = (offset - pending.offset) as usize;
+                state.segments.push_back(Segment::Payload {
+                    op,
+                    start,
+                    end: start + length as usize,
+                });
+            }
+        }
+    }
+
+    /// Writes as much output as the socket takes now.
+    fn write(&mut self) -> Result<()> {
+        let state = &mut self.state;
+        while !state.segments.is_empty() {
+            let mut slices = Vec::with_capacity(MAX_SLICES);
+            for (i, segment) in state.segments.iter().take(MAX_SLICES).enumerate() {
+                let skip = if i == 0 { state.written } else { 0 };
+                let bytes: &[u8] = match *segment {
+                    Segment::Head { start, end } => &state.out[start..end],
+                    Segment::Payload { op, start, end } => match state.pending.get(&op) {
+                        Some(Pending {
+                            waiter: Waiter::Write { data, .. },
+                            ..
+                        }) => &data[start..end],
+                        _ => {
+                            return Err(Error::io(io::Error::other(
+                                "internal error: write payload gone before it was sent",
+                            )));
+                        }
+                    },
+                };
+                slices.push(IoSlice::new(&bytes[skip..]));
+            }
+            let written = match self.transport.try_write_vectored(&slices) {
+                Ok(0) => return Err(Error::io(io::ErrorKind::WriteZero.into())),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(e)),
+            };
+            drop(slices);
+            state.advance(written);
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has and processes it.
+    fn read(&mut self) -> Result<()> {
+        loop {
+            if self.end == self.input.len() {
+                // The core consumes all input it is given: cannot happen.
+                return Err(Error::io(io::Error::other(
+                    "internal error: input buffer full",
+                )));
+            }
+            match self.transport.try_read(&mut self.input[self.end..]) {
+                Ok(0) => {
+                    debug!("server closed the connection");
+                    self.eof = true;
+                    return self.process();
+                }
+                Ok(n) => {
+                    self.end += n;
+                    self.process()?;
+                    if self.end == 0 && n < self.input.len() {
+                        // Short read: the socket is drained for now.
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(e)),
+            }
+        }
+    }
+
+    /// Feeds the input to the core and handles every event.
+    fn process(&mut self) -> Result<()> {
+        let mut start = 0;
+        loop {
+            let step = self
+                .conn
+                .process(&self.input[start..self.end])
+                .map_err(Error::Protocol)?;
+            start += step.consumed;
+            match step.event {
+                Some(event) => self.state.handle(event),
+                None => break,
+            }
+        }
+        self.input.copy_within(start..self.end, 0);
+        self.end -= start;
+        match self.state.fatal.take() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+impl State {
+    fn handle(&mut self, event: Event<'_>) {
+        match event {
+            Event::ReadData { id, offset, data } => {
+                if let Some((pending, _)) = self.pending_of(id)
+                    && let Waiter::Read { buf, .. } = &mut pending.waiter
+                {
+                    let at = (offset - pending.offset) as usize;
+                    buf[at..at + data.len()].copy_from_slice(data);
+                }
+            }
+            Event::ReadHole { id, offset, length } => {
+                if let Some((pending, _)) = self.pending_of(id)
+                    && let Waiter::Read { buf, .. } = &mut pending.waiter
+                {
+                    let at = (offset - pending.offset) as usize;
+                    buf[at..at + length as usize].fill(0);
+                }
+            }
+            Event::BlockStatus {
+                id,
+                context_id,
+                offset,
+                descriptors,
+            } => {
+                let wanted = self.limits.base_allocation == Some(context_id);
+                if wanted
+                    && let Some((pending, _)) = self.pending_of(id)
+                    && let Waiter::Status { extents, .. } = &mut pending.waiter
+                {
+                    let mut at = offset;
+                    for descriptor in descriptors.iter() {
+                        extents.push(Extent {
+                            offset: at,
+                            length: descriptor.length,
+                            flags: (descriptor.status & 0xffff_ffff) as u32,
+                        });
+                        at += descriptor.length;
+                    }
+                }
+            }
+            Event::Done { id, result } => {
+                let Some(part) = self.inflight.remove(&id) else {
+                    return;
+                };
+                let error = result.err().map(|code| Error::Server {
+                    command: command_name(part.command),
+                    offset: part.offset,
+                    length: part.length,
+                    code,
+                });
+                self.part_done(part, error);
+            }
+            Event::Closed => self.closed = true,
+            _ => {}
+        }
+    }
+
+    fn pending_of(&mut self, id: RequestId) -> Option<(&mut Pending, Part)> {
+        let part = *self.inflight.get(&id)?;
+        Some((self.pending.get_mut(&part.op)?, part))
+    }
+
+    /// One request of an operation ended; answers the caller after the last.
+    fn part_done(&mut self, part: Part, error: Option<Error>) {
+        let Some(pending) = self.pending.get_mut(&part.op) else {
+            return;
+        };
+        if pending.error.is_none() {
+            pending.error = error;
+        }
+        pending.parts_left -= 1;
+        if pending.parts_left > 0 {
+            return;
+        }
+        if pending.unsent > 0 {
+            // The server answered a write it cannot have received whole.
+            self.fatal = Some(Error::Protocol(ProtocolError::UnsolicitedData));
+            return;
+        }
+        if let Some(pending) = self.pending.remove(&part.op) {
+            match pending.error {
+                Some(error) => pending.waiter.fail(error),
+                None => pending.waiter.succeed(),
+            }
+        }
+    }
+
+    /// Drops `written` bytes of output.
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some(&first) = self.segments.front() else {
+                return;
+            };
+            let left = first.len() - self.written;
+            if written < left {
+                self.written += written;
+                return;
+            }
+            written -= left;
+            self.written = 0;
+            self.segments.pop_front();
+            if let Segment::Payload { op, .. } = first
+                && let Some(pending) = self.pending.get_mut(&op)
+            {
+                pending.unsent -= 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! NBD URIs (the NBD URI specification, `doc/uri.md` of the
+//! NetworkBlockDevice/nbd repository): `nbd://host[:port][/export]` and
+//! `nbd+unix:///export?socket=PATH`.
+//!
+//! The export name is the path without its leading `/`, percent-decoded
+//! (`nbd://h/hello%20world` selects `hello world`, `nbd://h//disk` selects
+//! `/disk`). The port defaults to 10809. `nbds://` and `nbds+unix://`
+//! (TLS required) are refused with [`UriError::TlsNotSupported`], as the
+//! specification asks of clients without TLS; so are the TLS query
+//! parameters. Any other query parameter is diagnosed, as the
+//! specification recommends.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::DEFAULT_PORT;
+
+/// Why a string is not an NBD URI this client can use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UriError {
+    /// No `scheme://` at the start.
+    #[error(
+        "`{0}` is not an NBD URI (expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+    )]
+    NotAUri(String),
+    /// A scheme other than `nbd`, `nbd+unix`, `nbds`, `nbds+unix`.
+    #[error("unsupported URI scheme `{0}` (expected nbd or nbd+unix)")]
+    UnknownScheme(String),
+    /// `nbds://`, `nbds+unix://` or a `tls-*` parameter: TLS is required.
+    #[error("`{0}` requires TLS, which nbd-std does not support yet")]
+    TlsNotSupported(String),
+    /// `nbd://` without a host.
+    #[error("no host in `{0}` (expected nbd://HOST[:PORT]/EXPORT)")]
+    MissingHost(String),
+    /// A port that is not a number from 1 to 65535.
+    #[error("bad port `{0}` (expected a number from 1 to 65535)")]
+    BadPort(String),
+    /// `nbd+unix://` without `?socket=PATH`.
+    #[error("`{0}` has no socket parameter (expected nbd+unix:///EXPORT?socket=PATH)")]
+    MissingSocket(String),
+    /// `nbd+unix://host/...`: unix-socket URIs take no host.
+    #[error("`{0}` names a host; nbd+unix URIs take none (nbd+unix:///EXPORT?socket=PATH)")]
+    HostInUnixUri(String),
+    /// `?socket=` on a TCP URI.
+    #[error("`{0}`: the socket parameter needs the nbd+unix scheme")]
+    SocketInTcpUri(String),
+    /// A query parameter this client does not know.
+    #[error("unknown query parameter `{0}` in NBD URI")]
+    UnknownParameter(String),
+    /// A `#fragment`, which NBD URIs do not use.
+    #[error("`{0}`: NBD URIs have no #fragment")]
+    Fragment(String),
+    /// A `%` not followed by two hex digits, or a name that decodes to
+    /// invalid UTF-8 or contains NUL.
+    #[error("bad percent-encoding in `{0}`")]
+    BadEncoding(String),
+}
+
+/// Where the server is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// TCP: a host name or address (IPv6 without brackets) and a port.
+    Tcp {
+        /// Host name, IPv4 address, or IPv6 address without brackets.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// A unix-domain socket. A path starting with NUL names a socket in
+    /// the abstract namespace (Linux).
+    Unix(PathBuf),
+}
+
+/// A parsed NBD URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdUri {
+    /// Where to connect.
+    pub endpoint: Endpoint,
+    /// Export name (decoded); empty for the server's default export.
+    pub export: String,
+}
+
+impl NbdUri {
+    /// Parses an NBD URI.
+    pub fn parse(text: &str) -> Result<Self, UriError> {
+        let owned = || text.to_owned();
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| UriError::NotAUri(owned()))?;
+        let unix = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => false,
+            "nbd+unix" => true,
+            "nbds" | "nbds+unix" => return Err(UriError::TlsNotSupported(owned())),
+            _ => return Err(UriError::UnknownScheme(scheme.to_owned())),
+        };
+        if rest.contains('#') {
+            return Err(UriError::Fragment(owned()));
+        }
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, Some(query)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, ""),
+        };
+        let export = decode(path).ok_or_else(|| UriError::BadEncoding(owned()))?;
+        let export = String::from_utf8(export)
+            .ok()
+            .filter(|name| !name.contains('\0'))
+            .ok_or_else(|| UriError::BadEncoding(owned()))?;
+        let mut socket = None;
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+            if pair.is_empty() {
+                continue;
+            }
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "socket" => {
+                    let bytes = decode(value).ok_or_else(|| UriError::BadEncoding(owned()))?;
+                    socket = Some(path_from_bytes(bytes));
+                }
+                _ if key.starts_with("tls-") => return Err(UriError::TlsNotSupported(owned())),
+                _ => return Err(UriError::UnknownParameter(key.to_owned())),
+            }
+        }
+        // Userinfo is for TLS authentication only: ignored without TLS.
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let endpoint = if unix {
+            if !host_port.is_empty() {
+                return Err(UriError::HostInUnixUri(owned()));
+            }
+            match socket {
+                Some(path) if !path.as_os_str().is_empty() => Endpoint::Unix(path),
+                _ => return Err(UriError::MissingSocket(owned())),
+            }
+        } else {
+            if socket.is_some() {
+                return Err(UriError::SocketInTcpUri(owned()));
+            }
+            let (host, port) = split_host_port(host_port)?;
+            if host.is_empty() {
+                return Err(UriError::MissingHost(owned()));
+            }
+            Endpoint::Tcp { host, port }
+        };
+        Ok(Self { endpoint, export })
+    }
+
+    /// The same server with another export.
+    pub fn with_export(&self, export: &str) -> Self {
+        Self {
+            endpoint: self.endpoint.clone(),
+            export: export.to_owned(),
+        }
+    }
+
+    /// The address for messages: `host:port` or the socket path.
+    pub fn address(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            Endpoint::Tcp { host, port } => format!("{host}:{port}"),
+            Endpoint::Unix(path) => path.display().to_string(),
+        }
+    }
+}
+
+impl std::str::FromStr for NbdUri {
+    type Err = UriError;
+    fn from_str(text: &str) -> Result<Self, UriError> {
+        Self::parse(text)
+    }
+}
+
+/// The URI in canonical form: port always given, export percent-encoded.
+impl fmt::Display for NbdUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let export = encode(self.export.as_bytes(), PATH_SAFE);
+        match &self.endpoint {
+            Endpoint::Tcp { .. } => write!(f, "nbd://{}/{export}", self.address()),
+            Endpoint::Unix(path) => {
+                use std::os::unix::ffi::OsStrExt;
+                let socket = encode(path.as_os_str().as_bytes(), QUERY_SAFE);
+                write!(f, "nbd+unix:///{export}?socket={socket}")
+            }
+        }
+    }
+}
+
+/// Splits `host[:port]` or `[v6][:port]`.
+fn split_host_port(text: &str) -> Result<(String, u16), UriError> {
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| UriError::MissingHost(text.to_owned()))?;
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(UriError::BadPort(after.to_owned())),
+            },
+        }
+    } else {
+        match text.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        }
+    };
+    let port = match port {
+        None | Some("") => DEFAULT_PORT,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| UriError::BadPort(port.to_owned()))?,
+    };
+    let host = decode(host)
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| UriError::BadEncoding(text.to_owned()))?;
+    Ok((host, port))
+}
+
+fn path_from_bytes(bytes: Vec<u8>) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(bytes))
+}
+
+/// Percent-decodes; `None` on a `%` without two hex digits.
+fn decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Characters besides unreserved ones left as they are in a path.
+const PATH_SAFE: &[u8] = b"/:@!$&'()*+,;=";
+/// In a query value (`&` and `=` separate parameters, so they are encoded).
+const QUERY_SAFE: &[u8] = b"/:@!$'()*+,;";
+
+fn encode(bytes: &[u8], safe: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || safe.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16, export: &str) -> NbdUri {
+        NbdUri {
+            endpoint: Endpoint::Tcp {
+                host: host.to_owned(),
+                port,
+            },
+            export: export.to_owned(),
+        }
+    }
+
+    #[test]
+    fn spec_examples() {
+        let cases = [
+            ("nbd://example.com/disk", tcp("example.com", 10809, "disk")),
+            ("nbd://example.com/", tcp("example.com", 10809, "")),
+            ("nbd://example.com", tcp("example.com", 10809, "")),
+            (
+                "nbd://example.com//disk",
+                tcp("example.com", 10809, "/disk"),
+            ),
+            (
+                "nbd://example.com/hello%20world",
+                tcp("example.com", 10809, "hello world"),
+            ),
+            (
+                "nbd://example.com:10810/export",
+                tcp("example.com", 10810, "export"),
+            ),
+            ("nbd://[::1]:2000/x", tcp("::1", 2000, "x")),
+            ("nbd://[::1]/", tcp("::1", 10809, "")),
+            ("nbd://user@127.0.0.1:99/", tcp("127.0.0.1", 99, "")),
+            ("NBD://h:1/%e2%82%ac", tcp("h", 1, "€")),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(NbdUri::parse(text), Ok(expected), "{text}");
+        }
+        assert_eq!(
+            NbdUri::parse("nbd+unix:///disk?socket=sock"),
+            Ok(NbdUri {
+                endpoint: Endpoint::Unix(PathBuf::from("sock")),
+                export: "disk".to_owned()
+            })
+        );
+        assert_eq!(
+            NbdUri::parse("nbd+unix:///?socket=/tmp/a%20b.sock"),
+            Ok(NbdUri {
+                endpoint: Endpoint::Unix(PathBuf::from("/tmp/a b.sock")),
+                export: String::new()
+            })
+        );
+        let abstract_socket = NbdUri::parse("nbd+unix:///?socket=%00/abstract").expect("parse");
+        assert_eq!(
+            abstract_socket.endpoint,
+            Endpoint::Unix(PathBuf::from("\0/abstract"))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        use UriError::*;
+        type Check = fn(&UriError) -> bool;
+        let cases: [(&str, Check); 13] = [
+            ("disk.img", |e| matches!(e, NotAUri(_))),
+            ("http://x/", |e| matches!(e, UnknownScheme(_))),
+            ("nbds://x/", |e| matches!(e, TlsNotSupported(_))),
+            ("nbds+unix:///?socket=s", |e| {
+                matches!(e, TlsNotSupported(_))
+            }),
+            ("nbd://x/?tls-type=x509", |e| {
+                matches!(e, TlsNotSupported(_))
+            }),
+            ("nbd:///disk", |e| matches!(e, MissingHost(_))),
+            ("nbd://x:0/", |e| matches!(e, BadPort(_))),
+            ("nbd://x:99999/", |e| matches!(e, BadPort(_))),
+            ("nbd+unix:///disk", |e| matches!(e, MissingSocket(_))),
+            ("nbd+unix://h/?socket=s", |e| matches!(e, HostInUnixUri(_))),
+            ("nbd://x/?foo=1", |e| matches!(e, UnknownParameter(_))),
+            ("nbd://x/a%2", |e| matches!(e, BadEncoding(_))),
+            ("nbd://x/a%00", |e| matches!(e, BadEncoding(_))),
+        ];
+        for (text, check) in cases {
+            let error = NbdUri::parse(text).expect_err(text);
+            assert!(check(&error), "{text}: {error:?}");
+            assert!(!error.to_string().is_empty());
+        }
+        assert!(
+            NbdUri::parse("nbds://h/")
+                .expect_err("tls")
+                .to_string()
+                .contains("TLS, which nbd-std does not support yet")
+        );
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in [
+            "nbd://127.0.0.1:10809/",
+            "nbd://host:99/hello%20world",
+            "nbd://[::1]:2000/a/b",
+            "nbd+unix:///disk?socket=/tmp/s%26x",
+        ] {
+            let uri = NbdUri::parse(text).expect(text);
+            assert_eq!(uri.to_string(), text);
+            assert_eq!(NbdUri::parse(&uri.to_string()), Ok(uri));
+        }
+        assert_eq!(
+            NbdUri::parse("nbd://h/x").expect("parse").to_string(),
+            "nbd://h:10809/x"
+        );
+    }
+}
