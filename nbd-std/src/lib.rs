@@ -9,13 +9,15 @@
 //!   (`memory:1G,desc=scratch`, `file:disk.img,ro`) and the catalog served;
 //! - [`server`]: the listener and the per-connection driver of the core;
 //! - [`client`]: an async client (one or several connections per export,
-//!   many requests in flight), NBD URIs, export listing and description.
+//!   many requests in flight), NBD URIs, export listing and description;
+//! - [`tools`]: the client commands of the tool (`info`, `cp`).
 
 pub mod backend;
 pub mod client;
 pub mod export;
 pub mod server;
 pub mod size;
+pub mod tools;
 
 /// TCP port an NBD server listens on unless told otherwise (IANA).
 pub const DEFAULT_PORT: u16 = nbd_core::wire::DEFAULT_PORT;

@@ -23,6 +23,21 @@ struct Cli {
 enum Command {
     /// Serve exports to NBD clients (nbdinfo, qemu, libnbd, nbd-client).
     Serve(ServeArgs),
+    /// Describe an export (size, flags, block sizes, metadata contexts), as
+    /// nbdinfo does.
+    Info(InfoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InfoArgs {
+    /// NBD URI: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    uri: String,
+    /// Describe every export the server lists.
+    #[arg(short = 'L', long)]
+    list: bool,
+    /// Print JSON (the shape of nbdinfo --json).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,7 +84,60 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Info(args) => info(args),
     }
+}
+
+/// Runs a client command on a fresh runtime; errors print one line.
+fn client_command<F>(work: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    // Client logs only when asked for with RUST_LOG.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = init_logging("warn");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("nbd-std: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("nbd-std: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn info(args: InfoArgs) -> ExitCode {
+    use nbd_std::client::NbdUri;
+    use nbd_std::tools::info::{InfoOptions, info};
+    client_command(async move {
+        let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+        let options = InfoOptions {
+            list: args.list,
+            json: args.json,
+        };
+        let report = info(&uri, options).await.map_err(|e| e.to_string())?;
+        print!("{}", report.output);
+        match report.failures.first() {
+            None => Ok(()),
+            Some((name, error)) => Err(format!(
+                "export {name:?}: {error}{}",
+                match report.failures.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more exports failed)", n - 1),
+                }
+            )),
+        }
+    })
 }
 
 /// Exit code for bad arguments, found before anything listens.

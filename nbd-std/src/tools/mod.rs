@@ -1,0 +1,8 @@
+//! The client commands of the `nbd-std` tool, as library functions the
+//! binary calls (and tests and other programs can too):
+//!
+//! - [`info`]: `nbd-std info`, what `nbdinfo` prints;
+//! - [`copy`]: `nbd-std cp`, copies between files, standard input/output
+//!   and NBD exports.
+
+pub mod info;
