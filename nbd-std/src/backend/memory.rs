@@ -21,12 +21,12 @@ use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nbd_core::export::Capabilities;
 use nbd_core::wire::{AllocationFlags, ExtDescriptor};
 
-use super::{Backend, ZeroFlags, push_extent};
+use super::{Backend, ReadPiece, ZeroFlags, push_extent};
 
 const PAGE_SHIFT: u32 = 16;
 /// Allocation granularity in bytes (64 KiB).
@@ -46,7 +46,37 @@ const MAX_PAGE_LOOKUPS: usize = 1 << 18;
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
 
-type Page = Box<[u8]>;
+/// A page, shared copy-on-write with replies still being sent
+/// (`read_shared`): writers go through `Arc::make_mut`.
+type Page = Arc<PageData>;
+
+#[derive(Clone)]
+struct PageData(Box<[u8]>);
+
+impl std::fmt::Debug for PageData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageData({} bytes)", self.0.len())
+    }
+}
+
+impl AsRef<[u8]> for PageData {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for PageData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PageData {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
 type PageMap = HashMap<u64, Page, PageHash>;
 
 /// One shard, aligned to keep neighbouring locks off one cache line.
@@ -143,7 +173,7 @@ impl MemoryBackend {
             let mut shard = self.write_shard(page);
             match shard.entry(page) {
                 Entry::Occupied(mut entry) => {
-                    let data = entry.get_mut();
+                    let data = Arc::make_mut(entry.get_mut());
                     if whole && !keep_allocated {
                         entry.remove();
                         self.count_freed(page);
@@ -159,7 +189,7 @@ impl MemoryBackend {
                     // A page past the end (the export shrank meanwhile)
                     // must not come back.
                     if keep_allocated && page << PAGE_SHIFT < self.size.load(Ordering::Acquire) {
-                        entry.insert(new_page());
+                        entry.insert(Arc::new(new_page()));
                         self.count_allocated(page);
                     }
                 }
@@ -202,6 +232,30 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    /// Lends the pages themselves: a read costs a lock and a reference
+    /// count per page instead of a copy.
+    fn read_shared(
+        &self,
+        offset: u64,
+        length: u64,
+        pieces: &mut Vec<ReadPiece>,
+    ) -> Option<io::Result<()>> {
+        for (page, within, n) in spans(offset, length) {
+            let piece = match self.read_shard(page).get(&page) {
+                Some(data) => ReadPiece::Shared {
+                    bytes: Arc::clone(data) as _,
+                    range: within..within + n,
+                },
+                None => ReadPiece::Zeroes(n),
+            };
+            match (pieces.last_mut(), piece) {
+                (Some(ReadPiece::Zeroes(run)), ReadPiece::Zeroes(more)) => *run += more,
+                (_, piece) => pieces.push(piece),
+            }
+        }
+        Some(Ok(()))
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         for (page, within, n) in spans(offset, data.len() as u64) {
@@ -210,7 +264,7 @@ impl Backend for MemoryBackend {
             let end = (page << PAGE_SHIFT) + (within + n) as u64;
             // Allocation happens outside the lock, so a first write does not
             // hold the shard while the page is zeroed.
-            let mut fresh: Option<Page> = None;
+            let mut fresh: Option<PageData> = None;
             loop {
                 let mut shard = self.write_shard(page);
                 // Checked under the lock: a concurrent shrink stores the new
@@ -223,12 +277,12 @@ impl Backend for MemoryBackend {
                     ));
                 }
                 if let Some(existing) = shard.get_mut(&page) {
-                    existing[within..within + n].copy_from_slice(src);
+                    Arc::make_mut(existing)[within..within + n].copy_from_slice(src);
                     break;
                 }
                 if let Some(mut new) = fresh.take() {
                     new[within..within + n].copy_from_slice(src);
-                    shard.insert(page, new);
+                    shard.insert(page, Arc::new(new));
                     self.count_allocated(page);
                     break;
                 }
@@ -338,7 +392,7 @@ impl Backend for MemoryBackend {
         if within != 0 {
             let page = size >> PAGE_SHIFT;
             if let Some(data) = self.write_shard(page).get_mut(&page) {
-                data[within..].fill(0);
+                Arc::make_mut(data)[within..].fill(0);
             }
         }
         Ok(())
@@ -346,8 +400,8 @@ impl Backend for MemoryBackend {
 }
 
 /// A zeroed page.
-fn new_page() -> Page {
-    vec![0u8; PAGE_SIZE].into_boxed_slice()
+fn new_page() -> PageData {
+    PageData(vec![0u8; PAGE_SIZE].into_boxed_slice())
 }
 
 fn is_zero(data: &[u8]) -> bool {
@@ -641,6 +695,82 @@ mod tests {
             thread.join().expect("thread");
         }
         assert_eq!(backend.allocated_bytes(), 64 * P);
+    }
+
+    fn read_via_pieces(backend: &MemoryBackend, offset: u64, length: u64) -> Vec<u8> {
+        let mut pieces = Vec::new();
+        backend
+            .read_shared(offset, length, &mut pieces)
+            .expect("supported")
+            .expect("read");
+        let mut out = Vec::new();
+        for piece in &pieces {
+            match piece.bytes() {
+                Some(bytes) => out.extend_from_slice(bytes),
+                None => out.resize(out.len() + piece.len(), 0),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn shared_reads_equal_copied_reads() {
+        let backend = MemoryBackend::new(1 << 24);
+        backend
+            .write_at(&pattern(100_000, 7), 70_000)
+            .expect("write");
+        backend
+            .write_at(&pattern(10, 9), 3 * PAGE_SIZE as u64 - 5)
+            .expect("write");
+        for (offset, length) in [
+            (0, 1 << 20),
+            (69_999, 100_002),
+            (3 * PAGE_SIZE as u64 - 6, 12),
+            (1 << 23, 4096),
+        ] {
+            assert_eq!(
+                read_via_pieces(&backend, offset, length),
+                read(&backend, offset, length as usize),
+                "range {offset}+{length}"
+            );
+        }
+        let mut pieces = Vec::new();
+        backend
+            .read_shared(1 << 22, 4 * PAGE_SIZE as u64, &mut pieces)
+            .expect("supported")
+            .expect("read");
+        assert!(
+            matches!(pieces[..], [ReadPiece::Zeroes(n)] if n == 4 * PAGE_SIZE),
+            "holes merge: {pieces:?}"
+        );
+    }
+
+    #[test]
+    fn shared_pages_are_copied_on_write() {
+        let backend = MemoryBackend::new(1 << 20);
+        backend.write_at(&[1; 4096], 0).expect("write");
+        let mut pieces = Vec::new();
+        backend
+            .read_shared(0, 4096, &mut pieces)
+            .expect("supported")
+            .expect("read");
+        // A write while the reply is still being sent must not change it.
+        backend.write_at(&[2; 4096], 0).expect("write");
+        backend
+            .write_zeroes(
+                0,
+                4096,
+                ZeroFlags {
+                    no_hole: true,
+                    fast: false,
+                },
+            )
+            .expect("zero");
+        assert_eq!(pieces[0].bytes(), Some(&[1u8; 4096][..]));
+        assert_eq!(read(&backend, 0, 4096), vec![0; 4096]);
+        drop(pieces);
+        backend.write_at(&[3; 4096], 0).expect("write");
+        assert_eq!(read(&backend, 0, 4096), vec![3; 4096]);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! the protocol core: in range, aligned to the export's block sizes.
 
 use std::io;
+use std::ops::Range;
+use std::sync::Arc;
 
 use nbd_core::export::{Capabilities, DEFAULT_BLOCK_SIZES};
 use nbd_core::wire::{BlockSizeConstraints, ErrorCode, ExtDescriptor};
@@ -25,6 +27,53 @@ pub struct ZeroFlags {
     /// Fail with `io::ErrorKind::Unsupported` at once unless zeroing is
     /// faster than writing zeroes (`NBD_CMD_FLAG_FAST_ZERO`).
     pub fast: bool,
+}
+
+/// A piece of read data a backend lends instead of copying.
+#[derive(Clone)]
+pub enum ReadPiece {
+    /// `range` of a reference-counted buffer the store keeps unchanged
+    /// while it is shared (copy-on-write).
+    Shared {
+        /// The buffer.
+        bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        /// The bytes of it to send.
+        range: Range<usize>,
+    },
+    /// That many zero bytes.
+    Zeroes(usize),
+}
+
+impl ReadPiece {
+    /// The bytes, or `None` for zeroes.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Self::Shared { bytes, range } => Some(&(**bytes).as_ref()[range.clone()]),
+            Self::Zeroes(_) => None,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Shared { range, .. } => range.len(),
+            Self::Zeroes(length) => *length,
+        }
+    }
+
+    /// Whether the piece is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for ReadPiece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shared { range, .. } => write!(f, "Shared({range:?})"),
+            Self::Zeroes(length) => write!(f, "Zeroes({length})"),
+        }
+    }
 }
 
 /// Storage for one export.
@@ -51,6 +100,21 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Fills `buf` from `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Appends pieces covering `length` bytes from `offset` without
+    /// copying them, for backends whose data already sits in shareable
+    /// buffers; the server then sends them as they are. `None` (the
+    /// default) means "not supported: use `read_at`". Only called on
+    /// backends that do not block.
+    fn read_shared(
+        &self,
+        offset: u64,
+        length: u64,
+        pieces: &mut Vec<ReadPiece>,
+    ) -> Option<io::Result<()>> {
+        let _ = (offset, length, pieces);
+        None
+    }
 
     /// Stores `data` at `offset`.
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;

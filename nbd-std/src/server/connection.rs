@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::storage::{Done, Job};
-use crate::backend::{Backend, ZeroFlags, error_code};
+use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
 use crate::export::ExportSet;
 
 /// Bytes of client input buffered: room for several 1 MiB writes, so a
@@ -24,6 +24,18 @@ const INPUT_BYTES: usize = 4 << 20;
 
 /// Zero bytes for simple replies to reads of holes.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Most slices one `writev` takes (Linux's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+fn push_zeroes(slices: &mut Vec<IoSlice<'_>>, length: u64) {
+    let mut left = length;
+    while left > 0 {
+        let n = left.min(ZEROES.len() as u64) as usize;
+        slices.push(IoSlice::new(&ZEROES[..n]));
+        left -= n as u64;
+    }
+}
 
 /// Runs the connection until the client leaves or the session ends.
 pub(super) async fn run<S>(
@@ -53,11 +65,28 @@ struct PendingWrite {
 }
 
 /// One piece of a vectored write.
+/// A read's data waiting for its reply header.
+enum ReadData {
+    /// Copied into a buffer of ours.
+    Owned(Vec<u8>),
+    /// Lent by the backend (`Backend::read_shared`), never copied.
+    Lent(Vec<ReadPiece>),
+}
+
+impl ReadData {
+    fn len(&self) -> usize {
+        match self {
+            Self::Owned(buffer) => buffer.len(),
+            Self::Lent(pieces) => pieces.iter().map(ReadPiece::len).sum(),
+        }
+    }
+}
+
 enum Segment {
     /// `out[range]`: reply headers the core encoded.
     Head(std::ops::Range<usize>),
     /// Read data.
-    Data(Vec<u8>),
+    Data(ReadData),
     /// Zero bytes.
     Zeroes(u64),
 }
@@ -71,7 +100,7 @@ struct Driver {
     /// Jobs on the blocking pool.
     pending: usize,
     /// Read data waiting for its reply header.
-    read_data: HashMap<RequestId, Vec<u8>>,
+    read_data: HashMap<RequestId, ReadData>,
     writes: HashMap<RequestId, PendingWrite>,
     /// Completions refused as `Busy` (block-status buffer full), retried
     /// after the next transmit.
@@ -231,6 +260,22 @@ impl Driver {
         debug!("request {request:?}");
         let job = match request {
             Request::Read { id, offset, length } => {
+                if let Some(lent) = self.read_lent(offset, length) {
+                    let outcome = match lent {
+                        Ok(pieces) => {
+                            self.read_data.insert(id, ReadData::Lent(pieces));
+                            ReadOutcome::Data
+                        }
+                        Err(error) => {
+                            error!("storage error: {error}");
+                            ReadOutcome::Error(error_code(&error))
+                        }
+                    };
+                    if let Err(error) = self.conn.complete_read(id, outcome) {
+                        error!("completion refused by the protocol core: {error}");
+                    }
+                    return;
+                }
                 let buffer = self.buffer(length as usize);
                 Job::Read { id, offset, buffer }
             }
@@ -340,6 +385,15 @@ impl Driver {
         }
     }
 
+    /// Read data lent by a non-blocking backend, when it can lend it.
+    fn read_lent(&self, offset: u64, length: u64) -> Option<io::Result<Vec<ReadPiece>>> {
+        let backend = self.backend.as_ref().filter(|b| !b.may_block())?;
+        let mut pieces = Vec::new();
+        backend
+            .read_shared(offset, length, &mut pieces)
+            .map(|result| result.map(|()| pieces))
+    }
+
     fn may_block(&self) -> bool {
         self.backend.as_ref().is_some_and(|b| b.may_block())
     }
@@ -370,7 +424,7 @@ impl Driver {
         let outcome = match done {
             Done::Read { id, buffer, result } => match result {
                 Ok(()) => {
-                    self.read_data.insert(id, buffer);
+                    self.read_data.insert(id, ReadData::Owned(buffer));
                     self.conn.complete_read(id, ReadOutcome::Data)
                 }
                 Err(error) => {
@@ -434,7 +488,7 @@ impl Driver {
                             "read data for request {} missing: sending zeroes",
                             id.to_bits()
                         );
-                        Vec::new()
+                        ReadData::Owned(Vec::new())
                     });
                     if data.len() as u64 == length {
                         self.segments.push(Segment::Data(data));
@@ -460,20 +514,22 @@ impl Driver {
         for segment in &self.segments {
             match segment {
                 Segment::Head(range) => slices.push(IoSlice::new(&self.out[range.clone()])),
-                Segment::Data(data) => slices.push(IoSlice::new(data)),
-                Segment::Zeroes(length) => {
-                    let mut left = *length;
-                    while left > 0 {
-                        let n = left.min(ZEROES.len() as u64) as usize;
-                        slices.push(IoSlice::new(&ZEROES[..n]));
-                        left -= n as u64;
+                Segment::Data(ReadData::Owned(data)) => slices.push(IoSlice::new(data)),
+                Segment::Data(ReadData::Lent(pieces)) => {
+                    for piece in pieces {
+                        match piece.bytes() {
+                            Some(bytes) => slices.push(IoSlice::new(bytes)),
+                            None => push_zeroes(&mut slices, piece.len() as u64),
+                        }
                     }
                 }
+                Segment::Zeroes(length) => push_zeroes(&mut slices, *length),
             }
         }
         let mut remaining: &mut [IoSlice<'_>] = &mut slices;
         while !remaining.is_empty() {
-            let written = stream.write_vectored(remaining).await?;
+            let batch = remaining.len().min(MAX_IOVECS);
+            let written = stream.write_vectored(&remaining[..batch]).await?;
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -481,7 +537,7 @@ impl Driver {
         }
         drop(slices);
         for segment in self.segments.drain(..) {
-            if let Segment::Data(buffer) = segment {
+            if let Segment::Data(ReadData::Owned(buffer)) = segment {
                 self.buffers.push(buffer);
             }
         }
