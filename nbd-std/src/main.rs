@@ -26,6 +26,36 @@ enum Command {
     /// Describe an export (size, flags, block sizes, metadata contexts), as
     /// nbdinfo does.
     Info(InfoArgs),
+    /// Copy between local files, standard input/output (-) and NBD exports,
+    /// skipping holes.
+    Cp(CpArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CpArgs {
+    /// Source: a file or block device, - for standard input, or an NBD URI.
+    source: String,
+    /// Destination: a file (created or truncated) or block device, - for
+    /// standard output, or an NBD URI.
+    destination: String,
+    /// Connections per NBD export, used when the server allows multi-conn.
+    #[arg(short = 'C', long, default_value_t = 4, value_name = "N")]
+    connections: usize,
+    /// Requests in flight at once.
+    #[arg(short = 'R', long, default_value_t = 32, value_name = "N")]
+    requests: usize,
+    /// Bytes per request: bytes, or with K, M (binary units).
+    #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "SIZE")]
+    request_size: u64,
+    /// Do not flush the destination at the end.
+    #[arg(long)]
+    no_flush: bool,
+    /// No progress bar (it is only drawn when standard error is a terminal).
+    #[arg(long)]
+    no_progress: bool,
+    /// Print what was copied, transferred and skipped at the end.
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,7 +115,48 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Info(args) => info(args),
+        Command::Cp(args) => cp(args),
     }
+}
+
+fn cp(args: CpArgs) -> ExitCode {
+    use nbd_std::tools::copy::{CopyOptions, Location, copy, human};
+    client_command(async move {
+        let source = Location::parse(&args.source).map_err(|e| e.to_string())?;
+        let destination = Location::parse(&args.destination).map_err(|e| e.to_string())?;
+        let options = CopyOptions {
+            connections: args.connections,
+            requests: args.requests,
+            chunk: usize::try_from(args.request_size.min(1 << 30)).unwrap_or(1 << 20),
+            flush: !args.no_flush,
+            progress: !args.no_progress,
+        };
+        let started = std::time::Instant::now();
+        let stats = copy(&source, &destination, options)
+            .await
+            .map_err(|e| format!("cp: {e}"))?;
+        if args.verbose {
+            let seconds = started.elapsed().as_secs_f64();
+            eprintln!(
+                "nbd-std cp: copied {} bytes in {seconds:.2} s ({}/s), NBD connections: {} source, {} destination",
+                stats.total,
+                human(stats.total as f64 / seconds.max(0.001)),
+                stats.connections.0,
+                stats.connections.1
+            );
+            eprintln!(
+                "nbd-std cp: transferred {} bytes of data",
+                stats.transferred
+            );
+            eprintln!(
+                "nbd-std cp: skipped {} bytes of zeroes ({} zeroed without sending data, {} left as holes)",
+                stats.skipped(),
+                stats.zeroed,
+                stats.holes
+            );
+        }
+        Ok(())
+    })
 }
 
 /// Runs a client command on a fresh runtime; errors print one line.

@@ -4,5 +4,5 @@
 //! - [`info`]: `nbd-std info`, what `nbdinfo` prints;
 //! - [`copy`]: `nbd-std cp`, copies between files, standard input/output
 //!   and NBD exports.
-
+pub mod copy;
 pub mod info;
