@@ -29,6 +29,23 @@ enum Command {
     /// Copy between local files, standard input/output (-) and NBD exports,
     /// skipping holes.
     Cp(CpArgs),
+    /// Mount an export as one regular file through FUSE, until SIGINT,
+    /// SIGTERM or fusermount3 -u.
+    Mount(MountArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MountArgs {
+    /// NBD URI of the export.
+    uri: String,
+    /// The file to mount on (created if missing).
+    file: PathBuf,
+    /// Connections, used when the server allows multi-conn.
+    #[arg(short = 'C', long, default_value_t = 4, value_name = "N")]
+    connections: usize,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,7 +133,23 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Info(args) => info(args),
         Command::Cp(args) => cp(args),
+        Command::Mount(args) => mount(args),
     }
+}
+
+fn mount(args: MountArgs) -> ExitCode {
+    use nbd_std::client::NbdUri;
+    use nbd_std::tools::mount::{MountOptions, mount};
+    client_command(async move {
+        let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+        let options = MountOptions {
+            connections: args.connections,
+            read_only: args.read_only,
+        };
+        mount(&uri, &args.file, options)
+            .await
+            .map_err(|e| format!("mount: {e}"))
+    })
 }
 
 fn cp(args: CpArgs) -> ExitCode {

@@ -3,6 +3,8 @@
 //!
 //! - [`info`]: `nbd-std info`, what `nbdinfo` prints;
 //! - [`copy`]: `nbd-std cp`, copies between files, standard input/output
-//!   and NBD exports.
+//!   and NBD exports;
+//! - [`mount`]: `nbd-std mount`, an export as a file through FUSE.
 pub mod copy;
 pub mod info;
+pub mod mount;

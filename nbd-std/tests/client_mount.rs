@@ -1,0 +1,254 @@
+//! `nbd-std mount`: the filesystem workflow on an export mounted as a file
+//! through FUSE. mkfs.ext4 on the mounted file; `fuse2fs -o fakeroot`
+//! mounts the ext4 inside (no kernel ext4 needed); files are written;
+//! everything is unmounted (`fusermount3 -u`); `e2fsck -fn` finds the
+//! filesystem clean; the export is mounted again (and stopped with
+//! SIGTERM this time) and the files read back; a copy of the export taken
+//! afterwards is clean too, so the data lives on the server.
+
+mod common;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, have_tools, run, run_ok, server_binary, temp_dir, tool, wait_until};
+
+const MIB: u64 = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(60);
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Whether `path` is a mount point now (`/proc/mounts`).
+fn is_mounted(path: &Path) -> bool {
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.split(' ').nth(1) == Some(wanted.as_str()))
+}
+
+/// A FUSE process serving `path`; on drop (a failed test) the mount is
+/// detached and the process killed, so nothing stays mounted.
+struct Mounted {
+    path: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    fn start(mut command: Command, path: &Path, log: PathBuf) -> Mounted {
+        let out = File::create(&log).expect("create log");
+        command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log"))
+            .stderr(out);
+        let child = command.spawn().expect("start FUSE process");
+        let mut mounted = Mounted {
+            path: path.to_owned(),
+            child: Some(child),
+            log,
+        };
+        let up = wait_until(MOUNT_TIMEOUT, || {
+            is_mounted(path) || mounted.try_exit().is_some()
+        });
+        assert!(
+            up && is_mounted(path),
+            "{} not mounted: {}",
+            path.display(),
+            mounted.log()
+        );
+        mounted
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit (after an unmount or a signal).
+    fn wait_exit(mut self) -> ExitStatus {
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_exit() {
+                self.child = None;
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("FUSE process still running: {}", self.log());
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.path)
+                .status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ---\n{}", self.path.display(), self.log());
+        }
+    }
+}
+
+fn unmount(path: &Path) {
+    run_ok(tool("fusermount3").arg("-u").arg(path), TIMEOUT);
+}
+
+fn mount_export(uri: &str, file: &Path, log: PathBuf) -> Mounted {
+    let mut command = Command::new(server_binary());
+    command.arg("mount").arg(uri).arg(file);
+    Mounted::start(command, file, log)
+}
+
+fn fuse2fs(image: &Path, dir: &Path, options: &str, log: PathBuf) -> Mounted {
+    let mut command = tool("fuse2fs");
+    command.arg("-f").arg("-o").arg(options).arg(image).arg(dir);
+    Mounted::start(command, dir, log)
+}
+
+fn can_use_fuse() -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok();
+    usable || common::missing("/dev/fuse (readable and writable by this user, e.g. root)")
+}
+
+fn files() -> Vec<(&'static str, Vec<u8>)> {
+    let mut random = vec![0u8; (8 * MIB) as usize];
+    common::Random::new(5).fill(&mut random);
+    vec![
+        ("hello.txt", b"hello through NBD and FUSE\n".to_vec()),
+        ("data/random.bin", random),
+        ("data/empty", Vec::new()),
+    ]
+}
+
+#[test]
+fn ext4_on_a_mounted_export() {
+    if !have_tools(&["fusermount3", "fuse2fs", "mkfs.ext4", "e2fsck"]) || !can_use_fuse() {
+        return;
+    }
+    let server = Server::start(["--size", "256M"]);
+    let uri = server.uri();
+    let dir = temp_dir();
+    let image = dir.path().join("disk.img");
+    let fs_dir = dir.path().join("fs");
+    std::fs::create_dir(&fs_dir).expect("create fs dir");
+    let log = |name: &str| dir.path().join(name);
+
+    // Mount (the mount point file is created), make a filesystem on it.
+    let nbd_mount = mount_export(&uri, &image, log("mount1.log"));
+    assert_eq!(
+        std::fs::metadata(&image).expect("stat").len(),
+        256 * MIB,
+        "the mounted file has the export's size"
+    );
+    run_ok(tool("mkfs.ext4").args(["-F", "-q"]).arg(&image), TIMEOUT);
+
+    // Files inside, through fuse2fs.
+    let ext4 = fuse2fs(&image, &fs_dir, "fakeroot", log("fuse2fs1.log"));
+    assert!(is_mounted(&fs_dir));
+    std::fs::create_dir(fs_dir.join("data")).expect("mkdir");
+    for (name, content) in files() {
+        let mut file = File::create(fs_dir.join(name)).expect("create file");
+        file.write_all(&content).expect("write file");
+        file.sync_all().expect("fsync file");
+    }
+    unmount(&fs_dir);
+    assert!(ext4.wait_exit().success(), "fuse2fs failed");
+
+    let fsck = run(tool("e2fsck").arg("-fn").arg(&image), TIMEOUT);
+    assert_eq!(
+        fsck.code(),
+        Some(0),
+        "filesystem not clean\n{}",
+        fsck.describe()
+    );
+
+    // fusermount3 -u ends the mount command, which exits 0.
+    unmount(&image);
+    let status = nbd_mount.wait_exit();
+    assert!(status.success(), "nbd-std mount exited {status}");
+    assert!(!is_mounted(&image));
+
+    // Mount again, read the files back, stop with SIGTERM.
+    let nbd_mount = mount_export(&uri, &image, log("mount2.log"));
+    let ext4 = fuse2fs(&image, &fs_dir, "ro,fakeroot", log("fuse2fs2.log"));
+    for (name, content) in files() {
+        let back = std::fs::read(fs_dir.join(name)).expect("read file back");
+        assert!(back == content, "{name} differs after remounting");
+    }
+    unmount(&fs_dir);
+    assert!(ext4.wait_exit().success(), "fuse2fs failed");
+    common::send_signal(nbd_mount.pid(), "TERM");
+    let status = nbd_mount.wait_exit();
+    assert!(
+        status.success(),
+        "nbd-std mount exited {status} after SIGTERM"
+    );
+    assert!(!is_mounted(&image), "still mounted after SIGTERM");
+
+    // The data is on the server: a copy of the export is a clean ext4.
+    let copy = dir.path().join("copy.img");
+    run_ok(
+        Command::new(server_binary()).arg("cp").arg(&uri).arg(&copy),
+        TIMEOUT,
+    );
+    let fsck = run(tool("e2fsck").arg("-fn").arg(&copy), TIMEOUT);
+    assert_eq!(fsck.code(), Some(0), "copy not clean\n{}", fsck.describe());
+}
+
+#[test]
+fn mount_errors_are_one_line() {
+    let dir = temp_dir();
+    let port = common::free_port();
+    let out = run(
+        Command::new(server_binary())
+            .arg("mount")
+            .arg(format!("nbd://127.0.0.1:{port}/"))
+            .arg(dir.path().join("x")),
+        TIMEOUT,
+    );
+    assert!(!out.success());
+    let line = out.stderr.trim_end();
+    assert!(
+        !line.contains('\n')
+            && line.starts_with("nbd-std: mount: ")
+            && line.contains("cannot connect"),
+        "{}",
+        out.describe()
+    );
+    // A directory is not a file to mount on.
+    let server = Server::start(["--size", "1M"]);
+    let out = run(
+        Command::new(server_binary())
+            .arg("mount")
+            .arg(server.uri())
+            .arg(dir.path()),
+        TIMEOUT,
+    );
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        out.stderr.trim_end().lines().count() == 1 && out.stderr.starts_with("nbd-std: mount: "),
+        "{}",
+        out.describe()
+    );
+}
