@@ -182,7 +182,7 @@ fn cp(args: CpArgs) -> ExitCode {
                 stats.transferred
             );
             eprintln!(
-                "nbd-std cp: skipped {} bytes of zeroes ({} zeroed without sending data, {} left as holes)",
+                "nbd-std cp: skipped {} bytes of zeroes ({} written as zeroes without reading them, {} left as holes)",
                 stats.skipped(),
                 stats.zeroed,
                 stats.holes

@@ -171,6 +171,44 @@ fn sparse_file_holes_are_not_transferred() {
 }
 
 #[test]
+fn pipes_and_character_devices_by_path() {
+    let dir = temp_dir();
+    let source = dir.path().join("random.bin");
+    common::write_urandom_file(&source, 3 * MIB + 123);
+    let server = Server::start(["--size", "8M"]);
+    let uri = server.uri();
+    // A FIFO as the source, read in order.
+    let fifo = dir.path().join("fifo");
+    common::run_ok(Command::new("mkfifo").arg(&fifo), TIMEOUT);
+    let feeder = {
+        let (source, fifo) = (source.clone(), fifo.clone());
+        std::thread::spawn(move || {
+            let data = std::fs::read(&source).expect("read source");
+            std::fs::write(&fifo, data).expect("write into the FIFO");
+        })
+    };
+    let (transferred, _) = cp_verbose(&[fifo.to_str().expect("path"), &uri]);
+    feeder.join().expect("feeder thread");
+    assert_eq!(transferred, 3 * MIB + 123);
+    // A character device as the destination (nothing truncated or mapped).
+    let (transferred, skipped) = cp_verbose(&[&uri, "/dev/null"]);
+    assert_eq!(transferred + skipped, 8 * MIB);
+    // What went in through the FIFO comes back out.
+    let back = dir.path().join("back.bin");
+    cp_verbose(&[&uri, back.to_str().expect("path")]);
+    let data = std::fs::read(&back).expect("read back");
+    let expected = std::fs::read(&source).expect("read source");
+    assert!(data[..expected.len()] == expected[..], "FIFO copy differs");
+    // An endless source does not fit.
+    let out = nbd_std_cp(&["/dev/zero", &uri]);
+    assert!(
+        !out.success() && out.stderr.contains("is larger than the destination export"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
 fn errors_are_one_line() {
     let dir = temp_dir();
     let big = dir.path().join("big.bin");

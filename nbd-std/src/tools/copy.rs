@@ -1,5 +1,6 @@
 //! `nbd-std cp SRC DST`: copies between a local file (or block device),
-//! standard input/output (`-`) and NBD exports, in any combination.
+//! standard input/output (`-`), a pipe or character device (read or
+//! written in order) and NBD exports, in any combination.
 //!
 //! - Many requests are in flight at once (`requests`), spread over several
 //!   connections when the server advertises multi-conn (`connections`).
@@ -9,8 +10,7 @@
 //!   On an NBD destination a hole becomes `NBD_CMD_WRITE_ZEROES` (or zero
 //!   buffers when the server cannot zero); a destination file is created
 //!   (or truncated) and holes are left unwritten, so it comes out sparse; a
-//!   block device is zeroed with `fallocate`; standard output gets zero
-//!   bytes.
+//!   block device is zeroed with `fallocate`; a stream gets zero bytes.
 //! - The destination is flushed at the end (NBD `FLUSH` when advertised,
 //!   `fdatasync` for files) unless `flush` is off.
 //! - An NBD destination must be at least as large as the source; the rest
@@ -102,10 +102,11 @@ impl Default for CopyOptions {
 pub struct CopyStats {
     /// Bytes copied (the source's size).
     pub total: u64,
-    /// Bytes read and written as data.
+    /// Bytes read from the source and written as data.
     pub transferred: u64,
-    /// Bytes of zeroes written without sending their data
-    /// (`NBD_CMD_WRITE_ZEROES`, `fallocate`).
+    /// Bytes of zeroes written without reading them from the source
+    /// (`NBD_CMD_WRITE_ZEROES`, `fallocate`, or zero bytes where the
+    /// destination cannot do better).
     pub zeroed: u64,
     /// Bytes of zeroes left as holes in a new destination file.
     pub holes: u64,
@@ -384,7 +385,7 @@ impl Writer {
                         client.write_at(&ZEROES[..n], at).await.map_err(failed)?;
                         at += n as u64;
                     }
-                    counters.transferred.fetch_add(length, Ordering::Relaxed);
+                    counters.zeroed.fetch_add(length, Ordering::Relaxed);
                 }
                 Ok(())
             }
@@ -418,38 +419,121 @@ impl Writer {
     }
 }
 
-/// The destination, random-access or standard output.
+/// The destination: random-access, or a stream written in order.
 #[derive(Debug)]
 enum Destination {
     Random(Writer),
-    Stdout,
+    Stream(Stream),
 }
 
-/// Writes `buf` to standard output (blocking, off the runtime's threads).
-async fn stdout_write(buf: Vec<u8>) -> io::Result<Vec<u8>> {
-    tokio::task::spawn_blocking(move || io::stdout().lock().write_all(&buf).map(|()| buf))
-        .await
-        .map_err(io::Error::other)?
+/// A sequential end: standard input or output, or a pipe or character
+/// device named by path (`/dev/null`, a FIFO). Blocking I/O runs off the
+/// runtime's threads.
+#[derive(Clone, Debug)]
+enum Stream {
+    Stdio { source: bool },
+    File { file: Arc<File>, name: String },
 }
 
-/// Fills `buf` from standard input; returns it and the bytes read (fewer
-/// only at the end of the input).
-async fn stdin_read(mut buf: Vec<u8>) -> io::Result<(Vec<u8>, usize)> {
-    tokio::task::spawn_blocking(move || {
-        let mut stdin = io::stdin().lock();
-        let mut filled = 0;
-        while filled < buf.len() {
-            match stdin.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+impl Stream {
+    fn name(&self) -> String {
+        match self {
+            Self::Stdio { source: true } => "standard input".into(),
+            Self::Stdio { source: false } => "standard output".into(),
+            Self::File { name, .. } => name.clone(),
         }
-        Ok((buf, filled))
+    }
+
+    fn failed(&self, error: io::Error) -> CopyError {
+        CopyError::Io {
+            location: self.name(),
+            error,
+        }
+    }
+
+    /// Fills `buf`; returns it and the bytes read (fewer only at the end).
+    async fn read(&self, mut buf: Vec<u8>) -> Result<(Vec<u8>, usize)> {
+        let file = match self {
+            Self::File { file, .. } => Some(Arc::clone(file)),
+            Self::Stdio { .. } => None,
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let read = match &file {
+                    Some(file) => (&**file).read(&mut buf[filled..]),
+                    None => io::stdin().lock().read(&mut buf[filled..]),
+                };
+                match read {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok((buf, filled))
+        })
+        .await
+        .map_err(task_error)?
+        .map_err(|e| self.failed(e))
+    }
+
+    async fn write(&self, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let file = match self {
+            Self::File { file, .. } => Some(Arc::clone(file)),
+            Self::Stdio { .. } => None,
+        };
+        tokio::task::spawn_blocking(move || {
+            match &file {
+                Some(file) => (&**file).write_all(&buf),
+                None => io::stdout().lock().write_all(&buf),
+            }
+            .map(|()| buf)
+        })
+        .await
+        .map_err(task_error)?
+        .map_err(|e| self.failed(e))
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if let Self::Stdio { source: false } = self {
+            tokio::task::spawn_blocking(|| io::stdout().flush())
+                .await
+                .map_err(task_error)?
+                .map_err(|e| self.failed(e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `path` names a pipe, character device or socket: read or
+/// written in order, never mapped or truncated.
+fn is_stream(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|meta| {
+        let kind = meta.file_type();
+        kind.is_fifo() || kind.is_char_device() || kind.is_socket()
+    })
+}
+
+async fn open_stream(path: &Path, source: bool) -> Result<Stream> {
+    let owned = path.to_owned();
+    let file = tokio::task::spawn_blocking(move || {
+        if source {
+            File::open(&owned)
+        } else {
+            OpenOptions::new().write(true).open(&owned)
+        }
     })
     .await
-    .map_err(io::Error::other)?
+    .map_err(task_error)?
+    .map_err(|error| CopyError::Io {
+        location: path.display().to_string(),
+        error,
+    })?;
+    Ok(Stream::File {
+        file: Arc::new(file),
+        name: path.display().to_string(),
+    })
 }
 
 async fn connect(uri: &NbdUri, connections: usize) -> Result<Client> {
@@ -534,18 +618,25 @@ pub async fn copy(
         chunk: options.chunk.max(4096),
         ..options
     };
-    let reader = match source {
-        Location::Stdio => None,
-        Location::File(path) => Some(open_reader(path).await?),
-        Location::Nbd(uri) => Some(Reader::Nbd {
-            client: connect(uri, options.connections).await?,
-            name: uri.to_string(),
-        }),
+    let (reader, input) = match source {
+        Location::Stdio => (None, Some(Stream::Stdio { source: true })),
+        Location::File(path) if is_stream(path) => (None, Some(open_stream(path, true).await?)),
+        Location::File(path) => (Some(open_reader(path).await?), None),
+        Location::Nbd(uri) => {
+            let reader = Reader::Nbd {
+                client: connect(uri, options.connections).await?,
+                name: uri.to_string(),
+            };
+            (Some(reader), None)
+        }
     };
     let size = reader.as_ref().map(Reader::size);
     let destination_name = destination.name(false);
-    let mut output = match destination {
-        Location::Stdio => Destination::Stdout,
+    let output = match destination {
+        Location::Stdio => Destination::Stream(Stream::Stdio { source: false }),
+        Location::File(path) if is_stream(path) => {
+            Destination::Stream(open_stream(path, false).await?)
+        }
         Location::File(path) => Destination::Random(open_file_writer(path, size).await?),
         Location::Nbd(uri) => {
             let client = connect(uri, options.connections).await?;
@@ -568,9 +659,10 @@ pub async fn copy(
     };
     let counters = Arc::new(Counters::default());
     let progress = Progress::start(options.progress, size, Arc::clone(&counters));
-    let result = match &reader {
-        Some(reader) => copy_random(reader, &mut output, options, &counters).await,
-        None => copy_stdin(&mut output, options, &counters).await,
+    let result = match (&reader, &input) {
+        (Some(reader), _) => copy_random(reader, &output, options, &counters).await,
+        (None, Some(input)) => copy_stream(input, &output, options, &counters).await,
+        (None, None) => Ok(0),
     };
     progress.finish(result.is_ok());
     let total = result?;
@@ -586,14 +678,8 @@ pub async fn copy(
             writer.flush().await?;
         }
     }
-    if let Destination::Stdout = output {
-        tokio::task::spawn_blocking(|| io::stdout().flush())
-            .await
-            .map_err(task_error)?
-            .map_err(|error| CopyError::Io {
-                location: destination_name.clone(),
-                error,
-            })?;
+    if let Destination::Stream(stream) = &output {
+        stream.flush().await?;
     }
     let mut connections = (0, 0);
     if let Some(Reader::Nbd { client, name }) = &reader {
@@ -636,7 +722,7 @@ enum Produced {
 /// `requests` at a time.
 async fn copy_random(
     reader: &Reader,
-    output: &mut Destination,
+    output: &Destination,
     options: CopyOptions,
     counters: &Arc<Counters>,
 ) -> Result<u64> {
@@ -685,11 +771,11 @@ async fn copy_random(
                             copy_chunk(&reader, &writer, chunk, &pool, &counters).await
                         });
                     }
-                    Destination::Stdout => {
+                    Destination::Stream(stream) => {
                         while ordered.len() >= options.requests {
                             if let Some(front) = ordered.pop_front() {
                                 let produced = front.await.map_err(task_error)??;
-                                emit(produced, &pool, counters).await?;
+                                emit(stream, produced, &pool, counters).await?;
                             }
                         }
                         let reader = reader.clone();
@@ -706,10 +792,10 @@ async fn copy_random(
     while let Some(done) = unordered.join_next().await {
         done.map_err(task_error)??;
     }
-    if let Destination::Stdout = output {
+    if let Destination::Stream(stream) = output {
         while let Some(front) = ordered.pop_front() {
             let produced = front.await.map_err(task_error)??;
-            emit(produced, &pool, counters).await?;
+            emit(stream, produced, &pool, counters).await?;
         }
     }
     Ok(size)
@@ -767,16 +853,12 @@ async fn produce(reader: &Reader, chunk: Chunk, pool: &Pool) -> Result<Produced>
     }
 }
 
-/// Writes one chunk to standard output, in order.
-async fn emit(produced: Produced, pool: &Pool, counters: &Counters) -> Result<()> {
-    let failed = |error| CopyError::Io {
-        location: "standard output".into(),
-        error,
-    };
+/// Writes one chunk to a stream, in order.
+async fn emit(stream: &Stream, produced: Produced, pool: &Pool, counters: &Counters) -> Result<()> {
     let length = match produced {
         Produced::Data(buf) => {
             let length = buf.len() as u64;
-            let buf = stdout_write(buf).await.map_err(failed)?;
+            let buf = stream.write(buf).await?;
             pool.give(buf);
             counters.transferred.fetch_add(length, Ordering::Relaxed);
             length
@@ -787,11 +869,11 @@ async fn emit(produced: Produced, pool: &Pool, counters: &Counters) -> Result<()
                 let n = left.min(1 << 20) as usize;
                 let mut buf = pool.take(n);
                 buf.fill(0);
-                let buf = stdout_write(buf).await.map_err(failed)?;
+                let buf = stream.write(buf).await?;
                 pool.give(buf);
                 left -= n as u64;
             }
-            counters.transferred.fetch_add(length, Ordering::Relaxed);
+            counters.zeroed.fetch_add(length, Ordering::Relaxed);
             length
         }
     };
@@ -799,29 +881,26 @@ async fn emit(produced: Produced, pool: &Pool, counters: &Counters) -> Result<()
     Ok(())
 }
 
-/// Copies standard input, read in order, to the destination.
-async fn copy_stdin(
-    output: &mut Destination,
+/// Copies a stream, read in order, to the destination.
+async fn copy_stream(
+    input: &Stream,
+    output: &Destination,
     options: CopyOptions,
     counters: &Arc<Counters>,
 ) -> Result<u64> {
-    let failed = |error| CopyError::Io {
-        location: "standard input".into(),
-        error,
-    };
     let pool = Arc::new(Pool::default());
     let mut tasks: JoinSet<Result<()>> = JoinSet::new();
     let mut offset = 0u64;
     loop {
-        let (mut buf, filled) = stdin_read(pool.take(options.chunk)).await.map_err(failed)?;
+        let (mut buf, filled) = input.read(pool.take(options.chunk)).await?;
         if filled == 0 {
             break;
         }
         buf.truncate(filled);
         let length = filled as u64;
         match output {
-            Destination::Stdout => {
-                emit(Produced::Data(buf), &pool, counters).await?;
+            Destination::Stream(stream) => {
+                emit(stream, Produced::Data(buf), &pool, counters).await?;
             }
             Destination::Random(writer) => {
                 if let Writer::Nbd { client, .. } = writer
