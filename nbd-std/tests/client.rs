@@ -522,3 +522,105 @@ fn connection_failures_are_reported() {
         assert_eq!(first.to_string(), second.to_string());
     });
 }
+
+/// A minimal server, as old ones are: fixed newstyle, every option but
+/// `NBD_OPT_EXPORT_NAME` refused with `NBD_REP_ERR_UNSUP`, simple
+/// replies, READ, WRITE and DISC only. Serves `connections` connections,
+/// one after the other, then returns the disk.
+fn minimal_server(size: usize, connections: usize) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let serve = move || {
+        let mut disk = vec![0u8; size];
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let read_exact = |stream: &mut std::net::TcpStream, n: usize| {
+                let mut buf = vec![0u8; n];
+                stream.read_exact(&mut buf).map(|()| buf)
+            };
+            let mut greeting = common::NBDMAGIC.to_be_bytes().to_vec();
+            greeting.extend_from_slice(&common::IHAVEOPT.to_be_bytes());
+            greeting.extend_from_slice(&3u16.to_be_bytes());
+            stream.write_all(&greeting).expect("greeting");
+            let Ok(_flags) = read_exact(&mut stream, 4) else {
+                continue;
+            };
+            let mut selected = false;
+            while let Ok(header) = read_exact(&mut stream, 16) {
+                let option = u32::from_be_bytes(header[8..12].try_into().expect("4"));
+                let length = u32::from_be_bytes(header[12..16].try_into().expect("4"));
+                let _ = read_exact(&mut stream, length as usize);
+                if option == common::OPT_EXPORT_NAME {
+                    let mut reply = (size as u64).to_be_bytes().to_vec();
+                    reply.extend_from_slice(&1u16.to_be_bytes());
+                    stream.write_all(&reply).expect("export reply");
+                    selected = true;
+                    break;
+                }
+                let mut reply = common::OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+                reply.extend_from_slice(&option.to_be_bytes());
+                let kind: u32 = if option == 2 { 1 } else { 0x8000_0001 };
+                reply.extend_from_slice(&kind.to_be_bytes());
+                reply.extend_from_slice(&0u32.to_be_bytes());
+                stream.write_all(&reply).expect("option reply");
+                if option == 2 {
+                    break;
+                }
+            }
+            if !selected {
+                continue;
+            }
+            while let Ok(request) = read_exact(&mut stream, 28) {
+                let command = u16::from_be_bytes([request[6], request[7]]);
+                let offset = u64::from_be_bytes(request[16..24].try_into().expect("8")) as usize;
+                let length = u32::from_be_bytes(request[24..28].try_into().expect("4")) as usize;
+                let mut reply = common::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                reply.extend_from_slice(&0u32.to_be_bytes());
+                reply.extend_from_slice(&request[8..16]);
+                match command {
+                    common::CMD_READ => reply.extend_from_slice(&disk[offset..offset + length]),
+                    common::CMD_WRITE => {
+                        let data = read_exact(&mut stream, length).expect("payload");
+                        disk[offset..offset + length].copy_from_slice(&data);
+                    }
+                    _ => break,
+                }
+                stream.write_all(&reply).expect("reply");
+            }
+        }
+        disk
+    };
+    (port, std::thread::spawn(serve))
+}
+
+#[test]
+fn old_servers_without_go_or_info() {
+    // Two connections for the description (INFO refused, then GO), two clients.
+    let (port, server) = minimal_server(1 << 20, 4);
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    let runtime = runtime();
+    runtime.block_on(async {
+        // NBD_OPT_INFO refused: described through NBD_OPT_EXPORT_NAME.
+        let info = export_info(&NbdUri::parse(&uri).expect("URI"))
+            .await
+            .expect("info by the fallback");
+        assert_eq!(info.size(), 1 << 20);
+        assert!(!info.structured_replies());
+
+        let client = Client::connect(&uri).await.expect("connect");
+        assert!(!client.can_block_status());
+        let data = random_bytes(3, 70_000);
+        client.write_at(&data, 12_345).await.expect("write");
+        let mut back = vec![0u8; data.len()];
+        client.read_at(&mut back, 12_345).await.expect("read");
+        assert!(back == data);
+        assert!(matches!(client.flush().await, Err(Error::Unsupported(_))));
+        client.disconnect().await.expect("disconnect");
+
+        let third = Client::connect(&uri).await.expect("connect again");
+        third.disconnect().await.expect("disconnect");
+    });
+    let disk = server.join().expect("server thread");
+    assert!(disk[12_345..12_345 + 70_000] == random_bytes(3, 70_000)[..]);
+}

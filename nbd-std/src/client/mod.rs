@@ -168,9 +168,24 @@ pub async fn list_exports(uri: &NbdUri) -> Result<Vec<ListedExport>> {
 /// Describes the URI's export without entering transmission
 /// (`NBD_OPT_INFO`, with every metadata context the server lists by
 /// `NBD_OPT_LIST_META_CONTEXT`).
+///
+/// A server without `NBD_OPT_INFO` (it answers `NBD_REP_ERR_UNSUP`) is
+/// asked with `NBD_OPT_GO` instead, as nbdinfo does; the metadata contexts
+/// are then those selected (`base:allocation`).
 pub async fn export_info(uri: &NbdUri) -> Result<ExportDetails> {
-    let (_, _, negotiated) = negotiate::open(uri, Mode::Info).await?;
-    negotiated.details(&uri.export)
+    match negotiate::open(uri, Mode::Info).await {
+        Ok((_, _, negotiated)) => negotiated.details(&uri.export),
+        Err(Error::OptionRefused {
+            option: nbd_core::wire::OptionCode::Info,
+            reply: nbd_core::wire::OptionReplyType::ErrUnsupported,
+            ..
+        }) => {
+            let (mut transport, mut conn, negotiated) = negotiate::open(uri, Mode::Go).await?;
+            negotiate::hang_up(&mut transport, &mut conn).await;
+            negotiated.details(&uri.export)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// One connection's handle.

@@ -96,6 +96,21 @@ pub(crate) async fn open(
         })?
 }
 
+/// Ends a session that entered transmission without using it: sends
+/// `NBD_CMD_DISC` and closes (errors do not matter any more).
+pub(crate) async fn hang_up(transport: &mut Transport, conn: &mut StdConnection) {
+    if conn.disconnect().is_ok() {
+        let mut out = Vec::new();
+        while let Some(transmit) = conn.poll_transmit() {
+            for part in transmit.parts {
+                out.extend_from_slice(part);
+            }
+        }
+        let _ = transport.write_all(&out).await;
+    }
+    let _ = transport.shutdown().await;
+}
+
 /// Runs the negotiation until transmission begins (`Mode::Go`) or the
 /// query is answered (`Mode::Info`, `Mode::List`).
 async fn negotiate(
