@@ -1,19 +1,24 @@
-//! `no_std` shell that runs the NBD core on microcontrollers.
+//! `no_std` shell that runs the NBD core on microcontrollers, without an
+//! allocator.
 //!
-//! Not implemented yet. This crate will hold:
-//!
-//! - a server loop over a [smoltcp] TCP socket (and `embedded-io` streams),
-//!   feeding received bytes to `nbd_core`'s server state machine and
-//!   sending the headers and payloads it asks for;
-//! - a block-device trait with an SD-card implementation over SPI
-//!   (`embedded-sdmmc`), so a board can export its card;
+//! - [`storage`]: an export over an [`embedded_sdmmc::BlockDevice`] (an SD
+//!   card) with byte granularity, through one 512-byte scratch block;
+//! - [`io::serve`]: a blocking loop over an `embedded-io` stream (a TCP
+//!   socket of a W5500-style chip, a serial link);
 //! - `defmt` logging (feature `defmt`, forwarded to `nbd-core/defmt`).
 //!
-//! It builds today for `thumbv6m-none-eabi` and `thumbv7em-none-eabihf`.
-//!
-//! [smoltcp]: https://docs.rs/smoltcp
+//! It builds for `thumbv6m-none-eabi` and `thumbv7em-none-eabihf`.
 #![no_std]
 #![forbid(unsafe_code)]
+
+#[macro_use]
+mod log;
+mod driver;
+pub mod io;
+pub mod storage;
+
+pub use driver::Error;
+pub use storage::BlockStorage;
 
 /// TCP port an NBD server listens on unless told otherwise (IANA).
 pub const DEFAULT_PORT: u16 = nbd_core::wire::DEFAULT_PORT;

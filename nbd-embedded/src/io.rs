@@ -1,0 +1,108 @@
+//! A blocking shell over [`embedded_io`] streams, for transports with their
+//! own TCP stack (W5500-style chips) or serial links.
+
+use embedded_io::{Read, Write};
+use embedded_sdmmc::BlockDevice;
+use nbd_core::export::Catalog;
+use nbd_core::server::{CloseReason, Config, Connection, SmallConnection};
+
+use crate::driver::{Driver, Error};
+use crate::storage::BlockStorage;
+
+/// Serves one client on `io` with a [`SmallConnection`] until it
+/// disconnects: `Ok(Some(reason))` after a goodbye (`NBD_CMD_DISC`,
+/// `NBD_OPT_ABORT`), `Ok(None)` when the stream ended without one.
+///
+/// Input is read into `buffer` (any length from 1 byte; write payloads are
+/// handed to the card in pieces of at most its length, so 512 bytes or more
+/// avoid extra read-modify-write). Requests are carried out synchronously
+/// against `storage` as they arrive; replies are written at once, read data
+/// one block at a time. `storage` keeps the device between clients.
+pub fn serve<C, D, T>(
+    config: Config,
+    catalog: C,
+    storage: &mut BlockStorage<D>,
+    io: T,
+    buffer: &mut [u8],
+) -> Result<Option<CloseReason>, Error<T::Error>>
+where
+    C: Catalog,
+    D: BlockDevice,
+    T: Read + Write,
+{
+    serve_connection(SmallConnection::new(catalog, config), storage, io, buffer)
+}
+
+/// [`serve`] with a connection of any size.
+pub fn serve_connection<C, D, T, const REQUESTS: usize, const BUFFER: usize>(
+    conn: Connection<C, REQUESTS, BUFFER>,
+    storage: &mut BlockStorage<D>,
+    mut io: T,
+    buffer: &mut [u8],
+) -> Result<Option<CloseReason>, Error<T::Error>>
+where
+    C: Catalog,
+    D: BlockDevice,
+    T: Read + Write,
+{
+    let mut driver = Driver::<C, D, REQUESTS, BUFFER>::new(conn);
+    let (mut start, mut end) = (0, 0);
+    loop {
+        let (used, close) = driver.input(storage, &buffer[start..end])?;
+        start += used;
+        let sent = send(&mut driver, storage, &mut io)?;
+        if let Some(reason) = close {
+            io.flush().map_err(Error::Transport)?;
+            info!("client said goodbye");
+            return Ok(Some(reason));
+        }
+        if used > 0 || sent {
+            continue;
+        }
+        if start == end {
+            (start, end) = (0, 0);
+        } else if end == buffer.len() {
+            buffer.copy_within(start..end, 0);
+            (start, end) = (0, end - start);
+        }
+        if end == buffer.len() {
+            // The core holds back input only while replies wait to be
+            // sent, and they were all sent above.
+            return Err(Error::Protocol(nbd_core::server::ProtocolError::Closed));
+        }
+        io.flush().map_err(Error::Transport)?;
+        let n = io.read(&mut buffer[end..]).map_err(Error::Transport)?;
+        if n == 0 {
+            info!("client closed the stream");
+            return Ok(None);
+        }
+        end += n;
+    }
+}
+
+/// Writes every message the core has, payloads included. Returns whether
+/// anything was written.
+fn send<C, D, T, const REQUESTS: usize, const BUFFER: usize>(
+    driver: &mut Driver<C, D, REQUESTS, BUFFER>,
+    storage: &mut BlockStorage<D>,
+    io: &mut T,
+) -> Result<bool, Error<T::Error>>
+where
+    C: Catalog,
+    D: BlockDevice,
+    T: Write,
+{
+    let mut sent = false;
+    while let Some(parts) = driver.next_message() {
+        sent = true;
+        for part in parts {
+            io.write_all(part).map_err(Error::Transport)?;
+        }
+        while let Some(piece) = driver.payload(storage)? {
+            let n = piece.len();
+            io.write_all(piece).map_err(Error::Transport)?;
+            driver.advance(n)?;
+        }
+    }
+    Ok(sent)
+}

@@ -1,0 +1,209 @@
+//! The block storage adapter: an NBD export over an
+//! [`embedded_sdmmc::BlockDevice`] (512-byte blocks) with byte granularity.
+//!
+//! All traffic goes through one scratch [`Block`]: reads fetch one block at
+//! a time and hand out slices of it; writes collect bytes in it and write a
+//! block as soon as it is whole. A write that starts or ends inside a block
+//! reads that block first (read-modify-write), so clients may use any offset
+//! and length (the export advertises a minimum block size of 1 and a
+//! preferred size of 512). However long a request, the adapter never holds
+//! more than this one block.
+//!
+//! Durability: `BlockDevice::write` returns once the card accepted the
+//! data, and the adapter writes every block back before a write request is
+//! answered. So a write is as durable as the card makes it when its reply
+//! goes out; `NBD_CMD_FLUSH` and `NBD_CMD_FLAG_FUA` cost nothing more than
+//! writing back a partial block (there never is one between requests).
+
+use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
+use nbd_core::export::{Capabilities, Export};
+use nbd_core::wire::BlockSizeConstraints;
+
+/// Bytes in a block of the device.
+pub const BLOCK_SIZE: usize = Block::LEN;
+
+/// Largest request the exports built by [`BlockStorage::export`] accept
+/// (the spec's interoperable 32 MiB). Requests are streamed, so this costs
+/// no memory.
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+
+/// The block sizes an export over a [`BlockStorage`] advertises: any byte
+/// offset and length (read-modify-write at the edges), 512 preferred.
+pub const BLOCK_SIZES: BlockSizeConstraints = BlockSizeConstraints {
+    minimum: 1,
+    preferred: BLOCK_SIZE as u32,
+    maximum: MAX_REQUEST,
+};
+
+/// What the adapter supports: flush and FUA (writes are synchronous),
+/// write-zeroes (written as zero blocks; not fast). One client at a time,
+/// so no multi-conn.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    flush: true,
+    fua: true,
+    write_zeroes: true,
+    cache: true,
+    ..Capabilities::NONE
+};
+
+const ZEROES: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+
+/// An export over a block device, with one scratch block of RAM.
+#[derive(Debug)]
+pub struct BlockStorage<D> {
+    device: D,
+    blocks: u32,
+    scratch: Block,
+    /// Which block the scratch holds, if any.
+    cached: Option<u32>,
+    /// Whether the scratch holds bytes not yet written to the device.
+    dirty: bool,
+}
+
+impl<D: BlockDevice> BlockStorage<D> {
+    /// Wraps `device`, asking it for its size.
+    pub fn new(device: D) -> Result<Self, D::Error> {
+        let BlockCount(blocks) = device.num_blocks()?;
+        Ok(Self {
+            device,
+            blocks,
+            scratch: Block::new(),
+            cached: None,
+            dirty: false,
+        })
+    }
+
+    /// Size of the device in bytes.
+    pub fn size(&self) -> u64 {
+        u64::from(self.blocks) * BLOCK_SIZE as u64
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Gives the device back (after writing back nothing: the scratch is
+    /// clean between requests).
+    pub fn into_inner(self) -> D {
+        self.device
+    }
+
+    /// An export description of the whole device under `name`, with the
+    /// adapter's block sizes and capabilities.
+    pub fn export<'a>(&self, name: &'a str) -> Export<'a> {
+        Export::new(name, self.size())
+            .with_block_sizes(BLOCK_SIZES)
+            .with_capabilities(CAPABILITIES)
+    }
+
+    /// Forgets the scratch contents (after an error, the block's state on
+    /// the card is unknown).
+    pub fn invalidate(&mut self) {
+        self.cached = None;
+        self.dirty = false;
+    }
+
+    /// Makes the scratch hold `block`, reading it unless `overwrite` says
+    /// every byte will be replaced. Unwritten bytes of another block are
+    /// dropped: they can only be left over from a write that never got
+    /// its whole payload (the client went away).
+    fn load(&mut self, block: u32, overwrite: bool) -> Result<(), D::Error> {
+        if self.cached == Some(block) {
+            return Ok(());
+        }
+        self.invalidate();
+        if !overwrite {
+            self.device
+                .read(core::slice::from_mut(&mut self.scratch), BlockIdx(block))?;
+        }
+        self.cached = Some(block);
+        Ok(())
+    }
+
+    /// Writes the scratch block to the device if it holds unwritten bytes.
+    pub fn write_back(&mut self) -> Result<(), D::Error> {
+        if let (true, Some(block)) = (self.dirty, self.cached) {
+            let result = self
+                .device
+                .write(core::slice::from_ref(&self.scratch), BlockIdx(block));
+            if result.is_err() {
+                self.invalidate();
+            }
+            result?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Reads from `offset` to the end of its block, at most `max` bytes;
+    /// the slice borrows the scratch block. `offset` must be below
+    /// [`size`](Self::size).
+    pub fn read_piece(&mut self, offset: u64, max: usize) -> Result<&[u8], D::Error> {
+        let block = (offset / BLOCK_SIZE as u64) as u32;
+        let within = (offset % BLOCK_SIZE as u64) as usize;
+        let n = max.min(BLOCK_SIZE - within);
+        if let Err(error) = self.load(block, false) {
+            self.invalidate();
+            return Err(error);
+        }
+        Ok(&self.scratch.contents[within..within + n])
+    }
+
+    /// Stores `data` at `offset`, with `remaining` more bytes of the same
+    /// write to follow right after it: whole blocks are written through at
+    /// once, a partial block waits in the scratch for the next piece or
+    /// for [`write_back`](Self::write_back). Pieces of one write come in
+    /// order, so a block split between pieces is written once, and read
+    /// first only if the write does not cover all of it.
+    pub fn write_piece(
+        &mut self,
+        mut offset: u64,
+        mut data: &[u8],
+        remaining: u64,
+    ) -> Result<(), D::Error> {
+        while !data.is_empty() {
+            let block = (offset / BLOCK_SIZE as u64) as u32;
+            let within = (offset % BLOCK_SIZE as u64) as usize;
+            let n = data.len().min(BLOCK_SIZE - within);
+            let covered = within == 0 && data.len() as u64 + remaining >= BLOCK_SIZE as u64;
+            if let Err(error) = self.load(block, covered) {
+                self.invalidate();
+                return Err(error);
+            }
+            self.scratch.contents[within..within + n].copy_from_slice(&data[..n]);
+            self.dirty = true;
+            if within + n == BLOCK_SIZE {
+                self.write_back()?;
+            }
+            offset += n as u64;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Writes `length` zero bytes from `offset` (read-modify-write at the
+    /// edges), then writes back.
+    pub fn write_zeroes(&mut self, mut offset: u64, mut length: u64) -> Result<(), D::Error> {
+        while length > 0 {
+            let within = (offset % BLOCK_SIZE as u64) as usize;
+            let n = length.min((BLOCK_SIZE - within) as u64) as usize;
+            self.write_piece(offset, &ZEROES[..n], 0)?;
+            offset += n as u64;
+            length -= n as u64;
+        }
+        self.write_back()
+    }
+
+    /// Makes every write so far durable: writes back a partial block, if
+    /// any. `BlockDevice` writes are synchronous, so nothing else is
+    /// pending.
+    pub fn flush(&mut self) -> Result<(), D::Error> {
+        self.write_back()
+    }
+}
+
+/// `length` bytes of zeroes at most one block long, for padding.
+pub(crate) fn zeroes(length: u64) -> &'static [u8] {
+    &ZEROES[..length.min(BLOCK_SIZE as u64) as usize]
+}
