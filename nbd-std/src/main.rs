@@ -123,9 +123,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(error) => {
-            let rendered = error.to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("nbd-std: {}", first.trim_start_matches("error: "));
+            eprintln!("nbd-std: {}", one_line(&error.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -377,4 +375,18 @@ fn init_logging(level: &str) -> Result<(), String> {
         .with_writer(std::io::stderr)
         .try_init()
         .map_err(|e| e.to_string())
+}
+
+/// A clap error on one line: its message and the arguments it names,
+/// without the usage and help hints.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_owned()
 }
