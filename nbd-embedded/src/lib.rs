@@ -15,6 +15,7 @@
 mod log;
 mod driver;
 pub mod io;
+pub mod net;
 pub mod storage;
 
 pub use driver::Error;

@@ -1,0 +1,273 @@
+//! A non-blocking shell over a [smoltcp] TCP socket: one client at a time
+//! on one listening socket, re-listening after each client, driven from the
+//! application's poll loop.
+//!
+//! Received bytes are handed to the core straight from the socket's
+//! receive buffer (`recv` closure, no copy); write payloads go to the card
+//! as they arrive. Replies are written with `send_slice` once the send
+//! buffer has room for a whole message header; read data follows one block
+//! at a time as the buffer drains, so a 32 MiB read needs no more RAM than
+//! the scratch block.
+//!
+//! [smoltcp]: https://docs.rs/smoltcp
+
+use embedded_sdmmc::BlockDevice;
+use nbd_core::export::Catalog;
+use nbd_core::server::{CloseReason, Config, Connection};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
+use smoltcp::phy;
+use smoltcp::socket::tcp::{self, RecvError, SendError, State};
+use smoltcp::time::{Duration, Instant};
+
+use crate::driver::{Driver, Error};
+use crate::storage::BlockStorage;
+
+/// What went wrong on the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SocketError {
+    /// `send_slice` refused (the connection is going away).
+    Send(SendError),
+    /// `recv` refused.
+    Recv(RecvError),
+}
+
+/// How the last client's session ended, for the application to log or
+/// count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SessionEnd {
+    /// The client said goodbye.
+    Closed(CloseReason),
+    /// The client closed or reset the connection without a goodbye.
+    Dropped,
+    /// The connection was aborted on an error.
+    Failed(Error<SocketError>),
+}
+
+/// An NBD server on one smoltcp TCP socket, with the storage it serves.
+///
+/// `C` is the catalog (a cheap `Clone`, such as `&[Export]`); a new
+/// connection state (`Connection<C, REQUESTS, BUFFER>`) is made for each
+/// client in place. Memory is the struct itself, see the crate docs.
+#[derive(Debug)]
+pub struct TcpServer<C, D, const REQUESTS: usize = 16, const BUFFER: usize = 320> {
+    handle: SocketHandle,
+    port: u16,
+    config: Config,
+    catalog: C,
+    storage: BlockStorage<D>,
+    session: Option<Driver<C, D, REQUESTS, BUFFER>>,
+    /// The client said goodbye: send what is left, then close.
+    closing: Option<CloseReason>,
+    /// Free send-buffer space wanted before the next message is taken.
+    reserve: usize,
+    last_end: Option<SessionEnd>,
+}
+
+impl<C, D, const REQUESTS: usize, const BUFFER: usize> TcpServer<C, D, REQUESTS, BUFFER>
+where
+    C: Catalog + Clone,
+    D: BlockDevice,
+{
+    /// A server on the TCP socket `handle` (in the application's socket
+    /// set, with buffers of its choosing: the send buffer must hold the
+    /// largest message header, a few hundred bytes plus export names and
+    /// descriptions), listening on `port` (usually [`crate::DEFAULT_PORT`]).
+    pub fn new(
+        handle: SocketHandle,
+        port: u16,
+        config: Config,
+        catalog: C,
+        storage: BlockStorage<D>,
+    ) -> Self {
+        let strings = (0..catalog.len())
+            .filter_map(|i| catalog.get(i))
+            .map(|e| e.name.len() + e.description.len())
+            .max()
+            .unwrap_or(0);
+        Self {
+            handle,
+            port,
+            config,
+            catalog,
+            storage,
+            session: None,
+            closing: None,
+            reserve: 64 + BUFFER + strings,
+            last_end: None,
+        }
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &BlockStorage<D> {
+        &self.storage
+    }
+
+    /// Whether a client is connected.
+    pub fn has_client(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// How the last session ended, taken once.
+    pub fn take_session_end(&mut self) -> Option<SessionEnd> {
+        self.last_end.take()
+    }
+
+    /// Polls the interface, serves the client as far as possible without
+    /// blocking, and polls again to send what was produced. Returns how
+    /// long the application may sleep (or wait for an interrupt) before
+    /// the next call: `Some(ZERO)` when work is left that can go on now,
+    /// else the interface's own delay (`None`: until a frame arrives).
+    pub fn poll<P: phy::Device + ?Sized>(
+        &mut self,
+        now: Instant,
+        iface: &mut Interface,
+        device: &mut P,
+        sockets: &mut SocketSet<'_>,
+    ) -> Option<Duration> {
+        iface.poll(now, device, sockets);
+        let more = self.service(sockets.get_mut::<tcp::Socket>(self.handle));
+        iface.poll(now, device, sockets);
+        if more {
+            Some(Duration::ZERO)
+        } else {
+            iface.poll_delay(now, sockets)
+        }
+    }
+
+    /// Serves the socket without touching the interface (for applications
+    /// that poll the interface themselves). Returns whether work is left
+    /// that could go on at once.
+    pub fn service(&mut self, socket: &mut tcp::Socket<'_>) -> bool {
+        if !socket.is_open() {
+            if let Some(_session) = self.session.take() {
+                self.end(SessionEnd::Dropped);
+            }
+            self.closing = None;
+            if socket.listen(self.port).is_ok() {
+                info!("listening on port {}", self.port);
+            }
+            return false;
+        }
+        if self.session.is_none() {
+            if socket.state() != State::Established || self.closing.is_some() {
+                return false;
+            }
+            info!("client connected");
+            self.session = Some(Driver::new(Connection::new(
+                self.catalog.clone(),
+                self.config,
+            )));
+        }
+        match self.run(socket) {
+            Ok(more) => more,
+            Err(error) => {
+                warn!("session failed: {:?}", error);
+                socket.abort();
+                self.session = None;
+                self.end(SessionEnd::Failed(error));
+                false
+            }
+        }
+    }
+
+    fn end(&mut self, end: SessionEnd) {
+        self.last_end = Some(end);
+    }
+
+    fn run(&mut self, socket: &mut tcp::Socket<'_>) -> Result<bool, Error<SocketError>> {
+        let Some(driver) = self.session.as_mut() else {
+            return Ok(false);
+        };
+        loop {
+            let sent = send(driver, &mut self.storage, socket, self.reserve)?;
+            if let Some(reason) = self.closing {
+                if driver.out.is_none() && !sent {
+                    // Everything was handed to the socket: FIN after it.
+                    socket.close();
+                    self.session = None;
+                    self.end(SessionEnd::Closed(reason));
+                    return Ok(false);
+                }
+                if !sent {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let (used, close);
+            if socket.can_recv() {
+                let storage = &mut self.storage;
+                let result = socket
+                    .recv(|input| match driver.input(storage, input) {
+                        Ok((n, reason)) => (n, Ok((n, reason))),
+                        Err(error) => (0, Err(error)),
+                    })
+                    .map_err(|e| Error::Transport(SocketError::Recv(e)))?;
+                (used, close) = result?;
+            } else if !socket.may_recv() && driver.out.is_none() {
+                // The client closed its side without a goodbye.
+                info!("client closed the connection");
+                socket.close();
+                self.session = None;
+                self.end(SessionEnd::Dropped);
+                return Ok(false);
+            } else {
+                // Events that need no input (a flush released by a write).
+                (used, close) = driver.input(&mut self.storage, &[])?;
+            }
+            if close.is_some() {
+                self.closing = close;
+                continue;
+            }
+            if used == 0 && !sent {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// Hands the socket every message that fits and as much payload as it
+/// takes. Returns whether anything was sent.
+fn send<C, D, const REQUESTS: usize, const BUFFER: usize>(
+    driver: &mut Driver<C, D, REQUESTS, BUFFER>,
+    storage: &mut BlockStorage<D>,
+    socket: &mut tcp::Socket<'_>,
+    reserve: usize,
+) -> Result<bool, Error<SocketError>>
+where
+    C: Catalog,
+    D: BlockDevice,
+{
+    let send_error = |e| Error::Transport(SocketError::Send(e));
+    let mut sent = false;
+    loop {
+        if let Some(piece) = driver.payload(storage)? {
+            let n = socket.send_slice(piece).map_err(send_error)?;
+            let whole = n == piece.len();
+            if n > 0 {
+                sent = true;
+                driver.advance(n)?;
+            }
+            if !whole {
+                return Ok(sent);
+            }
+            continue;
+        }
+        let capacity = socket.send_capacity();
+        let free = capacity - socket.send_queue();
+        if free < reserve.min(capacity) {
+            return Ok(sent);
+        }
+        let Some(parts) = driver.next_message() else {
+            return Ok(sent);
+        };
+        if parts.iter().map(|p| p.len()).sum::<usize>() > free {
+            return Err(Error::SendBufferTooSmall);
+        }
+        for part in parts {
+            socket.send_slice(part).map_err(send_error)?;
+        }
+        sent = true;
+    }
+}

@@ -1,0 +1,216 @@
+//! `nbd_embedded::net::TcpServer` on a smoltcp loopback interface, with a
+//! client on a second socket of the same interface speaking hand-written
+//! NBD bytes. Time is virtual (1 ms per poll).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{MemCard, pattern_byte};
+use nbd_core::export::Export;
+use nbd_core::server::{CloseReason, Config};
+use nbd_embedded::BlockStorage;
+use nbd_embedded::net::{SessionEnd, TcpServer};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Loopback, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+
+type Server = TcpServer<&'static [Export<'static>], MemCard>;
+
+struct Net {
+    iface: Interface,
+    device: Loopback,
+    sockets: SocketSet<'static>,
+    server: Server,
+    client: SocketHandle,
+    now: Instant,
+    steps: u64,
+}
+
+impl Net {
+    fn new(card: MemCard) -> Self {
+        let mut device = Loopback::new(Medium::Ethernet);
+        let config = IfaceConfig::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into());
+        let now = Instant::from_millis(0);
+        let mut iface = Interface::new(config, &mut device, now);
+        iface.update_ip_addrs(|addrs| {
+            addrs
+                .push(IpCidr::new(IpAddress::v4(127, 0, 0, 1), 8))
+                .unwrap();
+        });
+        let mut sockets = SocketSet::new(Vec::new());
+        // Small server buffers, as on a microcontroller.
+        let server_socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 1024]),
+            tcp::SocketBuffer::new(vec![0; 2048]),
+        );
+        let client_socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 65536]),
+            tcp::SocketBuffer::new(vec![0; 65536]),
+        );
+        let server_handle = sockets.add(server_socket);
+        let client = sockets.add(client_socket);
+        let storage = BlockStorage::new(card).unwrap();
+        let exports: &'static [Export<'static>] = Box::leak(Box::new([storage.export("card")]));
+        let server = TcpServer::new(
+            server_handle,
+            nbd_embedded::DEFAULT_PORT,
+            Config::default(),
+            exports,
+            storage,
+        );
+        let mut net = Self {
+            iface,
+            device,
+            sockets,
+            server,
+            client,
+            now,
+            steps: 0,
+        };
+        net.step();
+        net
+    }
+
+    fn step(&mut self) {
+        self.server.poll(
+            self.now,
+            &mut self.iface,
+            &mut self.device,
+            &mut self.sockets,
+        );
+        self.now += smoltcp::time::Duration::from_millis(1);
+        self.steps += 1;
+        assert!(self.steps < 2_000_000, "no progress");
+    }
+
+    fn client(&mut self) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(self.client)
+    }
+
+    fn connect(&mut self, local_port: u16) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(self.client);
+        socket
+            .connect(
+                self.iface.context(),
+                (IpAddress::v4(127, 0, 0, 1), nbd_embedded::DEFAULT_PORT),
+                local_port,
+            )
+            .unwrap();
+        while !self.client().may_send() {
+            self.step();
+        }
+        let greeting = self.recv(18);
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        self.send(&3u32.to_be_bytes());
+        let mut option = Vec::new();
+        option.extend(0x4948_4156_454F_5054u64.to_be_bytes());
+        option.extend(1u32.to_be_bytes());
+        option.extend(4u32.to_be_bytes());
+        option.extend(b"card");
+        self.send(&option);
+        let info = self.recv(10);
+        assert_eq!(
+            u64::from_be_bytes(info[..8].try_into().unwrap()),
+            self.server.storage().size()
+        );
+    }
+
+    fn send(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let n = self.client().send_slice(bytes).unwrap();
+            bytes = &bytes[n..];
+            self.step();
+        }
+    }
+
+    fn recv(&mut self, len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        let mut got = 0;
+        while got < len {
+            got += self.client().recv_slice(&mut out[got..]).unwrap();
+            if got < len {
+                self.step();
+            }
+        }
+        out
+    }
+
+    /// A request with simple replies; returns the error and read data.
+    fn request(&mut self, command: u16, offset: u64, length: u32, data: &[u8]) -> (u32, Vec<u8>) {
+        let mut header = Vec::new();
+        header.extend(0x2560_9513u32.to_be_bytes());
+        header.extend(0u16.to_be_bytes());
+        header.extend(command.to_be_bytes());
+        header.extend(7u64.to_be_bytes());
+        header.extend(offset.to_be_bytes());
+        header.extend(length.to_be_bytes());
+        header.extend(data);
+        self.send(&header);
+        let reply = self.recv(16);
+        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
+        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+        let read = if command == 0 && error == 0 {
+            self.recv(length as usize)
+        } else {
+            Vec::new()
+        };
+        (error, read)
+    }
+}
+
+#[test]
+fn serves_clients_one_after_another() {
+    let card = MemCard::new(8192); // 4 MiB
+    let mut net = Net::new(card.clone());
+    for (round, port) in [49152u16, 49153].into_iter().enumerate() {
+        net.connect(port);
+        assert!(net.server.has_client());
+        let (error, data) = net.request(0, 1000, 5000, &[]);
+        assert_eq!(error, 0);
+        let expected: Vec<u8> = (1000..6000).map(pattern_byte).collect();
+        if round == 0 {
+            assert_eq!(data, expected);
+        }
+        // A 1 MiB write at an odd offset, through 1 KiB of receive buffer.
+        let bytes: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i * 13 + round as u32) as u8)
+            .collect();
+        assert_eq!(net.request(1, 777, bytes.len() as u32, &bytes).0, 0);
+        assert_eq!(card.bytes(777, bytes.len()), bytes);
+        // And read back through 2 KiB of send buffer.
+        let (error, data) = net.request(0, 777, bytes.len() as u32, &[]);
+        assert_eq!(error, 0);
+        assert!(data == bytes, "read back differs");
+        assert_eq!(net.request(3, 0, 0, &[]).0, 0, "flush");
+        // Disconnect: the server closes its side.
+        let mut disc = Vec::new();
+        disc.extend(0x2560_9513u32.to_be_bytes());
+        disc.extend(0u16.to_be_bytes());
+        disc.extend(2u16.to_be_bytes());
+        disc.extend([0u8; 20]);
+        net.send(&disc);
+        while net.client().may_recv() {
+            net.step();
+        }
+        net.client().close();
+        for _ in 0..100 {
+            net.step();
+        }
+        assert_eq!(
+            net.server.take_session_end(),
+            Some(SessionEnd::Closed(CloseReason::Disconnect))
+        );
+        assert!(!net.server.has_client());
+        // Let both sockets reach Closed/TimeWait so the server re-listens.
+        while net.client().is_open() || net.client().state() == tcp::State::TimeWait {
+            net.client().abort();
+            net.step();
+        }
+        for _ in 0..10 {
+            net.step();
+        }
+    }
+}
