@@ -1,13 +1,50 @@
 //! `no_std` shell that runs the NBD core on microcontrollers, without an
 //! allocator.
 //!
-//! - [`storage`]: an export over an [`embedded_sdmmc::BlockDevice`] (an SD
-//!   card) with byte granularity, through one 512-byte scratch block;
+//! - [`storage::BlockStorage`]: an export over an
+//!   [`embedded_sdmmc::BlockDevice`] (an SD card, 512-byte blocks) with
+//!   byte granularity: one scratch block, read-modify-write at the edges of
+//!   unaligned writes, reads streamed block by block
+//!   ([`ReadOutcome::Streamed`](nbd_core::server::ReadOutcome::Streamed)),
+//!   so a 32 MiB request needs no more RAM than one block. Exports made by
+//!   [`BlockStorage::export`] advertise minimum 1, preferred 512, maximum
+//!   32 MiB, and `FLUSH`, `FUA`, `WRITE_ZEROES` (not fast), `CACHE`.
 //! - [`io::serve`]: a blocking loop over an `embedded-io` stream (a TCP
-//!   socket of a W5500-style chip, a serial link);
-//! - `defmt` logging (feature `defmt`, forwarded to `nbd-core/defmt`).
+//!   socket of a W5500-style chip, a serial link), one client per call.
+//! - [`net::TcpServer`]: a non-blocking shell over a smoltcp TCP socket,
+//!   one client at a time, re-listening after each, driven by
+//!   [`TcpServer::poll`](net::TcpServer::poll) from the application's loop.
+//! - `defmt` logging (feature `defmt`, forwarded to `nbd-core`,
+//!   `embedded-sdmmc` and `smoltcp`).
 //!
-//! It builds for `thumbv6m-none-eabi` and `thumbv7em-none-eabihf`.
+//! # Durability
+//!
+//! `BlockDevice::write` is synchronous: it returns once the card took the
+//! block. Every block of a write is written before the write is answered,
+//! so `NBD_CMD_FLUSH` (and FUA) is answered only after the card has the
+//! data; the card's own write cache, if any, is outside this crate's reach.
+//!
+//! # Memory
+//!
+//! Everything is in fixed-size structs; nothing is allocated. Measured with
+//! `size_of` on `thumbv6m-none-eabi` and `thumbv7em-none-eabihf` (catalog
+//! `&[Export]`, default `REQUESTS = 16`, `BUFFER = 320`):
+//!
+//! | what | bytes |
+//! |---|---|
+//! | `BlockStorage<D>` (scratch block + state, plus `D`) | 528 |
+//! | `SmallConnection<&[Export]>` (the core, per client) | 1,696 |
+//! | `net::TcpServer<&[Export], D>` (all of the above and the shell) | 2,328 |
+//!
+//! plus the socket buffers the application gives smoltcp (the send buffer
+//! must hold the largest message header: `64 + BUFFER` bytes plus the
+//! longest export name and description), or for [`io::serve`] the
+//! `BlockStorage`, the input buffer the caller passes, and about 1.7 KB of
+//! stack for the connection. On a 64-bit host the figures are 528, 1,768
+//! and 2,416.
+//!
+//! It builds for `thumbv6m-none-eabi` and `thumbv7em-none-eabihf`, with and
+//! without `defmt`.
 #![no_std]
 #![forbid(unsafe_code)]
 
