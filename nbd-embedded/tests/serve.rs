@@ -174,3 +174,33 @@ fn scratch_block_keeps_card_traffic_low() {
     client.disconnect();
     server.join().unwrap();
 }
+
+#[test]
+fn client_gone_mid_write_leaves_the_card_alone() {
+    let card = MemCard::new(BLOCKS);
+    let (port, server) = spawn_server(card.clone(), 64, 2);
+    let mut client = Client::connect(port, false);
+    // A 2000-byte write at 1000, cut off after 700 bytes of payload: the
+    // block holding bytes 1024..1536 was half filled in the scratch.
+    let mut header = Vec::new();
+    header.extend(0x2560_9513u32.to_be_bytes());
+    header.extend(0u16.to_be_bytes());
+    header.extend(wire::CMD_WRITE.to_be_bytes());
+    header.extend(1u64.to_be_bytes());
+    header.extend(1000u64.to_be_bytes());
+    header.extend(2000u32.to_be_bytes());
+    header.extend(vec![0xee; 700]);
+    std::io::Write::write_all(&mut client.stream, &header).unwrap();
+    drop(client);
+    // The next client works. The blocks completed before the cut were
+    // written (1000..1536: the end of block 1 and all of block 2); the
+    // half-filled block 3 (1536..1700) was dropped, not written.
+    let mut client = Client::connect(port, false);
+    assert_eq!(client.read(0, 100).data, expected(0, 100));
+    client.disconnect();
+    let outcomes = server.join().unwrap();
+    assert_eq!(outcomes[0], Ok(None));
+    let mut model = expected(0, 4096);
+    model[1000..1536].fill(0xee);
+    assert!(card.bytes(0, 4096) == model, "card contents");
+}
