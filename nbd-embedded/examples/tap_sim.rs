@@ -1,0 +1,296 @@
+//! Host simulation of a microcontroller exporting its SD card: the same
+//! `nbd_embedded::net::TcpServer` a firmware runs, on smoltcp's
+//! `TunTapInterface` (a Linux TAP device) instead of an Ethernet MAC, with a
+//! file standing in for the card behind `embedded_sdmmc::BlockDevice`.
+//!
+//! ```text
+//! tap_sim --tap TAPNAME --ip 192.168.69.2/24 --file CARD.img [--port 10809]
+//!         [--mac 02:00:00:00:00:02] [--rx-buffer BYTES] [--tx-buffer BYTES]
+//! ```
+//!
+//! The TAP device must exist and be up (`ip tuntap add dev TAPNAME mode tap`,
+//! `ip link set TAPNAME up`), with the host's address on it in the same
+//! subnet; clients then connect to `nbd://192.168.69.2/`. The card file's
+//! size must be a multiple of 512 bytes. Writes go to the file with
+//! `pwrite` followed by `fdatasync`, so a block is on disk when the card
+//! "takes" it, as `BlockDevice::write` promises (FLUSH is then answered
+//! only after the file has the data).
+//!
+//! The loop sleeps in `select(2)` on the TAP descriptor for as long as the
+//! interface allows (`TcpServer::poll`'s delay): no busy spinning.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
+use nbd_core::export::Export;
+use nbd_core::server::Config;
+use nbd_embedded::BlockStorage;
+use nbd_embedded::net::TcpServer;
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::phy::{self, Medium, TunTapInterface};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{EthernetAddress, IpCidr};
+
+const USAGE: &str = "usage: tap_sim --tap TAPNAME --ip ADDR/PREFIX --file CARD.img [--port PORT] \
+                     [--mac XX:XX:XX:XX:XX:XX] [--rx-buffer BYTES] [--tx-buffer BYTES]";
+
+/// Socket buffer sizes a microcontroller with 64 KiB of RAM can afford.
+const DEFAULT_RX_BUFFER: usize = 4096;
+const DEFAULT_TX_BUFFER: usize = 4096;
+/// The send buffer must hold the largest message header (see
+/// `TcpServer::new`): a few hundred bytes plus the export name.
+const MIN_TX_BUFFER: usize = 1024;
+const MIN_RX_BUFFER: usize = 64;
+/// A locally administered unicast address.
+const DEFAULT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// The name the card is exported under (also the default export).
+const EXPORT_NAME: &str = "card";
+
+/// What can stop the simulation.
+#[derive(Debug)]
+enum SimError {
+    /// The command line is wrong.
+    Usage(String),
+    /// The card file cannot be used.
+    Card(PathBuf, CardError),
+    /// The TAP device cannot be opened.
+    Tap(String, std::io::Error),
+    /// Waiting on the TAP device failed.
+    Wait(std::io::Error),
+}
+
+impl fmt::Display for SimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Usage(message) => write!(f, "{message}\n{USAGE}"),
+            Self::Card(path, error) => write!(f, "card file {}: {error}", path.display()),
+            Self::Tap(name, error) => write!(f, "TAP device {name}: {error}"),
+            Self::Wait(error) => write!(f, "waiting on the TAP device: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for SimError {}
+
+/// What the file-backed card reports through `BlockDevice`.
+#[derive(Debug)]
+enum CardError {
+    /// Reading, writing or syncing the file failed.
+    Io(std::io::Error),
+    /// The file's size is not a whole number of 512-byte blocks.
+    NotWholeBlocks(u64),
+    /// The file has more blocks than a `u32` block index reaches.
+    TooLarge(u64),
+    /// A block index past the end of the card.
+    OutOfRange(u32),
+}
+
+impl fmt::Display for CardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(error) => write!(f, "{error}"),
+            Self::NotWholeBlocks(size) => {
+                write!(f, "size {size} is not a multiple of {} bytes", Block::LEN)
+            }
+            Self::TooLarge(size) => write!(f, "size {size} is too large for 32-bit block indices"),
+            Self::OutOfRange(block) => write!(f, "block {block} is past the end of the card"),
+        }
+    }
+}
+
+impl std::error::Error for CardError {}
+
+/// A card made of a file: block `n` is bytes `512 n .. 512 (n + 1)`.
+#[derive(Debug)]
+struct FileCard {
+    file: File,
+    blocks: u32,
+}
+
+impl FileCard {
+    fn open(path: &PathBuf) -> Result<Self, CardError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(CardError::Io)?;
+        let size = file.metadata().map_err(CardError::Io)?.len();
+        if size % Block::LEN_U32 as u64 != 0 {
+            return Err(CardError::NotWholeBlocks(size));
+        }
+        let blocks =
+            u32::try_from(size / Block::LEN_U32 as u64).map_err(|_| CardError::TooLarge(size))?;
+        Ok(Self { file, blocks })
+    }
+
+    /// The byte offset of block `start + i`, checked against the card's end.
+    fn offset(&self, start: BlockIdx, i: usize) -> Result<u64, CardError> {
+        let block = u32::try_from(i)
+            .ok()
+            .and_then(|i| start.0.checked_add(i))
+            .filter(|&b| b < self.blocks)
+            .ok_or(CardError::OutOfRange(start.0))?;
+        Ok(u64::from(block) * Block::LEN_U32 as u64)
+    }
+}
+
+impl BlockDevice for FileCard {
+    type Error = CardError;
+
+    fn read(&self, blocks: &mut [Block], start: BlockIdx) -> Result<(), CardError> {
+        for (i, block) in blocks.iter_mut().enumerate() {
+            let offset = self.offset(start, i)?;
+            self.file
+                .read_exact_at(&mut block.contents, offset)
+                .map_err(CardError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Returns once the blocks are on disk: a card's write is complete when
+    /// the card answers, and `BlockStorage` relies on that for FLUSH.
+    fn write(&self, blocks: &[Block], start: BlockIdx) -> Result<(), CardError> {
+        for (i, block) in blocks.iter().enumerate() {
+            let offset = self.offset(start, i)?;
+            self.file
+                .write_all_at(&block.contents, offset)
+                .map_err(CardError::Io)?;
+        }
+        self.file.sync_data().map_err(CardError::Io)
+    }
+
+    fn num_blocks(&self) -> Result<BlockCount, CardError> {
+        Ok(BlockCount(self.blocks))
+    }
+}
+
+/// The parsed command line.
+#[derive(Debug)]
+struct Args {
+    tap: String,
+    ip: IpCidr,
+    file: PathBuf,
+    port: u16,
+    mac: EthernetAddress,
+    rx_buffer: usize,
+    tx_buffer: usize,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, SimError> {
+    let usage = |message: String| SimError::Usage(message);
+    let (mut tap, mut ip, mut file) = (None, None, None);
+    let mut port = nbd_embedded::DEFAULT_PORT;
+    let mut mac = EthernetAddress(DEFAULT_MAC);
+    let mut rx_buffer = DEFAULT_RX_BUFFER;
+    let mut tx_buffer = DEFAULT_TX_BUFFER;
+    while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(usage(String::from("help requested")));
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| usage(format!("{flag} needs a value")))?;
+        let bad = |what: &str| usage(format!("{flag} {value}: not {what}"));
+        match flag.as_str() {
+            "--tap" => tap = Some(value),
+            "--ip" => ip = Some(value.parse().map_err(|_| bad("an address/prefix"))?),
+            "--file" => file = Some(PathBuf::from(value)),
+            "--port" => port = value.parse().map_err(|_| bad("a port number"))?,
+            "--mac" => mac = value.parse().map_err(|_| bad("a MAC address"))?,
+            "--rx-buffer" => rx_buffer = value.parse().map_err(|_| bad("a byte count"))?,
+            "--tx-buffer" => tx_buffer = value.parse().map_err(|_| bad("a byte count"))?,
+            _ => return Err(usage(format!("unknown argument {flag}"))),
+        }
+    }
+    if rx_buffer < MIN_RX_BUFFER || tx_buffer < MIN_TX_BUFFER {
+        return Err(usage(format!(
+            "buffers too small: --rx-buffer needs at least {MIN_RX_BUFFER}, \
+             --tx-buffer at least {MIN_TX_BUFFER}"
+        )));
+    }
+    let missing = |flag: &str| usage(format!("{flag} is required"));
+    Ok(Args {
+        tap: tap.ok_or_else(|| missing("--tap"))?,
+        ip: ip.ok_or_else(|| missing("--ip"))?,
+        file: file.ok_or_else(|| missing("--file"))?,
+        port,
+        mac,
+        rx_buffer,
+        tx_buffer,
+    })
+}
+
+fn run(args: Args) -> Result<(), SimError> {
+    let card = FileCard::open(&args.file).map_err(|e| SimError::Card(args.file.clone(), e))?;
+    let storage = BlockStorage::new(card).map_err(|e| SimError::Card(args.file.clone(), e))?;
+    let mut device = TunTapInterface::new(&args.tap, Medium::Ethernet)
+        .map_err(|e| SimError::Tap(args.tap.clone(), e))?;
+    let fd = device.as_raw_fd();
+
+    let mut config = IfaceConfig::new(args.mac.into());
+    // TCP initial sequence numbers come from this seed.
+    config.random_seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut iface = Interface::new(config, &mut device, Instant::now());
+    iface.update_ip_addrs(|addrs| {
+        // A fresh interface has room for several addresses.
+        let _ = addrs.push(args.ip);
+    });
+
+    let mut sockets = SocketSet::new(Vec::new());
+    let socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; args.rx_buffer]),
+        tcp::SocketBuffer::new(vec![0; args.tx_buffer]),
+    );
+    let handle = sockets.add(socket);
+    let size = storage.size();
+    // The server borrows its catalog for as long as it runs: the whole
+    // program.
+    let exports: &'static [Export<'static>] = Box::leak(Box::new([storage.export(EXPORT_NAME)]));
+    let mut server: TcpServer<_, _> =
+        TcpServer::new(handle, args.port, Config::default(), exports, storage);
+
+    println!(
+        "tap_sim: serving {} ({size} bytes) as export \"{EXPORT_NAME}\" on {}:{} via {}",
+        args.file.display(),
+        args.ip.address(),
+        args.port,
+        args.tap
+    );
+    let mut connected = false;
+    loop {
+        let delay = server.poll(Instant::now(), &mut iface, &mut device, &mut sockets);
+        if server.has_client() != connected {
+            connected = server.has_client();
+            if connected {
+                eprintln!("tap_sim: client connected");
+            }
+        }
+        if let Some(end) = server.take_session_end() {
+            eprintln!("tap_sim: session ended: {end:?}");
+        }
+        if delay == Some(Duration::ZERO) {
+            continue;
+        }
+        phy::wait(fd, delay).map_err(SimError::Wait)?;
+    }
+}
+
+fn main() -> ExitCode {
+    let result = parse_args(std::env::args().skip(1)).and_then(run);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tap_sim: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

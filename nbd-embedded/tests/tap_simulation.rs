@@ -1,0 +1,470 @@
+//! The host simulation (`examples/tap_sim.rs`: `net::TcpServer` on a TAP
+//! device, a file as the SD card) against real clients: `nbdinfo`,
+//! `nbdcopy` (whole-card read, compared with the file) and `qemu-io`
+//! (aligned and unaligned writes read back with pattern checks, FLUSH).
+//! After the program is killed, the card file must hold every write.
+//!
+//! Everything runs in a network namespace the test creates (so the
+//! addresses cannot clash with the host's): the TAP device lives there
+//! with the host-side address 192.168.69.1/24, the simulation answers as
+//! 192.168.69.2. Needs root, `/dev/net/tun`, `ip`, `nbdinfo`, `nbdcopy`
+//! and `qemu-io`; without them the test is skipped with a message, unless
+//! `NBD_REQUIRE_TOOLS=1`. Run with `--nocapture` to see the read
+//! throughput through the TAP device.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const HOST_ADDR: &str = "192.168.69.1/24";
+const SIM_ADDR: &str = "192.168.69.2";
+const PREFIX: &str = "/24";
+const CARD_SIZE: usize = 16 << 20;
+/// How long the program may take to build (a nested cargo may wait for
+/// the shared target directory's lock).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long the program may take to start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit for one client command (the whole-card read included).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn required() -> bool {
+    std::env::var("NBD_REQUIRE_TOOLS").as_deref() == Ok("1")
+}
+
+/// Skips (returns false) with a message, or fails under
+/// `NBD_REQUIRE_TOOLS=1`.
+fn available(ok: bool, what: &str) -> bool {
+    if !ok {
+        assert!(!required(), "{what} (required: NBD_REQUIRE_TOOLS=1)");
+        eprintln!("skipping the TAP simulation test: {what}");
+    }
+    ok
+}
+
+fn tool(name: &str) -> bool {
+    let found = Command::new(name)
+        .arg(if name == "ip" { "-V" } else { "--version" })
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    available(found, &format!("{name} is not installed"))
+}
+
+/// A child's exit, or that it was killed at its time limit.
+#[derive(Debug)]
+struct Finished {
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl Finished {
+    fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+/// Runs `command` with output to files in `dir`, killing it after
+/// `timeout`.
+fn run_bounded(dir: &Path, command: &mut Command, timeout: Duration) -> Finished {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, Ordering::SeqCst);
+    let out_path = dir.join(format!("run{run}.out"));
+    let err_path = dir.join(format!("run{run}.err"));
+    command
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap());
+    let start = Instant::now();
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let elapsed = start.elapsed();
+    Finished {
+        status,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+        elapsed,
+    }
+}
+
+/// Runs `command` and panics with its output unless it succeeds.
+fn run_ok(dir: &Path, command: &mut Command, timeout: Duration) -> Finished {
+    let shown = format!("{command:?}");
+    let finished = run_bounded(dir, command, timeout);
+    assert!(
+        finished.success(),
+        "{shown}: {} after {:?}\nstdout:\n{}\nstderr:\n{}",
+        finished
+            .status
+            .map_or_else(|| String::from("timed out"), |s| s.to_string()),
+        finished.elapsed,
+        finished.stdout,
+        finished.stderr
+    );
+    finished
+}
+
+/// A scratch directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("nbd-tap-sim-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A network namespace holding the TAP device; deleting the namespace
+/// deletes the device with it.
+struct Netns {
+    name: String,
+    tap: String,
+}
+
+impl Netns {
+    /// Creates the namespace, or returns why it could not (no privilege).
+    fn create(dir: &Path) -> Result<Self, String> {
+        let pid = std::process::id();
+        let name = format!("nbd-tap-sim-{pid}");
+        let created = run_bounded(
+            dir,
+            Command::new("ip").args(["netns", "add", &name]),
+            COMMAND_TIMEOUT,
+        );
+        if !created.success() {
+            return Err(format!("ip netns add failed: {}", created.stderr.trim()));
+        }
+        Ok(Self {
+            name,
+            // Interface names are at most 15 bytes.
+            tap: format!("nbdsim{}", pid % 1_000_000_000),
+        })
+    }
+
+    fn ip(&self, dir: &Path, args: &[&str]) {
+        run_ok(
+            dir,
+            Command::new("ip").arg("-n").arg(&self.name).args(args),
+            COMMAND_TIMEOUT,
+        );
+    }
+
+    /// A command that runs inside the namespace.
+    fn exec(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for args in [
+            vec!["-n", &self.name, "link", "del", &self.tap],
+            vec!["netns", "del", &self.name],
+        ] {
+            let _ = Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The running simulation, killed (by PID) and reaped on drop.
+struct Sim {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Sim {
+    fn logs(&self) -> String {
+        format!(
+            "tap_sim stdout:\n{}\ntap_sim stderr:\n{}",
+            fs::read_to_string(&self.stdout).unwrap_or_default(),
+            fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Kills the program the hard way (like pulling the power) and waits.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// The example binary next to this test's executable
+/// (`target/PROFILE/examples/tap_sim`), rebuilt by a nested cargo when
+/// cargo runs the test (a bare `--test` selection does not build examples).
+fn simulation_binary(dir: &Path) -> Option<PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent()?.parent()?;
+    let binary = profile_dir.join("examples").join("tap_sim");
+    if let (Ok(cargo), Some(target_dir), Some(profile)) = (
+        std::env::var("CARGO"),
+        profile_dir.parent(),
+        profile_dir.file_name().and_then(|n| n.to_str()),
+    ) {
+        let mut build = Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "nbd-embedded",
+                "--example",
+                "tap_sim",
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        match profile {
+            "debug" => {}
+            "release" => {
+                build.arg("--release");
+            }
+            other => {
+                build.args(["--profile", other]);
+            }
+        }
+        run_ok(dir, &mut build, BUILD_TIMEOUT);
+    }
+    binary.exists().then_some(binary)
+}
+
+/// Deterministic card contents that differ from block to block.
+fn card_contents() -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bytes = Vec::with_capacity(CARD_SIZE);
+    while bytes.len() < CARD_SIZE {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes
+}
+
+/// FNV-1a, to name contents in messages.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// First differing offset, for messages.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+#[test]
+fn real_clients_through_a_tap_device() {
+    let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !available(root, "not running as root")
+        || !available(
+            Path::new("/dev/net/tun").exists(),
+            "/dev/net/tun is missing",
+        )
+        || !["ip", "nbdinfo", "nbdcopy", "qemu-io"]
+            .into_iter()
+            .all(tool)
+    {
+        return;
+    }
+    let dir = TempDir::new();
+    let Some(binary) = simulation_binary(&dir.0) else {
+        assert!(
+            !required(),
+            "examples/tap_sim was not built (cargo build -p nbd-embedded --example tap_sim)"
+        );
+        eprintln!("skipping: examples/tap_sim was not built");
+        return;
+    };
+    let netns = match Netns::create(&dir.0) {
+        Ok(netns) => netns,
+        Err(why) => {
+            available(false, &why);
+            return;
+        }
+    };
+    netns.ip(&dir.0, &["tuntap", "add", "dev", &netns.tap, "mode", "tap"]);
+    netns.ip(&dir.0, &["link", "set", &netns.tap, "up"]);
+    netns.ip(&dir.0, &["addr", "add", HOST_ADDR, "dev", &netns.tap]);
+
+    let original = card_contents();
+    let card = dir.0.join("card.img");
+    fs::write(&card, &original).unwrap();
+
+    let stdout = dir.0.join("sim.out");
+    let stderr = dir.0.join("sim.err");
+    let child = netns
+        .exec(&binary)
+        .args(["--tap", &netns.tap, "--ip", &format!("{SIM_ADDR}{PREFIX}")])
+        .arg("--file")
+        .arg(&card)
+        .args(["--port", "10809"])
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut sim = Sim {
+        child,
+        stdout,
+        stderr,
+    };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = sim.child.try_wait().unwrap() {
+            panic!("tap_sim exited early ({status})\n{}", sim.logs());
+        }
+        if fs::read_to_string(&sim.stdout).is_ok_and(|s| s.contains("tap_sim: serving")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < START_TIMEOUT,
+            "tap_sim did not start within {START_TIMEOUT:?}\n{}",
+            sim.logs()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd://{SIM_ADDR}/");
+
+    // nbdinfo: size and the card's block sizes.
+    let info = run_ok(&dir.0, netns.exec("nbdinfo").arg(&uri), COMMAND_TIMEOUT);
+    for expected in [
+        format!("export-size: {CARD_SIZE}"),
+        String::from("block_size_minimum: 1"),
+        String::from("block_size_preferred: 512"),
+        String::from("can_flush: true"),
+    ] {
+        assert!(info.stdout.contains(&expected), "{}", info.stdout);
+    }
+
+    // nbdcopy: the whole card, compared with the file.
+    let copy = dir.0.join("copy.img");
+    let read = run_ok(
+        &dir.0,
+        netns.exec("nbdcopy").arg(&uri).arg(&copy),
+        COMMAND_TIMEOUT,
+    );
+    let copied = fs::read(&copy).unwrap();
+    assert!(
+        copied == original,
+        "nbdcopy read differs from the card (checksums {:016x} / {:016x}, first difference at {:?})",
+        checksum(&copied),
+        checksum(&original),
+        first_difference(&copied, &original)
+    );
+    let seconds = read.elapsed.as_secs_f64();
+    println!(
+        "nbdcopy read {} MiB through the TAP device in {seconds:.3} s: {:.1} MiB/s \
+         (checksum {:016x}, process start included)",
+        CARD_SIZE >> 20,
+        (CARD_SIZE as f64 / f64::from(1 << 20)) / seconds,
+        checksum(&copied)
+    );
+
+    // qemu-io: writes at aligned and unaligned offsets, read back with
+    // pattern checks, then FLUSH. The ranges do not overlap, so each read
+    // must see its own pattern.
+    let last = CARD_SIZE - 100;
+    let writes: [(u8, usize, usize); 6] = [
+        (0x11, 0, 4096),                // aligned, first blocks
+        (0x22, 1 << 20, 65536),         // aligned, 128 blocks in one request
+        (0x33, 5000, 3000),             // unaligned both ends, across blocks
+        (0x44, 12_345_679, 777),        // unaligned, inside two blocks
+        (0x55, 20 * 512 + 511, 2),      // one byte on each side of a boundary
+        (0x66, last, CARD_SIZE - last), // the card's last bytes
+    ];
+    let mut qemu_io = netns.exec("qemu-io");
+    qemu_io.args(["-f", "raw"]);
+    for (pattern, offset, length) in writes {
+        qemu_io
+            .arg("-c")
+            .arg(format!("write -P {pattern:#x} {offset} {length}"));
+    }
+    for (pattern, offset, length) in writes {
+        qemu_io
+            .arg("-c")
+            .arg(format!("read -P {pattern:#x} {offset} {length}"));
+    }
+    qemu_io.args(["-c", "flush"]).arg(&uri);
+    let io = run_ok(&dir.0, &mut qemu_io, COMMAND_TIMEOUT);
+    let output = format!("{}{}", io.stdout, io.stderr);
+    assert!(
+        !output.contains("Pattern verification failed") && !output.contains("failed:"),
+        "{output}"
+    );
+    assert_eq!(
+        output.matches("wrote ").count(),
+        writes.len(),
+        "every write reported: {output}"
+    );
+    assert_eq!(
+        output.matches("read ").count(),
+        writes.len(),
+        "every read reported: {output}"
+    );
+
+    // Stop the program without warning: what was flushed must be on disk.
+    sim.kill();
+    let mut expected = original;
+    for (pattern, offset, length) in writes {
+        expected[offset..offset + length].fill(pattern);
+    }
+    let after = fs::read(&card).unwrap();
+    assert!(
+        after == expected,
+        "card file after the writes: checksum {:016x}, expected {:016x}, first difference at {:?}",
+        checksum(&after),
+        checksum(&expected),
+        first_difference(&after, &expected)
+    );
+    drop(sim);
+    drop(netns);
+}
