@@ -8,7 +8,8 @@
 # wasm-bindgen into nbd-wasm/pkg/ (git-ignored):
 #
 #   pkg/node/  --target nodejs (CommonJS: require("nbd-wasm/pkg/node/nbd_wasm.js"))
-#   pkg/web/   --target web    (ES module; call the default export `init` first)
+#   pkg/web/   --target web    (ES module; call the default export `init` first;
+#              nbd-wasm/js/ wraps it for browsers and Node)
 #
 # wasm-bindgen-cli must be exactly the wasm-bindgen version in Cargo.lock.
 # Function names are stripped for size (NBD_WASM_KEEP_NAMES=1 keeps them
@@ -45,6 +46,10 @@ pkg=$root/nbd-wasm/pkg
 rm -rf "$pkg"
 wasm-bindgen --target nodejs "${strip[@]}" --out-dir "$pkg/node" "$wasm"
 wasm-bindgen --target web "${strip[@]}" --out-dir "$pkg/web" "$wasm"
+# nbd-wasm/package.json says "type": "module" (for js/); each build says
+# what its .js files are, so Node loads both whatever the parent says.
+echo '{ "type": "commonjs" }' >"$pkg/node/package.json"
+echo '{ "type": "module" }' >"$pkg/web/package.json"
 
 for out in "$pkg"/node/nbd_wasm_bg.wasm "$pkg"/web/nbd_wasm_bg.wasm; do
     if command -v wasm-opt >/dev/null 2>&1; then
