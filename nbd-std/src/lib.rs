@@ -11,8 +11,11 @@
 //! - [`client`]: an async client (one or several connections per export,
 //!   many requests in flight), NBD URIs, export listing and description;
 //! - [`tools`]: the client commands of the tool (`info`, `cp`).
+//! - [`bridge`]: pairs NBD clients with browser-hosted exports that
+//!   connect out over WebSocket (`nbd-std bridge`).
 
 pub mod backend;
+pub mod bridge;
 pub mod client;
 pub mod export;
 pub mod server;

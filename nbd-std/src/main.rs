@@ -32,6 +32,41 @@ enum Command {
     /// Mount an export as one regular file through FUSE, until SIGINT,
     /// SIGTERM or fusermount3 -u.
     Mount(MountArgs),
+    /// Pair NBD clients with browser-hosted exports that connect to the
+    /// bridge over WebSocket (or through websockify over TCP).
+    Bridge(BridgeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BridgeArgs {
+    /// Address NBD clients connect to.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: String,
+    /// TCP port NBD clients connect to.
+    #[arg(long, default_value_t = nbd_std::DEFAULT_PORT)]
+    port: u16,
+    /// Where browsers connect over WebSocket (any path; binary messages).
+    #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR:PORT")]
+    ws: String,
+    /// Where browsers connect over plain TCP, through websockify
+    /// (`websockify 8080 127.0.0.1:10810`). Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    providers: Option<String>,
+    /// Seconds a client waits for an idle browser session before it is
+    /// closed.
+    #[arg(long, default_value = "2", value_parser = parse_seconds, value_name = "SECONDS")]
+    wait: std::time::Duration,
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    log_level: String,
+}
+
+/// A non-negative number of seconds, fractions allowed.
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .and_then(|seconds| std::time::Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("`{text}` is not a number of seconds (0 or more)"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,6 +167,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info(args),
         Command::Cp(args) => cp(args),
         Command::Mount(args) => mount(args),
+        Command::Bridge(args) => bridge(args),
     }
 }
 
@@ -333,6 +369,65 @@ fn serve(args: ServeArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    })
+}
+
+fn bridge(args: BridgeArgs) -> ExitCode {
+    use nbd_std::bridge::{Bridge, BridgeConfig};
+    if let Err(message) = init_logging(&args.log_level) {
+        eprintln!("nbd-std: --log-level: {message}");
+        return ExitCode::from(USAGE);
+    }
+    let config = BridgeConfig {
+        // Brackets so an IPv6 address parses as HOST:PORT.
+        clients: if args.bind.contains(':') && !args.bind.starts_with('[') {
+            format!("[{}]:{}", args.bind, args.port)
+        } else {
+            format!("{}:{}", args.bind, args.port)
+        },
+        websocket: args.ws,
+        providers: args.providers,
+        wait: args.wait,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("nbd-std: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let bridge = match Bridge::bind(&config).await {
+            Ok(bridge) => bridge,
+            Err(error) => {
+                eprintln!("nbd-std: {error}");
+                return ExitCode::from(USAGE);
+            }
+        };
+        let show = |addr: Option<std::io::Result<std::net::SocketAddr>>| match addr {
+            Some(Ok(addr)) => addr.to_string(),
+            Some(Err(error)) => format!("? ({error})"),
+            None => "off".to_owned(),
+        };
+        info!(
+            "bridge: NBD clients on {}, WebSocket providers on {}, TCP providers on {}, clients wait {:.1} s",
+            show(Some(bridge.clients_addr())),
+            show(Some(bridge.websocket_addr())),
+            show(bridge.providers_addr()),
+            config.wait.as_secs_f64()
+        );
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received: closing every session, then exiting");
+            let _ = stop.send(true);
+        });
+        bridge.run(stopped).await;
+        info!("bridge stopped");
+        ExitCode::SUCCESS
     })
 }
 
