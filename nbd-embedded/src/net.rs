@@ -14,7 +14,7 @@
 use embedded_sdmmc::BlockDevice;
 use nbd_core::export::Catalog;
 use nbd_core::server::{CloseReason, Config, Connection};
-use smoltcp::iface::{Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy;
 use smoltcp::socket::tcp::{self, RecvError, SendError, State};
 use smoltcp::time::{Duration, Instant};
@@ -117,8 +117,9 @@ where
     /// Polls the interface, serves the client as far as possible without
     /// blocking, and polls again to send what was produced. Returns how
     /// long the application may sleep (or wait for an interrupt) before
-    /// the next call: `Some(ZERO)` when work is left that can go on now,
-    /// else the interface's own delay (`None`: until a frame arrives).
+    /// the next call: `Some(ZERO)` when work is left that can go on now or
+    /// the last interface poll changed a socket, else the interface's own
+    /// delay (`None`: until a frame arrives).
     pub fn poll<P: phy::Device + ?Sized>(
         &mut self,
         now: Instant,
@@ -128,8 +129,12 @@ where
     ) -> Option<Duration> {
         iface.poll(now, device, sockets);
         let more = self.service(sockets.get_mut::<tcp::Socket>(self.handle));
-        iface.poll(now, device, sockets);
-        if more {
+        // This second poll also takes in frames that came meanwhile (the
+        // last ACK of a handshake, a request) that `service` has not seen:
+        // sleeping on them would stall the client until some unrelated
+        // frame arrives. So after any socket change, ask to be called again.
+        let changed = iface.poll(now, device, sockets) == PollResult::SocketStateChanged;
+        if more || changed {
             Some(Duration::ZERO)
         } else {
             iface.poll_delay(now, sockets)
