@@ -265,6 +265,13 @@ fn run(args: Args) -> Result<(), SimError> {
         args.port,
         args.tap
     );
+    println!(
+        "tap_sim: server state {} bytes (TcpServer, card handle included), \
+         socket buffers {} + {} bytes",
+        core::mem::size_of_val(&server),
+        args.rx_buffer,
+        args.tx_buffer
+    );
     let mut connected = false;
     loop {
         let delay = server.poll(Instant::now(), &mut iface, &mut device, &mut sockets);
