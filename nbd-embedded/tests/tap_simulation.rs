@@ -26,6 +26,8 @@ const HOST_ADDR: &str = "192.168.69.1/24";
 const SIM_ADDR: &str = "192.168.69.2";
 const PREFIX: &str = "/24";
 const CARD_SIZE: usize = 16 << 20;
+/// Whole-card reads, each on a new connection.
+const READ_ROUNDS: usize = 3;
 /// How long the program may take to build (a nested cargo may wait for
 /// the shared target directory's lock).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
@@ -286,6 +288,10 @@ fn card_contents() -> Vec<u8> {
     bytes
 }
 
+fn mib_per_second(elapsed: Duration) -> f64 {
+    (CARD_SIZE as f64 / f64::from(1 << 20)) / elapsed.as_secs_f64()
+}
+
 /// FNV-1a, to name contents in messages.
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
@@ -385,28 +391,40 @@ fn real_clients_through_a_tap_device() {
         assert!(info.stdout.contains(&expected), "{}", info.stdout);
     }
 
-    // nbdcopy: the whole card, compared with the file.
+    // nbdcopy: the whole card, compared with the file. Several times:
+    // each is a new connection on the re-listened socket, and the best
+    // time is the figure least disturbed by other load on the machine.
     let copy = dir.0.join("copy.img");
-    let read = run_ok(
-        &dir.0,
-        netns.exec("nbdcopy").arg(&uri).arg(&copy),
-        COMMAND_TIMEOUT,
-    );
-    let copied = fs::read(&copy).unwrap();
-    assert!(
-        copied == original,
-        "nbdcopy read differs from the card (checksums {:016x} / {:016x}, first difference at {:?})",
-        checksum(&copied),
-        checksum(&original),
-        first_difference(&copied, &original)
-    );
-    let seconds = read.elapsed.as_secs_f64();
+    let mut best = Duration::MAX;
+    for round in 1..=READ_ROUNDS {
+        let read = run_ok(
+            &dir.0,
+            netns.exec("nbdcopy").arg(&uri).arg(&copy),
+            COMMAND_TIMEOUT,
+        );
+        let copied = fs::read(&copy).unwrap();
+        assert!(
+            copied == original,
+            "nbdcopy read {round} differs from the card (checksums {:016x} / {:016x}, \
+             first difference at {:?})",
+            checksum(&copied),
+            checksum(&original),
+            first_difference(&copied, &original)
+        );
+        println!(
+            "nbdcopy read {round}: {} MiB through the TAP device in {:.3} s, {:.1} MiB/s \
+             (checksum {:016x} equals the card file's)",
+            CARD_SIZE >> 20,
+            read.elapsed.as_secs_f64(),
+            mib_per_second(read.elapsed),
+            checksum(&copied)
+        );
+        best = best.min(read.elapsed);
+    }
     println!(
-        "nbdcopy read {} MiB through the TAP device in {seconds:.3} s: {:.1} MiB/s \
-         (checksum {:016x}, process start included)",
-        CARD_SIZE >> 20,
-        (CARD_SIZE as f64 / f64::from(1 << 20)) / seconds,
-        checksum(&copied)
+        "nbdcopy whole-card read through the TAP device: best {:.1} MiB/s \
+         (nbdcopy's start-up included)",
+        mib_per_second(best)
     );
 
     // qemu-io: writes at aligned and unaligned offsets, read back with
@@ -452,7 +470,15 @@ fn real_clients_through_a_tap_device() {
     );
 
     // Stop the program without warning: what was flushed must be on disk.
+    if let Some(status) = sim.child.try_wait().unwrap() {
+        panic!("tap_sim exited during the test ({status})\n{}", sim.logs());
+    }
     sim.kill();
+    let log = fs::read_to_string(&sim.stderr).unwrap_or_default();
+    assert!(
+        !log.contains("Failed"),
+        "a session failed on the server side:\n{log}"
+    );
     let mut expected = original;
     for (pattern, offset, length) in writes {
         expected[offset..offset + length].fill(pattern);
