@@ -74,6 +74,7 @@ export class Child {
   constructor(name, command, args, options = {}) {
     this.name = name;
     this.output = "";
+    this.stop = this.stop.bind(this); // usable as a bare cleanup function
     this.child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"], ...options });
     this.exited = new Promise((resolve) => {
       this.child.once("exit", (code, signal) => resolve({ code, signal }));
@@ -280,4 +281,22 @@ export function cleanups(t) {
 export async function sha256(source) {
   const { createHash } = await import("node:crypto");
   return createHash("sha256").update(typeof source === "string" ? await readFile(source) : source).digest("hex");
+}
+
+/**
+ * Serves nbd-wasm/ over HTTP, starts chromium, opens /www/?`query`;
+ * both end with the test (`defer` from `cleanups`). Resolves to
+ * {page, context, console, url}.
+ */
+export async function openPage(t, defer, query) {
+  const http = await staticServer();
+  defer(http.close);
+  const browser = await launchBrowser();
+  defer(async () => {
+    for (const line of browser.console) t.diagnostic(`browser console: ${line}`);
+    await browser.close();
+  });
+  const url = `http://127.0.0.1:${http.port}/www/?${query}`;
+  await browser.page.goto(url);
+  return { ...browser, url };
 }

@@ -7,23 +7,11 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
-  CHROMIUM, cleanups, launchBrowser, pattern, requireTools, runOk, sha256, startBridge, startWebsockify,
-  staticServer, tempDir, waitForState,
+  CHROMIUM, cleanups, openPage, pattern, requireTools, runOk, sha256, startBridge, startWebsockify,
+  tempDir, waitForState,
 } from "./harness.mjs";
 
 const MiB = 1024 * 1024;
-
-async function openPage(t, defer, query) {
-  const http = await staticServer();
-  defer(http.close);
-  const browser = await launchBrowser();
-  defer(async () => {
-    for (const line of browser.console) t.diagnostic(`browser console: ${line}`);
-    await browser.close();
-  });
-  await browser.page.goto(`http://127.0.0.1:${http.port}/www/?${query}`);
-  return browser;
-}
 
 test("serve: a 64 MiB RAM disk in the page, through nbd-std bridge over WebSocket: nbdinfo, nbdcopy, qemu-io", async (t) => {
   if (!requireTools(t, [CHROMIUM, "nbdinfo", "nbdcopy", "qemu-io"])) return;
