@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod bridge;
+pub mod check;
 pub mod client;
 pub mod export;
 pub mod server;

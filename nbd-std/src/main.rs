@@ -32,9 +32,46 @@ enum Command {
     /// Mount an export as one regular file through FUSE, until SIGINT,
     /// SIGTERM or fusermount3 -u.
     Mount(MountArgs),
+    /// Check a server against the MUST and SHOULD rules of the NBD spec:
+    /// one line per rule (PASS, FAIL or SKIP) and a summary. Exit status
+    /// 0 when nothing fails, 1 when a rule fails, 2 when the server cannot
+    /// be checked. Writes only to a scratch region at the end of the
+    /// export and restores it (--no-write to avoid writing at all); point
+    /// it at a test export.
+    Check(CheckArgs),
     /// Pair NBD clients with browser-hosted exports that connect to the
     /// bridge over WebSocket (or through websockify over TCP).
     Bridge(BridgeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// NBD URI of the export to check: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH.
+    uri: String,
+    /// Seconds each socket operation may take (each rule gets twice this).
+    #[arg(long, default_value = "5", value_parser = parse_seconds, value_name = "SECONDS")]
+    timeout: std::time::Duration,
+    /// Send no writes at all (skips the rules that write to the scratch
+    /// region at the end of the export, and restore it, and those that
+    /// send writes the server must refuse).
+    #[arg(long)]
+    no_write: bool,
+    /// Run only the rules whose id starts with PREFIX (repeatable).
+    #[arg(long, value_name = "PREFIX")]
+    only: Vec<String>,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let options = nbd_std::check::Options {
+        timeout: args.timeout,
+        write: !args.no_write,
+        only: args.only,
+    };
+    ExitCode::from(nbd_std::check::command(&args.uri, &options, args.json))
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +204,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info(args),
         Command::Cp(args) => cp(args),
         Command::Mount(args) => mount(args),
+        Command::Check(args) => check(args),
         Command::Bridge(args) => bridge(args),
     }
 }

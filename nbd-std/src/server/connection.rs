@@ -167,8 +167,11 @@ impl Driver {
                 input.copy_within(start..end, 0);
                 (start, end) = (0, end - start);
             }
-            if sent > 0 && start < end {
+            if sent > 0 && (start < end || self.conn.in_flight() == 0) {
                 // Replies went out; input that waited on them may go on now.
+                // Once the last reply in flight is out, the core may be due
+                // to close (NBD_CMD_DISC with requests in flight): ask it
+                // before waiting for input that will not come.
                 continue;
             }
             if eof && self.pending == 0 {
