@@ -247,12 +247,26 @@ struct Provider {
     stream: ProviderStream,
 }
 
-/// What one read from a provider gave.
+/// What one read gave.
 enum Received {
-    Data(Bytes),
+    /// `n` bytes at the start of the caller's buffer (a TCP read).
+    Read(usize),
+    /// A WebSocket message's payload (no copy into the buffer).
+    Message(Bytes),
     /// A WebSocket control message (ping, pong): nothing to relay.
     Nothing,
     Closed,
+}
+
+impl Received {
+    /// The data received, if any.
+    fn data<'a>(&'a self, buffer: &'a [u8]) -> Option<&'a [u8]> {
+        match self {
+            Received::Read(n) => Some(&buffer[..*n]),
+            Received::Message(bytes) => Some(bytes),
+            Received::Nothing | Received::Closed => None,
+        }
+    }
 }
 
 /// Why a relay or an idle provider ended.
@@ -269,7 +283,7 @@ enum SessionError {
 impl ProviderStream {
     /// Reads what the provider sends next (cancel-safe: nothing is lost if
     /// the future is dropped before it completes).
-    async fn receive(&mut self, buffer: &mut Vec<u8>) -> Result<Received, SessionError> {
+    async fn receive(&mut self, buffer: &mut [u8]) -> Result<Received, SessionError> {
         match self {
             ProviderStream::Tcp(stream) => read_chunk(stream, buffer).await,
             ProviderStream::WebSocket(stream) => match stream.next().await {
@@ -282,28 +296,22 @@ impl ProviderStream {
 
 fn from_message(message: Message) -> Result<Received, SessionError> {
     match message {
-        Message::Binary(bytes) => Ok(Received::Data(bytes)),
+        Message::Binary(bytes) => Ok(Received::Message(bytes)),
         Message::Close(_) => Ok(Received::Closed),
         Message::Text(_) => Err(SessionError::TextMessage),
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Received::Nothing),
     }
 }
 
-/// One read of up to [`RELAY_CHUNK`] bytes. The buffer is handed on as
-/// [`Bytes`] without copying; a fresh one is allocated for the next read.
+/// One read into `buffer` (cancel-safe).
 async fn read_chunk(
     stream: &mut (impl AsyncReadExt + Unpin),
-    buffer: &mut Vec<u8>,
+    buffer: &mut [u8],
 ) -> Result<Received, SessionError> {
-    if buffer.capacity() < RELAY_CHUNK {
-        buffer.reserve(RELAY_CHUNK - buffer.len());
+    match stream.read(buffer).await? {
+        0 => Ok(Received::Closed),
+        n => Ok(Received::Read(n)),
     }
-    buffer.clear();
-    let n = stream.read_buf(buffer).await?;
-    if n == 0 {
-        return Ok(Received::Closed);
-    }
-    Ok(Received::Data(Bytes::from(std::mem::take(buffer))))
 }
 
 /// A claim on an idle provider: the provider's task answers on the sender
@@ -439,21 +447,22 @@ async fn provider_session(mut provider: Provider, pool: Arc<Pool>) {
         provider.origin
     );
     let mut buffered = Vec::new();
-    let mut scratch = Vec::new();
+    // Idle providers send a greeting and little else: a small buffer.
+    let mut scratch = vec![0; 4096];
     let outcome = loop {
         tokio::select! {
             // A provider that closed is noticed before a claim is granted,
             // so a dead provider is not handed to a client.
             biased;
             received = provider.stream.receive(&mut scratch) => match received {
-                Ok(Received::Data(bytes)) => {
-                    if buffered.len() + bytes.len() > MAX_IDLE_BYTES {
+                Ok(Received::Closed) => break "closed while idle".to_owned(),
+                Ok(received) => {
+                    let data = received.data(&scratch).unwrap_or_default();
+                    if buffered.len() + data.len() > MAX_IDLE_BYTES {
                         break format!("sent more than {MAX_IDLE_BYTES} bytes before a client came");
                     }
-                    buffered.extend_from_slice(&bytes);
+                    buffered.extend_from_slice(data);
                 }
-                Ok(Received::Nothing) => {}
-                Ok(Received::Closed) => break "closed while idle".to_owned(),
                 Err(error) => break format!("failed while idle: {error}"),
             },
             claim = &mut claims => {
@@ -608,7 +617,7 @@ fn split_provider(stream: ProviderStream) -> (ProviderReader, ProviderWriter) {
 }
 
 impl ProviderReader {
-    async fn receive(&mut self, buffer: &mut Vec<u8>) -> Result<Received, SessionError> {
+    async fn receive(&mut self, buffer: &mut [u8]) -> Result<Received, SessionError> {
         match self {
             ProviderReader::Tcp(stream) => read_chunk(stream, buffer).await,
             ProviderReader::WebSocket(stream) => match stream.next().await {
@@ -620,10 +629,16 @@ impl ProviderReader {
 }
 
 impl ProviderWriter {
-    async fn send(&mut self, bytes: Bytes) -> Result<(), SessionError> {
+    /// Sends `data`: as is over TCP, as one binary message over WebSocket.
+    async fn send(&mut self, data: &[u8]) -> Result<(), SessionError> {
         match self {
-            ProviderWriter::Tcp(stream) => Ok(stream.write_all(&bytes).await?),
-            ProviderWriter::WebSocket(sink) => Ok(sink.send(Message::Binary(bytes)).await?),
+            ProviderWriter::Tcp(stream) => Ok(stream.write_all(data).await?),
+            ProviderWriter::WebSocket(sink) => {
+                // tungstenite copies the payload into its frame buffer
+                // anyway; this copy lets the read buffer be reused.
+                let message = Message::Binary(Bytes::copy_from_slice(data));
+                Ok(sink.send(message).await?)
+            }
         }
     }
 
@@ -659,34 +674,41 @@ async fn relay(
     // Each direction finishes writing what it read before it looks for
     // the end, so nothing read from a side that closed is lost.
     let upstream = async {
-        let mut buffer = Vec::new();
+        let mut buffer = vec![0; RELAY_CHUNK];
         loop {
             match read_chunk(&mut client_read, &mut buffer).await {
-                Ok(Received::Data(bytes)) => {
-                    let n = bytes.len() as u64;
-                    if let Err(error) = provider_write.send(bytes).await {
+                Ok(Received::Closed) => return End::ClientClosed,
+                Ok(received) => {
+                    let data = received.data(&buffer).unwrap_or_default();
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if let Err(error) = provider_write.send(data).await {
                         return End::ProviderFailed(error);
                     }
-                    *to_provider += n;
+                    *to_provider += data.len() as u64;
                 }
-                Ok(Received::Nothing) => {}
-                Ok(Received::Closed) => return End::ClientClosed,
                 Err(error) => return End::ClientFailed(error),
             }
         }
     };
     let downstream = async {
-        let mut buffer = Vec::new();
+        // WebSocket messages arrive in their own buffers; only TCP reads
+        // need this one.
+        let mut buffer = match provider_read {
+            ProviderReader::Tcp(_) => vec![0; RELAY_CHUNK],
+            ProviderReader::WebSocket(_) => Vec::new(),
+        };
         loop {
             match provider_read.receive(&mut buffer).await {
-                Ok(Received::Data(bytes)) => {
-                    if let Err(error) = client_write.write_all(&bytes).await {
+                Ok(Received::Closed) => return End::ProviderClosed,
+                Ok(received) => {
+                    let data = received.data(&buffer).unwrap_or_default();
+                    if let Err(error) = client_write.write_all(data).await {
                         return End::ClientFailed(error.into());
                     }
-                    *to_client += bytes.len() as u64;
+                    *to_client += data.len() as u64;
                 }
-                Ok(Received::Nothing) => {}
-                Ok(Received::Closed) => return End::ProviderClosed,
                 Err(error) => return End::ProviderFailed(error),
             }
         }

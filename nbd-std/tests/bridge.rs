@@ -592,6 +592,13 @@ fn a_provider_gone_while_idle_is_not_handed_out() {
     // One more, closed just before the client comes.
     let mut late = TcpStream::connect(bridge.providers_addr()).expect("connect");
     late.write_all(b"garbage").expect("write");
+    assert!(
+        wait_until(Duration::from_secs(5), || bridge
+            .log()
+            .contains("provider 2 (TCP")),
+        "{}",
+        bridge.log()
+    );
     let runtime = runtime();
     let state = Arc::new(SessionState::default());
     runtime.spawn(provider_session(
