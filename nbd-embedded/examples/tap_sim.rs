@@ -190,9 +190,6 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, SimError> 
     let mut rx_buffer = DEFAULT_RX_BUFFER;
     let mut tx_buffer = DEFAULT_TX_BUFFER;
     while let Some(flag) = args.next() {
-        if flag == "--help" || flag == "-h" {
-            return Err(usage(String::from("help requested")));
-        }
         let value = args
             .next()
             .ok_or_else(|| usage(format!("{flag} needs a value")))?;
@@ -292,6 +289,10 @@ fn run(args: Args) -> Result<(), SimError> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let result = parse_args(std::env::args().skip(1)).and_then(run);
     match result {
         Ok(()) => ExitCode::SUCCESS,
