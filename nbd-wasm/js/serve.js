@@ -9,6 +9,15 @@ import { OptionReader } from "./options.js";
 /** How long to wait before reopening an idle session that failed, growing to MAX_RETRY_MS. */
 const RETRY_MS = 500;
 const MAX_RETRY_MS = 5000;
+/**
+ * Reads wait while more than this many bytes sit in the WebSocket's send
+ * buffer: a browser cannot stop receiving, so replies are held back
+ * instead, and the client's requests queue in the server (at most
+ * maxInFlight of them).
+ */
+const SEND_HIGH_WATER = 16 * 1024 * 1024;
+/** How often a waiting read looks at the send buffer again. */
+const DRAIN_POLL_MS = 4;
 
 /** The NBD export an `NbdServer` offers for `disk`. */
 export function exportOf(disk, { name = "", description = "" } = {}) {
@@ -152,6 +161,16 @@ class Session {
     });
   }
 
+  /** Resolves once the send buffer is below SEND_HIGH_WATER (or the session ended). */
+  drained() {
+    const full = () => this.ws.bufferedAmount > SEND_HIGH_WATER && this.state !== "closed";
+    if (!full()) return undefined;
+    return new Promise((resolve) => {
+      const check = () => (full() ? setTimeout(check, DRAIN_POLL_MS) : resolve());
+      check();
+    });
+  }
+
   /** Runs `work` (value or promise), then completes request `id` with `answer(result)` or an error. */
   complete(id, work, answer) {
     Promise.resolve()
@@ -206,7 +225,10 @@ class Session {
           break;
         case "read":
           this.track(event);
-          this.complete(id, () => disk.read(event.offset, event.length), (data) => server.completeRead(id, data));
+          this.complete(id, async () => {
+            await this.drained();
+            return disk.read(event.offset, event.length);
+          }, (data) => server.completeRead(id, data));
           break;
         case "write":
           this.track(event);

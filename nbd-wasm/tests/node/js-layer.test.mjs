@@ -128,6 +128,25 @@ test("serveDisk: storage completes out of order; every read gets its own data", 
   server.stop();
 });
 
+test("serveDisk: reads wait while the WebSocket send buffer is full", async () => {
+  const disk = new nbd.RamDisk(MiB, { fill: "pattern" });
+  const { server, connect } = await serve(disk);
+  const conn = await connect();
+  const active = [...server.sessions].find((s) => s.state === "active");
+  active.ws.bufferedAmount = 64 * MiB; // as if the network were slow
+  let done = false;
+  const read = conn.read(0, 4096).then((data) => {
+    done = true;
+    return data;
+  });
+  await sleep(60);
+  assert.equal(done, false, "the read waits for the send buffer to drain");
+  active.ws.bufferedAmount = 0;
+  assert.deepEqual(await read, pattern(0, 4096));
+  await conn.close();
+  server.stop();
+});
+
 test("serveDisk: a FileDisk (Blob) is read-only: reads match, writes are refused", async () => {
   const bytes = pattern(0, 256 * 1024);
   const disk = new nbd.FileDisk(new Blob([bytes]));
