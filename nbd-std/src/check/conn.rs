@@ -589,7 +589,14 @@ impl Conn {
     /// `NBD_OPT_LIST` answered by `NBD_REP_ACK`: the session still
     /// negotiates. Returns the final reply type on failure.
     pub fn still_negotiating(&mut self) -> Result<std::result::Result<(), String>> {
-        let replies = self.option(opt::LIST, &[])?;
+        let replies = match self.option(opt::LIST, &[]) {
+            Ok(replies) => replies,
+            Err(error) => {
+                return Ok(Err(format!(
+                    "an NBD_OPT_LIST sent next got no proper answer: {error}"
+                )));
+            }
+        };
         match replies.last() {
             Some(r) if r.kind == rep::ACK => Ok(Ok(())),
             Some(r) => Ok(Err(format!(

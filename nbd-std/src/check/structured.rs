@@ -13,7 +13,7 @@ pub fn rules() -> Vec<Rule> {
             id: "sr.read-not-simple",
             level: Level::Must,
             section: "Structured reply chunk message",
-            description: "With structured replies negotiated, a read never gets a simple reply",
+            description: "With structured replies negotiated, a read never gets a simple reply (not even an early error: bad flag, past the end)",
             check: read_not_simple,
         },
         Rule {
@@ -194,9 +194,22 @@ fn read_not_simple(ctx: &Ctx) -> Result<Outcome> {
         structured: true,
         ..Setup::default()
     })?;
-    let replies = s.conn.exchange(0, cmd::READ, 0, ctx.io_len(), &[])?;
+    let len = ctx.io_len();
+    let replies = s.conn.exchange(0, cmd::READ, 0, len, &[])?;
     if replies.iter().any(Reply::is_simple) {
         fail!("a simple reply to a read");
+    }
+    // Not even for an early error (spec: "even for the case of an early
+    // NBD_EINVAL due to bad flags").
+    let flag = super::transmission::UNKNOWN_FLAG;
+    let replies = s.conn.exchange(flag, cmd::READ, 0, len, &[])?;
+    if replies.iter().any(Reply::is_simple) {
+        fail!("a simple reply to a read with an unknown flag");
+    }
+    let (offset, len) = past_end(ctx);
+    let replies = s.conn.exchange(0, cmd::READ, offset, len, &[])?;
+    if replies.iter().any(Reply::is_simple) {
+        fail!("a simple reply to a read past the end");
     }
     Ok(Outcome::Pass)
 }
@@ -281,11 +294,6 @@ fn unknown_flag_einval(ctx: &Ctx) -> Result<Outcome> {
     };
     let len = ctx.io_len();
     let flag = super::transmission::UNKNOWN_FLAG;
-    let mut s = ctx.session(setup)?;
-    let replies = s.conn.exchange(flag, cmd::READ, 0, len, &[])?;
-    if replies.iter().any(Reply::is_simple) {
-        fail!("a simple reply to a read");
-    }
     expect_error(ctx, setup, flag, cmd::READ, 0, len, &[], EINVAL)
 }
 
