@@ -5,9 +5,10 @@
 // qemu-utils and websockify. Run: node --test nbd-wasm/tests/browser/
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import {
-  CHROMIUM, cleanups, openPage, pattern, requireTools, runOk, sha256, startBridge, startWebsockify,
+  CHROMIUM, SCREENSHOT_DIR, cleanups, openPage, pattern, requireTools, runOk, sha256, startBridge, startWebsockify,
   tempDir, waitForState,
 } from "./harness.mjs";
 
@@ -58,6 +59,10 @@ test("serve: a 64 MiB RAM disk in the page, through nbd-std bridge over WebSocke
   await page.waitForFunction(() => /64 KiB written/.test(document.querySelector("#totals").textContent));
   assert.match(await page.textContent("#request-log"), /read\s*66846720\s*262144/); // nbdcopy's last 256 KiB
   assert.equal(await page.evaluate(() => document.body.dataset.state), "serving");
+  await mkdir(SCREENSHOT_DIR, { recursive: true });
+  const screenshot = join(SCREENSHOT_DIR, "serve.png");
+  await page.screenshot({ path: screenshot });
+  console.log(`serve screenshot: ${screenshot}`);
   passed = true;
 });
 
