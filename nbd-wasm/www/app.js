@@ -186,7 +186,7 @@ $("file-input").addEventListener("change", () => {
 
 // ---- Inspect ----------------------------------------------------------------
 
-const inspect = { connection: null };
+const inspect = { connection: null, table: null };
 
 function inspectStatus(text, state) {
   $("inspect-status").textContent = text;
@@ -250,6 +250,27 @@ async function showPartitions(connection) {
   return table;
 }
 
+/** Partitions as a band under the block map, numbered where there is room. */
+function drawPartitions(context, canvas, size) {
+  const table = inspect.table;
+  if (!table?.scheme) return;
+  const band = 12;
+  context.fillStyle = "#fff";
+  context.fillRect(0, canvas.height - band, canvas.width, band);
+  context.font = "10px system-ui, sans-serif";
+  context.textBaseline = "middle";
+  table.partitions.forEach((p, i) => {
+    const x0 = ((p.start * table.sectorSize) / size) * canvas.width;
+    const x1 = (((p.end + 1) * table.sectorSize) / size) * canvas.width;
+    context.fillStyle = i % 2 ? "#8c959f" : "#57606a";
+    context.fillRect(x0, canvas.height - band + 1, Math.max(1, x1 - x0 - 1), band - 2);
+    if (x1 - x0 > 14) {
+      context.fillStyle = "#fff";
+      context.fillText(String(p.number), x0 + 3, canvas.height - band / 2);
+    }
+  });
+}
+
 /** Most block-status requests one map may take. */
 const MAX_MAP_REQUESTS = 256;
 
@@ -283,11 +304,13 @@ async function showBlockMap(connection) {
       offset = extent.offset + length;
     }
   }
+  drawPartitions(context, canvas, size);
   const pct = (n) => `${((100 * n) / size).toFixed(1)}%`;
   legend.innerHTML = `<span class="swatch" style="background:${colors[0]}"></span>data ${pct(totals.data)}` +
     `<span class="swatch" style="background:${colors[2]}"></span>zero ${pct(totals.zero)}` +
     `<span class="swatch" style="background:${colors[1]}"></span>hole ${pct(totals.hole)}` +
-    (offset < size ? ` (first ${formatSize(offset)} mapped)` : "");
+    (offset < size ? ` (first ${formatSize(offset)} mapped)` : "") +
+    (inspect.table?.scheme ? '<span class="swatch" style="background:#57606a"></span>partitions (band below)' : "");
 }
 
 function hexDump(bytes, base) {
@@ -325,6 +348,7 @@ async function closeExport() {
 
 async function openExport() {
   await closeExport();
+  inspect.table = null;
   const url = $("inspect-ws").value;
   const name = $("inspect-export").value;
   inspectStatus(`connecting to ${url}, export ${JSON.stringify(name)}…`, "inspecting");
@@ -342,7 +366,7 @@ async function openExport() {
     $("close-button").disabled = false;
     $("export-info").tBodies[0].innerHTML = infoRows(connection);
     inspectStatus(`connected to ${url}, export ${JSON.stringify(name)}: reading…`);
-    await showPartitions(connection);
+    inspect.table = await showPartitions(connection);
     await showSector();
     await showBlockMap(connection);
     inspectStatus(`connected to ${url}, export ${JSON.stringify(name)}`, "inspected");
