@@ -178,7 +178,14 @@ class Session {
       .then(
         (result) => {
           if (!this.server) return;
-          answer(result);
+          try {
+            answer(result);
+          } catch (error) {
+            // The disk's answer did not fit (a short read, bad extents): the request fails, the session goes on.
+            this.server.complete(id, "EIO");
+            this.finished(id, "EIO", error);
+            return;
+          }
           this.finished(id, null);
         },
         (error) => {

@@ -147,6 +147,36 @@ test("serveDisk: reads wait while the WebSocket send buffer is full", async () =
   server.stop();
 });
 
+test("serveDisk: disk failures become NBD errors, and the session goes on", async () => {
+  const ram = new nbd.RamDisk(MiB);
+  const flaky = {
+    size: ram.size, readOnly: false, capabilities: { flush: true },
+    read(offset, length) {
+      if (offset === 0) throw new nbd.DiskError("medium error", "EIO");
+      if (offset === 4096) return ram.read(offset, length - 1); // short: cannot be the answer
+      return Promise.reject(Object.assign(new Error("full"), { nbdError: "ENOSPC" }));
+    },
+    write: async () => {
+      throw new nbd.DiskError("no space", "ENOSPC");
+    },
+    flush() {},
+  };
+  const events = [];
+  const { server, connect } = await serve(flaky, { onEvent: (e) => events.push(e) });
+  const conn = await connect();
+  await assert.rejects(conn.read(0, 512), (e) => e.nbdError === "EIO");
+  await assert.rejects(conn.read(4096, 512), (e) => e.nbdError === "EIO");
+  await assert.rejects(conn.read(8192, 512), (e) => e.nbdError === "ENOSPC");
+  await assert.rejects(conn.write(0, new Uint8Array(100)), (e) => e.nbdError === "ENOSPC");
+  await conn.flush();
+  const failed = events.filter((e) => e.type === "done" && e.error).map((e) => `${e.op} ${e.error} ${e.message}`);
+  assert.equal(failed.length, 4);
+  assert.match(failed[1], /read EIO read \d+ wants 512 bytes, got 511/);
+  assert.equal(server.stats.errors, 4);
+  await conn.close();
+  server.stop();
+});
+
 test("serveDisk: a FileDisk (Blob) is read-only: reads match, writes are refused", async () => {
   const bytes = pattern(0, 256 * 1024);
   const disk = new nbd.FileDisk(new Blob([bytes]));
