@@ -3,6 +3,7 @@
 // playwright-core, and the tools the tests need (skipped when missing
 // unless NBD_REQUIRE_TOOLS=1, then failed).
 import { spawn, spawnSync } from "node:child_process";
+import { createRequire } from "node:module";
 import { createServer } from "node:http";
 import { createServer as createTcpServer, connect } from "node:net";
 import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
@@ -62,6 +63,11 @@ export function requireTools(t, tools) {
     return spawnSync("sh", ["-c", `command -v ${tool}`]).status !== 0;
   });
   if (spawnSync(NBD_STD, ["bridge", "--help"]).status !== 0) missing.push(`${NBD_STD} bridge (cargo build -p nbd-std)`);
+  try {
+    createRequire(import.meta.url).resolve("playwright-core");
+  } catch {
+    missing.push("npm playwright-core (run npm ci in nbd-wasm)");
+  }
   if (!missing.length) return true;
   const message = `missing: ${missing.join(", ")}`;
   if (process.env.NBD_REQUIRE_TOOLS === "1") throw new Error(message);
