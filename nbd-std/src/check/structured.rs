@@ -492,3 +492,106 @@ fn past_end_einval(ctx: &Ctx) -> Result<Outcome> {
     let (offset, len) = past_end(ctx);
     expect_error(ctx, setup, 0, cmd::BLOCK_STATUS, offset, len, &[], EINVAL)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbd_core::wire::STRUCTURED_REPLY_MAGIC;
+
+    fn chunk(kind: u16, done: bool, payload: Vec<u8>) -> Reply {
+        Reply {
+            magic: STRUCTURED_REPLY_MAGIC,
+            flags: if done { conn::DONE } else { 0 },
+            kind,
+            error: 0,
+            cookie: 1,
+            offset: 0,
+            payload,
+        }
+    }
+
+    fn data(offset: u64, len: usize, done: bool) -> Reply {
+        let mut p = offset.to_be_bytes().to_vec();
+        p.resize(8 + len, 0xab);
+        chunk(chunk::OFFSET_DATA, done, p)
+    }
+
+    fn hole(offset: u64, len: u32, done: bool) -> Reply {
+        let mut p = offset.to_be_bytes().to_vec();
+        p.extend_from_slice(&len.to_be_bytes());
+        chunk(chunk::OFFSET_HOLE, done, p)
+    }
+
+    #[test]
+    fn read_chunks_covering_the_request_pass() {
+        let replies = [
+            data(0, 512, false),
+            hole(512, 512, false),
+            chunk(0, true, vec![]),
+        ];
+        assert_eq!(validate_read(&replies, 0, 1024, false), Ok(Some(1024)));
+        assert!(
+            validate_read(&replies, 0, 1024, true).is_err(),
+            "two content chunks with DF"
+        );
+    }
+
+    #[test]
+    fn bad_read_chunks_are_caught() {
+        // Overlap.
+        let replies = [data(0, 512, false), hole(256, 512, true)];
+        assert!(validate_read(&replies, 0, 1024, false).is_err());
+        // Outside the request.
+        assert!(validate_read(&[data(1024, 512, true)], 0, 1024, false).is_err());
+        // DONE before the last chunk, or missing.
+        assert!(
+            validate_read(&[data(0, 512, true), hole(512, 512, true)], 0, 1024, false).is_err()
+        );
+        assert!(validate_read(&[data(0, 1024, false)], 0, 1024, false).is_err());
+        // Error chunk with error 0; then a good one.
+        let mut e = vec![0, 0, 0, 0, 0, 0];
+        assert!(validate_read(&[chunk(chunk::ERROR, true, e.clone())], 0, 1024, false).is_err());
+        e[3] = 22;
+        assert_eq!(
+            validate_read(&[chunk(chunk::ERROR, true, e)], 0, 1024, false),
+            Ok(None)
+        );
+    }
+
+    fn status(id: u32, extents: &[(u32, u32)], done: bool) -> Reply {
+        let mut p = id.to_be_bytes().to_vec();
+        for (len, flags) in extents {
+            p.extend_from_slice(&len.to_be_bytes());
+            p.extend_from_slice(&flags.to_be_bytes());
+        }
+        chunk(chunk::BLOCK_STATUS, done, p)
+    }
+
+    #[test]
+    fn block_status_replies_are_checked() {
+        let contexts = [(7u32, "base:allocation".to_owned())];
+        let good = [status(7, &[(4096, 3), (8192, 0)], true)];
+        assert_eq!(
+            validate_block_status(&good, &contexts, 8192, false, 1),
+            Ok(())
+        );
+        // REQ_ONE wants exactly one descriptor no longer than the request.
+        assert!(validate_block_status(&good, &contexts, 8192, true, 1).is_err());
+        let one = [status(7, &[(8192, 0)], true)];
+        assert_eq!(
+            validate_block_status(&one, &contexts, 8192, true, 1),
+            Ok(())
+        );
+        assert!(validate_block_status(&one, &contexts, 4096, true, 1).is_err());
+        // Unknown context id, zero-length descriptor, a head past the request.
+        assert!(
+            validate_block_status(&[status(8, &[(512, 0)], true)], &contexts, 512, false, 1)
+                .is_err()
+        );
+        assert!(
+            validate_block_status(&[status(7, &[(0, 0)], true)], &contexts, 512, false, 1).is_err()
+        );
+        let long_head = [status(7, &[(512, 0), (512, 1)], true)];
+        assert!(validate_block_status(&long_head, &contexts, 512, false, 1).is_err());
+    }
+}
