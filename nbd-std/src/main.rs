@@ -32,12 +32,13 @@ enum Command {
     /// Mount an export as one regular file through FUSE, until SIGINT,
     /// SIGTERM or fusermount3 -u.
     Mount(MountArgs),
-    /// Check a server against the MUST and SHOULD rules of the NBD spec:
-    /// one line per rule (PASS, FAIL or SKIP) and a summary. Exit status
-    /// 0 when nothing fails, 1 when a rule fails, 2 when the server cannot
-    /// be checked. Writes only to a scratch region at the end of the
-    /// export and restores it (--no-write to avoid writing at all); point
-    /// it at a test export.
+    /// Check a server against the MUST and SHOULD rules of the NBD spec.
+    ///
+    /// One line per rule (PASS, FAIL or SKIP, with its level and spec
+    /// section) and a summary. Exit status 0 when nothing fails, 1 when a
+    /// rule fails, 2 when the server cannot be checked. Point it at a test
+    /// export: it writes to a scratch region at the end of the export (the
+    /// last 8 KiB) and restores it; --no-write sends no writes at all.
     Check(CheckArgs),
     /// Pair NBD clients with browser-hosted exports that connect to the
     /// bridge over WebSocket (or through websockify over TCP).
