@@ -168,6 +168,8 @@ fn json_output_matches_the_lines() {
 fn usage_and_connection_errors_exit_2() {
     let output = check("http://example.com/", &[]);
     assert_eq!(output.code(), Some(2), "{}", output.describe());
+    let output = check("nbds://127.0.0.1/", &[]);
+    assert_eq!(output.code(), Some(2), "{}", output.describe());
     // Nothing listens on a port that was just free.
     let port = common::free_port();
     let output = check(&format!("nbd://127.0.0.1:{port}/"), &["--timeout", "2"]);

@@ -672,6 +672,13 @@ pub fn run(
 /// when no rule failed, 1 when one did, 2 when the server could not be
 /// checked (bad URI, cannot connect, not an NBD server, TLS required).
 pub fn command(uri: &str, options: &Options, json: bool) -> u8 {
+    // The rules speak plain NBD; a TLS URI would be checked unencrypted.
+    if uri.to_ascii_lowercase().starts_with("nbds") {
+        eprintln!(
+            "nbd-std: check: `{uri}` asks for TLS; the checker speaks plain NBD only (use nbd:// or nbd+unix://)"
+        );
+        return 2;
+    }
     let parsed = match NbdUri::parse(uri) {
         Ok(parsed) => parsed,
         Err(error) => {
