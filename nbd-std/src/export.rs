@@ -2,15 +2,18 @@
 //! protocol core serves from.
 //!
 //! A specification is `NAME=KIND[,OPTION]...` with `KIND` one of
-//! `memory:SIZE` or `file:PATH`, and options `ro` (read-only) and
-//! `desc=TEXT` (a description; it runs to the end, commas included).
+//! `memory:SIZE` or `file:PATH`, and options `ro` (read-only),
+//! `fail=RULE` (fault injection, repeatable; see [`crate::backend::fault`]),
+//! `fail-seed=N` (its random seed) and `desc=TEXT` (a description; it runs
+//! to the end, commas included).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use nbd_core::export::{Capabilities, Catalog, Export};
 
-use crate::backend::{Backend, FileBackend, MemoryBackend};
+use crate::backend::fault::{FaultRule, parse_seed};
+use crate::backend::{Backend, FaultBackend, FileBackend, MemoryBackend};
 use crate::size::parse_size;
 
 /// Where an export's data lives.
@@ -33,10 +36,15 @@ pub struct ExportSpec {
     pub read_only: bool,
     /// Text for humans.
     pub description: String,
+    /// Faults injected (`fail=`), tried in order; none for a plain export.
+    pub faults: Vec<FaultRule>,
+    /// Seed of the random faults (`fail-seed=`); a fresh one, logged, when
+    /// absent.
+    pub fault_seed: Option<u64>,
 }
 
 impl ExportSpec {
-    /// Parses `NAME=KIND[,ro][,desc=TEXT]`.
+    /// Parses `NAME=KIND[,ro][,fail=RULE]...[,fail-seed=N][,desc=TEXT]`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (name, spec) = text
             .split_once('=')
@@ -58,6 +66,8 @@ impl ExportSpec {
         };
         let mut read_only = false;
         let mut description = String::new();
+        let mut faults = Vec::new();
+        let mut fault_seed = None;
         while let Some(rest) = options {
             if let Some(text) = rest.strip_prefix("desc=") {
                 description = text.to_owned();
@@ -69,9 +79,15 @@ impl ExportSpec {
             };
             match option {
                 "ro" => read_only = true,
+                _ if option.starts_with("fail=") => {
+                    faults.push(FaultRule::parse(&option[5..]).map_err(|e| e.to_string())?);
+                }
+                _ if option.starts_with("fail-seed=") => {
+                    fault_seed = Some(parse_seed(&option[10..]).map_err(|e| e.to_string())?);
+                }
                 other => {
                     return Err(format!(
-                        "`{other}`: unknown export option (expected ro or desc=TEXT)"
+                        "`{other}`: unknown export option (expected ro, fail=RULE, fail-seed=N or desc=TEXT)"
                     ));
                 }
             }
@@ -82,7 +98,12 @@ impl ExportSpec {
             storage,
             read_only,
             description,
+            faults,
+            fault_seed,
         };
+        if exported.fault_seed.is_some() && exported.faults.is_empty() {
+            return Err(format!("`{name}`: fail-seed= without any fail= rule"));
+        }
         if name.len() > nbd_core::wire::MAX_STRING_LEN
             || exported.description.len() > nbd_core::wire::MAX_STRING_LEN
         {
@@ -110,6 +131,18 @@ impl ExportSpec {
         if backend.size() == 0 {
             return Err(format!("export `{}`: storage is empty (size 0)", self.name));
         }
+        let backend: Arc<dyn Backend> = if self.faults.is_empty() {
+            backend
+        } else {
+            let seed = self.fault_seed.unwrap_or_else(fresh_seed);
+            let rules: Vec<String> = self.faults.iter().map(ToString::to_string).collect();
+            tracing::info!(
+                "export `{}`: injecting faults {} (fail-seed={seed})",
+                self.name,
+                rules.join(", ")
+            );
+            Arc::new(FaultBackend::new(backend, self.faults.clone(), seed))
+        };
         Ok(ServedExport {
             name: self.name.clone(),
             description: self.description.clone(),
@@ -117,6 +150,13 @@ impl ExportSpec {
             backend,
         })
     }
+}
+
+/// A seed for random faults when none is given: differs run to run, and
+/// is logged so a run can be replayed.
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 /// An export being served.
@@ -212,6 +252,20 @@ mod tests {
             ExportSpec::parse("=memory:1G").map(|e| e.name),
             Ok(String::new())
         );
+        let faulty =
+            ExportSpec::parse("f=memory:1G,fail=eio:0.01,fail=enospc@1M-2M/write,fail-seed=7,ro")
+                .expect("faults");
+        assert_eq!(
+            faulty
+                .faults
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["eio:0.01", "enospc@1048576-2097152/write"]
+        );
+        assert_eq!(faulty.fault_seed, Some(7));
+        assert!(faulty.read_only);
+        assert!(memory.faults.is_empty());
     }
 
     #[test]
@@ -223,6 +277,10 @@ mod tests {
             "a=memory:1G,rw",
             "a=file:",
             "a=memory",
+            "a=memory:1G,fail=eio",
+            "a=memory:1G,fail=eio:2",
+            "a=memory:1G,fail-seed=3",
+            "a=memory:1G,fail=eio:0.5,fail-seed=x",
         ] {
             assert!(ExportSpec::parse(bad).is_err(), "{bad} should be refused");
         }

@@ -183,6 +183,12 @@ struct ServeArgs {
     read_only: bool,
     /// An export: NAME=memory:SIZE or NAME=file:PATH, then ,ro and
     /// ,desc=TEXT as wanted. Repeat for several; the first is the default.
+    /// Fault injection: ,fail=eio:RATE (probability 0 to 1 per request),
+    /// ,fail=eio@START-END (requests touching those bytes),
+    /// ,fail=enospc@START-END (writes only), each optionally ending in
+    /// /read or /write, repeatable; ,fail-seed=N makes random faults
+    /// reproducible. Faults hit reads, writes and write-zeroes; flush,
+    /// trim, cache and block status always work.
     #[arg(long = "export", value_name = "NAME=SPEC", value_parser = ExportSpec::parse)]
     exports: Vec<ExportSpec>,
 }
@@ -331,6 +337,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             storage: StorageSpec::Memory(args.size),
             read_only: args.read_only,
             description: String::new(),
+            faults: Vec::new(),
+            fault_seed: None,
         }]
     } else {
         args.exports

@@ -13,9 +13,11 @@ use std::sync::Arc;
 use nbd_core::export::{Capabilities, DEFAULT_BLOCK_SIZES};
 use nbd_core::wire::{BlockSizeConstraints, ErrorCode, ExtDescriptor};
 
+pub mod fault;
 pub mod file;
 pub mod memory;
 
+pub use fault::FaultBackend;
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
 
