@@ -168,6 +168,27 @@ pub fn rules() -> Vec<Rule> {
             check: fast_zero_unadvertised,
         },
         Rule {
+            id: "tx.fua-write",
+            level: Level::Must,
+            section: "Command flags",
+            description: "With SEND_FUA, a write with FUA succeeds (scratch region, restored)",
+            check: fua_write,
+        },
+        Rule {
+            id: "tx.write-zeroes-past-end-enospc",
+            level: Level::Should,
+            section: "Request types: NBD_CMD_WRITE_ZEROES",
+            description: "WRITE_ZEROES beyond the end of the export gets NBD_ENOSPC",
+            check: write_zeroes_past_end_enospc,
+        },
+        Rule {
+            id: "tx.trim-past-end-einval",
+            level: Level::Should,
+            section: "Error values",
+            description: "TRIM beyond the end of the export gets NBD_EINVAL",
+            check: trim_past_end_einval,
+        },
+        Rule {
             id: "tx.cache-unknown-flag",
             level: Level::Must,
             section: "Request types: NBD_CMD_CACHE",
@@ -653,4 +674,66 @@ fn cache_unknown_flag(ctx: &Ctx) -> Result<Outcome> {
         fail!("{why}");
     }
     Ok(Outcome::Pass)
+}
+
+fn fua_write(ctx: &Ctx) -> Result<Outcome> {
+    if ctx.probe.flags & tflag::SEND_FUA == 0 {
+        skip!("NBD_FLAG_SEND_FUA not advertised");
+    }
+    with_scratch(ctx, Setup::default(), |s, offset, len| {
+        let data = pattern(len, 5);
+        let replies = s
+            .conn
+            .exchange(cflag::FUA, cmd::WRITE, offset, len, &data)?;
+        if let Some(e) = error_of(&replies) {
+            fail!("a write with FUA got {}", errno_name(e));
+        }
+        match s.read(offset, len)? {
+            Ok(back) if back == data => Ok(Outcome::Pass),
+            Ok(_) => fail!("read back different bytes"),
+            Err(e) => fail!("the read got {}", errno_name(e)),
+        }
+    })
+}
+
+/// A writing command wholly past the end of a writable export, when the
+/// user allows writes and the server advertises `flag`.
+fn past_end_command(
+    ctx: &Ctx,
+    flag: u16,
+    name: &str,
+    command: u16,
+    wanted: u32,
+) -> Result<Outcome> {
+    if !ctx.options.write {
+        skip!("writes disabled (--no-write)");
+    }
+    if ctx.probe.flags & tflag::READ_ONLY != 0 {
+        skip!("the export is read-only");
+    }
+    if ctx.probe.flags & flag == 0 {
+        skip!("{name} not advertised");
+    }
+    let (offset, len) = beyond_end(ctx);
+    expect_error(ctx, Setup::default(), 0, command, offset, len, &[], wanted)
+}
+
+fn write_zeroes_past_end_enospc(ctx: &Ctx) -> Result<Outcome> {
+    past_end_command(
+        ctx,
+        tflag::SEND_WRITE_ZEROES,
+        "NBD_FLAG_SEND_WRITE_ZEROES",
+        cmd::WRITE_ZEROES,
+        ENOSPC,
+    )
+}
+
+fn trim_past_end_einval(ctx: &Ctx) -> Result<Outcome> {
+    past_end_command(
+        ctx,
+        tflag::SEND_TRIM,
+        "NBD_FLAG_SEND_TRIM",
+        cmd::TRIM,
+        EINVAL,
+    )
 }
