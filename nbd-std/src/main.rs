@@ -7,9 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nbd_std::export::{ExportSet, ExportSpec, StorageSpec};
-use nbd_std::server::{Listener, Server};
+use nbd_std::server::limits::{self, DEFAULT_MAX_CLIENTS};
+use nbd_std::server::{Listener, Server, ServerLimits};
 use nbd_std::size::parse_size;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Network Block Device tools over the nbd-core protocol core.
 #[derive(Debug, Parser)]
@@ -191,6 +192,49 @@ struct ServeArgs {
     /// trim, cache and block status always work.
     #[arg(long = "export", value_name = "NAME=SPEC", value_parser = ExportSpec::parse)]
     exports: Vec<ExportSpec>,
+    /// Most clients at once; more are accepted and closed at once. Raises
+    /// the descriptor limit (RLIMIT_NOFILE) to fit when allowed.
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENTS, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_clients: u32,
+    /// Seconds a client has to select an export (negotiation, TLS
+    /// included) before it is dropped; 0: no limit.
+    #[arg(long, default_value = "10", value_name = "SECONDS",
+          value_parser = limits::parse_handshake_timeout)]
+    handshake_timeout: std::time::Duration,
+    /// Requests in flight per connection (1 to 128); beyond it the server
+    /// reads no more requests from that client until one completes.
+    #[arg(long, default_value_t = limits::MAX_IN_FLIGHT, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(limits::MAX_IN_FLIGHT)))]
+    max_in_flight: u16,
+    /// Longest option a client may announce before the connection is
+    /// closed (options over 16 KiB are refused politely below it): bytes
+    /// or with K, M, G, from 1K to 4G - 1.
+    #[arg(long, default_value = "64M", value_name = "BYTES",
+          value_parser = limits::parse_max_option_length)]
+    max_option_length: u32,
+}
+
+/// The server-wide limits `args` ask for, the descriptor limit raised to
+/// fit `--max-clients` (or `--max-clients` lowered, with a warning, when
+/// the hard limit is too low).
+fn serve_limits(args: &ServeArgs) -> ServerLimits {
+    let wanted = u64::from(args.max_clients) + limits::RESERVED_DESCRIPTORS;
+    let mut max_clients = args.max_clients as usize;
+    if let Err(error) = limits::raise_descriptor_limit(wanted) {
+        let fit = limits::descriptor_limit()
+            .saturating_sub(limits::RESERVED_DESCRIPTORS)
+            .max(1);
+        max_clients = max_clients.min(usize::try_from(fit).unwrap_or(usize::MAX));
+        warn!(
+            "--max-clients {}: {error}; serving at most {max_clients} clients",
+            args.max_clients
+        );
+    }
+    ServerLimits {
+        max_clients,
+        handshake_timeout: Some(args.handshake_timeout).filter(|t| !t.is_zero()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -399,7 +443,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                 }
             );
         }
-        let server = Server::new(ExportSet::new(exports), nbd_core::server::Config::default());
+        let config = nbd_core::server::Config {
+            max_in_flight: usize::from(args.max_in_flight),
+            max_option_length: args.max_option_length,
+            ..nbd_core::server::Config::default()
+        };
+        let server = Server::new(ExportSet::new(exports), config).with_limits(serve_limits(&args));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -11,16 +11,22 @@ use nbd_core::server::{
     CloseReason, Config, Event, Payload, ReadOutcome, Request, RequestId, StdConnection,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::storage::{Done, Job};
 use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
 use crate::export::ExportSet;
 
-/// Bytes of client input buffered: room for several 1 MiB writes, so a
-/// burst of requests is handled in one pass.
+/// Most bytes of client input buffered: room for several 1 MiB writes, so
+/// a burst of requests is handled in one pass.
 const INPUT_BYTES: usize = 4 << 20;
+
+/// Bytes of client input buffered at first. The buffer doubles (up to
+/// `INPUT_BYTES`) each time a read fills it, so an idle or negotiating
+/// connection costs 4 KiB, not 4 MiB (the core buffers options itself),
+/// and a busy one has room for its bursts after a few reads.
+const FIRST_INPUT_BYTES: usize = 4 << 10;
 
 /// Zero bytes for simple replies to reads of holes.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -43,11 +49,13 @@ pub(super) async fn run<S>(
     exports: Arc<ExportSet>,
     config: Config,
     shutdown: watch::Receiver<bool>,
+    negotiated: oneshot::Sender<()>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     info!("client connected");
     let mut driver = Driver::new(exports, config);
+    driver.negotiated = Some(negotiated);
     match driver.serve(stream, shutdown).await {
         Ok(()) => info!("client disconnected; requests served: {}", driver.requests),
         Err(error) => warn!(
@@ -110,6 +118,8 @@ struct Driver {
     segments: Vec<Segment>,
     requests: u64,
     closed: bool,
+    /// Told when an export is selected (the handshake deadline stops).
+    negotiated: Option<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -130,6 +140,7 @@ impl Driver {
             segments: Vec::new(),
             requests: 0,
             closed: false,
+            negotiated: None,
         }
     }
 
@@ -141,7 +152,7 @@ impl Driver {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut input = vec![0u8; INPUT_BYTES];
+        let mut input = vec![0u8; FIRST_INPUT_BYTES];
         let (mut start, mut end) = (0usize, 0usize);
         let mut eof = false;
         // Stop watching once told (or once the sender is gone), so a closed
@@ -190,7 +201,18 @@ impl Driver {
                         debug!("client closed its side");
                         eof = true;
                     }
-                    n => end += n,
+                    n => {
+                        end += n;
+                        if end == input.len() && input.len() < INPUT_BYTES {
+                            // A fresh zeroed allocation, not `resize`:
+                            // large ones are mapped zero pages, resident
+                            // only once written.
+                            let mut grown = vec![0u8; (input.len() * 2).min(INPUT_BYTES)];
+                            grown[..end - start].copy_from_slice(&input[start..end]);
+                            (start, end) = (0, end - start);
+                            input = grown;
+                        }
+                    }
                 },
                 changed = shutdown.changed(), if watching => {
                     watching = false;
@@ -231,6 +253,10 @@ impl Driver {
                         served.name, features.structured_replies, features.extended_headers
                     );
                     self.backend = Some(Arc::clone(&served.backend));
+                    if let Some(negotiated) = self.negotiated.take() {
+                        // The deadline task is gone only if it dropped us.
+                        let _ = negotiated.send(());
+                    }
                 }
                 Event::Request(request) => {
                     self.requests += 1;

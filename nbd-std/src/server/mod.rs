@@ -5,21 +5,36 @@
 //! accepting, every connection refuses new requests (`NBD_ESHUTDOWN`) and
 //! ends once its requests in flight are answered, then every export is
 //! flushed.
+//!
+//! Limits ([`ServerLimits`]): beyond `max_clients` a new connection is
+//! accepted and closed at once; a client that has not selected an export
+//! within `handshake_timeout` is dropped.
 
 mod connection;
+pub mod limits;
 mod storage;
+
+pub use limits::ServerLimits;
 
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nbd_core::server::Config;
-use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::export::ExportSet;
+
+/// Connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`). mio's default, 128, overflows when a few hundred
+/// clients connect at once: the kernel drops the excess SYNs and those
+/// clients wait a second for their retransmission.
+pub const LISTEN_BACKLOG: u32 = 1024;
 
 /// Where the server listens.
 #[derive(Debug)]
@@ -31,9 +46,33 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds a TCP listener.
+    /// Binds a TCP listener (the first address `address` resolves to that
+    /// binds), with a listen backlog of [`LISTEN_BACKLOG`].
     pub async fn bind_tcp(address: &str, port: u16) -> io::Result<Self> {
-        TcpListener::bind((address, port)).await.map(Self::Tcp)
+        let mut last_error = None;
+        for address in tokio::net::lookup_host((address, port)).await? {
+            let socket = if address.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            // As std and mio do: a restarted server binds even while its
+            // old connections linger in TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            match socket
+                .bind(address)
+                .and_then(|()| socket.listen(LISTEN_BACKLOG))
+            {
+                Ok(listener) => return Ok(Self::Tcp(listener)),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the address resolves to nothing",
+            )
+        }))
     }
 
     /// Binds a unix-socket listener, replacing a stale socket file.
@@ -67,6 +106,7 @@ impl Listener {
 pub struct Server {
     exports: Arc<ExportSet>,
     config: Config,
+    limits: ServerLimits,
 }
 
 impl Server {
@@ -75,7 +115,21 @@ impl Server {
         Self {
             exports: Arc::new(exports),
             config,
+            limits: ServerLimits::default(),
         }
+    }
+
+    /// The same server with other limits (maximum clients, handshake
+    /// timeout).
+    #[must_use]
+    pub fn with_limits(mut self, limits: ServerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> ServerLimits {
+        self.limits
     }
 
     /// The exports served.
@@ -94,10 +148,22 @@ impl Server {
         let mut connections = JoinSet::new();
         let mut next_id: u64 = 0;
         let mut watching = true;
+        let mut refusals = Refusals::default();
         while !*shutdown.borrow() {
             tokio::select! {
                 accepted = accept(&listener) => match accepted {
                     Ok(client) => {
+                        // Count only live connections: reap those that ended.
+                        while let Some(finished) = connections.try_join_next() {
+                            report(finished);
+                        }
+                        if connections.len() >= self.limits.max_clients {
+                            // Closing at once: the client sees the connection
+                            // end instead of waiting in the listen backlog.
+                            refusals.refused(&client.peer, self.limits.max_clients);
+                            drop(client);
+                            continue;
+                        }
                         next_id += 1;
                         self.spawn(&mut connections, client, next_id, shutdown.clone());
                     }
@@ -136,17 +202,25 @@ impl Server {
         let config = self.config;
         let span = info_span!("client", id, peer = %client.peer);
         let peer = client.peer;
+        let timeout = self.limits.handshake_timeout;
+        let (negotiated, selected) = oneshot::channel();
         match client.stream {
             Stream::Tcp(stream) => {
                 if let Err(error) = stream.set_nodelay(true) {
                     warn!("cannot set TCP_NODELAY for {peer}: {error}");
                 }
+                let connection = Box::pin(connection::run(
+                    stream, exports, config, shutdown, negotiated,
+                ));
                 connections
-                    .spawn(connection::run(stream, exports, config, shutdown).instrument(span));
+                    .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
             }
             Stream::Unix(stream) => {
+                let connection = Box::pin(connection::run(
+                    stream, exports, config, shutdown, negotiated,
+                ));
                 connections
-                    .spawn(connection::run(stream, exports, config, shutdown).instrument(span));
+                    .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
             }
         }
     }
@@ -191,6 +265,61 @@ async fn accept(listener: &Listener) -> io::Result<Client> {
                 peer: "unix".to_owned(),
             })
         }
+    }
+}
+
+/// Runs `connection`, dropping it (which closes its socket, TLS session
+/// included) when it has not selected an export within `timeout`.
+/// `selected` fires when it does, or closes when the connection ends.
+///
+/// The connection comes boxed: held by value, this future would keep up
+/// to three copies of it (argument, pinned local, awaited), some 85 KB
+/// per client instead of 28 KB.
+async fn handshake_deadline<F: Future<Output = ()>>(
+    mut connection: Pin<Box<F>>,
+    selected: oneshot::Receiver<()>,
+    timeout: Option<Duration>,
+) {
+    let Some(timeout) = timeout else {
+        return connection.await;
+    };
+    tokio::select! {
+        biased;
+        () = &mut connection => {}
+        reached = tokio::time::timeout(timeout, selected) => match reached {
+            Ok(_) => connection.await,
+            Err(_) => info!("no export selected within {timeout:?}: connection dropped"),
+        },
+    }
+}
+
+/// Logs refused connections at most once a second, so a flood of them
+/// cannot flood the log.
+#[derive(Default)]
+struct Refusals {
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, peer: &str, max_clients: usize) {
+        let now = Instant::now();
+        if self
+            .logged
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            self.unlogged += 1;
+            return;
+        }
+        warn!(
+            "{max_clients} clients connected (--max-clients): closed the connection from {peer}{}",
+            match self.unlogged {
+                0 => String::new(),
+                n => format!(" and {n} more since the last message"),
+            }
+        );
+        self.logged = Some(now);
+        self.unlogged = 0;
     }
 }
 
