@@ -10,6 +10,7 @@
 //! - [`server`]: the listener and the per-connection driver of the core;
 //! - [`client`]: an async client (one or several connections per export,
 //!   many requests in flight), NBD URIs, export listing and description;
+//! - [`tls`]: TLS settings for the server and `nbds://` clients (rustls);
 //! - [`tools`]: the client commands of the tool (`info`, `cp`).
 //! - [`bridge`]: pairs NBD clients with browser-hosted exports that
 //!   connect out over WebSocket (`nbd-std bridge`).
@@ -21,6 +22,7 @@ pub mod client;
 pub mod export;
 pub mod server;
 pub mod size;
+pub mod tls;
 pub mod tools;
 
 /// TCP port an NBD server listens on unless told otherwise (IANA).

@@ -213,6 +213,49 @@ struct ServeArgs {
     #[arg(long, default_value = "64M", value_name = "BYTES",
           value_parser = limits::parse_max_option_length)]
     max_option_length: u32,
+    /// TLS (NBD_OPT_STARTTLS): off; on (clients choose); require (every
+    /// option but STARTTLS and ABORT refused until TLS is up).
+    #[arg(long, value_enum, default_value_t = TlsMode::Off, value_name = "MODE")]
+    tls: TlsMode,
+    /// Server certificate chain, PEM (leaf first). Needed with --tls on/require.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate(s), PEM: clients must present a certificate this CA
+    /// signed (mutual TLS).
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// `serve --tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TlsMode {
+    /// No TLS: STARTTLS is refused.
+    Off,
+    /// TLS when the client asks for it.
+    On,
+    /// TLS or nothing.
+    Require,
+}
+
+/// The TLS credentials `args` name, checked before anything listens.
+fn serve_tls(args: &ServeArgs) -> Result<Option<nbd_std::tls::ServerTls>, String> {
+    let (cert, key) = match (args.tls, &args.tls_cert, &args.tls_key) {
+        (TlsMode::Off, None, None) if args.tls_client_ca.is_none() => return Ok(None),
+        (TlsMode::Off, ..) => {
+            return Err(
+                "--tls-cert, --tls-key and --tls-client-ca need --tls on or --tls require".into(),
+            );
+        }
+        (_, Some(cert), Some(key)) => (cert, key),
+        (_, None, _) => return Err("--tls on/require needs --tls-cert PEM".into()),
+        (_, Some(_), None) => return Err("--tls on/require needs --tls-key PEM".into()),
+    };
+    nbd_std::tls::ServerTls::load(cert, key, args.tls_client_ca.as_deref())
+        .map(Some)
+        .map_err(|e| format!("--tls: {e}"))
 }
 
 /// The server-wide limits `args` ask for, the descriptor limit raised to
@@ -404,6 +447,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    let tls = match serve_tls(&args) {
+        Ok(tls) => tls,
+        Err(message) => {
+            eprintln!("nbd-std: {message}");
+            return ExitCode::from(USAGE);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -449,6 +499,25 @@ fn serve(args: ServeArgs) -> ExitCode {
             ..nbd_core::server::Config::default()
         };
         let server = Server::new(ExportSet::new(exports), config).with_limits(serve_limits(&args));
+        let server = match tls {
+            Some(tls) => {
+                info!(
+                    "TLS {}{}",
+                    if args.tls == TlsMode::Require {
+                        "required"
+                    } else {
+                        "offered"
+                    },
+                    if tls.mutual() {
+                        ", client certificates required"
+                    } else {
+                        ""
+                    }
+                );
+                server.with_tls(tls, args.tls == TlsMode::Require)
+            }
+            None => server,
+        };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;

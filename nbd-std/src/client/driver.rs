@@ -237,6 +237,8 @@ pub(crate) async fn run(
     let error = match result {
         Ok(()) => Error::Disconnected,
         Err(error) => {
+            // A broken TLS relay: name the TLS error, not the broken pipe.
+            let error = driver.transport.explain(error, "the server");
             warn!("NBD connection failed: {error}");
             error
         }

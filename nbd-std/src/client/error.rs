@@ -51,14 +51,26 @@ pub enum Error {
         /// The server's message, if any.
         message: String,
     },
-    /// The server insists on TLS.
+    /// The server insists on TLS and the URI did not ask for it.
     #[error(
-        "the server requires TLS, which nbd-std does not support yet{}",
+        "the server requires TLS: connect with an nbds:// or nbds+unix:// URI{}",
         suffix(message)
     )]
     TlsRequired {
         /// The server's message, if any.
         message: String,
+    },
+    /// The TLS settings could not be used (certificate files and the like).
+    #[error("TLS setup: {0}")]
+    TlsSetup(Arc<crate::tls::TlsError>),
+    /// The TLS handshake failed (certificate not trusted, name mismatch,
+    /// client certificate refused, …).
+    #[error("TLS with {address} failed: {reason}")]
+    TlsHandshake {
+        /// `host:port` or socket path.
+        address: String,
+        /// What went wrong.
+        reason: String,
     },
     /// The server refused an option negotiation cannot go on without.
     #[error("the server refused {}: {}{}", option_name(*option), reply_meaning(*reply), suffix(message))]

@@ -2,7 +2,7 @@
 //! state machine one message at a time: enter transmission (`NBD_OPT_GO`),
 //! describe an export (`NBD_OPT_INFO`) or list the exports (`NBD_OPT_LIST`).
 
-use nbd_core::client::{Config, Event, ExportInfo, Mode, ProtocolError, StdConnection};
+use nbd_core::client::{Config, Event, ExportInfo, Mode, ProtocolError, StdConnection, TlsPolicy};
 use nbd_core::wire::{Info, OptionCode, OptionReplyType};
 use tokio::time::{Duration, timeout};
 
@@ -31,6 +31,8 @@ pub(crate) struct Negotiated {
     /// Bytes the server sent after negotiation ended, for the driver.
     pub(crate) leftover: Vec<u8>,
     ready: bool,
+    /// `NBD_OPT_STARTTLS` acknowledged: the handshake is due.
+    start_tls: bool,
     closed: bool,
     refused: Option<Error>,
 }
@@ -61,9 +63,13 @@ impl Negotiated {
 
 /// The configuration for `mode` on `uri`: every feature the core offers
 /// (extended headers, else structured replies; `base:allocation`; block
-/// sizes, name and description).
+/// sizes, name and description); TLS first, insisted on, for `nbds` URIs.
 pub(crate) fn config(uri: &NbdUri, mode: Mode) -> Config<'_> {
-    let mut config = Config::new(&uri.export).with_mode(mode);
+    let tls = match uri.tls {
+        Some(_) => TlsPolicy::Required,
+        None => TlsPolicy::Disabled,
+    };
+    let mut config = Config::new(&uri.export).with_mode(mode).with_tls(tls);
     config.request_name = true;
     config.request_description = true;
     config.request_block_size = true;
@@ -86,7 +92,10 @@ pub(crate) async fn open(
             StdConnection::new(config(uri, mode))
                 .map_err(|_| Error::NameTooLong(uri.export.len()))?,
         );
-        let negotiated = negotiate(&mut transport, &mut conn, uri, mode).await?;
+        let negotiated = match negotiate(&mut transport, &mut conn, uri, mode).await {
+            Ok(negotiated) => negotiated,
+            Err(error) => return Err(transport.explain(error, &uri.address())),
+        };
         Ok((transport, conn, negotiated))
     };
     timeout(super::transport::CONNECT_TIMEOUT, work)
@@ -176,12 +185,25 @@ async fn negotiate(
             start += step.consumed;
             let Some(event) = step.event else { break };
             handle(event, &mut got, uri);
-            if got.ready {
+            if got.ready || got.start_tls {
                 break;
             }
         }
         input.copy_within(start..end, 0);
         end -= start;
+        if got.start_tls {
+            got.start_tls = false;
+            if end != 0 {
+                // Only the server's TLS handshake may follow its
+                // acknowledgement, and that waits for our ClientHello.
+                return Err(Error::TlsHandshake {
+                    address: uri.address(),
+                    reason: "the server sent data between its STARTTLS acknowledgement and the TLS handshake".into(),
+                });
+            }
+            transport.start_tls(uri).await?;
+            continue;
+        }
         answered = match mode {
             Mode::Info => got.export.is_some(),
             _ => false,
@@ -232,6 +254,7 @@ fn handle(event: Event<'_>, got: &mut Negotiated, uri: &NbdUri) {
         }
         Event::Export(export) => got.export = Some(export),
         Event::Ready => got.ready = true,
+        Event::TlsStart => got.start_tls = true,
         Event::Closed => got.closed = true,
         Event::OptionRefused {
             option,

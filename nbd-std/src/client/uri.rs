@@ -1,19 +1,23 @@
 //! NBD URIs (the NBD URI specification, `doc/uri.md` of the
 //! NetworkBlockDevice/nbd repository): `nbd://host[:port][/export]` and
-//! `nbd+unix:///export?socket=PATH`.
+//! `nbd+unix:///export?socket=PATH`, and their TLS forms `nbds://` and
+//! `nbds+unix://`.
 //!
 //! The export name is the path without its leading `/`, percent-decoded
 //! (`nbd://h/hello%20world` selects `hello world`, `nbd://h//disk` selects
-//! `/disk`). The port defaults to 10809. `nbds://` and `nbds+unix://`
-//! (TLS required) are refused with [`UriError::TlsNotSupported`], as the
-//! specification asks of clients without TLS; so are the TLS query
-//! parameters. Any other query parameter is diagnosed, as the
-//! specification recommends.
+//! `/disk`). The port defaults to 10809. With `nbds`, TLS is required
+//! (the session ends if the server refuses STARTTLS); libnbd's TLS query
+//! parameters tune it: `tls-certificates=DIR` (`ca-cert.pem`,
+//! `client-cert.pem`, `client-key.pem`), `tls-verify-peer=false` and
+//! `tls-hostname=NAME`. TLS parameters on a plain `nbd` URI, pre-shared
+//! keys (`tls-psk-file`) and any other query parameter are diagnosed, as
+//! the specification recommends.
 
 use std::fmt;
 use std::path::PathBuf;
 
 use crate::DEFAULT_PORT;
+use crate::tls::ClientTlsOptions;
 
 /// Why a string is not an NBD URI this client can use.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -25,11 +29,19 @@ pub enum UriError {
     )]
     NotAUri(String),
     /// A scheme other than `nbd`, `nbd+unix`, `nbds`, `nbds+unix`.
-    #[error("unsupported URI scheme `{0}` (expected nbd or nbd+unix)")]
+    #[error("unsupported URI scheme `{0}` (expected nbd, nbd+unix, nbds or nbds+unix)")]
     UnknownScheme(String),
-    /// `nbds://`, `nbds+unix://` or a `tls-*` parameter: TLS is required.
-    #[error("`{0}` requires TLS, which nbd-std does not support yet")]
-    TlsNotSupported(String),
+    /// A `tls-*` parameter on a URI without TLS.
+    #[error("`{0}`: TLS parameters need the nbds or nbds+unix scheme")]
+    TlsParameterWithoutTls(String),
+    /// A TLS feature rustls does not offer (pre-shared keys).
+    #[error(
+        "`{1}`: {0} is not supported (rustls has no TLS-PSK); use X.509 certificates (tls-certificates=DIR)"
+    )]
+    TlsUnsupported(&'static str, String),
+    /// A `tls-verify-peer` value other than true/false.
+    #[error("bad tls-verify-peer value `{0}` (expected true or false)")]
+    BadBoolean(String),
     /// `nbd://` without a host.
     #[error("no host in `{0}` (expected nbd://HOST[:PORT]/EXPORT)")]
     MissingHost(String),
@@ -79,6 +91,8 @@ pub struct NbdUri {
     pub endpoint: Endpoint,
     /// Export name (decoded); empty for the server's default export.
     pub export: String,
+    /// TLS settings (`nbds`, `nbds+unix`); `None`: no TLS.
+    pub tls: Option<ClientTlsOptions>,
 }
 
 impl NbdUri {
@@ -88,12 +102,14 @@ impl NbdUri {
         let (scheme, rest) = text
             .split_once("://")
             .ok_or_else(|| UriError::NotAUri(owned()))?;
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" => return Err(UriError::TlsNotSupported(owned())),
+        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
             _ => return Err(UriError::UnknownScheme(scheme.to_owned())),
         };
+        let mut tls = tls.then(ClientTlsOptions::default);
         if rest.contains('#') {
             return Err(UriError::Fragment(owned()));
         }
@@ -121,11 +137,41 @@ impl NbdUri {
                     let bytes = decode(value).ok_or_else(|| UriError::BadEncoding(owned()))?;
                     socket = Some(path_from_bytes(bytes));
                 }
-                _ if key.starts_with("tls-") => return Err(UriError::TlsNotSupported(owned())),
+                _ if key.starts_with("tls-") => {
+                    let Some(options) = tls.as_mut() else {
+                        return Err(UriError::TlsParameterWithoutTls(owned()));
+                    };
+                    let value = decode(value).ok_or_else(|| UriError::BadEncoding(owned()))?;
+                    match key {
+                        "tls-certificates" => {
+                            options.certificates = Some(path_from_bytes(value));
+                        }
+                        "tls-verify-peer" => {
+                            options.verify_peer = match value.to_ascii_lowercase().as_slice() {
+                                b"true" | b"1" | b"yes" | b"on" => true,
+                                b"false" | b"0" | b"no" | b"off" => false,
+                                _ => {
+                                    let text = String::from_utf8_lossy(&value).into_owned();
+                                    return Err(UriError::BadBoolean(text));
+                                }
+                            }
+                        }
+                        "tls-hostname" => {
+                            options.hostname = Some(
+                                String::from_utf8(value)
+                                    .map_err(|_| UriError::BadEncoding(owned()))?,
+                            );
+                        }
+                        "tls-psk-file" | "tls-username" => {
+                            return Err(UriError::TlsUnsupported("TLS-PSK", owned()));
+                        }
+                        _ => return Err(UriError::UnknownParameter(key.to_owned())),
+                    }
+                }
                 _ => return Err(UriError::UnknownParameter(key.to_owned())),
             }
         }
-        // Userinfo is for TLS authentication only: ignored without TLS.
+        // Userinfo names a TLS-PSK user, which rustls cannot use: ignored.
         let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
         let endpoint = if unix {
             if !host_port.is_empty() {
@@ -145,7 +191,11 @@ impl NbdUri {
             }
             Endpoint::Tcp { host, port }
         };
-        Ok(Self { endpoint, export })
+        Ok(Self {
+            endpoint,
+            export,
+            tls,
+        })
     }
 
     /// The same server with another export.
@@ -153,7 +203,21 @@ impl NbdUri {
         Self {
             endpoint: self.endpoint.clone(),
             export: export.to_owned(),
+            tls: self.tls.clone(),
         }
+    }
+
+    /// The name the server's TLS certificate must carry: `tls-hostname`,
+    /// else the host (`localhost` for unix sockets, as libnbd does).
+    pub fn tls_server_name(&self) -> &str {
+        let host = match &self.endpoint {
+            Endpoint::Tcp { host, .. } => host.as_str(),
+            Endpoint::Unix(_) => "localhost",
+        };
+        self.tls
+            .as_ref()
+            .and_then(|tls| tls.hostname.as_deref())
+            .unwrap_or(host)
     }
 
     /// The address for messages: `host:port` or the socket path.
@@ -173,18 +237,39 @@ impl std::str::FromStr for NbdUri {
     }
 }
 
-/// The URI in canonical form: port always given, export percent-encoded.
+/// The URI in canonical form: port always given, export percent-encoded,
+/// TLS parameters that differ from the defaults.
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use std::os::unix::ffi::OsStrExt;
         let export = encode(self.export.as_bytes(), PATH_SAFE);
+        let s = if self.tls.is_some() { "s" } else { "" };
+        let mut query = Vec::new();
         match &self.endpoint {
-            Endpoint::Tcp { .. } => write!(f, "nbd://{}/{export}", self.address()),
+            Endpoint::Tcp { .. } => write!(f, "nbd{s}://{}/{export}", self.address())?,
             Endpoint::Unix(path) => {
-                use std::os::unix::ffi::OsStrExt;
+                write!(f, "nbd{s}+unix:///{export}")?;
                 let socket = encode(path.as_os_str().as_bytes(), QUERY_SAFE);
-                write!(f, "nbd+unix:///{export}?socket={socket}")
+                query.push(format!("socket={socket}"));
             }
         }
+        if let Some(tls) = &self.tls {
+            if let Some(dir) = &tls.certificates {
+                let dir = encode(dir.as_os_str().as_bytes(), QUERY_SAFE);
+                query.push(format!("tls-certificates={dir}"));
+            }
+            if !tls.verify_peer {
+                query.push("tls-verify-peer=false".to_owned());
+            }
+            if let Some(name) = &tls.hostname {
+                let name = encode(name.as_bytes(), QUERY_SAFE);
+                query.push(format!("tls-hostname={name}"));
+            }
+        }
+        if !query.is_empty() {
+            write!(f, "?{}", query.join("&"))?;
+        }
+        Ok(())
     }
 }
 
@@ -273,6 +358,7 @@ mod tests {
                 port,
             },
             export: export.to_owned(),
+            tls: None,
         }
     }
 
@@ -306,14 +392,16 @@ mod tests {
             NbdUri::parse("nbd+unix:///disk?socket=sock"),
             Ok(NbdUri {
                 endpoint: Endpoint::Unix(PathBuf::from("sock")),
-                export: "disk".to_owned()
+                export: "disk".to_owned(),
+                tls: None,
             })
         );
         assert_eq!(
             NbdUri::parse("nbd+unix:///?socket=/tmp/a%20b.sock"),
             Ok(NbdUri {
                 endpoint: Endpoint::Unix(PathBuf::from("/tmp/a b.sock")),
-                export: String::new()
+                export: String::new(),
+                tls: None,
             })
         );
         let abstract_socket = NbdUri::parse("nbd+unix:///?socket=%00/abstract").expect("parse");
@@ -327,16 +415,22 @@ mod tests {
     fn errors_name_the_problem() {
         use UriError::*;
         type Check = fn(&UriError) -> bool;
-        let cases: [(&str, Check); 13] = [
+        let cases: [(&str, Check); 15] = [
             ("disk.img", |e| matches!(e, NotAUri(_))),
             ("http://x/", |e| matches!(e, UnknownScheme(_))),
-            ("nbds://x/", |e| matches!(e, TlsNotSupported(_))),
-            ("nbds+unix:///?socket=s", |e| {
-                matches!(e, TlsNotSupported(_))
+            ("nbd://x/?tls-certificates=/d", |e| {
+                matches!(e, TlsParameterWithoutTls(_))
             }),
-            ("nbd://x/?tls-type=x509", |e| {
-                matches!(e, TlsNotSupported(_))
+            ("nbds://x/?tls-psk-file=k", |e| {
+                matches!(e, TlsUnsupported(..))
             }),
+            ("nbds://x/?tls-verify-peer=maybe", |e| {
+                matches!(e, BadBoolean(_))
+            }),
+            ("nbds://x/?tls-type=x509", |e| {
+                matches!(e, UnknownParameter(_))
+            }),
+            ("nbds+unix:///", |e| matches!(e, MissingSocket(_))),
             ("nbd:///disk", |e| matches!(e, MissingHost(_))),
             ("nbd://x:0/", |e| matches!(e, BadPort(_))),
             ("nbd://x:99999/", |e| matches!(e, BadPort(_))),
@@ -352,11 +446,38 @@ mod tests {
             assert!(!error.to_string().is_empty());
         }
         assert!(
-            NbdUri::parse("nbds://h/")
+            NbdUri::parse("nbd://h/?tls-verify-peer=false")
                 .expect_err("tls")
                 .to_string()
-                .contains("TLS, which nbd-std does not support yet")
+                .contains("need the nbds or nbds+unix scheme")
         );
+    }
+
+    #[test]
+    fn tls_uris() {
+        let uri = NbdUri::parse("nbds://127.0.0.1:99/disk").expect("parse");
+        assert_eq!(uri.tls, Some(ClientTlsOptions::default()));
+        assert_eq!(uri.tls_server_name(), "127.0.0.1");
+        let uri = NbdUri::parse(
+            "nbds+unix:///disk?socket=/s&tls-certificates=/etc/pki/a%20b&tls-verify-peer=FALSE&tls-hostname=server.example",
+        )
+        .expect("parse");
+        assert_eq!(
+            uri.tls,
+            Some(ClientTlsOptions {
+                certificates: Some(PathBuf::from("/etc/pki/a b")),
+                verify_peer: false,
+                hostname: Some("server.example".to_owned()),
+            })
+        );
+        assert_eq!(uri.tls_server_name(), "server.example");
+        assert_eq!(
+            NbdUri::parse("nbds+unix:///?socket=/s")
+                .expect("parse")
+                .tls_server_name(),
+            "localhost"
+        );
+        assert!(NbdUri::parse("nbd://h/").expect("parse").tls.is_none());
     }
 
     #[test]
@@ -366,6 +487,9 @@ mod tests {
             "nbd://host:99/hello%20world",
             "nbd://[::1]:2000/a/b",
             "nbd+unix:///disk?socket=/tmp/s%26x",
+            "nbds://127.0.0.1:10809/",
+            "nbds://h:1/x?tls-certificates=/etc/pki/libnbd&tls-verify-peer=false",
+            "nbds+unix:///d?socket=/s&tls-hostname=localhost",
         ] {
             let uri = NbdUri::parse(text).expect(text);
             assert_eq!(uri.to_string(), text);

@@ -43,11 +43,24 @@ fn push_zeroes(slices: &mut Vec<IoSlice<'_>>, length: u64) {
     }
 }
 
+/// How a pass of [`Driver::serve`] over one stream ended.
+enum Ended {
+    /// The session is over.
+    Done,
+    /// `NBD_OPT_STARTTLS` was acknowledged: go on over TLS.
+    StartTls,
+}
+
 /// Runs the connection until the client leaves or the session ends.
+///
+/// With `tls`, a STARTTLS the core acknowledged upgrades the stream and the
+/// same driver (and core connection) goes on over the TLS stream; plain
+/// connections never touch TLS types.
 pub(super) async fn run<S>(
-    stream: S,
+    mut stream: S,
     exports: Arc<ExportSet>,
     config: Config,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
     negotiated: oneshot::Sender<()>,
 ) where
@@ -56,7 +69,31 @@ pub(super) async fn run<S>(
     info!("client connected");
     let mut driver = Driver::new(exports, config);
     driver.negotiated = Some(negotiated);
-    match driver.serve(stream, shutdown).await {
+    let outcome = match driver.serve(&mut stream, shutdown.clone()).await {
+        Ok(Ended::Done) => Ok(()),
+        Ok(Ended::StartTls) => match tls {
+            Some(acceptor) => match acceptor.accept(stream).await {
+                Ok(mut tls_stream) => {
+                    info!("TLS established");
+                    match driver.serve(&mut tls_stream, shutdown).await {
+                        Ok(Ended::Done) => Ok(()),
+                        // The core refuses a second STARTTLS itself.
+                        Ok(Ended::StartTls) => Err(io::Error::other("STARTTLS inside TLS")),
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(io::Error::new(
+                    error.kind(),
+                    format!("TLS handshake failed: {}", crate::tls::tls_reason(&error)),
+                )),
+            },
+            None => Err(io::Error::other(
+                "TLS requested but this server has no TLS configured",
+            )),
+        },
+        Err(error) => Err(error),
+    };
+    match outcome {
         Ok(()) => info!("client disconnected; requests served: {}", driver.requests),
         Err(error) => warn!(
             "connection closed ({error}); requests served: {}",
@@ -118,6 +155,8 @@ struct Driver {
     segments: Vec<Segment>,
     requests: u64,
     closed: bool,
+    /// The core handed over for TLS: the stream must be upgraded.
+    start_tls: bool,
     /// Told when an export is selected (the handshake deadline stops).
     negotiated: Option<oneshot::Sender<()>>,
 }
@@ -140,15 +179,16 @@ impl Driver {
             segments: Vec::new(),
             requests: 0,
             closed: false,
+            start_tls: false,
             negotiated: None,
         }
     }
 
     async fn serve<S>(
         &mut self,
-        mut stream: S,
+        stream: &mut S,
         mut shutdown: watch::Receiver<bool>,
-    ) -> io::Result<()>
+    ) -> io::Result<Ended>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -168,9 +208,21 @@ impl Driver {
                 self.apply(done);
             }
             start += self.pump(&input[start..end])?;
-            let sent = self.transmit(&mut stream).await?;
+            if self.start_tls {
+                self.start_tls = false;
+                if start != end {
+                    // The client may only start its handshake after the
+                    // acknowledgement: these bytes came too early.
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "client sent data between STARTTLS and its TLS handshake",
+                    ));
+                }
+                return Ok(Ended::StartTls);
+            }
+            let sent = self.transmit(stream).await?;
             if self.closed {
-                return stream.shutdown().await;
+                return stream.shutdown().await.map(|()| Ended::Done);
             }
             if start == end {
                 (start, end) = (0, 0);
@@ -180,13 +232,16 @@ impl Driver {
             }
             if sent > 0 && (start < end || self.conn.in_flight() == 0) {
                 // Replies went out; input that waited on them may go on now.
+                // While negotiating, a reply sent may also release an event
+                // (the TLS hand-over after the STARTTLS acknowledgement),
+                // which must be seen before the client's handshake is read.
                 // Once the last reply in flight is out, the core may be due
                 // to close (NBD_CMD_DISC with requests in flight): ask it
                 // before waiting for input that will not come.
                 continue;
             }
             if eof && self.pending == 0 {
-                return Ok(());
+                return Ok(Ended::Done);
             }
             let room = !eof && end < input.len();
             tokio::select! {
@@ -276,9 +331,8 @@ impl Driver {
                     return Ok(consumed);
                 }
                 Event::StartTls => {
-                    return Err(io::Error::other(
-                        "TLS requested but this server has no TLS configured",
-                    ));
+                    self.start_tls = true;
+                    return Ok(consumed);
                 }
                 _ => {}
             }
@@ -564,6 +618,9 @@ impl Driver {
             }
             IoSlice::advance_slices(&mut remaining, written);
         }
+        // A TLS stream may hold records back until flushed (a no-op for
+        // plain sockets).
+        stream.flush().await?;
         drop(slices);
         for segment in self.segments.drain(..) {
             if let Segment::Data(ReadData::Owned(buffer)) = segment {

@@ -22,13 +22,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_core::server::Config;
+use nbd_core::server::{Config, TlsPolicy};
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::export::ExportSet;
+use crate::tls::ServerTls;
 
 /// Connections the kernel queues for `accept` (capped by
 /// `net.core.somaxconn`). mio's default, 128, overflows when a few hundred
@@ -106,6 +107,8 @@ impl Listener {
 pub struct Server {
     exports: Arc<ExportSet>,
     config: Config,
+    /// Credentials for `NBD_OPT_STARTTLS`; `None`: TLS disabled.
+    tls: Option<ServerTls>,
     limits: ServerLimits,
 }
 
@@ -115,6 +118,7 @@ impl Server {
         Self {
             exports: Arc::new(exports),
             config,
+            tls: None,
             limits: ServerLimits::default(),
         }
     }
@@ -130,6 +134,19 @@ impl Server {
     /// The limits in force.
     pub fn limits(&self) -> ServerLimits {
         self.limits
+    }
+
+    /// Offers TLS with `tls`'s credentials (`--tls on`), or insists on it
+    /// (`required`, `--tls require`: options other than `NBD_OPT_STARTTLS`
+    /// and `NBD_OPT_ABORT` get `NBD_REP_ERR_TLS_REQD`).
+    pub fn with_tls(mut self, tls: ServerTls, required: bool) -> Self {
+        self.config.tls = if required {
+            TlsPolicy::Required
+        } else {
+            TlsPolicy::Optional
+        };
+        self.tls = Some(tls);
+        self
     }
 
     /// The exports served.
@@ -200,6 +217,7 @@ impl Server {
     ) {
         let exports = Arc::clone(&self.exports);
         let config = self.config;
+        let tls = self.tls.as_ref().map(ServerTls::acceptor);
         let span = info_span!("client", id, peer = %client.peer);
         let peer = client.peer;
         let timeout = self.limits.handshake_timeout;
@@ -210,14 +228,14 @@ impl Server {
                     warn!("cannot set TCP_NODELAY for {peer}: {error}");
                 }
                 let connection = Box::pin(connection::run(
-                    stream, exports, config, shutdown, negotiated,
+                    stream, exports, config, tls, shutdown, negotiated,
                 ));
                 connections
                     .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
             }
             Stream::Unix(stream) => {
                 let connection = Box::pin(connection::run(
-                    stream, exports, config, shutdown, negotiated,
+                    stream, exports, config, tls, shutdown, negotiated,
                 ));
                 connections
                     .spawn(handshake_deadline(connection, selected, timeout).instrument(span));

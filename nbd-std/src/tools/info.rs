@@ -64,10 +64,12 @@ pub async fn info(uri: &NbdUri, options: InfoOptions) -> Result<InfoReport, Erro
             uri: uri.to_string(),
         });
     }
+    // nbds URIs insist on TLS: a session without it never gets this far.
+    let tls = uri.tls.is_some();
     let output = if options.json {
-        json_output(&shown)
+        json_output(&shown, tls)
     } else {
-        text_output(&shown)
+        text_output(&shown, tls)
     };
     Ok(InfoReport { output, failures })
 }
@@ -146,18 +148,19 @@ impl Shown {
     }
 }
 
-fn protocol_line(shown: &[Shown]) -> String {
+fn protocol_line(shown: &[Shown], tls: bool) -> String {
+    let tls = if tls { "with" } else { "without" };
     match shown.first() {
         Some(first) => format!(
-            "protocol: newstyle-fixed without TLS, using {} packets\n",
+            "protocol: newstyle-fixed {tls} TLS, using {} packets\n",
             packets(&first.details)
         ),
-        None => "protocol: newstyle-fixed without TLS\n".to_owned(),
+        None => format!("protocol: newstyle-fixed {tls} TLS\n"),
     }
 }
 
-fn text_output(shown: &[Shown]) -> String {
-    let mut out = protocol_line(shown);
+fn text_output(shown: &[Shown], tls: bool) -> String {
+    let mut out = protocol_line(shown, tls);
     for export in shown {
         let quoted = Value::String(export.name().to_owned()).to_string();
         let _ = writeln!(out, "export={quoted}:");
@@ -190,7 +193,7 @@ fn text_output(shown: &[Shown]) -> String {
     out
 }
 
-fn json_output(shown: &[Shown]) -> String {
+fn json_output(shown: &[Shown], tls: bool) -> String {
     let first = shown.first().map(|s| &s.details);
     let exports: Vec<Value> = shown
         .iter()
@@ -218,7 +221,7 @@ fn json_output(shown: &[Shown]) -> String {
         .collect();
     let document = json!({
         "protocol": "newstyle-fixed",
-        "TLS": false,
+        "TLS": tls,
         "structured": first.is_some_and(|d| d.structured_replies()),
         "extended": first.is_some_and(|d| d.extended_headers()),
         "exports": exports,

@@ -1,0 +1,473 @@
+//! TLS (`NBD_OPT_STARTTLS`): `nbd-std serve --tls on|require` against
+//! libnbd (`nbdinfo`, GnuTLS), qemu (`qemu-img`, `qemu-io`, GnuTLS) and
+//! nbd-std's own client (`nbds://`), with certificates made by the
+//! `openssl` command at test time: a CA, a server certificate for
+//! `localhost` and 127.0.0.1, and a client certificate for mutual TLS.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Server, have_tools, run, run_ok, server_binary, temp_dir, tool};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Certificates for one test, in the layouts servers and clients expect.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    /// Makes the certificates with `openssl` (ECDSA P-256, valid 2 days);
+    /// `None` (test skipped) if openssl is missing.
+    fn new() -> Option<Pki> {
+        if !have_tools(&["openssl"]) {
+            return None;
+        }
+        let dir = temp_dir();
+        let root = dir.path();
+        let openssl = |args: &[&str]| {
+            run_ok(tool("openssl").current_dir(root).args(args), TIMEOUT);
+        };
+        let new_key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut args = vec!["req", "-x509"];
+        args.extend(new_key);
+        args.extend([
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=nbd-std test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&args);
+        // GnuTLS (qemu) checks key usage and purpose: give both.
+        let leaf = |name: &str, subject: &str, extensions: &str, serial: &str| {
+            std::fs::write(root.join(format!("{name}.ext")), extensions).expect("write extensions");
+            let mut args = vec!["req"];
+            args.extend(new_key);
+            let key = format!("{name}-key.pem");
+            let csr = format!("{name}.csr");
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+            openssl(&args);
+            let cert = format!("{name}-cert.pem");
+            let ext = format!("{name}.ext");
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca-cert.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-set_serial",
+                serial,
+                "-days",
+                "2",
+                "-out",
+                &cert,
+                "-extfile",
+                &ext,
+            ]);
+        };
+        leaf(
+            "server",
+            "/CN=localhost",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+            "2",
+        );
+        leaf(
+            "client",
+            "/CN=nbd-std test client",
+            "basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+            "3",
+        );
+        // Client directories as libnbd's tls-certificates and qemu's
+        // tls-creds-x509 dir= read them: with and without a client identity.
+        for (sub, files) in [
+            ("trust", &["ca-cert.pem"][..]),
+            (
+                "identity",
+                &["ca-cert.pem", "client-cert.pem", "client-key.pem"][..],
+            ),
+        ] {
+            std::fs::create_dir(root.join(sub)).expect("create client directory");
+            for file in files {
+                std::fs::copy(root.join(file), root.join(sub).join(file)).expect("copy");
+            }
+        }
+        // A directory trusting the wrong certificate (not the CA).
+        std::fs::create_dir(root.join("mistrust")).expect("create client directory");
+        std::fs::copy(
+            root.join("client-cert.pem"),
+            root.join("mistrust/ca-cert.pem"),
+        )
+        .expect("copy");
+        Some(Pki { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Client directory with the CA only.
+    fn trust(&self) -> PathBuf {
+        self.path("trust")
+    }
+
+    /// Client directory with the CA and a client certificate.
+    fn identity(&self) -> PathBuf {
+        self.path("identity")
+    }
+
+    /// `serve` arguments for `--tls MODE` with this PKI's server identity.
+    fn serve_args(&self, mode: &str) -> Vec<String> {
+        vec![
+            "--size".into(),
+            "64M".into(),
+            "--tls".into(),
+            mode.into(),
+            "--tls-cert".into(),
+            self.path("server-cert.pem").display().to_string(),
+            "--tls-key".into(),
+            self.path("server-key.pem").display().to_string(),
+        ]
+    }
+
+    /// The same with client certificates required (mutual TLS).
+    fn mutual_args(&self) -> Vec<String> {
+        let mut args = self.serve_args("require");
+        args.push("--tls-client-ca".into());
+        args.push(self.path("ca-cert.pem").display().to_string());
+        args
+    }
+}
+
+fn nbds(server: &Server, certificates: &Path) -> String {
+    format!(
+        "nbds://127.0.0.1:{}/?tls-certificates={}",
+        server.port(),
+        certificates.display()
+    )
+}
+
+fn nbdinfo_json(uri: &str) -> Value {
+    let out = run_ok(tool("nbdinfo").arg("--json").arg(uri), TIMEOUT);
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo printed invalid JSON ({e})\n{}", out.describe()))
+}
+
+fn nbd_std(args: &[&str]) -> Command {
+    let mut command = Command::new(server_binary());
+    command.args(args);
+    command
+}
+
+#[test]
+fn nbdinfo_over_tls_and_refused_without() {
+    if !have_tools(&["nbdinfo"]) {
+        return;
+    }
+    let Some(pki) = Pki::new() else { return };
+    let server = Server::start(pki.serve_args("require"));
+    let json = nbdinfo_json(&nbds(&server, &pki.trust()));
+    assert_eq!(json["TLS"], true, "{json:#}");
+    assert_eq!(json["exports"][0]["export-size"], 64 << 20, "{json:#}");
+
+    // No TLS: the server answers NBD_REP_ERR_TLS_REQD, libnbd gives up.
+    let plain = run(tool("nbdinfo").arg(server.uri()), TIMEOUT);
+    assert!(
+        !plain.success(),
+        "plain nbdinfo succeeded\n{}",
+        plain.describe()
+    );
+    assert!(plain.stderr.contains("nbdinfo:"), "{}", plain.describe());
+    // TLS, but a server certificate the client cannot trust.
+    let untrusted = run(
+        tool("nbdinfo").arg(nbds(&server, &pki.path("mistrust"))),
+        TIMEOUT,
+    );
+    assert!(!untrusted.success(), "{}", untrusted.describe());
+    server.assert_running_ok();
+}
+
+#[test]
+fn qemu_over_tls_and_refused_without() {
+    if !have_tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let Some(pki) = Pki::new() else { return };
+    let server = Server::start(pki.serve_args("require"));
+    let object = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        pki.trust().display()
+    );
+    let opts = format!("driver=nbd,host=127.0.0.1,port={}", server.port());
+    let info = run_ok(
+        tool("qemu-img").args([
+            "info",
+            "--object",
+            &object,
+            "--image-opts",
+            &format!("{opts},tls-creds=tls0"),
+        ]),
+        TIMEOUT,
+    );
+    assert!(
+        info.stdout.contains("64 MiB") || info.stdout.contains("67108864"),
+        "{}",
+        info.describe()
+    );
+    let plain = run(
+        tool("qemu-img").args(["info", "--image-opts", &opts]),
+        TIMEOUT,
+    );
+    assert!(!plain.success(), "{}", plain.describe());
+    assert!(plain.stderr.contains("TLS"), "{}", plain.describe());
+
+    // Data both ways over TLS: qemu-io checks the pattern it reads back.
+    let io = run_ok(
+        tool("qemu-io").args([
+            "--object",
+            &object,
+            "--image-opts",
+            &format!("{opts},tls-creds=tls0"),
+            "-c",
+            "write -P 0xa5 1M 3M",
+            "-c",
+            "read -P 0xa5 1M 3M",
+            "-c",
+            "read -P 0 0 1M",
+        ]),
+        TIMEOUT,
+    );
+    assert!(
+        !io.stdout.contains("Pattern verification failed"),
+        "{}",
+        io.describe()
+    );
+    assert_eq!(
+        io.stdout.matches("read 3145728/3145728 bytes").count(),
+        1,
+        "{}",
+        io.describe()
+    );
+    server.assert_running_ok();
+}
+
+#[test]
+fn mutual_tls_refuses_clients_without_a_certificate() {
+    if !have_tools(&["nbdinfo"]) {
+        return;
+    }
+    let Some(pki) = Pki::new() else { return };
+    let server = Server::start(pki.mutual_args());
+    assert_eq!(nbdinfo_json(&nbds(&server, &pki.identity()))["TLS"], true);
+    let anonymous = run(tool("nbdinfo").arg(nbds(&server, &pki.trust())), TIMEOUT);
+    assert!(!anonymous.success(), "{}", anonymous.describe());
+
+    let ours = run_ok(
+        &mut nbd_std(&["info", &nbds(&server, &pki.identity())]),
+        TIMEOUT,
+    );
+    assert!(ours.stdout.contains("with TLS"), "{}", ours.describe());
+    let ours = run(
+        &mut nbd_std(&["info", &nbds(&server, &pki.trust())]),
+        TIMEOUT,
+    );
+    assert!(!ours.success(), "{}", ours.describe());
+    assert!(ours.stderr.contains("TLS"), "{}", ours.describe());
+    if have_tools(&["qemu-img"]) {
+        let info = |dir: &Path| {
+            run(
+                tool("qemu-img").args([
+                    "info",
+                    "--object",
+                    &format!(
+                        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                        dir.display()
+                    ),
+                    "--image-opts",
+                    &format!(
+                        "driver=nbd,host=127.0.0.1,port={},tls-creds=tls0",
+                        server.port()
+                    ),
+                ]),
+                TIMEOUT,
+            )
+        };
+        let with = info(&pki.identity());
+        assert!(with.success(), "{}", with.describe());
+        let without = info(&pki.trust());
+        assert!(!without.success(), "{}", without.describe());
+    }
+    server.assert_running_ok();
+}
+
+#[test]
+fn nbd_std_client_over_tls() {
+    let Some(pki) = Pki::new() else { return };
+    let server = Server::start(pki.serve_args("require"));
+    let uri = nbds(&server, &pki.trust());
+
+    let info = run_ok(&mut nbd_std(&["info", "--json", &uri]), TIMEOUT);
+    let json: Value = serde_json::from_str(&info.stdout).expect("JSON");
+    assert_eq!(json["TLS"], true, "{json:#}");
+
+    // A copy in and out through TLS, compared byte for byte.
+    let dir = temp_dir();
+    let source = dir.path().join("source.img");
+    common::write_random_file(&source, 16 << 20, 7);
+    let back = dir.path().join("back.img");
+    let (source_text, back_text) = (source.display().to_string(), back.display().to_string());
+    run_ok(&mut nbd_std(&["cp", &source_text, &uri]), TIMEOUT);
+    run_ok(&mut nbd_std(&["cp", &uri, &back_text]), TIMEOUT);
+    let original = std::fs::read(&source).expect("read source");
+    let copied = std::fs::read(&back).expect("read copy");
+    assert_eq!(copied.len(), 64 << 20);
+    assert!(
+        copied[..original.len()] == original[..],
+        "data changed through TLS"
+    );
+    assert!(copied[original.len()..].iter().all(|&b| b == 0));
+
+    // Plain URI: the server's refusal, in words.
+    let plain = run(&mut nbd_std(&["info", &server.uri()]), TIMEOUT);
+    assert!(!plain.success());
+    assert!(
+        plain
+            .stderr
+            .contains("requires TLS: connect with an nbds://"),
+        "{}",
+        plain.describe()
+    );
+    // The certificate names localhost and 127.0.0.1, not 127.0.0.2.
+    let wrong_name = format!(
+        "nbds://127.0.0.1:{}/?tls-certificates={}&tls-hostname=elsewhere.example",
+        server.port(),
+        pki.trust().display()
+    );
+    let refused = run(&mut nbd_std(&["info", &wrong_name]), TIMEOUT);
+    assert!(!refused.success(), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("certificate"),
+        "{}",
+        refused.describe()
+    );
+    // Nor does the system's trust store know the test CA.
+    let system = format!("nbds://localhost:{}/", server.port());
+    let refused = run(&mut nbd_std(&["info", &system]), TIMEOUT);
+    assert!(!refused.success(), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("UnknownIssuer"),
+        "{}",
+        refused.describe()
+    );
+    // ... unless the client is told not to verify.
+    let unverified = format!("{wrong_name}&tls-verify-peer=false");
+    run_ok(&mut nbd_std(&["info", &unverified]), TIMEOUT);
+    server.assert_running_ok();
+}
+
+#[test]
+fn tls_over_a_unix_socket() {
+    let Some(pki) = Pki::new() else { return };
+    let dir = temp_dir();
+    let socket = dir.path().join("nbd.sock");
+    let server = Server::start_unix(&socket, pki.serve_args("require"));
+    // nbds+unix verifies the certificate against "localhost".
+    let uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        socket.display(),
+        pki.trust().display()
+    );
+    let ours = run_ok(&mut nbd_std(&["info", &uri]), TIMEOUT);
+    assert!(ours.stdout.contains("with TLS"), "{}", ours.describe());
+    if have_tools(&["nbdinfo"]) {
+        assert_eq!(nbdinfo_json(&uri)["TLS"], true);
+    }
+    drop(server);
+}
+
+#[test]
+fn optional_tls_serves_both() {
+    if !have_tools(&["nbdinfo"]) {
+        return;
+    }
+    let Some(pki) = Pki::new() else { return };
+    let server = Server::start(pki.serve_args("on"));
+    assert_eq!(nbdinfo_json(&server.uri())["TLS"], false);
+    assert_eq!(nbdinfo_json(&nbds(&server, &pki.trust()))["TLS"], true);
+    let ours = run_ok(&mut nbd_std(&["info", &server.uri()]), TIMEOUT);
+    assert!(ours.stdout.contains("without TLS"), "{}", ours.describe());
+    server.assert_running_ok();
+}
+
+#[test]
+fn bad_tls_settings_stop_the_server_at_startup() {
+    let Some(pki) = Pki::new() else { return };
+    let cert = pki.path("server-cert.pem").display().to_string();
+    let key = pki.path("server-key.pem").display().to_string();
+    let wrong_key = pki.path("client-key.pem").display().to_string();
+    let missing = pki.path("nothing.pem").display().to_string();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--tls", "require"], "needs --tls-cert"),
+        (&["--tls", "on", "--tls-cert", &cert], "needs --tls-key"),
+        (&["--tls-cert", &cert, "--tls-key", &key], "need --tls on"),
+        (
+            &["--tls", "on", "--tls-cert", &missing, "--tls-key", &key],
+            "nothing.pem",
+        ),
+        (
+            &["--tls", "on", "--tls-cert", &key, "--tls-key", &key],
+            "no PEM certificate",
+        ),
+        (
+            &["--tls", "on", "--tls-cert", &cert, "--tls-key", &wrong_key],
+            "server certificate and key",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut command = nbd_std(&["serve", "--port", "0"]);
+        command.args(args);
+        let out = run(&mut command, TIMEOUT);
+        assert_eq!(out.code(), Some(2), "{}", out.describe());
+        assert!(out.stderr.contains(expected), "{}", out.describe());
+        assert_eq!(
+            out.stderr.trim_end().lines().count(),
+            1,
+            "{}",
+            out.describe()
+        );
+    }
+}
+
+trait AssertRunning {
+    fn assert_running_ok(self);
+}
+
+impl AssertRunning for Server {
+    /// The server survived every client, refused ones included.
+    fn assert_running_ok(mut self) {
+        self.assert_running();
+    }
+}
