@@ -177,6 +177,22 @@ test("serveDisk: disk failures become NBD errors, and the session goes on", asyn
   server.stop();
 });
 
+test("serveDisk: an idle session the bridge drops is opened again (with a delay); stop ends everything", async () => {
+  const { bridge, server, events, connect } = await serve(new nbd.RamDisk(MiB));
+  const first = bridge.idle[0];
+  first.close(1001, "bridge restarting");
+  await until(() => events.some((e) => e.type === "disconnected"), "a disconnected event");
+  assert.equal(server.states.idle + server.states.connecting, 0, "no reconnect at once");
+  await until(() => server.states.idle === 1, "a new idle session", 3000);
+  assert.notEqual(bridge.idle[0], first);
+  const conn = await connect();
+  assert.equal(conn.export.size, MiB);
+  server.stop();
+  await until(() => conn.closed, "the client to see the end");
+  assert.equal(bridge.idle.length, 0);
+  assert.deepEqual(server.states, { connecting: 0, idle: 0, active: 0 });
+});
+
 test("serveDisk: a FileDisk (Blob) is read-only: reads match, writes are refused", async () => {
   const bytes = pattern(0, 256 * 1024);
   const disk = new nbd.FileDisk(new Blob([bytes]));
