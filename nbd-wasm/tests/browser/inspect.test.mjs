@@ -2,7 +2,8 @@
 // export (a sparse disk image with an MBR partition table made here)
 // through stock websockify, lists the exports, and shows the size, the
 // partitions, the block status map and sectors in hex. Saves a
-// screenshot to target/browser-screenshots/inspect.png.
+// screenshot to target/browser-screenshots/inspect.png; then opens a
+// second export, with a GPT, from the export list.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdir, open } from "node:fs/promises";
@@ -44,6 +45,41 @@ async function makeImage(path) {
   await file.close();
 }
 
+/** GPT GUID bytes from text (the first three fields little-endian). */
+function guid(text) {
+  const b = Buffer.from(text.replaceAll("-", ""), "hex");
+  return Buffer.concat([b.subarray(0, 4).reverse(), b.subarray(4, 6).reverse(), b.subarray(6, 8).reverse(), b.subarray(8)]);
+}
+
+/** A 16 MiB image with a protective MBR and a GPT of two named partitions (header CRCs are not checked by the page). */
+async function makeGptImage(path) {
+  const file = await open(path, "w");
+  await file.truncate(16 * MiB);
+  const head = Buffer.alloc(3 * SECTOR + 128 * 128);
+  head[446 + 4] = 0xee;
+  head.writeUInt32LE(1, 446 + 8);
+  head.writeUInt32LE(32767, 446 + 12);
+  head[510] = 0x55;
+  head[511] = 0xaa;
+  head.write("EFI PART", SECTOR);
+  guid("01234567-89ab-cdef-0123-456789abcdef").copy(head, SECTOR + 56);
+  head.writeBigUInt64LE(2n, SECTOR + 72);
+  head.writeUInt32LE(128, SECTOR + 80);
+  head.writeUInt32LE(128, SECTOR + 84);
+  const entry = (i, type, first, last, name) => {
+    const at = 2 * SECTOR + i * 128;
+    guid(type).copy(head, at);
+    guid(`00000000-0000-0000-0000-00000000000${i + 1}`).copy(head, at + 16);
+    head.writeBigUInt64LE(BigInt(first), at + 32);
+    head.writeBigUInt64LE(BigInt(last), at + 40);
+    head.write(name, at + 56, "utf16le");
+  };
+  entry(0, "c12a7328-f81f-11d2-ba4b-00a0c93ec93b", 2048, 10239, "EFI system");
+  entry(1, "0fc63daf-8483-4772-8e79-3d69d8477de4", 10240, 32734, "root");
+  await file.write(head, 0, head.length, 0);
+  await file.close();
+}
+
 test("inspect: an nbd-std serve export through websockify: exports, size, MBR partitions, block status, hex", async (t) => {
   if (!requireTools(t, [CHROMIUM, "websockify"])) return;
   const defer = cleanups(t);
@@ -51,9 +87,11 @@ test("inspect: an nbd-std serve export through websockify: exports, size, MBR pa
   defer(dir.remove);
   const image = join(dir.path, "mbr.img");
   await makeImage(image);
+  const gptImage = join(dir.path, "gpt.img");
+  await makeGptImage(gptImage);
   const port = await freePort();
   const server = new Child("nbd-std serve", NBD_STD, [
-    "serve", "--port", String(port), "--export", `disk=file:${image},desc=MBR test disk`, "--export", "scratch=memory:1M",
+    "serve", "--port", String(port), "--export", `disk=file:${image},desc=MBR test disk`, "--export", `gpt=file:${gptImage}`, "--export", "scratch=memory:1M",
   ]);
   defer(server.stop);
   await server.waitForOutput(/listening|127\.0\.0\.1:\d+/i);
@@ -98,4 +136,16 @@ test("inspect: an nbd-std serve export through websockify: exports, size, MBR pa
   const screenshot = join(SCREENSHOT_DIR, "inspect.png");
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`inspect screenshot: ${screenshot}`);
+
+  // Another export from the list: GPT partitions with their names.
+  await page.click('#export-list li[data-name="gpt"]');
+  await page.waitForFunction(() => /GPT, disk id/.test(document.querySelector("#partitions").textContent));
+  await waitForState(page, "inspected", 30000);
+  const gptRows = await page.$$eval("#partition-table tbody tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent).join(" | ")));
+  assert.deepEqual(gptRows, [
+    "1 | 2048 | 10239 | 8192 | 4 MiB | EFI System (c12a7328-f81f-11d2-ba4b-00a0c93ec93b) | EFI system",
+    "2 | 10240 | 32734 | 22495 | 11 MiB | Linux filesystem (0fc63daf-8483-4772-8e79-3d69d8477de4) | root",
+  ]);
+  assert.match(await page.textContent("#partitions"), /GPT, disk id 01234567-89ab-cdef-0123-456789abcdef, 2 partitions/);
+  assert.match(await page.textContent("#export-info"), /16 MiB \(16777216 bytes/);
 });
