@@ -274,5 +274,8 @@ export class OptionReader {
   readonly clientFlags: number | null;
   readonly stopped: boolean;
   push(bytes: Uint8Array): OptionDescription[];
+  /** After a refused GO or EXPORT_NAME: read the options that follow. */
   resume(): void;
+  /** An export was selected: read nothing more. */
+  finish(): void;
 }

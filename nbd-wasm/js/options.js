@@ -106,4 +106,11 @@ export class OptionReader {
   resume() {
     if (this.atEnd) this.stopped = this.atEnd = false;
   }
+
+  /** Negotiation is over (an export was selected): read nothing more. */
+  finish() {
+    this.stopped = true;
+    this.atEnd = false;
+    this.buffer = new Uint8Array(0);
+  }
 }

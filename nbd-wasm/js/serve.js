@@ -227,7 +227,7 @@ class Session {
       const { id } = event;
       switch (event.type) {
         case "exportSelected":
-          this.options.stopped = true;
+          this.options.finish();
           this.emit({ ...event, type: "exportSelected" });
           break;
         case "read":
@@ -300,7 +300,7 @@ class Session {
       }
     }
     // A refused GO lets negotiation go on: read the next options too.
-    if (this.options.atEnd && !events.some((e) => e.type === "exportSelected")) this.options.resume();
+    if (this.options.atEnd) this.options.resume();
   }
 }
 

@@ -211,7 +211,7 @@ test("serveDisk: a FileDisk (Blob) is read-only: reads match, writes are refused
 test("NbdConnection: list exports, block status of a RAM disk with zeroes, refusals", async () => {
   const disk = new nbd.RamDisk(MiB, { fill: "pattern" });
   disk.zero(64 * 1024, 128 * 1024);
-  const { server, connect, bridge } = await serve(disk, { name: "disk", description: "test disk" });
+  const { server, connect, bridge, events } = await serve(disk, { name: "disk", description: "test disk" });
   const list = await nbd.listExports("ws://bridge/", { WebSocket: bridge.Client });
   assert.deepEqual(list, [{ name: "disk", description: "test disk" }]);
   await until(() => server.states.idle === 1, "a new idle session");
@@ -225,6 +225,10 @@ test("NbdConnection: list exports, block status of a RAM disk with zeroes, refus
   await conn.close();
   await until(() => server.states.idle === 1, "a new idle session");
   await assert.rejects(connect({ exportName: "nope" }), /refused|closed/);
+  // The refused GO was read, and so was what the client sent after it.
+  const refused = events.filter((e) => e.type === "option" && e.session === 3).map((e) => `${e.name} ${e.detail}`);
+  assert.ok(refused.some((o) => /^GO export "nope", info /.test(o)), refused.join("; "));
+  assert.equal(refused.at(-1), "ABORT ", refused.join("; "));
   server.stop();
   // No idle provider any more: a client is refused, not left hanging.
   await assert.rejects(connect(), /closed/);
