@@ -455,3 +455,92 @@ fn limits_in_range_are_served() {
     let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(5));
     assert!(closed, "an 8 KiB option did not close the connection");
 }
+
+/// The handshake timeout covers TLS: a client that asks for STARTTLS and
+/// then stalls in the TLS handshake is dropped too. A client that reached
+/// transmission is never timed out, however long it stays idle.
+#[test]
+fn handshake_timeout_covers_tls_and_spares_negotiated_clients() {
+    const OPT_STARTTLS: u32 = 5;
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    if !have_tools(&["openssl"]) {
+        return;
+    }
+    let dir = common::temp_dir();
+    common::run_ok(
+        tool("openssl").current_dir(dir.path()).args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ]),
+        Duration::from_secs(30),
+    );
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let server = Server::start([
+        "--handshake-timeout".as_ref(),
+        "1".as_ref(),
+        "--tls".as_ref(),
+        "on".as_ref(),
+        "--tls-cert".as_ref(),
+        cert.as_os_str(),
+        "--tls-key".as_ref(),
+        key.as_os_str(),
+    ]);
+
+    // Negotiated (plain), then idle for twice the timeout: still served.
+    let mut negotiated = connect(&server);
+    common::negotiate_export_name(&mut negotiated, "");
+    // STARTTLS acknowledged, then a third of a TLS record and nothing.
+    let mut stalled = connect(&server);
+    read_greeting(&mut stalled);
+    stalled.write_all(&flags()).expect("flags");
+    stalled
+        .write_all(&option_bytes(OPT_STARTTLS, 0, &[]))
+        .expect("STARTTLS");
+    let mut reply = [0u8; 20];
+    stalled.read_exact(&mut reply).expect("STARTTLS reply");
+    assert_eq!(
+        u32::from_be_bytes(reply[12..16].try_into().expect("4 bytes")),
+        1,
+        "NBD_REP_ACK to STARTTLS"
+    );
+    let started = Instant::now();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01])
+        .expect("partial record");
+    let (_, closed) = read_until_closed(&mut stalled, TIMEOUT * 5);
+    let took = started.elapsed();
+    println!("a client stalled in the TLS handshake was dropped after {took:?}");
+    assert!(
+        closed,
+        "a client stalled in the TLS handshake is still connected"
+    );
+    assert!(took >= TIMEOUT / 2, "dropped too early ({took:?})");
+
+    thread::sleep(TIMEOUT);
+    negotiated
+        .write_all(&request_bytes(common::CMD_READ, 7, 0, 512))
+        .expect("read request");
+    negotiated
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let (error, cookie) = common::read_simple_reply(&mut negotiated).expect("reply");
+    assert_eq!(
+        (error, cookie),
+        (0, 7),
+        "the idle negotiated client is served"
+    );
+}
