@@ -10,14 +10,17 @@ import { OptionReader } from "./options.js";
 const RETRY_MS = 500;
 const MAX_RETRY_MS = 5000;
 /**
- * Reads wait while more than this many bytes sit in the WebSocket's send
- * buffer: a browser cannot stop receiving, so replies are held back
- * instead, and the client's requests queue in the server (at most
- * maxInFlight of them).
+ * Reads wait while the bytes of reads under way (read, or answered but
+ * not sent yet) plus the WebSocket's send buffer would pass this: a
+ * browser cannot stop receiving, so replies are held back instead, and
+ * the client's requests queue in the server (at most maxInFlight). One
+ * read always proceeds, whatever its size.
  */
 const SEND_HIGH_WATER = 16 * 1024 * 1024;
 /** How often a waiting read looks at the send buffer again. */
 const DRAIN_POLL_MS = 4;
+/** Largest WebSocket message sent (the bridge accepts up to 64 MiB). */
+const MAX_MESSAGE = 4 * 1024 * 1024;
 
 /** The NBD export an `NbdServer` offers for `disk`. */
 export function exportOf(disk, { name = "", description = "" } = {}) {
@@ -51,6 +54,7 @@ class Session {
     this.writes = new Map(); // request id -> {pending: Promise[], fua}
     this.requests = new Map(); // request id -> {op, offset, length, start}
     this.pumpQueued = false;
+    this.reading = 0; // bytes of reads under way (see reserve)
     this.bytesIn = 0;
     this.bytesOut = 0;
     this.closeReason = null;
@@ -139,7 +143,9 @@ class Session {
     }
     if (output.length === 0) return;
     this.bytesOut += output.length;
-    this.ws.send(output);
+    for (let at = 0; at < output.length; at += MAX_MESSAGE) {
+      this.ws.send(output.length <= MAX_MESSAGE ? output : output.subarray(at, at + MAX_MESSAGE));
+    }
   }
 
   /** After completions: process buffered input again and send the replies (once per microtask burst). */
@@ -161,12 +167,19 @@ class Session {
     });
   }
 
-  /** Resolves once the send buffer is below SEND_HIGH_WATER (or the session ended). */
-  drained() {
-    const full = () => this.ws.bufferedAmount > SEND_HIGH_WATER && this.state !== "closed";
-    if (!full()) return undefined;
+  /** Resolves once `length` more bytes of read replies fit under SEND_HIGH_WATER; counts them as under way. */
+  reserve(length) {
+    const fits = () => {
+      if (this.state === "closed") return true;
+      const buffered = this.ws.bufferedAmount || 0;
+      return buffered <= SEND_HIGH_WATER && (this.reading === 0 || this.reading + buffered + length <= SEND_HIGH_WATER);
+    };
+    const take = () => {
+      this.reading += length;
+    };
+    if (fits()) return take();
     return new Promise((resolve) => {
-      const check = () => (full() ? setTimeout(check, DRAIN_POLL_MS) : resolve());
+      const check = () => (fits() ? resolve(take()) : setTimeout(check, DRAIN_POLL_MS));
       check();
     });
   }
@@ -233,8 +246,13 @@ class Session {
         case "read":
           this.track(event);
           this.complete(id, async () => {
-            await this.drained();
-            return disk.read(event.offset, event.length);
+            await this.reserve(event.length);
+            try {
+              return await disk.read(event.offset, event.length);
+            } finally {
+              // The reply goes out with the next send (queued as a microtask, before any waiting read looks again).
+              this.reading -= event.length;
+            }
           }, (data) => server.completeRead(id, data));
           break;
         case "write":

@@ -193,6 +193,35 @@ test("serveDisk: an idle session the bridge drops is opened again (with a delay)
   assert.deepEqual(server.states, { connecting: 0, idle: 0, active: 0 });
 });
 
+test("serveDisk: big reads: messages of at most 4 MiB, at most 16 MiB of replies under way (one read always goes)", async () => {
+  const ram = new nbd.RamDisk(64 * MiB, { fill: "pattern" });
+  let reading = 0;
+  let most = 0;
+  const counted = {
+    size: ram.size, readOnly: false, capabilities: {},
+    async read(offset, length) {
+      reading += length;
+      most = Math.max(most, reading);
+      await sleep(2);
+      reading -= length;
+      return ram.read(offset, length);
+    },
+  };
+  const { server, connect } = await serve(counted, { logRequests: false });
+  const conn = await connect();
+  const active = [...server.sessions].find((s) => s.state === "active");
+  // Eight reads of 6 MiB at once, and one of 24 MiB (more than the mark on its own).
+  const reads = Array.from({ length: 8 }, (_, i) => conn.read(i * 6 * MiB, 6 * MiB));
+  reads.push(conn.read(40 * MiB, 24 * MiB));
+  const results = await Promise.all(reads);
+  results.slice(0, 8).forEach((data, i) => assert.deepEqual(data.subarray(0, 64), pattern(i * 6 * MiB, 64)));
+  assert.deepEqual(results[8].subarray(24 * MiB - 64), pattern(64 * MiB - 64, 64));
+  assert.ok(active.ws.largestMessage <= 4 * MiB, `largest message ${active.ws.largestMessage}`);
+  assert.ok(most <= 24 * MiB, `at most one big read or 16 MiB under way, saw ${most}`);
+  await conn.close();
+  server.stop();
+});
+
 test("serveDisk: a FileDisk (Blob) is read-only: reads match, writes are refused", async () => {
   const bytes = pattern(0, 256 * 1024);
   const disk = new nbd.FileDisk(new Blob([bytes]));

@@ -33,6 +33,7 @@ class FakeSocket {
     if (this.readyState !== 1) throw new Error("send on a socket that is not open");
     const bytes = Uint8Array.from(data); // a copy, as a network would make
     this.sent += bytes.length;
+    this.largestMessage = Math.max(this.largestMessage ?? 0, bytes.length);
     this.transmit(bytes);
   }
 
