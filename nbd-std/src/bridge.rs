@@ -43,7 +43,8 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tracing::{debug, info, warn};
 
@@ -71,6 +72,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing a session may take (a WebSocket close frame, a TCP
 /// shutdown) before the connection is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long sessions get to close after a stop before their tasks are
+/// dropped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Pause after a failed `accept` (out of file descriptors, say), so the
 /// loop does not spin.
@@ -164,21 +169,22 @@ impl Bridge {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let pool = Arc::new(Pool::default());
         let mut tasks = JoinSet::new();
+        // What each session watches, so it can close cleanly on a stop.
+        let sessions = stop.clone();
         loop {
             tokio::select! {
-                changed = stop.wait_for(|stopped| *stopped) => {
-                    let _ = changed;
-                    break;
-                }
+                () = stopped(&mut stop) => break,
                 accepted = self.clients.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        tasks.spawn(serve_client(stream, peer, Arc::clone(&pool), self.wait));
+                        let pool = Arc::clone(&pool);
+                        tasks.spawn(serve_client(stream, peer, pool, self.wait, sessions.clone()));
                     }
                     Err(error) => accept_failed("NBD client", &error).await,
                 },
                 accepted = self.websocket.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        tasks.spawn(websocket_provider(stream, peer, Arc::clone(&pool)));
+                        let pool = Arc::clone(&pool);
+                        tasks.spawn(websocket_provider(stream, peer, pool, sessions.clone()));
                     }
                     Err(error) => accept_failed("WebSocket provider", &error).await,
                 },
@@ -189,7 +195,8 @@ impl Bridge {
                             origin: Origin::Tcp(peer),
                             stream: ProviderStream::Tcp(stream),
                         };
-                        tasks.spawn(provider_session(provider, Arc::clone(&pool)));
+                        let pool = Arc::clone(&pool);
+                        tasks.spawn(provider_session(provider, pool, sessions.clone()));
                     }
                     Err(error) => accept_failed("TCP provider", &error).await,
                 },
@@ -199,9 +206,14 @@ impl Bridge {
         }
         let open = tasks.len();
         info!("stopping: closing {open} connection(s)");
-        // Dropping a task drops its sockets, which closes them.
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        // Every task sees the stop and closes its sockets (pages get a
+        // WebSocket close frame, "going away"); any still busy after the
+        // timeout is dropped, which closes its sockets too.
+        let finished = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(STOP_TIMEOUT, finished).await.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
     }
 }
 
@@ -210,6 +222,11 @@ async fn accept_optional(listener: Option<&TcpListener>) -> io::Result<(TcpStrea
         Some(listener) => listener.accept().await,
         None => std::future::pending().await,
     }
+}
+
+/// Returns once the bridge is told to stop (or its controller is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 async fn accept_failed(what: &str, error: &io::Error) {
@@ -385,7 +402,12 @@ impl Pool {
     }
 }
 
-async fn websocket_provider(stream: TcpStream, peer: SocketAddr, pool: Arc<Pool>) {
+async fn websocket_provider(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pool: Arc<Pool>,
+    stop: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let mut path = String::new();
     // The error type is tungstenite's, fixed by its `Callback` trait.
@@ -428,18 +450,22 @@ async fn websocket_provider(stream: TcpStream, peer: SocketAddr, pool: Arc<Pool>
         origin: Origin::WebSocket { peer, path },
         stream: ProviderStream::WebSocket(Box::new(stream)),
     };
-    provider_session(provider, pool).await;
+    provider_session(provider, pool, stop).await;
 }
 
 /// Keeps a provider idle in the pool until a client claims it, it closes,
 /// or it sends too much.
-async fn provider_session(mut provider: Provider, pool: Arc<Pool>) {
+async fn provider_session(
+    mut provider: Provider,
+    pool: Arc<Pool>,
+    mut stop: watch::Receiver<bool>,
+) {
     let Some((id, mut claims, waiting)) = pool.push() else {
         warn!(
             "provider ({}) refused: already {MAX_IDLE_PROVIDERS} idle providers",
             provider.origin
         );
-        close_provider(provider.stream).await;
+        close_provider(provider.stream, CloseCode::Again, "too many idle sessions").await;
         return;
     };
     info!(
@@ -455,16 +481,17 @@ async fn provider_session(mut provider: Provider, pool: Arc<Pool>) {
             // so a dead provider is not handed to a client.
             biased;
             received = provider.stream.receive(&mut scratch) => match received {
-                Ok(Received::Closed) => break "closed while idle".to_owned(),
+                Ok(Received::Closed) => break (Dropped::Closed, CloseCode::Normal),
                 Ok(received) => {
                     let data = received.data(&scratch).unwrap_or_default();
                     if buffered.len() + data.len() > MAX_IDLE_BYTES {
-                        break format!("sent more than {MAX_IDLE_BYTES} bytes before a client came");
+                        break (Dropped::TooMuch, CloseCode::Policy);
                     }
                     buffered.extend_from_slice(data);
                 }
-                Err(error) => break format!("failed while idle: {error}"),
+                Err(error) => break (Dropped::Failed(error), CloseCode::Protocol),
             },
+            () = stopped(&mut stop) => break (Dropped::Stopping, CloseCode::Away),
             claim = &mut claims => {
                 let Ok(claim) = claim else {
                     // The bridge is stopping.
@@ -481,22 +508,49 @@ async fn provider_session(mut provider: Provider, pool: Arc<Pool>) {
     // A claim may have been granted meanwhile: dropping `claims` refuses it,
     // and the client tries the next provider.
     drop(claims);
+    let (outcome, code) = outcome;
     info!(
         "provider {id} ({}) dropped: {outcome}; {} idle",
         provider.origin,
         pool.len()
     );
-    close_provider(provider.stream).await;
+    let reason = match outcome {
+        Dropped::Closed | Dropped::Failed(_) => "",
+        Dropped::TooMuch => "too much data before a client came",
+        Dropped::Stopping => "bridge stopping",
+    };
+    close_provider(provider.stream, code, reason).await;
 }
 
-async fn close_provider(stream: ProviderStream) {
+/// Why an idle provider left the pool without a client.
+#[derive(Debug, thiserror::Error)]
+enum Dropped {
+    #[error("closed while idle")]
+    Closed,
+    #[error("sent more than {MAX_IDLE_BYTES} bytes before a client came")]
+    TooMuch,
+    #[error("failed while idle: {0}")]
+    Failed(SessionError),
+    #[error("the bridge is stopping")]
+    Stopping,
+}
+
+/// A WebSocket close frame telling the page why.
+fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
+}
+
+async fn close_provider(stream: ProviderStream, code: CloseCode, reason: &'static str) {
     let closing = async {
         match stream {
             ProviderStream::Tcp(mut stream) => {
                 let _ = stream.shutdown().await;
             }
             ProviderStream::WebSocket(mut stream) => {
-                let _ = stream.close(None).await;
+                let _ = stream.close(Some(close_frame(code, reason))).await;
             }
         }
     };
@@ -531,13 +585,26 @@ async fn take_provider(pool: &Pool, wait: Duration) -> Option<Handover> {
     }
 }
 
-async fn serve_client(mut client: TcpStream, peer: SocketAddr, pool: Arc<Pool>, wait: Duration) {
+async fn serve_client(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pool: Arc<Pool>,
+    wait: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let _ = client.set_nodelay(true);
+    let taken = tokio::select! {
+        taken = take_provider(&pool, wait) => taken,
+        () = stopped(&mut stop) => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+            return;
+        }
+    };
     let Some(Handover {
         id,
         provider,
         buffered,
-    }) = take_provider(&pool, wait).await
+    }) = taken
     else {
         info!(
             "client {peer}: no browser session available within {:.1} s; closing",
@@ -554,7 +621,15 @@ async fn serve_client(mut client: TcpStream, peer: SocketAddr, pool: Arc<Pool>, 
     let started = Instant::now();
     let (client_read, client_write) = client.into_split();
     let mut counts = Counts::default();
-    let end = relay(client_read, client_write, stream, buffered, &mut counts).await;
+    let end = relay(
+        client_read,
+        client_write,
+        stream,
+        buffered,
+        &mut counts,
+        stop,
+    )
+    .await;
     info!(
         "session {id} ended ({end}): {} bytes client to provider, {} bytes provider to client, {:.2} s",
         counts.to_provider,
@@ -576,6 +651,7 @@ enum End {
     ProviderClosed,
     ClientFailed(SessionError),
     ProviderFailed(SessionError),
+    Stopped,
 }
 
 impl fmt::Display for End {
@@ -585,6 +661,7 @@ impl fmt::Display for End {
             End::ProviderClosed => f.write_str("provider closed"),
             End::ClientFailed(error) => write!(f, "client connection failed: {error}"),
             End::ProviderFailed(error) => write!(f, "provider connection failed: {error}"),
+            End::Stopped => f.write_str("the bridge is stopping"),
         }
     }
 }
@@ -642,10 +719,14 @@ impl ProviderWriter {
         }
     }
 
-    async fn close(&mut self) {
+    /// Ends the session: FIN over TCP, a close frame over WebSocket.
+    async fn close(&mut self, code: CloseCode, reason: &'static str) {
         let _ = match self {
             ProviderWriter::Tcp(stream) => stream.shutdown().await.map_err(SessionError::from),
-            ProviderWriter::WebSocket(sink) => sink.close().await.map_err(SessionError::from),
+            ProviderWriter::WebSocket(sink) => {
+                let frame = Message::Close(Some(close_frame(code, reason)));
+                sink.send(frame).await.map_err(SessionError::from)
+            }
         };
     }
 }
@@ -658,11 +739,12 @@ async fn relay(
     provider: ProviderStream,
     buffered: Vec<u8>,
     counts: &mut Counts,
+    mut stop: watch::Receiver<bool>,
 ) -> End {
     let (mut provider_read, mut provider_write) = split_provider(provider);
     if !buffered.is_empty() {
         if let Err(error) = client_write.write_all(&buffered).await {
-            provider_write.close().await;
+            provider_write.close(CloseCode::Normal, "client gone").await;
             return End::ClientFailed(error.into());
         }
         counts.to_client += buffered.len() as u64;
@@ -716,10 +798,15 @@ async fn relay(
     let end = tokio::select! {
         end = upstream => end,
         end = downstream => end,
+        () = stopped(&mut stop) => End::Stopped,
+    };
+    let (code, reason) = match end {
+        End::Stopped => (CloseCode::Away, "bridge stopping"),
+        _ => (CloseCode::Normal, "client closed"),
     };
     let closing = async {
         let _ = client_write.shutdown().await;
-        provider_write.close().await;
+        provider_write.close(code, reason).await;
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
     end

@@ -642,15 +642,42 @@ fn a_provider_sending_too_much_while_idle_is_dropped() {
 fn sigterm_closes_sessions_and_exits_0() {
     let mut bridge = Bridge::start();
     let mut idle = TcpStream::connect(bridge.providers_addr()).expect("connect");
+    // A page's idle WebSocket session gets a close frame, "going away".
+    let runtime = runtime();
+    let url = bridge.websocket_url();
+    let close = runtime.spawn(async move {
+        let (mut socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket to the bridge");
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => panic!("no close frame: {error}"),
+                None => panic!("closed without a close frame"),
+            }
+        }
+    });
     assert!(
-        wait_until(Duration::from_secs(5), || bridge.log().contains("1 idle")),
+        wait_until(Duration::from_secs(5), || bridge.log().contains("2 idle")),
         "{}",
         bridge.log()
     );
+    let started = Instant::now();
     let status = bridge.signal_and_wait("TERM").expect("exit after SIGTERM");
     assert!(status.success(), "{status}\n{}", bridge.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(5));
     assert!(closed, "the idle provider was left open");
+    let code = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), close).await })
+        .expect("close frame in time")
+        .expect("WebSocket task");
+    assert_eq!(code, Some(1001), "close code");
 }
 
 #[test]
