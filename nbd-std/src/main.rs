@@ -79,7 +79,7 @@ fn check(args: CheckArgs) -> ExitCode {
 #[derive(Debug, clap::Args)]
 struct BridgeArgs {
     /// Address NBD clients connect to.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     bind: String,
     /// TCP port NBD clients connect to.
     #[arg(long, default_value_t = nbd_std::DEFAULT_PORT)]
