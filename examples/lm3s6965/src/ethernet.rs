@@ -239,9 +239,9 @@ impl Device for Ethernet {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MAX_FRAME;
-        // No burst limit: the chip's FIFO holds about one full frame, but
-        // a 50 MHz core empties it far faster than 100 Mbit/s fills it, and
-        // limiting smoltcp's window to one segment would halve throughput.
+        // No burst limit: the chip's FIFO holds about one full frame, but a
+        // 50 MHz core empties it far faster than 100 Mbit/s fills it (a
+        // limit of 1 would shrink smoltcp's receive window to one segment).
         caps.max_burst_size = None;
         caps
     }

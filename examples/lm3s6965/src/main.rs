@@ -46,7 +46,7 @@ use sd_spi::SdSpi;
 use time::Delay;
 
 /// The board's address on QEMU's user network.
-const ADDRESS: IpAddress = IpAddress::v4(10, 0, 2, 15);
+const ADDRESS: Ipv4Address = Ipv4Address::new(10, 0, 2, 15);
 const PREFIX_LEN: u8 = 24;
 const GATEWAY: Ipv4Address = Ipv4Address::new(10, 0, 2, 2);
 /// Address used if the user registers hold no MAC (locally administered).
@@ -81,14 +81,18 @@ fn main() -> ! {
         fatal("Ethernet set up twice")
     };
     let mut config = IfaceConfig::new(EthernetAddress(mac).into());
-    // Seeds TCP initial sequence numbers and ephemeral ports.
+    // Seeds TCP initial sequence numbers and ephemeral ports. Weak (the
+    // MAC and the boot time); a product would mix in ADC noise.
     config.random_seed = u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
         ^ time::now_micros().rotate_left(17);
     let Some(iface) = singleton!(: Interface = Interface::new(config, eth, time::now())) else {
         fatal("interface set up twice")
     };
     iface.update_ip_addrs(|addresses| {
-        if addresses.push(IpCidr::new(ADDRESS, PREFIX_LEN)).is_err() {
+        if addresses
+            .push(IpCidr::new(IpAddress::Ipv4(ADDRESS), PREFIX_LEN))
+            .is_err()
+        {
             defmt::error!("no room for the IP address");
         }
     });
@@ -122,13 +126,10 @@ fn main() -> ! {
         fatal("server set up twice")
     };
     defmt::info!(
-        "export {=str}: {=u64} bytes; {=u8}.{=u8}.{=u8}.{=u8}/{=u8} port {=u16}, MAC {=[u8]:02x}",
+        "export {=str}: {=u64} bytes; {=[u8]}/{=u8} port {=u16}, MAC {=[u8]:02x}",
         EXPORT_NAME,
         size,
-        10,
-        0,
-        2,
-        15,
+        ADDRESS.octets()[..],
         PREFIX_LEN,
         nbd_embedded::DEFAULT_PORT,
         mac[..]
