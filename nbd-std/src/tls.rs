@@ -239,8 +239,8 @@ impl Default for ClientTlsOptions {
     }
 }
 
-/// The name a server's certificate is checked against: `hostname` when
-/// given, else `host` (an IP address or DNS name).
+/// `host` (an IP address or DNS name) as the name a server's certificate
+/// is checked against.
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_owned()).map_err(|_| TlsError::BadServerName(host.to_owned()))
 }

@@ -235,8 +235,11 @@ fn errors_are_one_line() {
             format!("{}: No such file or directory", missing.display()),
         ),
         (
-            vec!["nbds://127.0.0.1/".to_owned(), "-".to_owned()],
-            "requires TLS".to_owned(),
+            vec![
+                "nbds://127.0.0.1/?tls-psk-file=k".to_owned(),
+                "-".to_owned(),
+            ],
+            "TLS-PSK is not supported".to_owned(),
         ),
     ];
     for (args, expected) in cases {

@@ -138,7 +138,10 @@ fn errors_are_one_line() {
             server.uri_for("nope"),
             "the server has no export named \"nope\"",
         ),
-        ("nbds://127.0.0.1/".to_owned(), "requires TLS"),
+        (
+            "nbd://127.0.0.1/?tls-certificates=/etc/pki".to_owned(),
+            "TLS parameters need the nbds",
+        ),
         ("disk.img".to_owned(), "is not an NBD URI"),
         (
             format!("nbd://127.0.0.1:{}/", common::free_port()),

@@ -423,6 +423,25 @@ fn optional_tls_serves_both() {
 }
 
 #[test]
+fn nbds_to_a_server_without_tls_fails_cleanly() {
+    let Some(pki) = Pki::new() else { return };
+    let server = Server::start(["--size", "16M"]);
+    let uri = nbds(&server, &pki.trust());
+    let ours = run(&mut nbd_std(&["info", &uri]), TIMEOUT);
+    assert!(!ours.success(), "{}", ours.describe());
+    assert!(
+        ours.stderr.contains("refused NBD_OPT_STARTTLS"),
+        "{}",
+        ours.describe()
+    );
+    if have_tools(&["nbdinfo"]) {
+        let theirs = run(tool("nbdinfo").arg(&uri), TIMEOUT);
+        assert!(!theirs.success(), "{}", theirs.describe());
+    }
+    server.assert_running_ok();
+}
+
+#[test]
 fn bad_tls_settings_stop_the_server_at_startup() {
     let Some(pki) = Pki::new() else { return };
     let cert = pki.path("server-cert.pem").display().to_string();

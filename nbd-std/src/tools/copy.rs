@@ -1038,7 +1038,11 @@ mod tests {
             Ok(Location::File(PathBuf::from("disk.img")))
         );
         assert!(matches!(Location::parse("nbd://h/x"), Ok(Location::Nbd(_))));
-        assert!(Location::parse("nbds://h/x").is_err());
+        assert!(matches!(
+            Location::parse("nbds://h/x"),
+            Ok(Location::Nbd(_))
+        ));
+        assert!(Location::parse("nbd://h/x?tls-verify-peer=false").is_err());
     }
 
     #[test]
