@@ -371,3 +371,48 @@ pub fn tls_reason(error: &io::Error) -> String {
         None => error.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not PEM\n").expect("write");
+        let error = ServerTls::load(&missing, &missing, None).expect_err("missing file");
+        assert!(matches!(error, TlsError::Pem { .. }), "{error:?}");
+        assert!(error.to_string().contains("missing.pem"), "{error}");
+        let error = ServerTls::load(&empty, &empty, None).expect_err("no certificate");
+        assert!(matches!(error, TlsError::NoCertificate(_)), "{error:?}");
+
+        // A client certificate without its key.
+        std::fs::write(dir.path().join(CLIENT_CERT), "").expect("write");
+        let options = ClientTlsOptions {
+            certificates: Some(dir.path().to_owned()),
+            verify_peer: false,
+            hostname: None,
+        };
+        let error = client_config(&options).expect_err("half identity");
+        assert!(
+            matches!(
+                error,
+                TlsError::HalfClientIdentity {
+                    missing: CLIENT_KEY,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        // No directory, no verification: nothing to read.
+        let options = ClientTlsOptions {
+            verify_peer: false,
+            ..ClientTlsOptions::default()
+        };
+        assert!(client_config(&options).is_ok());
+        assert!(server_name("127.0.0.1").is_ok());
+        assert!(server_name("bad name!").is_err());
+    }
+}
