@@ -590,10 +590,10 @@ impl Tracer {
             eprintln!("strace could not attach: {text}");
             return None;
         }
-        // strace attaches every thread of the process in turn: give it a
-        // moment to reach the last one.
+        // strace prints "attached with N threads" once it holds every
+        // thread (new ones are followed by -f); the pause is a margin for
+        // it to start waiting on them.
         std::thread::sleep(Duration::from_millis(300));
-        let _ = &mut tracer;
         Some(tracer)
     }
 
