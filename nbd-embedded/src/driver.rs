@@ -68,6 +68,9 @@ pub(crate) struct Outgoing {
     remaining: u64,
     /// The card failed at this offset: the rest goes out as zeroes.
     failed: Option<(ErrorCode, u64)>,
+    /// No byte of it was read yet: the first block comes from the card,
+    /// not from a copy cached before (another server may share the card).
+    fresh: bool,
 }
 
 /// A connection and the storage it serves.
@@ -210,12 +213,14 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
                 offset,
                 remaining: length,
                 failed: None,
+                fresh: true,
             }),
             Some(Payload::Zeroes { length }) => Some(Outgoing {
                 read: None,
                 offset: 0,
                 remaining: length,
                 failed: None,
+                fresh: true,
             }),
             None => None,
         };
@@ -235,6 +240,10 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
         let max = usize::try_from(out.remaining).unwrap_or(usize::MAX);
         if out.read.is_none() || out.failed.is_some() {
             return Ok(Some(zeroes(out.remaining)));
+        }
+        if out.fresh {
+            storage.forget_clean();
+            out.fresh = false;
         }
         match storage.read_piece(out.offset, max) {
             Ok(piece) => Ok(Some(piece)),

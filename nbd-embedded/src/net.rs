@@ -2,6 +2,32 @@
 //! on one listening socket, re-listening after each client, driven from the
 //! application's poll loop.
 //!
+//! # Several clients
+//!
+//! smoltcp lets several sockets listen on one port, each taking one
+//! connection. To serve `N` clients at once, make `N` servers, each with
+//! its own socket, over one card shared by reference with
+//! [`SharedCard`](crate::storage::SharedCard), and drive them all with
+//! [`poll_all`]:
+//!
+//! ```ignore
+//! let card = open_card();
+//! let mut servers: [TcpServer<_, _>; 2] = core::array::from_fn(|i| {
+//!     let storage = BlockStorage::new(SharedCard(&card)).unwrap();
+//!     TcpServer::new(handles[i], DEFAULT_PORT, Config::default(), exports, storage)
+//! });
+//! loop {
+//!     let delay = net::poll_all(&mut servers, now(), &mut iface, &mut device, &mut sockets);
+//!     sleep(delay);
+//! }
+//! ```
+//!
+//! Each extra client costs one `TcpServer` (about 2.3 KB: its connection
+//! state and its own scratch block, see the crate docs) plus its socket
+//! buffers. The clients see one card, without `NBD_FLAG_CAN_MULTI_CONN`:
+//! see [`SharedCard`](crate::storage::SharedCard) for what is consistent
+//! across connections and what is not.
+//!
 //! Received bytes are handed to the core straight from the socket's
 //! receive buffer (`recv` closure, no copy); write payloads go to the card
 //! as they arrive. Replies are written with `send_slice` once the send
@@ -127,18 +153,12 @@ where
         device: &mut P,
         sockets: &mut SocketSet<'_>,
     ) -> Option<Duration> {
-        iface.poll(now, device, sockets);
-        let more = self.service(sockets.get_mut::<tcp::Socket>(self.handle));
-        // This second poll also takes in frames that came meanwhile (the
-        // last ACK of a handshake, a request) that `service` has not seen:
-        // sleeping on them would stall the client until some unrelated
-        // frame arrives. So after any socket change, ask to be called again.
-        let changed = iface.poll(now, device, sockets) == PollResult::SocketStateChanged;
-        if more || changed {
-            Some(Duration::ZERO)
-        } else {
-            iface.poll_delay(now, sockets)
-        }
+        poll_all(core::slice::from_mut(self), now, iface, device, sockets)
+    }
+
+    /// The socket this server serves.
+    pub fn handle(&self) -> SocketHandle {
+        self.handle
     }
 
     /// Serves the socket without touching the interface (for applications
@@ -160,6 +180,8 @@ where
                 return false;
             }
             info!("client connected");
+            // Whatever a dropped client left in the scratch block is stale.
+            self.storage.invalidate();
             self.session = Some(Driver::new(Connection::new(
                 self.catalog.clone(),
                 self.config,
@@ -229,6 +251,39 @@ where
                 return Ok(false);
             }
         }
+    }
+}
+
+/// [`TcpServer::poll`] for several servers on one interface (one per
+/// concurrent client, usually all listening on the same port): polls the
+/// interface, serves every server's socket, and polls again. Returns how
+/// long the application may sleep, as [`TcpServer::poll`] does.
+pub fn poll_all<C, D, P, const REQUESTS: usize, const BUFFER: usize>(
+    servers: &mut [TcpServer<C, D, REQUESTS, BUFFER>],
+    now: Instant,
+    iface: &mut Interface,
+    device: &mut P,
+    sockets: &mut SocketSet<'_>,
+) -> Option<Duration>
+where
+    C: Catalog + Clone,
+    D: BlockDevice,
+    P: phy::Device + ?Sized,
+{
+    iface.poll(now, device, sockets);
+    let mut more = false;
+    for server in servers.iter_mut() {
+        more |= server.service(sockets.get_mut::<tcp::Socket>(server.handle));
+    }
+    // This second poll also takes in frames that came meanwhile (the last
+    // ACK of a handshake, a request) that `service` has not seen: sleeping
+    // on them would stall a client until some unrelated frame arrives. So
+    // after any socket change, ask to be called again.
+    let changed = iface.poll(now, device, sockets) == PollResult::SocketStateChanged;
+    if more || changed {
+        Some(Duration::ZERO)
+    } else {
+        iface.poll_delay(now, sockets)
     }
 }
 

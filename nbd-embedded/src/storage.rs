@@ -36,8 +36,11 @@ pub const BLOCK_SIZES: BlockSizeConstraints = BlockSizeConstraints {
 };
 
 /// What the adapter supports: flush and FUA (writes are synchronous),
-/// write-zeroes (written as zero blocks; not fast). One client at a time,
-/// so no multi-conn.
+/// write-zeroes (written as zero blocks; not fast). No multi-conn: each
+/// `BlockStorage` has its own scratch block, so when several servers share
+/// one card ([`SharedCard`]) a write still being streamed into one scratch
+/// block is not visible to, and may overwrite, another connection's write
+/// to the same 512-byte block (see [`SharedCard`]).
 pub const CAPABILITIES: Capabilities = Capabilities {
     flush: true,
     fua: true,
@@ -104,12 +107,25 @@ impl<D: BlockDevice> BlockStorage<D> {
         self.dirty = false;
     }
 
+    /// Drops the scratch block if it holds nothing unwritten, so that the
+    /// next read comes from the card. Called when a read starts sending:
+    /// another server sharing the card ([`SharedCard`]), or other code of
+    /// the application, may have written that block since it was cached.
+    pub(crate) fn forget_clean(&mut self) {
+        if !self.dirty {
+            self.cached = None;
+        }
+    }
+
     /// Makes the scratch hold `block`, reading it unless `overwrite` says
     /// every byte will be replaced. Unwritten bytes of another block are
     /// dropped: they can only be left over from a write that never got
-    /// its whole payload (the client went away).
-    fn load(&mut self, block: u32, overwrite: bool) -> Result<(), D::Error> {
-        if self.cached == Some(block) {
+    /// its whole payload (the client went away). A clean copy of `block`
+    /// is reused only if `reuse_clean` (a read going on within a block);
+    /// a write starting in a block reads it again, so that it merges with
+    /// what is on the card now, not with what was there when it was cached.
+    fn load(&mut self, block: u32, overwrite: bool, reuse_clean: bool) -> Result<(), D::Error> {
+        if self.cached == Some(block) && (self.dirty || reuse_clean) {
             return Ok(());
         }
         self.invalidate();
@@ -143,7 +159,7 @@ impl<D: BlockDevice> BlockStorage<D> {
         let block = (offset / BLOCK_SIZE as u64) as u32;
         let within = (offset % BLOCK_SIZE as u64) as usize;
         let n = max.min(BLOCK_SIZE - within);
-        if let Err(error) = self.load(block, false) {
+        if let Err(error) = self.load(block, false, true) {
             self.invalidate();
             return Err(error);
         }
@@ -167,7 +183,7 @@ impl<D: BlockDevice> BlockStorage<D> {
             let within = (offset % BLOCK_SIZE as u64) as usize;
             let n = data.len().min(BLOCK_SIZE - within);
             let covered = within == 0 && data.len() as u64 + remaining >= BLOCK_SIZE as u64;
-            if let Err(error) = self.load(block, covered) {
+            if let Err(error) = self.load(block, covered, false) {
                 self.invalidate();
                 return Err(error);
             }
@@ -206,4 +222,72 @@ impl<D: BlockDevice> BlockStorage<D> {
 /// `length` bytes of zeroes at most one block long, for padding.
 pub(crate) fn zeroes(length: u64) -> &'static [u8] {
     &ZEROES[..length.min(BLOCK_SIZE as u64) as usize]
+}
+
+/// A [`BlockDevice`] borrowed: lets several [`BlockStorage`]s (one per
+/// [`TcpServer`](crate::net::TcpServer), so one per concurrent client)
+/// share one card in a single-threaded poll loop. `BlockDevice` methods
+/// take `&self` and `embedded-sdmmc` implements the trait only for owned
+/// devices, hence this adapter; every call is passed on unchanged.
+///
+/// ```
+/// # use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
+/// # #[derive(Debug)] struct Card;
+/// # #[derive(Debug)] struct E;
+/// # impl core::fmt::Display for E { fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result { f.write_str("e") } }
+/// # impl core::error::Error for E {}
+/// # impl BlockDevice for Card {
+/// #     type Error = E;
+/// #     fn read(&self, _: &mut [Block], _: BlockIdx) -> Result<(), E> { Ok(()) }
+/// #     fn write(&self, _: &[Block], _: BlockIdx) -> Result<(), E> { Ok(()) }
+/// #     fn num_blocks(&self) -> Result<BlockCount, E> { Ok(BlockCount(8)) }
+/// # }
+/// use nbd_embedded::BlockStorage;
+/// use nbd_embedded::storage::SharedCard;
+///
+/// let card = Card;
+/// let first = BlockStorage::new(SharedCard(&card))?;
+/// let second = BlockStorage::new(SharedCard(&card))?;
+/// assert_eq!(first.size(), second.size());
+/// # Ok::<(), E>(())
+/// ```
+///
+/// Consistency: each storage writes every block of a write before the
+/// write is answered, and a read that starts sending fetches its first
+/// block from the card, so a write answered on one connection is seen by
+/// reads (and partial-block writes) that start later on any other. FLUSH
+/// and FUA on one connection, though, only cover that connection's writes:
+/// a write streamed across several polls keeps a partly filled block in
+/// its own scratch, and another connection's write to other bytes of the
+/// same 512-byte block in the meantime is overwritten when that block is
+/// written back. The exports therefore do not advertise
+/// `NBD_FLAG_CAN_MULTI_CONN`; clients writing through several connections
+/// must not write to the same block concurrently (a filesystem mounted
+/// once, or read-only clients, are fine).
+#[derive(Debug)]
+pub struct SharedCard<'a, D>(pub &'a D);
+
+// Not derived: a derive would require `D: Clone`, but a reference copies.
+impl<D> Clone for SharedCard<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<D> Copy for SharedCard<'_, D> {}
+
+impl<D: BlockDevice> BlockDevice for SharedCard<'_, D> {
+    type Error = D::Error;
+
+    fn read(&self, blocks: &mut [Block], start: BlockIdx) -> Result<(), D::Error> {
+        self.0.read(blocks, start)
+    }
+
+    fn write(&self, blocks: &[Block], start: BlockIdx) -> Result<(), D::Error> {
+        self.0.write(blocks, start)
+    }
+
+    fn num_blocks(&self) -> Result<BlockCount, D::Error> {
+        self.0.num_blocks()
+    }
 }
