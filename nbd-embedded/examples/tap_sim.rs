@@ -6,6 +6,7 @@
 //! ```text
 //! tap_sim --tap TAPNAME --ip 192.168.69.2/24 --file CARD.img [--port 10809]
 //!         [--mac 02:00:00:00:00:02] [--rx-buffer BYTES] [--tx-buffer BYTES]
+//!         [--clients N]
 //! ```
 //!
 //! The TAP device must exist and be up (`ip tuntap add dev TAPNAME mode tap`,
@@ -16,8 +17,13 @@
 //! "takes" it, as `BlockDevice::write` promises (FLUSH is then answered
 //! only after the file has the data).
 //!
+//! `--clients N` (default 1) serves up to N clients at once, as a board
+//! would with RAM to spare: N `TcpServer`s, each with its own socket (and
+//! socket buffers) listening on the port, over one card shared with
+//! `storage::SharedCard`, driven by `net::poll_all`.
+//!
 //! The loop sleeps in `select(2)` on the TAP descriptor for as long as the
-//! interface allows (`TcpServer::poll`'s delay): no busy spinning.
+//! interface allows (`net::poll_all`'s delay): no busy spinning.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -30,7 +36,8 @@ use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
 use nbd_core::export::Export;
 use nbd_core::server::Config;
 use nbd_embedded::BlockStorage;
-use nbd_embedded::net::TcpServer;
+use nbd_embedded::net::{self, TcpServer};
+use nbd_embedded::storage::SharedCard;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::phy::{self, Medium, TunTapInterface};
 use smoltcp::socket::tcp;
@@ -38,7 +45,8 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, IpCidr};
 
 const USAGE: &str = "usage: tap_sim --tap TAPNAME --ip ADDR/PREFIX --file CARD.img [--port PORT] \
-                     [--mac XX:XX:XX:XX:XX:XX] [--rx-buffer BYTES] [--tx-buffer BYTES]";
+                     [--mac XX:XX:XX:XX:XX:XX] [--rx-buffer BYTES] [--tx-buffer BYTES] \
+                     [--clients N]";
 
 /// Socket buffer sizes a microcontroller with 64 KiB of RAM can afford.
 const DEFAULT_RX_BUFFER: usize = 4096;
@@ -47,6 +55,8 @@ const DEFAULT_TX_BUFFER: usize = 4096;
 /// `TcpServer::new`): a few hundred bytes plus the export name.
 const MIN_TX_BUFFER: usize = 1024;
 const MIN_RX_BUFFER: usize = 64;
+/// Concurrent clients at most (each costs a server and two socket buffers).
+const MAX_CLIENTS: usize = 16;
 /// A locally administered unicast address.
 const DEFAULT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// The name the card is exported under (also the default export).
@@ -180,6 +190,7 @@ struct Args {
     mac: EthernetAddress,
     rx_buffer: usize,
     tx_buffer: usize,
+    clients: usize,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, SimError> {
@@ -189,6 +200,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, SimError> 
     let mut mac = EthernetAddress(DEFAULT_MAC);
     let mut rx_buffer = DEFAULT_RX_BUFFER;
     let mut tx_buffer = DEFAULT_TX_BUFFER;
+    let mut clients = 1;
     while let Some(flag) = args.next() {
         let value = args
             .next()
@@ -202,6 +214,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, SimError> 
             "--mac" => mac = value.parse().map_err(|_| bad("a MAC address"))?,
             "--rx-buffer" => rx_buffer = value.parse().map_err(|_| bad("a byte count"))?,
             "--tx-buffer" => tx_buffer = value.parse().map_err(|_| bad("a byte count"))?,
+            "--clients" => {
+                clients = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_CLIENTS).contains(n))
+                    .ok_or_else(|| bad(&format!("a number from 1 to {MAX_CLIENTS}")))?;
+            }
             _ => return Err(usage(format!("unknown argument {flag}"))),
         }
     }
@@ -220,12 +239,17 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, SimError> 
         mac,
         rx_buffer,
         tx_buffer,
+        clients,
     })
 }
 
 fn run(args: Args) -> Result<(), SimError> {
     let card = FileCard::open(&args.file).map_err(|e| SimError::Card(args.file.clone(), e))?;
-    let storage = BlockStorage::new(card).map_err(|e| SimError::Card(args.file.clone(), e))?;
+    // One scratch block per server; all of them on the one card.
+    let storages = (0..args.clients)
+        .map(|_| BlockStorage::new(SharedCard(&card)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SimError::Card(args.file.clone(), e))?;
     let mut device = TunTapInterface::new(&args.tap, Medium::Ethernet)
         .map_err(|e| SimError::Tap(args.tap.clone(), e))?;
     let fd = device.as_raw_fd();
@@ -243,17 +267,24 @@ fn run(args: Args) -> Result<(), SimError> {
     });
 
     let mut sockets = SocketSet::new(Vec::new());
-    let socket = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; args.rx_buffer]),
-        tcp::SocketBuffer::new(vec![0; args.tx_buffer]),
-    );
-    let handle = sockets.add(socket);
-    let size = storage.size();
-    // The server borrows its catalog for as long as it runs: the whole
+    let size = storages[0].size();
+    // The servers borrow their catalog for as long as they run: the whole
     // program.
-    let exports: &'static [Export<'static>] = Box::leak(Box::new([storage.export(EXPORT_NAME)]));
-    let mut server: TcpServer<_, _> =
-        TcpServer::new(handle, args.port, Config::default(), exports, storage);
+    let exports: &'static [Export<'static>] =
+        Box::leak(Box::new([storages[0].export(EXPORT_NAME)]));
+    let mut servers: Vec<TcpServer<_, _>> = storages
+        .into_iter()
+        .map(|storage| {
+            // Each server listens on the same port with a socket of its
+            // own: smoltcp hands each new connection to one listener.
+            let socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; args.rx_buffer]),
+                tcp::SocketBuffer::new(vec![0; args.tx_buffer]),
+            );
+            let handle = sockets.add(socket);
+            TcpServer::new(handle, args.port, Config::default(), exports, storage)
+        })
+        .collect();
 
     println!(
         "tap_sim: serving {} ({size} bytes) as export \"{EXPORT_NAME}\" on {}:{} via {}",
@@ -263,23 +294,33 @@ fn run(args: Args) -> Result<(), SimError> {
         args.tap
     );
     println!(
-        "tap_sim: server state {} bytes (TcpServer, card handle included), \
-         socket buffers {} + {} bytes",
-        core::mem::size_of_val(&server),
+        "tap_sim: up to {} client(s) at once; per client: server state {} bytes \
+         (TcpServer, card reference included), socket buffers {} + {} bytes",
+        args.clients,
+        core::mem::size_of_val(&servers[0]),
         args.rx_buffer,
         args.tx_buffer
     );
-    let mut connected = false;
+    let mut connected = vec![false; servers.len()];
     loop {
-        let delay = server.poll(Instant::now(), &mut iface, &mut device, &mut sockets);
-        if server.has_client() != connected {
-            connected = server.has_client();
-            if connected {
-                eprintln!("tap_sim: client connected");
+        let delay = net::poll_all(
+            &mut servers,
+            Instant::now(),
+            &mut iface,
+            &mut device,
+            &mut sockets,
+        );
+        for (i, server) in servers.iter_mut().enumerate() {
+            if server.has_client() != connected[i] {
+                connected[i] = server.has_client();
+                if connected[i] {
+                    let now = connected.iter().filter(|&&c| c).count();
+                    eprintln!("tap_sim: client connected on socket {i} ({now} connected)");
+                }
             }
-        }
-        if let Some(end) = server.take_session_end() {
-            eprintln!("tap_sim: session ended: {end:?}");
+            if let Some(end) = server.take_session_end() {
+                eprintln!("tap_sim: session on socket {i} ended: {end:?}");
+            }
         }
         if delay == Some(Duration::ZERO) {
             continue;

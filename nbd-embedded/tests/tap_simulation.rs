@@ -3,6 +3,9 @@
 //! `nbdcopy` (whole-card read, compared with the file) and `qemu-io`
 //! (aligned and unaligned writes read back with pattern checks, FLUSH).
 //! After the program is killed, the card file must hold every write.
+//! The simulation runs with `--clients 2`: a whole-card `nbdcopy` is served
+//! while a `qemu-io` holds a second connection open (reading, sleeping,
+//! reading again), both on port 10809.
 //!
 //! Everything runs in a network namespace the test creates (so the
 //! addresses cannot clash with the host's): the TAP device lives there
@@ -35,6 +38,9 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Limit for one client command (the whole-card read included).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the `qemu-io` of the two-client phase holds its connection
+/// while `nbdcopy` reads the card.
+const HOLD_MS: u32 = 5000;
 
 fn required() -> bool {
     std::env::var("NBD_REQUIRE_TOOLS").as_deref() == Ok("1")
@@ -352,7 +358,7 @@ fn real_clients_through_a_tap_device() {
         .args(["--tap", &netns.tap, "--ip", &format!("{SIM_ADDR}{PREFIX}")])
         .arg("--file")
         .arg(&card)
-        .args(["--port", "10809"])
+        .args(["--port", "10809", "--clients", "2"])
         .stdin(Stdio::null())
         .stdout(File::create(&stdout).unwrap())
         .stderr(File::create(&stderr).unwrap())
@@ -469,6 +475,74 @@ fn real_clients_through_a_tap_device() {
         "every read reported: {output}"
     );
 
+    let mut expected = original;
+    for (pattern, offset, length) in writes {
+        expected[offset..offset + length].fill(pattern);
+    }
+
+    // Two clients at once: qemu-io connects, reads, sleeps holding its
+    // connection, reads again; meanwhile nbdcopy reads the whole card on
+    // the second socket.
+    let connections = |sim: &Sim| {
+        fs::read_to_string(&sim.stderr)
+            .unwrap_or_default()
+            .matches("client connected")
+            .count()
+    };
+    let before = connections(&sim);
+    let (first, second) = (writes[0], writes[1]);
+    let mut holder = netns.exec("qemu-io");
+    holder
+        .args(["-f", "raw", "-c"])
+        .arg(format!("read -P {:#x} {} {}", first.0, first.1, first.2))
+        .arg("-c")
+        .arg(format!("sleep {HOLD_MS}"))
+        .arg("-c")
+        .arg(format!("read -P {:#x} {} {}", second.0, second.1, second.2))
+        .arg(&uri);
+    let holder = thread::spawn({
+        let dir = dir.0.clone();
+        move || run_bounded(&dir, &mut holder, COMMAND_TIMEOUT)
+    });
+    let start = Instant::now();
+    while connections(&sim) == before {
+        assert!(
+            start.elapsed() < START_TIMEOUT,
+            "qemu-io did not connect within {START_TIMEOUT:?}\n{}",
+            sim.logs()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let read = run_ok(
+        &dir.0,
+        netns.exec("nbdcopy").arg(&uri).arg(&copy),
+        COMMAND_TIMEOUT,
+    );
+    let copied = fs::read(&copy).unwrap();
+    assert!(
+        copied == expected,
+        "nbdcopy beside qemu-io differs from the card (first difference at {:?})",
+        first_difference(&copied, &expected)
+    );
+    let held = holder.join().unwrap();
+    let output = format!("{}{}", held.stdout, held.stderr);
+    assert!(
+        held.success() && output.matches("read ").count() == 2,
+        "qemu-io holding a connection: {:?}\n{output}",
+        held.status
+    );
+    let log = fs::read_to_string(&sim.stderr).unwrap_or_default();
+    assert!(
+        log.contains("(2 connected)"),
+        "nbdcopy was not served while qemu-io was connected:\n{log}"
+    );
+    println!(
+        "two clients at once: nbdcopy read {} MiB in {:.3} s while qemu-io held a \
+         connection for {HOLD_MS} ms",
+        CARD_SIZE >> 20,
+        read.elapsed.as_secs_f64()
+    );
+
     // Stop the program without warning: what was flushed must be on disk.
     if let Some(status) = sim.child.try_wait().unwrap() {
         panic!("tap_sim exited during the test ({status})\n{}", sim.logs());
@@ -479,10 +553,6 @@ fn real_clients_through_a_tap_device() {
         !log.contains("Failed"),
         "a session failed on the server side:\n{log}"
     );
-    let mut expected = original;
-    for (pattern, offset, length) in writes {
-        expected[offset..offset + length].fill(pattern);
-    }
     let after = fs::read(&card).unwrap();
     assert!(
         after == expected,
