@@ -68,9 +68,6 @@ pub(crate) struct Outgoing {
     remaining: u64,
     /// The card failed at this offset: the rest goes out as zeroes.
     failed: Option<(ErrorCode, u64)>,
-    /// No byte of it was read yet: the first block comes from the card,
-    /// not from a copy cached before (another server may share the card).
-    fresh: bool,
 }
 
 /// A connection and the storage it serves.
@@ -201,26 +198,29 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
     }
 
     /// The next message's header parts, when no payload is being sent.
-    /// Its payload, if any, becomes the current outgoing payload.
-    pub(crate) fn next_message(&mut self) -> Option<[&[u8]; 3]> {
+    /// Its payload, if any, becomes the current outgoing payload; read data
+    /// then starts from the card, not from a block `storage` cached before
+    /// (another server sharing the card may have written it since).
+    pub(crate) fn next_message(&mut self, storage: &mut BlockStorage<D>) -> Option<[&[u8]; 3]> {
         if self.out.is_some() {
             return None;
         }
         let transmit = self.conn.poll_transmit()?;
         self.out = match transmit.payload {
-            Some(Payload::Data { id, offset, length }) => Some(Outgoing {
-                read: Some(id),
-                offset,
-                remaining: length,
-                failed: None,
-                fresh: true,
-            }),
+            Some(Payload::Data { id, offset, length }) => {
+                storage.forget_clean();
+                Some(Outgoing {
+                    read: Some(id),
+                    offset,
+                    remaining: length,
+                    failed: None,
+                })
+            }
             Some(Payload::Zeroes { length }) => Some(Outgoing {
                 read: None,
                 offset: 0,
                 remaining: length,
                 failed: None,
-                fresh: true,
             }),
             None => None,
         };
@@ -240,10 +240,6 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
         let max = usize::try_from(out.remaining).unwrap_or(usize::MAX);
         if out.read.is_none() || out.failed.is_some() {
             return Ok(Some(zeroes(out.remaining)));
-        }
-        if out.fresh {
-            storage.forget_clean();
-            out.fresh = false;
         }
         match storage.read_piece(out.offset, max) {
             Ok(piece) => Ok(Some(piece)),

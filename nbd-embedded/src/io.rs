@@ -93,7 +93,7 @@ where
     T: Write,
 {
     let mut sent = false;
-    while let Some(parts) = driver.next_message() {
+    while let Some(parts) = driver.next_message(storage) {
         sent = true;
         for part in parts {
             io.write_all(part).map_err(Error::Transport)?;

@@ -319,7 +319,7 @@ where
         if free < reserve.min(capacity) {
             return Ok(sent);
         }
-        let Some(parts) = driver.next_message() else {
+        let Some(parts) = driver.next_message(storage) else {
             return Ok(sent);
         };
         if parts.iter().map(|p| p.len()).sum::<usize>() > free {

@@ -10,6 +10,7 @@ use nbd_core::export::Export;
 use nbd_core::server::SmallConnection;
 use nbd_embedded::BlockStorage;
 use nbd_embedded::net::TcpServer;
+use nbd_embedded::storage::SharedCard;
 
 /// A device of no size, so the figures are the crate's own (a real SPI
 /// card driver adds its bus handle and delay).
@@ -41,6 +42,9 @@ fn embedded_server_state_sizes() {
     let connection = size_of::<SmallConnection<Catalog>>();
     let server = size_of::<TcpServer<Catalog, NoCard>>();
     let tiny = size_of::<TcpServer<Catalog, NoCard, 4, 128>>();
+    // What each client served at once costs (net::poll_all over servers
+    // sharing the card), without its socket buffers.
+    let shared = size_of::<TcpServer<Catalog, SharedCard<'static, NoCard>>>();
     let socket = size_of::<smoltcp::socket::tcp::Socket<'static>>();
     let iface = size_of::<smoltcp::iface::Interface>();
     println!("size_of BlockStorage<D> (scratch block + state, plus D): {storage} bytes");
@@ -49,6 +53,9 @@ fn embedded_server_state_sizes() {
     );
     println!("size_of net::TcpServer<&[Export], D> (storage + connection + shell): {server} bytes");
     println!("size_of net::TcpServer<&[Export], D, 4, 128>: {tiny} bytes");
+    println!(
+        "size_of net::TcpServer<&[Export], SharedCard<D>> (per concurrent client): {shared} bytes"
+    );
     println!("size_of smoltcp tcp::Socket (without its buffers): {socket} bytes");
     println!("size_of smoltcp Interface: {iface} bytes");
     assert!(
@@ -58,6 +65,10 @@ fn embedded_server_state_sizes() {
     assert!(
         server < 2560,
         "TcpServer grew to {server} bytes; the budget is 2.5 KiB on a 64-bit host"
+    );
+    assert!(
+        shared <= server + size_of::<usize>(),
+        "sharing the card must cost at most the reference ({shared} vs {server} bytes)"
     );
     assert!(
         tiny < server,
