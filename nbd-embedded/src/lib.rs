@@ -14,6 +14,10 @@
 //! - [`net::TcpServer`]: a non-blocking shell over a smoltcp TCP socket,
 //!   one client at a time, re-listening after each, driven by
 //!   [`TcpServer::poll`](net::TcpServer::poll) from the application's loop.
+//!   For N clients at once where RAM allows: N servers with a socket each
+//!   on the same port, sharing one card through [`storage::SharedCard`],
+//!   driven by [`net::poll_all`] (see [`net`], "Several clients"; no
+//!   `NBD_FLAG_CAN_MULTI_CONN`, see [`storage::SharedCard`]).
 //! - `defmt` logging (feature `defmt`, forwarded to `nbd-core`,
 //!   `embedded-sdmmc` and `smoltcp`).
 //!
@@ -35,13 +39,16 @@
 //! | `BlockStorage<D>` (scratch block + state, plus `D`) | 528 |
 //! | `SmallConnection<&[Export]>` (the core, per client) | 1,696 |
 //! | `net::TcpServer<&[Export], D>` (all of the above and the shell) | 2,328 |
+//! | each further client: `TcpServer<&[Export], SharedCard<D>>` | 2,328 |
+//! | and its smoltcp `SocketStorage` slot | 336 |
 //!
 //! plus the socket buffers the application gives smoltcp (the send buffer
 //! must hold the largest message header: `64 + BUFFER` bytes plus the
 //! longest export name and description), or for [`io::serve`] the
 //! `BlockStorage`, the input buffer the caller passes, and about 1.7 KB of
-//! stack for the connection. On a 64-bit host the figures are 528, 1,768
-//! and 2,416 (printed by `cargo test -p nbd-embedded --test state_size --
+//! stack for the connection. Each further client also needs its own socket
+//! buffers. On a 64-bit host the figures are 528, 1,768, 2,416 and 2,424
+//! (printed by `cargo test -p nbd-embedded --test state_size --
 //! --nocapture`).
 //!
 //! `examples/tap_sim.rs` runs [`net::TcpServer`] on a Linux TAP device with

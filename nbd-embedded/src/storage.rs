@@ -39,8 +39,8 @@ pub const BLOCK_SIZES: BlockSizeConstraints = BlockSizeConstraints {
 /// write-zeroes (written as zero blocks; not fast). No multi-conn: each
 /// `BlockStorage` has its own scratch block, so when several servers share
 /// one card ([`SharedCard`]) a write still being streamed into one scratch
-/// block is not visible to, and may overwrite, another connection's write
-/// to the same 512-byte block (see [`SharedCard`]).
+/// block may overwrite another connection's concurrent write to other
+/// bytes of the same 512-byte block (see [`SharedCard`]).
 pub const CAPABILITIES: Capabilities = Capabilities {
     flush: true,
     fua: true,
@@ -252,18 +252,19 @@ pub(crate) fn zeroes(length: u64) -> &'static [u8] {
 /// # Ok::<(), E>(())
 /// ```
 ///
-/// Consistency: each storage writes every block of a write before the
-/// write is answered, and a read that starts sending fetches its first
-/// block from the card, so a write answered on one connection is seen by
-/// reads (and partial-block writes) that start later on any other. FLUSH
-/// and FUA on one connection, though, only cover that connection's writes:
-/// a write streamed across several polls keeps a partly filled block in
-/// its own scratch, and another connection's write to other bytes of the
-/// same 512-byte block in the meantime is overwritten when that block is
-/// written back. The exports therefore do not advertise
-/// `NBD_FLAG_CAN_MULTI_CONN`; clients writing through several connections
-/// must not write to the same block concurrently (a filesystem mounted
-/// once, or read-only clients, are fine).
+/// Consistency: each storage writes every block of a write to the card
+/// before the write is answered, a read fetches its first block from the
+/// card when its reply is queued, and a write that starts inside a block
+/// reads that block again; so a write answered on one connection is seen
+/// by reads and writes that start later on any other, and every answered
+/// write is on the card when any connection's FLUSH is answered. What is
+/// not shared is a write still in progress: streamed across several
+/// polls, it keeps a partly filled block in its own scratch, and when
+/// that block is written back it overwrites what another connection wrote
+/// meanwhile to other bytes of the same 512-byte block. So the exports do
+/// not advertise `NBD_FLAG_CAN_MULTI_CONN`, and clients writing through
+/// several connections must not write the same block at the same time
+/// (one writer and any number of readers are fine).
 #[derive(Debug)]
 pub struct SharedCard<'a, D>(pub &'a D);
 
