@@ -372,6 +372,28 @@ impl Qemu {
         }
     }
 
+    /// Waits until the firmware listens again after its last session: it
+    /// serves one client at a time and re-listens only once the previous
+    /// connection has closed (a few milliseconds), and a client arriving
+    /// in between is refused (through QEMU's user networking, after the
+    /// host side was accepted: "server disconnected unexpectedly").
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let log = self.log();
+            let listening = log.lines().filter(|l| l.contains(READY)).count();
+            let ended = log.lines().filter(|l| l.contains("session ended")).count();
+            if listening > ended {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the firmware did not listen again within {BOOT_TIMEOUT:?}:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops QEMU (SIGTERM, then SIGKILL) and the decoder; returns the log.
     fn stop(&mut self) -> String {
         if self.qemu.try_wait().unwrap().is_none() {
@@ -480,6 +502,7 @@ fn collect(mut pipe: impl std::io::Read + Send + 'static) -> JoinHandle<String> 
 /// Runs a client against the firmware; panics with its output and the
 /// firmware's log unless it succeeds.
 fn run(command: &mut Command, qemu: &Qemu) -> String {
+    qemu.wait_listening();
     let line = format!("{command:?}");
     let output = output_within(command, COMMAND_TIMEOUT);
     assert!(
