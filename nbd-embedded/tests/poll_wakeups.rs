@@ -19,11 +19,11 @@ use nbd_core::export::Export;
 use nbd_core::server::Config;
 use nbd_embedded::BlockStorage;
 use nbd_embedded::net::TcpServer;
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+use smoltcp::wire::IpAddress;
 
 /// A loopback whose queue the test can see.
 #[derive(Debug, Default)]
@@ -89,14 +89,8 @@ struct App {
 impl App {
     fn new() -> Self {
         let mut wire = Wire::default();
-        let config = IfaceConfig::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into());
+        let iface = common::loopback_interface(&mut wire);
         let now = Instant::from_millis(0);
-        let mut iface = Interface::new(config, &mut wire, now);
-        iface.update_ip_addrs(|addrs| {
-            addrs
-                .push(IpCidr::new(IpAddress::v4(127, 0, 0, 1), 8))
-                .unwrap();
-        });
         let mut sockets = SocketSet::new(Vec::new());
         let server_socket = sockets.add(tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; 1024]),
@@ -179,17 +173,6 @@ impl App {
     }
 }
 
-fn request(command: u16, offset: u64, length: u32) -> Vec<u8> {
-    let mut header = Vec::new();
-    header.extend(0x2560_9513u32.to_be_bytes());
-    header.extend(0u16.to_be_bytes());
-    header.extend(command.to_be_bytes());
-    header.extend(1u64.to_be_bytes());
-    header.extend(offset.to_be_bytes());
-    header.extend(length.to_be_bytes());
-    header
-}
-
 #[test]
 fn sleeping_as_told_never_stalls_a_client() {
     let mut app = App::new();
@@ -210,12 +193,12 @@ fn sleeping_as_told_never_stalls_a_client() {
         option.extend(b"card");
         app.send(&option);
         app.recv(10, "the export-name reply");
-        app.send(&request(0, 100, 3000));
+        app.send(&common::request_header(0, 0, 1, 100, 3000));
         let reply = app.recv(16 + 3000, "the read reply");
         assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
         let expected: Vec<u8> = (100..3100).map(pattern_byte).collect();
         assert!(reply[16..] == expected[..], "round {round}: read data");
-        app.send(&request(2, 0, 0)); // NBD_CMD_DISC
+        app.send(&common::request_header(0, 2, 1, 0, 0)); // NBD_CMD_DISC
         app.until("the server's FIN", |app| !app.client().may_recv());
         app.client().close();
         app.until("the client socket to close", |app| {

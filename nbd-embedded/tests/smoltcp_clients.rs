@@ -15,11 +15,11 @@ use nbd_core::server::{CloseReason, Config};
 use nbd_embedded::BlockStorage;
 use nbd_embedded::net::{self, SessionEnd, TcpServer};
 use nbd_embedded::storage::SharedCard;
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Loopback, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+use smoltcp::wire::IpAddress;
 
 type Server = TcpServer<&'static [Export<'static>], SharedCard<'static, MemCard>>;
 
@@ -46,14 +46,8 @@ impl Net {
     /// sockets.
     fn new(card: &'static MemCard, servers: usize, clients: usize) -> Self {
         let mut device = Loopback::new(Medium::Ethernet);
-        let config = IfaceConfig::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into());
+        let iface = common::loopback_interface(&mut device);
         let now = Instant::from_millis(0);
-        let mut iface = Interface::new(config, &mut device, now);
-        iface.update_ip_addrs(|addrs| {
-            addrs
-                .push(IpCidr::new(IpAddress::v4(127, 0, 0, 1), 8))
-                .unwrap();
-        });
         let mut sockets = SocketSet::new(Vec::new());
         let size = BlockStorage::new(SharedCard(card)).unwrap().size();
         let exports: &'static [Export<'static>] =
@@ -213,14 +207,7 @@ impl Net {
 }
 
 fn header(command: u16, offset: u64, length: u32) -> Vec<u8> {
-    let mut header = Vec::new();
-    header.extend(0x2560_9513u32.to_be_bytes());
-    header.extend(0u16.to_be_bytes());
-    header.extend(command.to_be_bytes());
-    header.extend(7u64.to_be_bytes());
-    header.extend(offset.to_be_bytes());
-    header.extend(length.to_be_bytes());
-    header
+    common::request_header(0, command, 7, offset, length)
 }
 
 fn bytes(len: usize, seed: u32) -> Vec<u8> {

@@ -11,11 +11,11 @@ use nbd_core::export::Export;
 use nbd_core::server::{CloseReason, Config};
 use nbd_embedded::BlockStorage;
 use nbd_embedded::net::{SessionEnd, TcpServer};
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Loopback, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
+use smoltcp::wire::IpAddress;
 
 type Server = TcpServer<&'static [Export<'static>], MemCard>;
 
@@ -32,14 +32,8 @@ struct Net {
 impl Net {
     fn new(card: MemCard) -> Self {
         let mut device = Loopback::new(Medium::Ethernet);
-        let config = IfaceConfig::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into());
+        let iface = common::loopback_interface(&mut device);
         let now = Instant::from_millis(0);
-        let mut iface = Interface::new(config, &mut device, now);
-        iface.update_ip_addrs(|addrs| {
-            addrs
-                .push(IpCidr::new(IpAddress::v4(127, 0, 0, 1), 8))
-                .unwrap();
-        });
         let mut sockets = SocketSet::new(Vec::new());
         // Small server buffers, as on a microcontroller.
         let server_socket = tcp::Socket::new(
@@ -140,13 +134,7 @@ impl Net {
 
     /// A request with simple replies; returns the error and read data.
     fn request(&mut self, command: u16, offset: u64, length: u32, data: &[u8]) -> (u32, Vec<u8>) {
-        let mut header = Vec::new();
-        header.extend(0x2560_9513u32.to_be_bytes());
-        header.extend(0u16.to_be_bytes());
-        header.extend(command.to_be_bytes());
-        header.extend(7u64.to_be_bytes());
-        header.extend(offset.to_be_bytes());
-        header.extend(length.to_be_bytes());
+        let mut header = common::request_header(0, command, 7, offset, length);
         header.extend(data);
         self.send(&header);
         let reply = self.recv(16);
@@ -186,12 +174,7 @@ fn serves_clients_one_after_another() {
         assert!(data == bytes, "read back differs");
         assert_eq!(net.request(3, 0, 0, &[]).0, 0, "flush");
         // Disconnect: the server closes its side.
-        let mut disc = Vec::new();
-        disc.extend(0x2560_9513u32.to_be_bytes());
-        disc.extend(0u16.to_be_bytes());
-        disc.extend(2u16.to_be_bytes());
-        disc.extend([0u8; 20]);
-        net.send(&disc);
+        net.send(&common::request_header(0, 2, 0, 0, 0));
         while net.client().may_recv() {
             net.step();
         }

@@ -1,5 +1,6 @@
 //! Test support: an in-memory block device, an `embedded-io` wrapper over
-//! `TcpStream`, and a server on loopback running `nbd_embedded::io::serve`.
+//! `TcpStream`, a server on loopback running `nbd_embedded::io::serve`, and
+//! for the smoltcp tests an interface at 127.0.0.1 and request headers.
 #![allow(dead_code)]
 
 use std::net::{TcpListener, TcpStream};
@@ -10,6 +11,9 @@ use std::thread::JoinHandle;
 use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
 use nbd_core::server::Config;
 use nbd_embedded::BlockStorage;
+use smoltcp::iface::{Config as IfaceConfig, Interface};
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
 
 /// A card: a vector of blocks shared with the test, and a block whose reads
 /// or writes fail (`u32::MAX`: none).
@@ -175,4 +179,29 @@ pub fn spawn_server(
         outcomes
     });
     (port, thread)
+}
+
+/// A smoltcp interface on `device` at 127.0.0.1/8, at time zero: the
+/// network of the smoltcp tests (server and client sockets side by side).
+pub fn loopback_interface<D: smoltcp::phy::Device + ?Sized>(device: &mut D) -> Interface {
+    let config = IfaceConfig::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into());
+    let mut iface = Interface::new(config, device, Instant::from_millis(0));
+    iface.update_ip_addrs(|addrs| {
+        addrs
+            .push(IpCidr::new(IpAddress::v4(127, 0, 0, 1), 8))
+            .unwrap();
+    });
+    iface
+}
+
+/// A request header (`NBD_REQUEST_MAGIC`, 28 bytes).
+pub fn request_header(flags: u16, command: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut header = Vec::with_capacity(28);
+    header.extend(0x2560_9513u32.to_be_bytes());
+    header.extend(flags.to_be_bytes());
+    header.extend(command.to_be_bytes());
+    header.extend(handle.to_be_bytes());
+    header.extend(offset.to_be_bytes());
+    header.extend(length.to_be_bytes());
+    header
 }

@@ -6,7 +6,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_MAGIC: u32 = 0x6744_6698;
 const STRUCTURED_MAGIC: u32 = 0x668e_33ef;
 
@@ -66,13 +65,7 @@ impl Client {
     /// Sends a request; returns its handle.
     pub fn send(&mut self, command: u16, flags: u16, offset: u64, length: u32, data: &[u8]) -> u64 {
         self.handle += 1;
-        let mut header = Vec::with_capacity(28);
-        header.extend(REQUEST_MAGIC.to_be_bytes());
-        header.extend(flags.to_be_bytes());
-        header.extend(command.to_be_bytes());
-        header.extend(self.handle.to_be_bytes());
-        header.extend(offset.to_be_bytes());
-        header.extend(length.to_be_bytes());
+        let header = crate::common::request_header(flags, command, self.handle, offset, length);
         self.stream.write_all(&header).unwrap();
         self.stream.write_all(data).unwrap();
         self.handle
