@@ -132,12 +132,7 @@ fn write_with_payload_len_gets_a_none_chunk() {
     assert_eq!(header.chunk_type, ChunkType::None);
     assert_eq!(header.length, 0);
     assert_eq!(&h.disk()[8192..11192], &data[..]);
-    let requests: Vec<_> = h
-        .events
-        .iter()
-        .filter_map(Ev::request)
-        .map(anonymous)
-        .collect();
+    let requests = h.anonymous_requests();
     assert_eq!(
         requests,
         vec![Request::Write {
@@ -269,12 +264,7 @@ fn block_status_with_a_payload() {
         16,
     ));
     h.send_bytewise(&bytes);
-    let requests: Vec<_> = h
-        .events
-        .iter()
-        .filter_map(Ev::request)
-        .map(anonymous)
-        .collect();
+    let requests = h.anonymous_requests();
     let zero = RequestId::from_bits(0);
     assert_eq!(
         requests,

@@ -251,12 +251,7 @@ fn block_status_reports_extents_in_one_chunk() {
         })
         .collect();
     assert!(starts.iter().all(|&s| s < 8192), "{list:?}");
-    let requests: Vec<_> = h
-        .take_events()
-        .iter()
-        .filter_map(Ev::request)
-        .map(anonymous)
-        .collect();
+    let requests = h.anonymous_requests();
     assert_eq!(
         requests,
         vec![Request::BlockStatus {

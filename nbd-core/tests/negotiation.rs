@@ -593,31 +593,8 @@ fn a_whole_conversation_streams_at_every_split() {
         0,
     ));
 
-    let run = |feed: &dyn Fn(&mut H, &[u8])| {
-        let mut h = H::new(two_exports(), Config::default());
-        let mut out = h.received();
-        feed(&mut h, &conversation);
-        out.extend(h.received());
-        // Ids depend on when slots are freed, so only the rest is compared.
-        let requests: Vec<_> = h
-            .events
-            .iter()
-            .filter_map(Ev::request)
-            .map(anonymous)
-            .collect();
-        let written: Vec<u8> = h
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Ev::WriteData { data, .. } => Some(data.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        assert_eq!(h.events.last(), Some(&Ev::Close(CloseReason::Disconnect)));
-        assert_eq!(h.pending_input(), 0);
-        (out, requests, written, h.storage.clone())
-    };
+    let connect = || H::new(two_exports(), Config::default());
+    let run = |feed: &dyn Fn(&mut H, &[u8])| run_conversation(&connect, &conversation, feed);
     let whole = run(&|h, bytes| h.send(bytes));
     assert_eq!(whole.2, payload);
     let bytewise = run(&|h, bytes| h.send_bytewise(bytes));

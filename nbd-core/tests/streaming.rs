@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use nbd_core::export::{Capabilities, Export};
-use nbd_core::server::{CloseReason, Config, Request};
+use nbd_core::server::Config;
 use nbd_core::wire::{Command, CommandFlags, HeaderStyle, InfoType, OptionCode};
 
 type H = Harness;
@@ -21,58 +21,19 @@ fn small_export() -> Export<'static> {
         })
 }
 
-/// What a run produced: bytes sent, requests made (ids left out), bytes
-/// handed out as write data, final storage.
-type Outcome = (Vec<u8>, Vec<Request>, Vec<u8>, Vec<Vec<u8>>);
-
-fn outcome(h: &mut H, mut sent: Vec<u8>) -> Outcome {
-    sent.extend(h.received());
-    let requests = h
-        .events
-        .iter()
-        .filter_map(Ev::request)
-        .map(anonymous)
-        .collect();
-    let written = h
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Ev::WriteData { data, .. } => Some(data.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    assert_eq!(
-        h.events.last(),
-        Some(&Ev::Close(CloseReason::Disconnect)),
-        "session did not end"
-    );
-    assert_eq!(h.pending_input(), 0);
-    (sent, requests, written, h.storage.clone())
-}
-
-/// Runs `conversation` against a fresh connection made by `connect`, fed by
-/// `feed`.
-fn run(connect: &dyn Fn() -> H, conversation: &[u8], feed: &dyn Fn(&mut H, &[u8])) -> Outcome {
-    let mut h = connect();
-    let sent = h.received();
-    feed(&mut h, conversation);
-    outcome(&mut h, sent)
-}
-
 fn check_all_splits(connect: &dyn Fn() -> H, conversation: &[u8]) {
-    let whole = run(connect, conversation, &|h, bytes| h.send(bytes));
+    let whole = run_conversation(connect, conversation, &|h, bytes| h.send(bytes));
     for at in 0..=conversation.len() {
-        let split = run(connect, conversation, &|h, bytes| {
+        let split = run_conversation(connect, conversation, &|h, bytes| {
             h.send(&bytes[..at]);
             h.send(&bytes[at..]);
         });
         assert!(split == whole, "different outcome when cut at byte {at}");
     }
-    let bytewise = run(connect, conversation, &|h, bytes| h.send_bytewise(bytes));
+    let bytewise = run_conversation(connect, conversation, &|h, bytes| h.send_bytewise(bytes));
     assert!(bytewise == whole, "different outcome byte by byte");
     for seed in 1..=16 {
-        let pieces = run(connect, conversation, &|h, bytes| {
+        let pieces = run_conversation(connect, conversation, &|h, bytes| {
             h.send_in_pieces(bytes, seed, 33)
         });
         assert!(pieces == whole, "different outcome in pieces, seed {seed}");
@@ -162,7 +123,7 @@ fn simple_replies_at_every_split() {
 fn structured_replies_at_every_split() {
     let connect = || H::transmission(vec![small_export()], Config::default(), true);
     let conversation = transmission_requests(HeaderStyle::Compact);
-    let whole = run(&connect, &conversation, &|h, bytes| h.send(bytes));
+    let whole = run_conversation(&connect, &conversation, &|h, bytes| h.send(bytes));
     // Sanity: ten requests, nine replies (none to DISC), writes stored.
     let got = replies(&whole.0, &[]);
     let finals: Vec<_> = got

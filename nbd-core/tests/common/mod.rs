@@ -278,6 +278,16 @@ impl<const REQUESTS: usize, const BUFFER: usize> Harness<REQUESTS, BUFFER> {
         core::mem::take(&mut self.events)
     }
 
+    /// The storage requests among the recorded events, ids zeroed
+    /// ([`anonymous`]).
+    pub fn anonymous_requests(&self) -> Vec<Request> {
+        self.events
+            .iter()
+            .filter_map(Ev::request)
+            .map(anonymous)
+            .collect()
+    }
+
     /// The held requests since the last call.
     pub fn take_held(&mut self) -> Vec<Request> {
         core::mem::take(&mut self.held)
@@ -654,6 +664,41 @@ pub fn anonymous(request: Request) -> Request {
         Request::Resize { size, .. } => Request::Resize { id: zero, size },
         other => other,
     }
+}
+
+/// What a whole conversation produced: bytes sent, storage requests (ids
+/// zeroed, as they depend on when slots are freed), bytes handed out as
+/// write data, final storage. Feeding the same conversation in different
+/// pieces must not change any of it.
+pub type Outcome = (Vec<u8>, Vec<Request>, Vec<u8>, Vec<Vec<u8>>);
+
+/// Runs `conversation`, which must end the session with a disconnect,
+/// against a fresh connection made by `connect`, fed by `feed`.
+pub fn run_conversation(
+    connect: &dyn Fn() -> Harness,
+    conversation: &[u8],
+    feed: &dyn Fn(&mut Harness, &[u8]),
+) -> Outcome {
+    let mut h = connect();
+    let mut sent = h.received();
+    feed(&mut h, conversation);
+    sent.extend(h.received());
+    let written = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Ev::WriteData { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        h.events.last(),
+        Some(&Ev::Close(CloseReason::Disconnect)),
+        "session did not end"
+    );
+    assert_eq!(h.pending_input(), 0);
+    (sent, h.anonymous_requests(), written, h.storage.clone())
 }
 
 /// A harness with a 320-byte buffer, as [`nbd_core::server::SmallConnection`].
