@@ -97,9 +97,14 @@ class Session {
       this.owner.sessionTaken(this);
     }
     for (const option of this.options.push(bytes)) this.emit({ type: "option", ...option });
+    this.drive((server) => server.push(bytes));
+  }
+
+  /** Runs the server (`push` or `poll`), handles its events and sends what it has for the client. */
+  drive(step) {
     let events;
     try {
-      events = this.server.push(bytes);
+      events = step(this.server);
     } catch (error) {
       this.fail(`server: ${error.message ?? error}`);
       return;
@@ -154,16 +159,7 @@ class Session {
     this.pumpQueued = true;
     queueMicrotask(() => {
       this.pumpQueued = false;
-      if (!this.server) return;
-      let events;
-      try {
-        events = this.server.poll();
-      } catch (error) {
-        this.fail(`server: ${error.message ?? error}`);
-        return;
-      }
-      this.handle(events);
-      this.send();
+      if (this.server) this.drive((server) => server.poll());
     });
   }
 
