@@ -4,8 +4,8 @@
 // tells tests where the page is: loading, ready, waiting-file,
 // connecting, serving, inspecting, inspected, stopped, error.
 import {
-  FileDisk, OpfsDisk, RamDisk, connectExport, flagNames, formatSize, listExports, load, parseSize,
-  readPartitionTable, serveDisk,
+  FileDisk, OpfsDisk, RamDisk, connectExport, flagNames, formatSize, listExports, load, readPartitionTable,
+  serveDisk,
 } from "../js/index.js";
 
 const $ = (id) => document.getElementById(id);
@@ -111,14 +111,14 @@ function renderServe() {
 async function makeDisk(source) {
   switch (source) {
     case "ram":
-      return new RamDisk(parseSize($("ram-size").value), { fill: $("ram-pattern").checked ? "pattern" : 0 });
+      return new RamDisk($("ram-size").value, { fill: $("ram-pattern").checked ? "pattern" : 0 });
     case "file": {
       const file = $("file-input").files[0];
       if (!file) throw new Error("choose a file first");
       return new FileDisk(file);
     }
     case "opfs":
-      return OpfsDisk.open($("opfs-name").value || "disk", { size: $("opfs-size").value ? parseSize($("opfs-size").value) : undefined });
+      return OpfsDisk.open($("opfs-name").value || "disk", { size: $("opfs-size").value || undefined });
     default:
       throw new Error(`unknown disk source ${source}`);
   }
