@@ -69,10 +69,14 @@ export function requireTools(t, tools) {
     missing.push("npm playwright-core (run npm ci in nbd-wasm)");
   }
   if (!missing.length) return true;
-  const message = `missing: ${missing.join(", ")}`;
+  skipOrFail(t, `missing: ${missing.join(", ")}`);
+  return false;
+}
+
+/** Skips the test (`t.skip(message)`) or, with NBD_REQUIRE_TOOLS=1, throws `message`. */
+export function skipOrFail(t, message) {
   if (process.env.NBD_REQUIRE_TOOLS === "1") throw new Error(message);
   t.skip(message);
-  return false;
 }
 
 /** A child process whose output is kept; `stop()` kills it by PID (SIGTERM, then SIGKILL). */
