@@ -51,13 +51,14 @@ wasm-bindgen --target web "${strip[@]}" --out-dir "$pkg/web" "$wasm"
 echo '{ "type": "commonjs" }' >"$pkg/node/package.json"
 echo '{ "type": "module" }' >"$pkg/web/package.json"
 
-for out in "$pkg"/node/nbd_wasm_bg.wasm "$pkg"/web/nbd_wasm_bg.wasm; do
-    if command -v wasm-opt >/dev/null 2>&1; then
+opt=", no wasm-opt"
+if command -v wasm-opt >/dev/null 2>&1; then
+    for out in "$pkg"/node/nbd_wasm_bg.wasm "$pkg"/web/nbd_wasm_bg.wasm; do
         wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
             --enable-sign-ext --enable-mutable-globals "$out" -o "$out"
-    fi
-done
+    done
+    opt=", wasm-opt -Oz"
+fi
 
 size=$(stat -c %s "$pkg/node/nbd_wasm_bg.wasm")
-printf 'nbd-wasm: %s (%d bytes, %d KiB)%s\n' "$pkg/node/nbd_wasm_bg.wasm" "$size" "$((size / 1024))" \
-    "$(command -v wasm-opt >/dev/null 2>&1 && echo ', wasm-opt -Oz' || echo ', no wasm-opt')"
+printf 'nbd-wasm: %s (%d bytes, %d KiB)%s\n' "$pkg/node/nbd_wasm_bg.wasm" "$size" "$((size / 1024))" "$opt"
