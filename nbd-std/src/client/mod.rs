@@ -61,6 +61,7 @@ pub use nbd_core::client::BASE_ALLOCATION;
 pub use uri::{Endpoint, NbdUri, UriError};
 
 use driver::{FatalSlot, Limits, Op};
+use transport::TlsConfig;
 
 /// Requests in flight per connection (the core's `StdConnection`).
 pub const MAX_REQUESTS: usize = 128;
@@ -161,7 +162,7 @@ impl ExportDetails {
 /// Lists the server's exports (`NBD_OPT_LIST`). The export in the URI is
 /// ignored.
 pub async fn list_exports(uri: &NbdUri) -> Result<Vec<ListedExport>> {
-    let (_, _, negotiated) = negotiate::open(uri, Mode::List).await?;
+    let (_, _, negotiated) = negotiate::open(uri, Mode::List, &TlsConfig::default()).await?;
     Ok(negotiated.list)
 }
 
@@ -173,14 +174,16 @@ pub async fn list_exports(uri: &NbdUri) -> Result<Vec<ListedExport>> {
 /// asked with `NBD_OPT_GO` instead, as nbdinfo does; the metadata contexts
 /// are then those selected (`base:allocation`).
 pub async fn export_info(uri: &NbdUri) -> Result<ExportDetails> {
-    match negotiate::open(uri, Mode::Info).await {
+    let tls = TlsConfig::default();
+    match negotiate::open(uri, Mode::Info, &tls).await {
         Ok((_, _, negotiated)) => negotiated.details(&uri.export),
         Err(Error::OptionRefused {
             option: nbd_core::wire::OptionCode::Info,
             reply: nbd_core::wire::OptionReplyType::ErrUnsupported,
             ..
         }) => {
-            let (mut transport, mut conn, negotiated) = negotiate::open(uri, Mode::Go).await?;
+            let (mut transport, mut conn, negotiated) =
+                negotiate::open(uri, Mode::Go, &tls).await?;
             negotiate::hang_up(&mut transport, &mut conn).await;
             negotiated.details(&uri.export)
         }
@@ -244,7 +247,8 @@ impl Client {
 
     /// [`connect_many`](Self::connect_many) with a parsed URI.
     pub async fn connect_uri(uri: &NbdUri, connections: usize) -> Result<Self> {
-        let (first, details, can_block_status) = Self::open_one(uri).await?;
+        let tls = TlsConfig::default();
+        let (first, details, can_block_status) = Self::open_one(uri, &tls).await?;
         let wanted = if details.export.can_multi_conn() {
             connections.max(1)
         } else {
@@ -253,8 +257,10 @@ impl Client {
         let mut handles = vec![first];
         let mut opening = Vec::new();
         for _ in 1..wanted {
-            let uri = uri.clone();
-            opening.push(tokio::spawn(async move { Self::open_one(&uri).await }));
+            let (uri, tls) = (uri.clone(), tls.clone());
+            opening.push(tokio::spawn(
+                async move { Self::open_one(&uri, &tls).await },
+            ));
         }
         for task in opening {
             let (handle, ..) = task
@@ -276,8 +282,8 @@ impl Client {
     }
 
     /// Opens and negotiates one connection and starts its task.
-    async fn open_one(uri: &NbdUri) -> Result<(Handle, ExportDetails, bool)> {
-        let (transport, conn, negotiated) = negotiate::open(uri, Mode::Go).await?;
+    async fn open_one(uri: &NbdUri, tls: &TlsConfig) -> Result<(Handle, ExportDetails, bool)> {
+        let (transport, conn, negotiated) = negotiate::open(uri, Mode::Go, tls).await?;
         let details = negotiated.details(&uri.export)?;
         let sizes = details.export.block_sizes;
         let minimum = u64::from(sizes.minimum.max(1));

@@ -7,7 +7,7 @@ use nbd_core::wire::{Info, OptionCode, OptionReplyType};
 use tokio::time::{Duration, timeout};
 
 use super::error::{Error, Result};
-use super::transport::Transport;
+use super::transport::{TlsConfig, Transport};
 use super::uri::NbdUri;
 use super::{ExportDetails, ListedExport};
 use nbd_core::client::BASE_ALLOCATION;
@@ -80,10 +80,12 @@ pub(crate) fn config(uri: &NbdUri, mode: Mode) -> Config<'_> {
     config
 }
 
-/// Opens `uri` and negotiates in `mode`, within the connect timeout.
+/// Opens `uri` and negotiates in `mode`, within the connect timeout; a
+/// TLS handshake uses (and on first use builds) `tls`.
 pub(crate) async fn open(
     uri: &NbdUri,
     mode: Mode,
+    tls: &TlsConfig,
 ) -> Result<(Transport, Box<StdConnection>, Negotiated)> {
     let work = async {
         let mut transport = Transport::connect(uri).await?;
@@ -92,7 +94,7 @@ pub(crate) async fn open(
             StdConnection::new(config(uri, mode))
                 .map_err(|_| Error::NameTooLong(uri.export.len()))?,
         );
-        let negotiated = match negotiate(&mut transport, &mut conn, uri, mode).await {
+        let negotiated = match negotiate(&mut transport, &mut conn, uri, mode, tls).await {
             Ok(negotiated) => negotiated,
             Err(error) => return Err(transport.explain(error, &uri.address())),
         };
@@ -127,6 +129,7 @@ async fn negotiate(
     conn: &mut StdConnection,
     uri: &NbdUri,
     mode: Mode,
+    tls: &TlsConfig,
 ) -> Result<Negotiated> {
     let mut out = Vec::new();
     let mut input = vec![0u8; NEGOTIATION_BUFFER];
@@ -201,7 +204,7 @@ async fn negotiate(
                     reason: "the server sent data between its STARTTLS acknowledgement and the TLS handshake".into(),
                 });
             }
-            transport.start_tls(uri).await?;
+            transport.start_tls(uri, tls).await?;
             continue;
         }
         answered = match mode {

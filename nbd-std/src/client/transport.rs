@@ -9,9 +9,10 @@
 //! plain unix socket. It costs a copy per byte, on the client side only.
 
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Ready};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::debug;
@@ -38,6 +39,25 @@ pub(crate) enum Transport {
 /// Why a TLS relay stopped early (a TLS alert, say), recorded before it
 /// closes the driver's socket so the driver's error can name it.
 pub(crate) type RelayFailure = Arc<Mutex<Option<String>>>;
+
+/// The rustls configuration of one URI's TLS options, built at the first
+/// TLS handshake and shared by every connection opened with this value
+/// (the connections of one [`Client`](super::Client)): the certificates
+/// and trust store are read once, not once per connection.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TlsConfig(Arc<OnceLock<Arc<ClientConfig>>>);
+
+impl TlsConfig {
+    fn get(&self, uri: &NbdUri) -> std::result::Result<Arc<ClientConfig>, crate::tls::TlsError> {
+        if let Some(config) = self.0.get() {
+            return Ok(Arc::clone(config));
+        }
+        let options = uri.tls.clone().unwrap_or_default();
+        let config = crate::tls::client_config(&options)?;
+        // Connections racing here build equal configurations: keep one.
+        Ok(Arc::clone(self.0.get_or_init(|| config)))
+    }
+}
 
 impl Transport {
     /// Opens the transport `uri` names.
@@ -113,10 +133,9 @@ impl Transport {
 
     /// Runs the TLS handshake on this transport (after the server
     /// acknowledged `NBD_OPT_STARTTLS`) and goes on over TLS.
-    pub(crate) async fn start_tls(&mut self, uri: &NbdUri) -> Result<()> {
-        let options = uri.tls.clone().unwrap_or_default();
+    pub(crate) async fn start_tls(&mut self, uri: &NbdUri, tls: &TlsConfig) -> Result<()> {
         let setup = |error: crate::tls::TlsError| Error::TlsSetup(Arc::new(error));
-        let config = crate::tls::client_config(&options).map_err(setup)?;
+        let config = tls.get(uri).map_err(setup)?;
         let name = crate::tls::server_name(uri.tls_server_name()).map_err(setup)?;
         let connector = tokio_rustls::TlsConnector::from(config);
         let (near, far) = UnixStream::pair().map_err(Error::io)?;
