@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,7 +45,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use tracing::{debug, info, warn};
 
 /// Most bytes an idle provider may send before a client takes it. The
@@ -292,7 +292,7 @@ enum SessionError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("WebSocket: {0}")]
-    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    WebSocket(#[from] tungstenite::Error),
     #[error("the browser sent a text message; NBD needs binary messages")]
     TextMessage,
 }
@@ -303,20 +303,24 @@ impl ProviderStream {
     async fn receive(&mut self, buffer: &mut [u8]) -> Result<Received, SessionError> {
         match self {
             ProviderStream::Tcp(stream) => read_chunk(stream, buffer).await,
-            ProviderStream::WebSocket(stream) => match stream.next().await {
-                None => Ok(Received::Closed),
-                Some(message) => from_message(message?),
-            },
+            ProviderStream::WebSocket(stream) => next_message(stream.as_mut()).await,
         }
     }
 }
 
-fn from_message(message: Message) -> Result<Received, SessionError> {
-    match message {
-        Message::Binary(bytes) => Ok(Received::Message(bytes)),
-        Message::Close(_) => Ok(Received::Closed),
-        Message::Text(_) => Err(SessionError::TextMessage),
-        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Received::Nothing),
+/// The next WebSocket message (cancel-safe), whole or split off its sink.
+async fn next_message<S>(stream: &mut S) -> Result<Received, SessionError>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    match stream.next().await {
+        None => Ok(Received::Closed),
+        Some(message) => match message? {
+            Message::Binary(bytes) => Ok(Received::Message(bytes)),
+            Message::Close(_) => Ok(Received::Closed),
+            Message::Text(_) => Err(SessionError::TextMessage),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Received::Nothing),
+        },
     }
 }
 
@@ -697,10 +701,7 @@ impl ProviderReader {
     async fn receive(&mut self, buffer: &mut [u8]) -> Result<Received, SessionError> {
         match self {
             ProviderReader::Tcp(stream) => read_chunk(stream, buffer).await,
-            ProviderReader::WebSocket(stream) => match stream.next().await {
-                None => Ok(Received::Closed),
-                Some(message) => from_message(message?),
-            },
+            ProviderReader::WebSocket(stream) => next_message(stream).await,
         }
     }
 }
