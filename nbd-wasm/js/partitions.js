@@ -118,20 +118,21 @@ export async function readPartitionTable(read, size, sectorSize = 512) {
 async function readGpt(read, size, sectorSize, warnings) {
   const header = await read(sectorSize, sectorSize);
   if (new TextDecoder().decode(header.subarray(0, 8)) !== "EFI PART") return null;
+  const diskId = guidText(header.subarray(56, 72));
   const view = new DataView(header.buffer, header.byteOffset, header.byteLength);
   const entriesLba = Number(view.getBigUint64(72, true));
   const count = view.getUint32(80, true);
   const entrySize = view.getUint32(84, true);
   if (entrySize < 128 || entrySize > 4096 || count === 0) {
     warnings.push(`GPT entries of ${entrySize} bytes, ${count} of them: not read`);
-    return { scheme: "gpt", diskId: guidText(header.subarray(56, 72)), partitions: [] };
+    return { scheme: "gpt", diskId, partitions: [] };
   }
   const shown = Math.min(count, MAX_GPT_ENTRIES);
   if (shown < count) warnings.push(`GPT has ${count} entries; the first ${shown} are read`);
   const bytes = shown * entrySize;
   if (entriesLba * sectorSize + bytes > size) {
     warnings.push("GPT entry array is past the end of the disk");
-    return { scheme: "gpt", diskId: guidText(header.subarray(56, 72)), partitions: [] };
+    return { scheme: "gpt", diskId, partitions: [] };
   }
   const table = await read(entriesLba * sectorSize, bytes);
   const partitions = [];
@@ -153,5 +154,5 @@ async function readGpt(read, size, sectorSize, warnings) {
       type, typeName: GPT_TYPES[type] ?? "unknown", name, guid: guidText(entry.subarray(16, 32)),
     });
   }
-  return { scheme: "gpt", diskId: guidText(header.subarray(56, 72)), partitions };
+  return { scheme: "gpt", diskId, partitions };
 }
