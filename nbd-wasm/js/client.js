@@ -52,9 +52,8 @@ export class NbdConnection {
    * "info" and "list": see `negotiation`).
    */
   static open(url, options = {}) {
-    const { WebSocket: WebSocketClass = globalThis.WebSocket, protocols = ["binary"], timeoutMs = CONNECT_TIMEOUT_MS } = options;
-    const clientOptions = { requestName: true, requestDescription: true, requestBlockSize: true, ...options };
-    for (const key of ["WebSocket", "protocols", "timeoutMs"]) delete clientOptions[key];
+    const { WebSocket: WebSocketClass = globalThis.WebSocket, protocols = ["binary"], timeoutMs = CONNECT_TIMEOUT_MS, ...rest } = options;
+    const clientOptions = { requestName: true, requestDescription: true, requestBlockSize: true, ...rest };
     const client = new NbdClient(clientOptions);
     const ws = new WebSocketClass(url, protocols);
     ws.binaryType = "arraybuffer";
