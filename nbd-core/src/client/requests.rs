@@ -9,7 +9,7 @@
 use super::connection::{Connection, Ending, Phase};
 use super::inflight::{NewRequest, RequestId};
 use super::{ExportInfo, UsageError};
-use crate::wire::{Command, CommandFlags, HeaderStyle, TransmissionFlags};
+use crate::wire::{Command, CommandFlags, HeaderStyle};
 
 impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     /// `NBD_CMD_READ` of `length` bytes at `offset`. Flags: `FUA`, `DF`
@@ -186,24 +186,14 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 return Err(UsageError::FlagNotAdvertised(flag));
             }
         }
-        let needed = match command {
-            Command::Flush => Some(TransmissionFlags::SEND_FLUSH),
-            Command::Trim => Some(TransmissionFlags::SEND_TRIM),
-            Command::WriteZeroes => Some(TransmissionFlags::SEND_WRITE_ZEROES),
-            Command::Cache => Some(TransmissionFlags::SEND_CACHE),
-            Command::Resize => Some(TransmissionFlags::SEND_RESIZE),
-            _ => None,
-        };
-        let advertised = needed.is_none_or(|flag| export.flags.contains(flag))
+        let advertised = command
+            .required_flag()
+            .is_none_or(|flag| export.flags.contains(flag))
             && (command != Command::BlockStatus || self.can_block_status());
         if !advertised {
             return Err(UsageError::NotAdvertised(command));
         }
-        let changes_data = matches!(
-            command,
-            Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize
-        );
-        if changes_data && export.is_read_only() {
+        if command.changes_data() && export.is_read_only() {
             return Err(UsageError::ReadOnly);
         }
         let minimum = export.block_sizes.minimum;

@@ -143,14 +143,6 @@ impl Slot {
         offset: 0,
         length: 0,
     };
-
-    /// Whether this request changes data, so a later flush must wait for it.
-    pub(crate) fn is_write(&self) -> bool {
-        matches!(
-            self.command,
-            Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize
-        )
-    }
 }
 
 /// Fields of a new request.
@@ -286,7 +278,7 @@ impl<const N: usize> InFlight<N> {
     pub(crate) fn writes_pending_before(&self, sequence: u32) -> bool {
         self.slots.iter().any(|s| {
             matches!(s.state, SlotState::Issued | SlotState::Deferred)
-                && s.is_write()
+                && s.command.changes_data()
                 && (sequence.wrapping_sub(s.sequence) as i32) > 0
         })
     }

@@ -295,22 +295,13 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         if self.shutting_down {
             return Err((Shutdown, Reason::ShuttingDown));
         }
-        let changes_data = matches!(
-            command,
-            Command::Write | Command::Trim | Command::WriteZeroes | Command::Resize
-        );
-        if changes_data && export.read_only {
+        if command.changes_data() && export.read_only {
             return Err((Perm, Reason::ReadOnly));
         }
-        let needed_flag = match command {
-            Command::Flush => Some(TransmissionFlags::SEND_FLUSH),
-            Command::Trim => Some(TransmissionFlags::SEND_TRIM),
-            Command::WriteZeroes => Some(TransmissionFlags::SEND_WRITE_ZEROES),
-            Command::Cache => Some(TransmissionFlags::SEND_CACHE),
-            Command::Resize => Some(TransmissionFlags::SEND_RESIZE),
-            _ => None,
-        };
-        if needed_flag.is_some_and(|flag| !advertised(flag)) {
+        if command
+            .required_flag()
+            .is_some_and(|flag| !advertised(flag))
+        {
             return Err((Invalid, Reason::NotAdvertised));
         }
         match command {

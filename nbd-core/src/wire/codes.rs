@@ -5,6 +5,8 @@
 //! variant, so a peer's extension parses, is answered, and re-encodes
 //! unchanged. `from_wire` never yields `Unknown(v)` for a known `v`.
 
+use super::TransmissionFlags;
+
 macro_rules! wire_enum {
     (
         $(#[$meta:meta])*
@@ -149,6 +151,31 @@ wire_enum! {
         BlockStatus = 7,
         /// `NBD_CMD_RESIZE` (8), experimental RESIZE extension
         Resize = 8,
+    }
+}
+
+impl Command {
+    /// Whether the command changes the export's data or size: refused on a
+    /// read-only export, and waited for by a later flush.
+    pub const fn changes_data(self) -> bool {
+        matches!(
+            self,
+            Self::Write | Self::Trim | Self::WriteZeroes | Self::Resize
+        )
+    }
+
+    /// The transmission flag the server must advertise before a client may
+    /// send the command (spec: "Transmission flags"), if it needs one.
+    /// Block status depends on a selected metadata context instead.
+    pub const fn required_flag(self) -> Option<TransmissionFlags> {
+        match self {
+            Self::Flush => Some(TransmissionFlags::SEND_FLUSH),
+            Self::Trim => Some(TransmissionFlags::SEND_TRIM),
+            Self::WriteZeroes => Some(TransmissionFlags::SEND_WRITE_ZEROES),
+            Self::Cache => Some(TransmissionFlags::SEND_CACHE),
+            Self::Resize => Some(TransmissionFlags::SEND_RESIZE),
+            _ => None,
+        }
     }
 }
 
