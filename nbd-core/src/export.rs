@@ -6,7 +6,7 @@
 //! export's storage can do ([`Capabilities`]) and from what the connection
 //! negotiated, so a server cannot advertise a command it does not handle.
 
-use crate::wire::{BlockSizeConstraints, TransmissionFlags};
+use crate::wire::{BlockSizeConstraints, HeaderStyle, TransmissionFlags};
 
 /// The block size constraints a server assumes when none are advertised
 /// (spec: minimum 1, preferred 4096, maximum 32 MiB for interoperability).
@@ -254,6 +254,18 @@ pub struct Features {
     pub structured_replies: bool,
     /// `NBD_OPT_EXTENDED_HEADERS`
     pub extended_headers: bool,
+}
+
+impl Features {
+    /// Header style of the transmission phase: extended headers once
+    /// negotiated, compact otherwise.
+    pub fn header_style(self) -> HeaderStyle {
+        if self.extended_headers {
+            HeaderStyle::Extended
+        } else {
+            HeaderStyle::Compact
+        }
+    }
 }
 
 /// The exports a server offers, as the shell describes them.

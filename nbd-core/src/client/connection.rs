@@ -281,11 +281,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
 
     /// Header style of the transmission phase.
     pub fn header_style(&self) -> HeaderStyle {
-        if self.features.extended_headers {
-            HeaderStyle::Extended
-        } else {
-            HeaderStyle::Compact
-        }
+        self.features.header_style()
     }
 
     /// The export, once described ([`Event::Export`]).

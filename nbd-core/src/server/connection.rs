@@ -169,11 +169,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// Header style of the transmission phase.
     pub fn header_style(&self) -> HeaderStyle {
-        if self.features.extended_headers {
-            HeaderStyle::Extended
-        } else {
-            HeaderStyle::Compact
-        }
+        self.features.header_style()
     }
 
     /// The export selected for transmission, by catalog index.
