@@ -17,6 +17,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, TcpListener};
@@ -25,6 +27,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use common::tools::{available, checksum, installed, run_within, wait_or_kill};
 
 /// Card size: a power of two (QEMU's SD model requires it), small because
 /// SD over polled SSI is slow in emulation.
@@ -169,26 +173,10 @@ fn prerequisites() -> bool {
             "the thumbv7m-none-eabi Rust target (rustup target add thumbv7m-none-eabi)".into(),
         );
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let what = missing.join(", ");
-    assert!(
-        std::env::var("NBD_REQUIRE_TOOLS").as_deref() != Ok("1"),
-        "{what} missing and NBD_REQUIRE_TOOLS=1"
-    );
-    eprintln!("SKIPPED: {what} missing (see .ci/run)");
-    false
-}
-
-fn installed(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    available(
+        missing.is_empty(),
+        &format!("{} missing (see .ci/run)", missing.join(", ")),
+    )
 }
 
 fn thumbv7m_installed() -> bool {
@@ -222,10 +210,11 @@ fn build_firmware() -> PathBuf {
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .env_remove("CARGO_BUILD_TARGET");
     let started = Instant::now();
-    let output = output_within(&mut build, BUILD_TIMEOUT);
+    let output = run_within(&mut build, BUILD_TIMEOUT);
     assert!(
-        output.status.success(),
-        "firmware build failed:\n{}",
+        output.success(),
+        "firmware build failed ({}):\n{}",
+        output.status_text(),
         output.stderr
     );
     eprintln!("firmware built in {:.1} s", started.elapsed().as_secs_f64());
@@ -257,13 +246,6 @@ fn card_image() -> Vec<u8> {
     mbr[510] = 0x55;
     mbr[511] = 0xaa;
     image
-}
-
-/// FNV-1a, 64 bits: enough to tell two images apart in a message.
-fn checksum(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -398,26 +380,10 @@ impl Qemu {
     fn stop(&mut self) -> String {
         if self.qemu.try_wait().unwrap().is_none() {
             signal(self.qemu.id(), "TERM");
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while self.qemu.try_wait().unwrap().is_none() {
-                if Instant::now() >= deadline {
-                    let _ = self.qemu.kill();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
         }
-        let _ = self.qemu.wait();
+        wait_or_kill(&mut self.qemu, STOP_TIMEOUT);
         // The decoder sees end of input once QEMU is gone.
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.decoder.try_wait().unwrap().is_none() {
-            if Instant::now() >= deadline {
-                let _ = self.decoder.kill();
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.decoder.wait();
+        wait_or_kill(&mut self.decoder, STOP_TIMEOUT);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
@@ -455,60 +421,16 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------
 // Commands
 
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `command` with stdin closed; kills it and panics after `timeout`.
-fn output_within(command: &mut Command, timeout: Duration) -> Output {
-    let line = format!("{command:?}");
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{line} did not finish within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
-}
-
-fn collect(mut pipe: impl std::io::Read + Send + 'static) -> JoinHandle<String> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
 /// Runs a client against the firmware; panics with its output and the
 /// firmware's log unless it succeeds.
 fn run(command: &mut Command, qemu: &Qemu) -> String {
     qemu.wait_listening();
     let line = format!("{command:?}");
-    let output = output_within(command, COMMAND_TIMEOUT);
+    let output = run_within(command, COMMAND_TIMEOUT);
     assert!(
-        output.status.success(),
+        output.success(),
         "{line} failed ({}):\n{}{}\n--- firmware log ---\n{}",
-        output.status,
+        output.status_text(),
         output.stdout,
         output.stderr,
         qemu.log()

@@ -7,29 +7,17 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
+use common::tools::{run_ok, tool};
 use common::{MemCard, pattern_byte};
 
-fn tool(name: &str) -> bool {
-    let found = Command::new(name).arg("--version").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var("NBD_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "{name} is required (NBD_REQUIRE_TOOLS=1) but missing"
-        );
-        eprintln!("skipping: {name} not installed");
-    }
-    found
-}
+/// Limit for one client command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Runs a client; panics with its output unless it succeeds in time.
 fn run(command: &mut Command) -> String {
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    run_ok(command, COMMAND_TIMEOUT).stdout
 }
 
 #[test]

@@ -17,13 +17,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use common::tools::{available, checksum, run_ok, run_within, tool};
 
 const HOST_ADDR: &str = "192.168.69.1/24";
 const SIM_ADDR: &str = "192.168.69.2";
@@ -41,97 +44,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the `qemu-io` of the two-client phase holds its connection
 /// while `nbdcopy` reads the card.
 const HOLD_MS: u32 = 5000;
-
-fn required() -> bool {
-    std::env::var("NBD_REQUIRE_TOOLS").as_deref() == Ok("1")
-}
-
-/// Skips (returns false) with a message, or fails under
-/// `NBD_REQUIRE_TOOLS=1`.
-fn available(ok: bool, what: &str) -> bool {
-    if !ok {
-        assert!(!required(), "{what} (required: NBD_REQUIRE_TOOLS=1)");
-        eprintln!("skipping the TAP simulation test: {what}");
-    }
-    ok
-}
-
-fn tool(name: &str) -> bool {
-    let found = Command::new(name)
-        .arg(if name == "ip" { "-V" } else { "--version" })
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    available(found, &format!("{name} is not installed"))
-}
-
-/// A child's exit, or that it was killed at its time limit.
-#[derive(Debug)]
-struct Finished {
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-impl Finished {
-    fn success(&self) -> bool {
-        self.status.is_some_and(|s| s.success())
-    }
-}
-
-/// Runs `command` with output to files in `dir`, killing it after
-/// `timeout`.
-fn run_bounded(dir: &Path, command: &mut Command, timeout: Duration) -> Finished {
-    static RUNS: AtomicU32 = AtomicU32::new(0);
-    let run = RUNS.fetch_add(1, Ordering::SeqCst);
-    let out_path = dir.join(format!("run{run}.out"));
-    let err_path = dir.join(format!("run{run}.err"));
-    command
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap());
-    let start = Instant::now();
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let elapsed = start.elapsed();
-    Finished {
-        status,
-        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
-        elapsed,
-    }
-}
-
-/// Runs `command` and panics with its output unless it succeeds.
-fn run_ok(dir: &Path, command: &mut Command, timeout: Duration) -> Finished {
-    let shown = format!("{command:?}");
-    let finished = run_bounded(dir, command, timeout);
-    assert!(
-        finished.success(),
-        "{shown}: {} after {:?}\nstdout:\n{}\nstderr:\n{}",
-        finished
-            .status
-            .map_or_else(|| String::from("timed out"), |s| s.to_string()),
-        finished.elapsed,
-        finished.stdout,
-        finished.stderr
-    );
-    finished
-}
 
 /// A scratch directory, removed on drop.
 struct TempDir(PathBuf);
@@ -160,11 +72,10 @@ struct Netns {
 
 impl Netns {
     /// Creates the namespace, or returns why it could not (no privilege).
-    fn create(dir: &Path) -> Result<Self, String> {
+    fn create() -> Result<Self, String> {
         let pid = std::process::id();
         let name = format!("nbd-tap-sim-{pid}");
-        let created = run_bounded(
-            dir,
+        let created = run_within(
             Command::new("ip").args(["netns", "add", &name]),
             COMMAND_TIMEOUT,
         );
@@ -178,9 +89,8 @@ impl Netns {
         })
     }
 
-    fn ip(&self, dir: &Path, args: &[&str]) {
+    fn ip(&self, args: &[&str]) {
         run_ok(
-            dir,
             Command::new("ip").arg("-n").arg(&self.name).args(args),
             COMMAND_TIMEOUT,
         );
@@ -244,7 +154,7 @@ impl Drop for Sim {
 /// The example binary next to this test's executable
 /// (`target/PROFILE/examples/tap_sim`), rebuilt by a nested cargo when
 /// cargo runs the test (a bare `--test` selection does not build examples).
-fn simulation_binary(dir: &Path) -> Option<PathBuf> {
+fn simulation_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent()?.parent()?;
     let binary = profile_dir.join("examples").join("tap_sim");
@@ -275,7 +185,7 @@ fn simulation_binary(dir: &Path) -> Option<PathBuf> {
                 build.args(["--profile", other]);
             }
         }
-        run_ok(dir, &mut build, BUILD_TIMEOUT);
+        run_ok(&mut build, BUILD_TIMEOUT);
     }
     binary.exists().then_some(binary)
 }
@@ -296,13 +206,6 @@ fn card_contents() -> Vec<u8> {
 
 fn mib_per_second(elapsed: Duration) -> f64 {
     (CARD_SIZE as f64 / f64::from(1 << 20)) / elapsed.as_secs_f64()
-}
-
-/// FNV-1a, to name contents in messages.
-fn checksum(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// First differing offset, for messages.
@@ -328,24 +231,23 @@ fn real_clients_through_a_tap_device() {
         return;
     }
     let dir = TempDir::new();
-    let Some(binary) = simulation_binary(&dir.0) else {
-        assert!(
-            !required(),
-            "examples/tap_sim was not built (cargo build -p nbd-embedded --example tap_sim)"
+    let Some(binary) = simulation_binary() else {
+        available(
+            false,
+            "examples/tap_sim was not built (cargo build -p nbd-embedded --example tap_sim)",
         );
-        eprintln!("skipping: examples/tap_sim was not built");
         return;
     };
-    let netns = match Netns::create(&dir.0) {
+    let netns = match Netns::create() {
         Ok(netns) => netns,
         Err(why) => {
             available(false, &why);
             return;
         }
     };
-    netns.ip(&dir.0, &["tuntap", "add", "dev", &netns.tap, "mode", "tap"]);
-    netns.ip(&dir.0, &["link", "set", &netns.tap, "up"]);
-    netns.ip(&dir.0, &["addr", "add", HOST_ADDR, "dev", &netns.tap]);
+    netns.ip(&["tuntap", "add", "dev", &netns.tap, "mode", "tap"]);
+    netns.ip(&["link", "set", &netns.tap, "up"]);
+    netns.ip(&["addr", "add", HOST_ADDR, "dev", &netns.tap]);
 
     let original = card_contents();
     let card = dir.0.join("card.img");
@@ -387,7 +289,7 @@ fn real_clients_through_a_tap_device() {
     let uri = format!("nbd://{SIM_ADDR}/");
 
     // nbdinfo: size and the card's block sizes.
-    let info = run_ok(&dir.0, netns.exec("nbdinfo").arg(&uri), COMMAND_TIMEOUT);
+    let info = run_ok(netns.exec("nbdinfo").arg(&uri), COMMAND_TIMEOUT);
     for expected in [
         format!("export-size: {CARD_SIZE}"),
         String::from("block_size_minimum: 1"),
@@ -403,11 +305,7 @@ fn real_clients_through_a_tap_device() {
     let copy = dir.0.join("copy.img");
     let mut best = Duration::MAX;
     for round in 1..=READ_ROUNDS {
-        let read = run_ok(
-            &dir.0,
-            netns.exec("nbdcopy").arg(&uri).arg(&copy),
-            COMMAND_TIMEOUT,
-        );
+        let read = run_ok(netns.exec("nbdcopy").arg(&uri).arg(&copy), COMMAND_TIMEOUT);
         let copied = fs::read(&copy).unwrap();
         assert!(
             copied == original,
@@ -458,7 +356,7 @@ fn real_clients_through_a_tap_device() {
             .arg(format!("read -P {pattern:#x} {offset} {length}"));
     }
     qemu_io.args(["-c", "flush"]).arg(&uri);
-    let io = run_ok(&dir.0, &mut qemu_io, COMMAND_TIMEOUT);
+    let io = run_ok(&mut qemu_io, COMMAND_TIMEOUT);
     let output = format!("{}{}", io.stdout, io.stderr);
     assert!(
         !output.contains("Pattern verification failed") && !output.contains("failed:"),
@@ -500,10 +398,7 @@ fn real_clients_through_a_tap_device() {
         .arg("-c")
         .arg(format!("read -P {:#x} {} {}", second.0, second.1, second.2))
         .arg(&uri);
-    let holder = thread::spawn({
-        let dir = dir.0.clone();
-        move || run_bounded(&dir, &mut holder, COMMAND_TIMEOUT)
-    });
+    let holder = thread::spawn(move || run_within(&mut holder, COMMAND_TIMEOUT));
     let start = Instant::now();
     while connections(&sim) == before {
         assert!(
@@ -513,11 +408,7 @@ fn real_clients_through_a_tap_device() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    let read = run_ok(
-        &dir.0,
-        netns.exec("nbdcopy").arg(&uri).arg(&copy),
-        COMMAND_TIMEOUT,
-    );
+    let read = run_ok(netns.exec("nbdcopy").arg(&uri).arg(&copy), COMMAND_TIMEOUT);
     let copied = fs::read(&copy).unwrap();
     assert!(
         copied == expected,

@@ -1,7 +1,10 @@
 //! Test support: an in-memory block device, an `embedded-io` wrapper over
 //! `TcpStream`, a server on loopback running `nbd_embedded::io::serve`, and
-//! for the smoltcp tests an interface at 127.0.0.1 and request headers.
+//! for the smoltcp tests an interface at 127.0.0.1 and request headers;
+//! [`tools`] for the tests that run external programs.
 #![allow(dead_code)]
+
+pub mod tools;
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
