@@ -312,10 +312,6 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    fn cache(&self, _offset: u64, _length: u64) -> io::Result<()> {
-        Ok(())
-    }
-
     /// Absent pages are `HOLE | ZERO`, allocated pages data (0), merged
     /// into runs; stops after 1024 extents or a bounded amount of work.
     fn block_status(
