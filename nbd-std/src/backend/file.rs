@@ -421,31 +421,12 @@ fn sysfs_queue_value(device: u64, name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_support::{pattern, read, status};
     use crate::backend::{MAX_EXTENTS, error_code};
     use nbd_core::wire::ErrorCode;
     use std::path::PathBuf;
 
     const MIB: u64 = 1 << 20;
-
-    fn status(backend: &FileBackend, offset: u64, length: u64) -> Vec<(u64, u64)> {
-        let mut extents = Vec::new();
-        backend
-            .block_status(offset, length, &mut extents)
-            .expect("block status");
-        extents.iter().map(|e| (e.length, e.status)).collect()
-    }
-
-    fn read(backend: &FileBackend, offset: u64, length: usize) -> Vec<u8> {
-        let mut buf = vec![0xAA; length];
-        backend.read_at(&mut buf, offset).expect("read");
-        buf
-    }
-
-    fn pattern(length: usize, seed: u8) -> Vec<u8> {
-        (0..length)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-            .collect()
-    }
 
     /// A fresh sparse file of `size` bytes in a temporary directory.
     fn image(dir: &tempfile::TempDir, size: u64) -> PathBuf {

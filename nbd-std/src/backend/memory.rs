@@ -474,30 +474,11 @@ impl Hasher for PageHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_support::{pattern, read, status};
     use crate::backend::{MAX_EXTENTS, error_code};
 
     const TIB: u64 = 1 << 40;
     const P: u64 = PAGE_SIZE as u64;
-
-    fn status(backend: &MemoryBackend, offset: u64, length: u64) -> Vec<(u64, u64)> {
-        let mut extents = Vec::new();
-        backend
-            .block_status(offset, length, &mut extents)
-            .expect("block status");
-        extents.iter().map(|e| (e.length, e.status)).collect()
-    }
-
-    fn read(backend: &MemoryBackend, offset: u64, length: usize) -> Vec<u8> {
-        let mut buf = vec![0xAA; length];
-        backend.read_at(&mut buf, offset).expect("read");
-        buf
-    }
-
-    fn pattern(length: usize, seed: u8) -> Vec<u8> {
-        (0..length)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-            .collect()
-    }
 
     #[test]
     fn terabyte_export_allocates_nothing() {
@@ -682,7 +663,7 @@ mod tests {
                         let offset = (i * 4 + u64::from(t)) * (P / 4) + 3;
                         let data = pattern(1000, t);
                         backend.write_at(&data, offset).expect("write");
-                        assert_eq!(read(&backend, offset, 1000), data);
+                        assert_eq!(read(&*backend, offset, 1000), data);
                     }
                 })
             })

@@ -241,3 +241,32 @@ pub fn error_code(error: &io::Error) -> ErrorCode {
         },
     }
 }
+
+/// Helpers for the backends' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::Backend;
+
+    /// `block_status` of the range as `(length, status)` pairs.
+    pub(crate) fn status(backend: &dyn Backend, offset: u64, length: u64) -> Vec<(u64, u64)> {
+        let mut extents = Vec::new();
+        backend
+            .block_status(offset, length, &mut extents)
+            .expect("block status");
+        extents.iter().map(|e| (e.length, e.status)).collect()
+    }
+
+    /// `length` bytes read at `offset` (into a buffer that is not zeroes).
+    pub(crate) fn read(backend: &dyn Backend, offset: u64, length: usize) -> Vec<u8> {
+        let mut buf = vec![0xAA; length];
+        backend.read_at(&mut buf, offset).expect("read");
+        buf
+    }
+
+    /// `length` bytes of data with no zero byte, different for each `seed`.
+    pub(crate) fn pattern(length: usize, seed: u8) -> Vec<u8> {
+        (0..length)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+}
