@@ -21,9 +21,13 @@
 
 #![allow(dead_code)]
 
+#[path = "../fuzz_bytes/mod.rs"]
+mod fuzz_bytes;
 mod server;
 
 use std::collections::HashMap;
+
+use fuzz_bytes::Bytes;
 
 use nbd_core::client::{
     Config, Connection, Event, Mode, Payload, ProtocolError, RequestId, TlsPolicy, UsageError,
@@ -34,34 +38,6 @@ const EXTENDED_REQUEST_MAGIC: [u8; 4] = 0x21e4_1c71u32.to_be_bytes();
 const REQUEST_MAGIC: [u8; 4] = 0x2560_9513u32.to_be_bytes();
 /// Reads up to this length have every byte tracked.
 const TRACKED: u64 = 1 << 17;
-
-/// Reads decisions from the fuzzer's bytes; runs out as zeroes.
-struct Bytes<'a>(&'a [u8]);
-
-impl<'a> Bytes<'a> {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    fn u8(&mut self) -> u8 {
-        let (first, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        *first
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_be_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_be_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-    fn u64(&mut self) -> u64 {
-        (u64::from(self.u32()) << 32) | u64::from(self.u32())
-    }
-    fn take(&mut self, n: usize) -> &'a [u8] {
-        let (head, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        head
-    }
-}
 
 const QUERIES: [&str; 2] = ["base:allocation", "x-fuzz:other"];
 

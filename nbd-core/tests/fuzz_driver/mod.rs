@@ -16,7 +16,12 @@
 
 #![allow(dead_code)]
 
+#[path = "../fuzz_bytes/mod.rs"]
+mod fuzz_bytes;
+
 use std::collections::{HashMap, HashSet};
+
+use fuzz_bytes::Bytes;
 
 use nbd_core::export::{Capabilities, Export};
 use nbd_core::server::{
@@ -29,31 +34,6 @@ use nbd_core::wire::{
 };
 
 const EXPORT_SIZE: u64 = 1 << 20;
-
-/// Reads decisions from the fuzzer's bytes; runs out as zeroes.
-struct Bytes<'a>(&'a [u8]);
-
-impl<'a> Bytes<'a> {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    fn u8(&mut self) -> u8 {
-        let (first, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        *first
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_be_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_be_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-    fn take(&mut self, n: usize) -> &'a [u8] {
-        let (head, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        head
-    }
-}
 
 /// The byte every write payload carries at export offset `offset`, so a
 /// payload slice can be checked without knowing which request it is for.
