@@ -269,6 +269,11 @@ pub fn client_config(options: &ClientTlsOptions) -> Result<Arc<ClientConfig>, Tl
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoPeerVerification(provider())))
     };
+    let half = |present, missing| TlsError::HalfClientIdentity {
+        dir: dir.map(Path::to_owned).unwrap_or_default(),
+        present,
+        missing,
+    };
     let config = match (file(CLIENT_CERT), file(CLIENT_KEY)) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(
@@ -280,14 +285,8 @@ pub fn client_config(options: &ClientTlsOptions) -> Result<Arc<ClientConfig>, Tl
                 reason: error.to_string(),
             })?,
         (None, None) => builder.with_no_client_auth(),
-        (Some(_), None) | (None, Some(_)) => {
-            let has_cert = file(CLIENT_CERT).is_some();
-            return Err(TlsError::HalfClientIdentity {
-                dir: dir.map(Path::to_owned).unwrap_or_default(),
-                present: if has_cert { CLIENT_CERT } else { CLIENT_KEY },
-                missing: if has_cert { CLIENT_KEY } else { CLIENT_CERT },
-            });
-        }
+        (Some(_), None) => return Err(half(CLIENT_CERT, CLIENT_KEY)),
+        (None, Some(_)) => return Err(half(CLIENT_KEY, CLIENT_CERT)),
     };
     Ok(Arc::new(config))
 }
