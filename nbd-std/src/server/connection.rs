@@ -109,7 +109,6 @@ struct PendingWrite {
     data: Vec<u8>,
 }
 
-/// One piece of a vectored write.
 /// A read's data waiting for its reply header.
 enum ReadData {
     /// Copied into a buffer of ours.
@@ -127,6 +126,7 @@ impl ReadData {
     }
 }
 
+/// One piece of a vectored write.
 enum Segment {
     /// `out[range]`: reply headers the core encoded.
     Head(std::ops::Range<usize>),
