@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::tools::{available, checksum, installed, run_within, wait_or_kill};
+use common::tools::{assert_same_bytes, available, installed, run_within, wait_or_kill};
 
 /// Card size: a power of two (QEMU's SD model requires it), small because
 /// SD over polled SSI is slow in emulation.
@@ -84,13 +84,7 @@ fn firmware_serves_the_sd_card_in_qemu() {
     run(Command::new("nbdcopy").arg(&uri).arg(&copy), &qemu);
     let seconds = started.elapsed().as_secs_f64();
     let copied = std::fs::read(&copy).unwrap();
-    assert_eq!(
-        checksum(&copied),
-        checksum(&original),
-        "nbdcopy read {} bytes that differ from the card image",
-        copied.len()
-    );
-    assert!(copied == original);
+    assert_same_bytes(&copied, &original, "the card image read by nbdcopy");
     eprintln!(
         "nbdcopy read {} MiB through QEMU in {seconds:.2} s: {:.2} MiB/s",
         CARD_SIZE >> 20,
@@ -139,12 +133,7 @@ fn firmware_serves_the_sd_card_in_qemu() {
     }
     let after = std::fs::read(&card).unwrap();
     assert_eq!(after.len(), CARD_SIZE);
-    if let Some(at) = (0..CARD_SIZE).find(|&i| after[i] != expected[i]) {
-        panic!(
-            "card image differs at byte {at} after QEMU exited: {:#04x}, expected {:#04x}",
-            after[at], expected[at]
-        );
-    }
+    assert_same_bytes(&after, &expected, "the card image after QEMU exited");
 }
 
 // ---------------------------------------------------------------------------

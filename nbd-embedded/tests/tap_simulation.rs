@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::tools::{available, checksum, run_ok, run_within, tool};
+use common::tools::{assert_same_bytes, available, checksum, run_ok, run_within, tool};
 
 const HOST_ADDR: &str = "192.168.69.1/24";
 const SIM_ADDR: &str = "192.168.69.2";
@@ -208,14 +208,6 @@ fn mib_per_second(elapsed: Duration) -> f64 {
     (CARD_SIZE as f64 / f64::from(1 << 20)) / elapsed.as_secs_f64()
 }
 
-/// First differing offset, for messages.
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
-}
-
 #[test]
 fn real_clients_through_a_tap_device() {
     let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
@@ -307,14 +299,7 @@ fn real_clients_through_a_tap_device() {
     for round in 1..=READ_ROUNDS {
         let read = run_ok(netns.exec("nbdcopy").arg(&uri).arg(&copy), COMMAND_TIMEOUT);
         let copied = fs::read(&copy).unwrap();
-        assert!(
-            copied == original,
-            "nbdcopy read {round} differs from the card (checksums {:016x} / {:016x}, \
-             first difference at {:?})",
-            checksum(&copied),
-            checksum(&original),
-            first_difference(&copied, &original)
-        );
+        assert_same_bytes(&copied, &original, &format!("nbdcopy read {round}"));
         println!(
             "nbdcopy read {round}: {} MiB through the TAP device in {:.3} s, {:.1} MiB/s \
              (checksum {:016x} equals the card file's)",
@@ -410,11 +395,7 @@ fn real_clients_through_a_tap_device() {
     }
     let read = run_ok(netns.exec("nbdcopy").arg(&uri).arg(&copy), COMMAND_TIMEOUT);
     let copied = fs::read(&copy).unwrap();
-    assert!(
-        copied == expected,
-        "nbdcopy beside qemu-io differs from the card (first difference at {:?})",
-        first_difference(&copied, &expected)
-    );
+    assert_same_bytes(&copied, &expected, "nbdcopy beside qemu-io");
     let held = holder.join().unwrap();
     let output = format!("{}{}", held.stdout, held.stderr);
     assert!(
@@ -445,13 +426,7 @@ fn real_clients_through_a_tap_device() {
         "a session failed on the server side:\n{log}"
     );
     let after = fs::read(&card).unwrap();
-    assert!(
-        after == expected,
-        "card file after the writes: checksum {:016x}, expected {:016x}, first difference at {:?}",
-        checksum(&after),
-        checksum(&expected),
-        first_difference(&after, &expected)
-    );
+    assert_same_bytes(&after, &expected, "the card file after the writes");
     drop(sim);
     drop(netns);
 }

@@ -48,6 +48,29 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Panics unless `actual == expected`, saying that `what` differs, with
+/// both checksums and lengths and the first differing byte.
+pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    if actual == expected {
+        return;
+    }
+    let at = actual
+        .iter()
+        .zip(expected)
+        .position(|(x, y)| x != y)
+        .unwrap_or(actual.len().min(expected.len()));
+    panic!(
+        "{what} differs: checksum {:016x} ({} bytes), expected {:016x} ({} bytes); \
+         first difference at byte {at}: {:02x?}, expected {:02x?}",
+        checksum(actual),
+        actual.len(),
+        checksum(expected),
+        expected.len(),
+        actual.get(at),
+        expected.get(at)
+    );
+}
+
 /// A child's exit, or that it was killed at its time limit.
 #[derive(Debug)]
 pub struct Finished {
