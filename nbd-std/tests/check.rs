@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Output, Server, have_tools, run, server_binary, temp_dir};
+use common::{
+    CMD_DISC, CMD_READ, CMD_WRITE, OPT_EXPORT_NAME, OPTION_REPLY_MAGIC, Output, SIMPLE_REPLY_MAGIC,
+    Server, have_tools, run, server_binary, temp_dir,
+};
 use peers::Peer;
 
 /// A whole run, with every rule's 5-second budget, stays under this.
@@ -244,11 +247,12 @@ fn serve_broken(mut s: TcpStream) -> std::io::Result<()> {
         let mut data = vec![0u8; length as usize];
         s.read_exact(&mut data)?;
         match option {
-            1 => break,
+            OPT_EXPORT_NAME => break,
+            // NBD_OPT_ABORT
             2 => return Ok(()),
             _ => {
                 let mut reply = Vec::new();
-                reply.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+                reply.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
                 reply.extend_from_slice(&option.to_be_bytes());
                 reply.extend_from_slice(&0x8000_0001u32.to_be_bytes());
                 reply.extend_from_slice(&0u32.to_be_bytes());
@@ -267,18 +271,18 @@ fn serve_broken(mut s: TcpStream) -> std::io::Result<()> {
         let command = u16::from_be_bytes([request[6], request[7]]);
         let length =
             u32::from_be_bytes([request[24], request[25], request[26], request[27]]) as usize;
-        if command == 2 {
+        if command == CMD_DISC {
             return Ok(());
         }
-        if command == 1 {
+        if command == CMD_WRITE {
             let mut payload = vec![0u8; length];
             s.read_exact(&mut payload)?;
         }
         let mut reply = Vec::new();
-        reply.extend_from_slice(&0x6744_6698u32.to_be_bytes());
+        reply.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         reply.extend_from_slice(&0u32.to_be_bytes());
         reply.extend_from_slice(&request[8..16]);
-        if command == 0 {
+        if command == CMD_READ {
             reply.resize(16 + length, 0);
         }
         s.write_all(&reply)?;
