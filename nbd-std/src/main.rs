@@ -367,20 +367,27 @@ where
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = init_logging("warn");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    block_on(async move {
+        match work.await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("nbd-std: {message}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Runs `work` on a fresh multi-threaded runtime; a runtime that cannot
+/// start is reported on one line.
+fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => runtime.block_on(work),
         Err(error) => {
             eprintln!("nbd-std: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(work) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("nbd-std: {message}");
             ExitCode::FAILURE
         }
     }
@@ -454,17 +461,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("nbd-std: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         let listener = match &args.unix {
             Some(path) => {
                 Listener::bind_unix(path).map_err(|e| format!("--unix {}: {e}", path.display()))
@@ -554,17 +551,7 @@ fn bridge(args: BridgeArgs) -> ExitCode {
         providers: args.providers,
         wait: args.wait,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("nbd-std: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         let bridge = match Bridge::bind(&config).await {
             Ok(bridge) => bridge,
             Err(error) => {
