@@ -2,7 +2,7 @@
 //! NBD_OPT_LIST_META_CONTEXT", "NBD_OPT_SET_META_CONTEXT", "Metadata
 //! querying: the base: namespace").
 
-use super::conn::{self, Conn, OptReply, meta_payload, opt, rep, rep_name};
+use super::conn::{self, OptReply, meta_payload, opt, rep, rep_name};
 use super::{Ctx, Level, Outcome, Result, Rule, fail, skip};
 
 /// The rules of this file.
@@ -67,17 +67,28 @@ pub fn rules() -> Vec<Rule> {
     ]
 }
 
-/// A connection with structured replies, or why there is none.
-fn structured(ctx: &Ctx) -> Result<std::result::Result<Conn, Outcome>> {
+/// Sends `option` with `data` on a connection with structured replies and
+/// lets `judge` rule on the replies; skips when there are no structured
+/// replies or the server has no metadata contexts at all.
+fn with_structured(
+    ctx: &Ctx,
+    option: u32,
+    data: &[u8],
+    judge: impl FnOnce(&[OptReply]) -> Result<Outcome>,
+) -> Result<Outcome> {
     if !ctx.probe.structured {
-        return Ok(Err(Outcome::Skip("no structured replies".into())));
+        skip!("no structured replies");
     }
     let mut conn = ctx.open()?;
     let r = conn.option_final(opt::STRUCTURED_REPLY, &[])?;
     if r.kind != rep::ACK {
         return conn::protocol(format!("STRUCTURED_REPLY got {}", rep_name(r.kind)));
     }
-    Ok(Ok(conn))
+    let replies = conn.option(option, data)?;
+    if unsupported(&replies) {
+        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
+    }
+    judge(&replies)
 }
 
 /// Checks a META_CONTEXT* ACK sequence; returns the context names.
@@ -126,136 +137,100 @@ fn set_needs_structured(ctx: &Ctx) -> Result<Outcome> {
 }
 
 fn list_all(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = match structured(ctx)? {
-        Ok(c) => c,
-        Err(o) => return Ok(o),
-    };
-    let replies = conn.option(opt::LIST_META_CONTEXT, &meta_payload(ctx.export(), &[]))?;
-    if unsupported(&replies) {
-        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
-    }
-    if let Err(why) = contexts(&replies) {
-        fail!("{why}");
-    }
-    Ok(Outcome::Pass)
+    let data = meta_payload(ctx.export(), &[]);
+    with_structured(ctx, opt::LIST_META_CONTEXT, &data, |replies| {
+        if let Err(why) = contexts(replies) {
+            fail!("{why}");
+        }
+        Ok(Outcome::Pass)
+    })
 }
 
 fn list_base_wildcard(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = match structured(ctx)? {
-        Ok(c) => c,
-        Err(o) => return Ok(o),
-    };
-    let replies = conn.option(
-        opt::LIST_META_CONTEXT,
-        &meta_payload(ctx.export(), &["base:"]),
-    )?;
-    if unsupported(&replies) {
-        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
-    }
-    match contexts(&replies) {
-        Err(why) => fail!("{why}"),
-        Ok(names) => {
-            if let Some(other) = names.iter().find(|n| !n.starts_with("base:")) {
-                fail!("`base:` listed `{other}`");
-            }
-            if ctx.probe.base_allocation && !names.iter().any(|n| n == "base:allocation") {
-                fail!("`base:` did not list base:allocation, which SET selects");
+    let data = meta_payload(ctx.export(), &["base:"]);
+    with_structured(ctx, opt::LIST_META_CONTEXT, &data, |replies| {
+        match contexts(replies) {
+            Err(why) => fail!("{why}"),
+            Ok(names) => {
+                if let Some(other) = names.iter().find(|n| !n.starts_with("base:")) {
+                    fail!("`base:` listed `{other}`");
+                }
+                if ctx.probe.base_allocation && !names.iter().any(|n| n == "base:allocation") {
+                    fail!("`base:` did not list base:allocation, which SET selects");
+                }
             }
         }
-    }
-    Ok(Outcome::Pass)
+        Ok(Outcome::Pass)
+    })
 }
 
 fn unknown_namespace_ignored(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = match structured(ctx)? {
-        Ok(c) => c,
-        Err(o) => return Ok(o),
-    };
-    let replies = conn.option(
+    let data = meta_payload(ctx.export(), &["x-nbd-std-check:nothing"]);
+    with_structured(
+        ctx,
         opt::LIST_META_CONTEXT,
-        &meta_payload(ctx.export(), &["x-nbd-std-check:nothing"]),
-    )?;
-    if unsupported(&replies) {
-        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
-    }
-    match contexts(&replies) {
-        Err(why) => fail!("{why}"),
-        Ok(names) if !names.is_empty() => fail!("listed {names:?}"),
-        Ok(_) => Ok(Outcome::Pass),
-    }
+        &data,
+        |replies| match contexts(replies) {
+            Err(why) => fail!("{why}"),
+            Ok(names) if !names.is_empty() => fail!("listed {names:?}"),
+            Ok(_) => Ok(Outcome::Pass),
+        },
+    )
 }
 
 fn query_past_option(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = match structured(ctx)? {
-        Ok(c) => c,
-        Err(o) => return Ok(o),
-    };
     let mut data = meta_payload(ctx.export(), &["base:allocation"]);
     // The query's length field says 200; 15 bytes follow.
     let at = data.len() - "base:allocation".len() - 4;
     data[at..at + 4].copy_from_slice(&200u32.to_be_bytes());
-    let replies = conn.option(opt::LIST_META_CONTEXT, &data)?;
-    if unsupported(&replies) {
-        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
-    }
-    let last = replies.last().map_or(0, |r| r.kind);
-    if last != rep::ERR_INVALID {
-        fail!("got {}", rep_name(last));
-    }
-    Ok(Outcome::Pass)
+    with_structured(ctx, opt::LIST_META_CONTEXT, &data, |replies| {
+        let last = replies.last().map_or(0, |r| r.kind);
+        if last != rep::ERR_INVALID {
+            fail!("got {}", rep_name(last));
+        }
+        Ok(Outcome::Pass)
+    })
 }
 
 fn set_base_allocation(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = match structured(ctx)? {
-        Ok(c) => c,
-        Err(o) => return Ok(o),
-    };
-    let replies = conn.option(
+    let data = meta_payload(ctx.export(), &["base:allocation"]);
+    with_structured(
+        ctx,
         opt::SET_META_CONTEXT,
-        &meta_payload(ctx.export(), &["base:allocation"]),
-    )?;
-    if unsupported(&replies) {
-        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
-    }
-    match contexts(&replies) {
-        Err(why) => fail!("{why}"),
-        Ok(names) if names.is_empty() => skip!("base:allocation is not supported"),
-        Ok(names) if names != ["base:allocation"] => fail!("selected {names:?}"),
-        Ok(_) => Ok(Outcome::Pass),
-    }
+        &data,
+        |replies| match contexts(replies) {
+            Err(why) => fail!("{why}"),
+            Ok(names) if names.is_empty() => skip!("base:allocation is not supported"),
+            Ok(names) if names != ["base:allocation"] => fail!("selected {names:?}"),
+            Ok(_) => Ok(Outcome::Pass),
+        },
+    )
 }
 
 fn set_zero_queries(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = match structured(ctx)? {
-        Ok(c) => c,
-        Err(o) => return Ok(o),
-    };
-    let replies = conn.option(opt::SET_META_CONTEXT, &meta_payload(ctx.export(), &[]))?;
-    if unsupported(&replies) {
-        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
-    }
-    match contexts(&replies) {
-        Err(why) => fail!("{why}"),
-        Ok(names) if !names.is_empty() => fail!("selected {names:?}"),
-        Ok(_) => Ok(Outcome::Pass),
-    }
+    let data = meta_payload(ctx.export(), &[]);
+    with_structured(
+        ctx,
+        opt::SET_META_CONTEXT,
+        &data,
+        |replies| match contexts(replies) {
+            Err(why) => fail!("{why}"),
+            Ok(names) if !names.is_empty() => fail!("selected {names:?}"),
+            Ok(_) => Ok(Outcome::Pass),
+        },
+    )
 }
 
 fn unknown_base_leaf_ignored(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = match structured(ctx)? {
-        Ok(c) => c,
-        Err(o) => return Ok(o),
-    };
-    let replies = conn.option(
+    let data = meta_payload(ctx.export(), &["base:nbd-std-check-no-such-leaf"]);
+    with_structured(
+        ctx,
         opt::SET_META_CONTEXT,
-        &meta_payload(ctx.export(), &["base:nbd-std-check-no-such-leaf"]),
-    )?;
-    if unsupported(&replies) {
-        skip!("no metadata contexts (NBD_REP_ERR_UNSUP)");
-    }
-    match contexts(&replies) {
-        Err(why) => fail!("{why}"),
-        Ok(names) if !names.is_empty() => fail!("selected {names:?}"),
-        Ok(_) => Ok(Outcome::Pass),
-    }
+        &data,
+        |replies| match contexts(replies) {
+            Err(why) => fail!("{why}"),
+            Ok(names) if !names.is_empty() => fail!("selected {names:?}"),
+            Ok(_) => Ok(Outcome::Pass),
+        },
+    )
 }
