@@ -4,8 +4,8 @@
 use nbd_core::wire::EXTENDED_REPLY_MAGIC;
 
 use super::conn::{self, Reply, chunk, cmd, errno_name, opt, rep, rep_name};
-use super::structured::{validate_block_status, validate_read};
-use super::transmission::{past_end, pattern, with_scratch};
+use super::structured::{read_error_then_read, validate_block_status, validate_full_read};
+use super::transmission::{pattern, with_scratch};
 use super::{Ctx, Level, Outcome, Result, Rule, Setup, assemble, fail, skip};
 
 /// The rules of this file.
@@ -74,13 +74,6 @@ fn need_extended(ctx: &Ctx) -> Option<Outcome> {
     (!ctx.probe.extended).then(|| Outcome::Skip("no extended headers".into()))
 }
 
-fn extended() -> Setup {
-    Setup {
-        extended: true,
-        ..Setup::default()
-    }
-}
-
 fn all_extended(replies: &[Reply]) -> std::result::Result<(), String> {
     match replies.iter().find(|r| r.magic != EXTENDED_REPLY_MAGIC) {
         Some(r) => Err(format!("a reply with magic {:#010x}", r.magic)),
@@ -116,17 +109,14 @@ fn read_reply(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_extended(ctx) {
         return Ok(o);
     }
-    let mut s = ctx.session(extended())?;
+    let mut s = ctx.session(Setup::EXTENDED)?;
     let len = ctx.io_len();
     let replies = s.conn.exchange(0, cmd::READ, 0, len, &[])?;
     if let Err(why) = all_extended(&replies) {
         fail!("{why}");
     }
-    match validate_read(&replies, 0, len, false) {
-        Err(why) => fail!("{why}"),
-        Ok(None) => fail!("the read got an error chunk"),
-        Ok(Some(covered)) if covered != len => fail!("chunks cover {covered} of {len} bytes"),
-        Ok(Some(_)) => {}
+    if let Err(why) = validate_full_read(&replies, 0, len, false) {
+        fail!("{why}");
     }
     if s.flags & super::tflag::SEND_FLUSH != 0 {
         let replies = s.conn.exchange(0, cmd::FLUSH, 0, 0, &[])?;
@@ -141,7 +131,7 @@ fn reply_offset(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_extended(ctx) {
         return Ok(o);
     }
-    let mut s = ctx.session(extended())?;
+    let mut s = ctx.session(Setup::EXTENDED)?;
     let len = ctx.io_len();
     let offset = if ctx.probe.size >= 2 * len { len } else { 0 };
     let replies = s.conn.exchange(0, cmd::READ, offset, len, &[])?;
@@ -155,29 +145,14 @@ fn error_reply(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_extended(ctx) {
         return Ok(o);
     }
-    let mut s = ctx.session(extended())?;
-    let (offset, len) = past_end(ctx);
-    let replies = s.conn.exchange(0, cmd::READ, offset, len, &[])?;
-    if let Err(why) = all_extended(&replies) {
-        fail!("{why}");
-    }
-    match validate_read(&replies, offset, len, false) {
-        Err(why) => fail!("{why}"),
-        Ok(Some(_)) => skip!("the read past the end succeeded"),
-        Ok(None) => {}
-    }
-    let replies = s.conn.exchange(0, cmd::READ, 0, ctx.io_len(), &[])?;
-    if let Some(e) = conn::reply_error(&replies) {
-        fail!("the next read got {}", errno_name(e));
-    }
-    Ok(Outcome::Pass)
+    read_error_then_read(ctx, Setup::EXTENDED, all_extended)
 }
 
 fn write(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_extended(ctx) {
         return Ok(o);
     }
-    with_scratch(ctx, extended(), |s, offset, len| {
+    with_scratch(ctx, Setup::EXTENDED, |s, offset, len| {
         let data = pattern(len, 11);
         let replies = s.conn.exchange(0, cmd::WRITE, offset, len, &data)?;
         if let Err(why) = all_extended(&replies) {
@@ -203,9 +178,8 @@ fn block_status_common(ctx: &Ctx, len: u64) -> Result<Outcome> {
         skip!("base:allocation is not supported");
     }
     let mut s = ctx.session(Setup {
-        extended: true,
         base_allocation: true,
-        ..Setup::default()
+        ..Setup::EXTENDED
     })?;
     let replies = s.conn.exchange(0, cmd::BLOCK_STATUS, 0, len, &[])?;
     if let Err(why) = all_extended(&replies) {

@@ -191,6 +191,23 @@ pub struct Setup {
     pub block_size: bool,
 }
 
+impl Setup {
+    /// Structured replies, nothing else.
+    pub const STRUCTURED: Setup = Setup {
+        structured: true,
+        extended: false,
+        base_allocation: false,
+        block_size: false,
+    };
+    /// Extended headers, nothing else.
+    pub const EXTENDED: Setup = Setup {
+        structured: false,
+        extended: true,
+        base_allocation: false,
+        block_size: false,
+    };
+}
+
 /// A connection in transmission.
 #[derive(Debug)]
 pub struct Session {

@@ -186,14 +186,52 @@ pub fn validate_read(
     Ok((!errored).then(|| ranges.iter().map(|&(_, s)| s).sum()))
 }
 
+/// [`validate_read`] for a read that must succeed: no error chunk, and
+/// the chunks cover the whole request.
+pub fn validate_full_read(
+    replies: &[Reply],
+    offset: u64,
+    len: u64,
+    df: bool,
+) -> std::result::Result<(), String> {
+    match validate_read(replies, offset, len, df)? {
+        None => Err("the read got an error chunk".into()),
+        Some(covered) if covered != len => Err(format!("chunks cover {covered} of {len} bytes")),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A read across the end of the export on a session set up as `setup`:
+/// `headers` checks the replies first, then they must form a well-formed
+/// error reply, and a following read must succeed.
+pub fn read_error_then_read(
+    ctx: &Ctx,
+    setup: Setup,
+    headers: impl Fn(&[Reply]) -> std::result::Result<(), String>,
+) -> Result<Outcome> {
+    let mut s = ctx.session(setup)?;
+    let (offset, len) = past_end(ctx);
+    let replies = s.conn.exchange(0, cmd::READ, offset, len, &[])?;
+    if let Err(why) = headers(&replies) {
+        fail!("{why}");
+    }
+    match validate_read(&replies, offset, len, false) {
+        Err(why) => fail!("{why}"),
+        Ok(Some(_)) => skip!("the read past the end succeeded"),
+        Ok(None) => {}
+    }
+    let replies = s.conn.exchange(0, cmd::READ, 0, ctx.io_len(), &[])?;
+    if let Some(e) = conn::reply_error(&replies) {
+        fail!("the next read got {}", errno_name(e));
+    }
+    Ok(Outcome::Pass)
+}
+
 fn read_not_simple(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_structured(ctx) {
         return Ok(o);
     }
-    let mut s = ctx.session(Setup {
-        structured: true,
-        ..Setup::default()
-    })?;
+    let mut s = ctx.session(Setup::STRUCTURED)?;
     let len = ctx.io_len();
     let replies = s.conn.exchange(0, cmd::READ, 0, len, &[])?;
     if replies.iter().any(Reply::is_simple) {
@@ -218,10 +256,7 @@ fn read_chunks_valid(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_structured(ctx) {
         return Ok(o);
     }
-    let mut s = ctx.session(Setup {
-        structured: true,
-        ..Setup::default()
-    })?;
+    let mut s = ctx.session(Setup::STRUCTURED)?;
     // A large read (1 MiB or the export) to tempt a server into several
     // chunks.
     let len = (1u64 << 20).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
@@ -237,18 +272,10 @@ fn read_covers_range(ctx: &Ctx) -> Result<Outcome> {
         return Ok(o);
     }
     let len = (256u64 << 10).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
-    let mut s = ctx.session(Setup {
-        structured: true,
-        ..Setup::default()
-    })?;
+    let mut s = ctx.session(Setup::STRUCTURED)?;
     let replies = s.conn.exchange(0, cmd::READ, 0, len, &[])?;
-    match validate_read(&replies, 0, len, false) {
-        Err(why) => fail!("{why}"),
-        Ok(None) => fail!("the read got an error chunk"),
-        Ok(Some(covered)) if covered != len => {
-            fail!("chunks cover {covered} of {len} bytes")
-        }
-        Ok(Some(_)) => {}
+    if let Err(why) = validate_full_read(&replies, 0, len, false) {
+        fail!("{why}");
     }
     let structured = match assemble(&replies, 0, len)? {
         Ok(data) => data,
@@ -266,45 +293,23 @@ fn read_error_chunk(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_structured(ctx) {
         return Ok(o);
     }
-    let mut s = ctx.session(Setup {
-        structured: true,
-        ..Setup::default()
-    })?;
-    let (offset, len) = past_end(ctx);
-    let replies = s.conn.exchange(0, cmd::READ, offset, len, &[])?;
-    match validate_read(&replies, offset, len, false) {
-        Err(why) => fail!("{why}"),
-        Ok(Some(_)) => skip!("the read past the end succeeded"),
-        Ok(None) => {}
-    }
-    let replies = s.conn.exchange(0, cmd::READ, 0, ctx.io_len(), &[])?;
-    if let Some(e) = conn::reply_error(&replies) {
-        fail!("the next read got {}", errno_name(e));
-    }
-    Ok(Outcome::Pass)
+    read_error_then_read(ctx, Setup::STRUCTURED, |_| Ok(()))
 }
 
 fn unknown_flag_einval(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_structured(ctx) {
         return Ok(o);
     }
-    let setup = Setup {
-        structured: true,
-        ..Setup::default()
-    };
     let len = ctx.io_len();
     let flag = super::transmission::UNKNOWN_FLAG;
-    expect_error(ctx, setup, flag, cmd::READ, 0, len, &[], EINVAL)
+    expect_error(ctx, Setup::STRUCTURED, flag, cmd::READ, 0, len, &[], EINVAL)
 }
 
 fn df_one_chunk(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_structured(ctx) {
         return Ok(o);
     }
-    let mut s = ctx.session(Setup {
-        structured: true,
-        ..Setup::default()
-    })?;
+    let mut s = ctx.session(Setup::STRUCTURED)?;
     if s.flags & tflag::SEND_DF == 0 {
         skip!("NBD_FLAG_SEND_DF not advertised");
     }
@@ -313,25 +318,19 @@ fn df_one_chunk(ctx: &Ctx) -> Result<Outcome> {
     if conn::reply_error(&replies) == Some(EOVERFLOW) {
         fail!("EOVERFLOW for a {len}-byte read (must work up to 64 KiB)");
     }
-    match validate_read(&replies, 0, len, true) {
-        Err(why) => fail!("{why}"),
-        Ok(None) => fail!("the read got an error chunk"),
-        Ok(Some(covered)) if covered != len => fail!("chunks cover {covered} of {len} bytes"),
-        Ok(Some(_)) => Ok(Outcome::Pass),
+    if let Err(why) = validate_full_read(&replies, 0, len, true) {
+        fail!("{why}");
     }
+    Ok(Outcome::Pass)
 }
 
 fn no_context_einval(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_structured(ctx) {
         return Ok(o);
     }
-    let setup = Setup {
-        structured: true,
-        ..Setup::default()
-    };
     expect_error(
         ctx,
-        setup,
+        Setup::STRUCTURED,
         0,
         cmd::BLOCK_STATUS,
         0,
@@ -454,9 +453,8 @@ fn block_status(ctx: &Ctx, flags: u16) -> Result<Outcome> {
         return Ok(o);
     }
     let mut s = ctx.session(Setup {
-        structured: true,
         base_allocation: true,
-        ..Setup::default()
+        ..Setup::STRUCTURED
     })?;
     let len = (1u64 << 20).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
     let replies = s.conn.exchange(flags, cmd::BLOCK_STATUS, 0, len, &[])?;
@@ -485,9 +483,8 @@ fn past_end_einval(ctx: &Ctx) -> Result<Outcome> {
         return Ok(o);
     }
     let setup = Setup {
-        structured: true,
         base_allocation: true,
-        ..Setup::default()
+        ..Setup::STRUCTURED
     };
     let (offset, len) = past_end(ctx);
     expect_error(ctx, setup, 0, cmd::BLOCK_STATUS, offset, len, &[], EINVAL)
