@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     COMMAND_TIMEOUT, STOP_TIMEOUT, Server, free_port, have_tools, read_until_closed, run, run_ok,
-    send_signal, server_binary, sha256, tail, temp_dir, tool, wait_until, write_urandom_file,
+    runtime, send_signal, server_binary, sha256, tail, temp_dir, tool, wait_until,
+    write_urandom_file,
 };
 use futures_util::{SinkExt, StreamExt};
 use tempfile::TempDir;
@@ -356,14 +357,6 @@ impl Drop for Feeder {
         // Let the runtime's tasks go with it (their sockets close).
         let _ = &self.runtime;
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("start a tokio runtime")
 }
 
 /// `nbd-std serve` with a file export holding random data; returns the

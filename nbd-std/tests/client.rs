@@ -11,21 +11,13 @@ mod peers;
 
 use std::sync::Arc;
 
-use common::{Random, Server, have_tools};
+use common::{Random, Server, have_tools, runtime};
 use nbd_core::wire::ErrorCode;
 use nbd_std::client::{Client, Error, NbdUri, ZeroOptions, export_info, list_exports};
 use peers::Peer;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut data = vec![0u8; len];

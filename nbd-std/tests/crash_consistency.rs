@@ -85,7 +85,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::{Random, Server, find_tool, missing, send_signal, temp_dir, wait_until};
+use common::{
+    Random, Server, env_u64, find_tool, missing, runtime, send_signal, temp_dir, wait_until,
+};
 use nbd_core::wire::ErrorCode;
 use nbd_std::client::{Client, Error};
 
@@ -110,23 +112,6 @@ const DEFAULT_ROUNDS: u64 = 30;
 const WIND_DOWN: Duration = Duration::from_secs(20);
 /// "Never acked".
 const NEVER: u64 = u64::MAX;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value:?}: expected a number")),
-        Err(_) => default,
-    }
-}
 
 /// The bytes write `tag` puts in sector `sector`: depend on both only, so
 /// a sector identifies its write even when the write landed in part.

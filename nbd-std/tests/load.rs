@@ -18,7 +18,7 @@ mod common;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::{Random, Server, temp_dir};
+use common::{Random, Server, env_u64, runtime, temp_dir};
 use nbd_std::client::Client;
 
 const CLIENTS: usize = 200;
@@ -37,23 +37,6 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The two tests run one at a time, so each one's figures are its own.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn load_seconds() -> u64 {
-    match std::env::var("NBD_LOAD_SECONDS") {
-        Ok(value) => value
-            .parse()
-            .unwrap_or_else(|_| panic!("NBD_LOAD_SECONDS={value:?}: expected whole seconds")),
-        Err(_) => DEFAULT_SECONDS,
-    }
-}
 
 /// What one client did.
 #[derive(Debug, Default)]
@@ -198,7 +181,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// Runs the load against the export `name` of `server` and checks it.
 fn run_load(server: &mut Server, name: &str, what: &str, flushes: bool) {
-    let seconds = load_seconds();
+    let seconds = env_u64("NBD_LOAD_SECONDS", DEFAULT_SECONDS);
     let rt = runtime();
     let uri = server.uri_for(name);
     let idle_kib = status_kib(server.pid(), "VmRSS");

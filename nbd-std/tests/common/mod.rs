@@ -562,6 +562,27 @@ pub fn have_python_libnbd() -> bool {
         ))
 }
 
+/// A tokio runtime for tests that drive `nbd_std::client` (two workers:
+/// the machines running CI have two cores).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("start a tokio runtime")
+}
+
+/// The number in environment variable `name`, or `default` when unset;
+/// panics on a value that is not a number.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?}: expected a number")),
+        Err(_) => default,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Data
 
