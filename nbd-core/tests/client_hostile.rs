@@ -4,6 +4,7 @@
 
 mod client_harness;
 
+use client_harness::messages::*;
 use client_harness::*;
 use nbd_core::client::{Config, Mode, ProtocolError, RequestId};
 use nbd_core::wire::{

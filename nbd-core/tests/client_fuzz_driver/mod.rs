@@ -23,6 +23,8 @@
 
 #[path = "../fuzz_bytes/mod.rs"]
 mod fuzz_bytes;
+#[path = "../client_harness/messages.rs"]
+mod messages;
 mod server;
 
 use std::collections::HashMap;
@@ -147,7 +149,7 @@ impl<const R: usize, const B: usize> Driver<R, B> {
         // Most cases start with a valid greeting.
         if bytes.u8() & 0x80 == 0 {
             self.stream
-                .extend_from_slice(&server::greeting(bytes.u8() & 3 | 1));
+                .extend_from_slice(&messages::greeting(u16::from(bytes.u8() & 3 | 1)));
         }
         while !bytes.is_empty() {
             match bytes.u8() % 12 {
@@ -263,7 +265,7 @@ impl<const R: usize, const B: usize> Driver<R, B> {
         while let Some(transmit) = self.client.poll_transmit() {
             assert!(!self.failed, "transmit after an error");
             let head = transmit.parts[0];
-            if head.len() >= 16 && head[..8] == 0x4948_4156_454f_5054u64.to_be_bytes() {
+            if head.len() >= 16 && head[..8] == messages::IHAVEOPT.to_be_bytes() {
                 let (_, header) = OptionHeader::parse(head).expect("option header");
                 let data: usize = transmit.parts[1..].iter().map(|p| p.len()).sum();
                 assert_eq!(header.length as usize, head.len() - 16 + data);

@@ -1,8 +1,9 @@
 //! The fuzzed server: messages shaped after what the client asked, mostly
 //! well-formed answers (so conversations reach transmission and requests
 //! finish) and sometimes near misses (wrong types, pieces out of range,
-//! the other header style), plus the byte builders they use.
+//! the other header style).
 
+use super::messages::{chunk, ext_chunk, greeting, option_reply, simple_reply};
 use super::{Bytes, Driver, TRACKED};
 use nbd_core::client::RequestId;
 use nbd_core::wire::{Command, CommandFlags};
@@ -22,7 +23,8 @@ impl<const R: usize, const B: usize> Driver<R, B> {
             return;
         }
         if !self.greeted {
-            self.stream.extend_from_slice(&greeting(bytes.u8() & 3 | 1));
+            self.stream
+                .extend_from_slice(&greeting(u16::from(bytes.u8() & 3 | 1)));
             return;
         }
         let kind = bytes.u8();
@@ -365,48 +367,4 @@ fn flags(bytes: &mut Bytes<'_>) -> u16 {
     } else {
         bytes.u16() | 1
     }
-}
-
-pub(super) fn greeting(flags: u8) -> Vec<u8> {
-    let mut out = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
-    out.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
-    out.extend_from_slice(&u16::from(flags).to_be_bytes());
-    out
-}
-
-fn option_reply(option: u32, reply_type: u32, data: &[u8]) -> Vec<u8> {
-    let mut out = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&reply_type.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
-    let mut out = 0x6744_6698u32.to_be_bytes().to_vec();
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out
-}
-
-fn chunk(flags: u16, chunk_type: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = 0x668e_33efu32.to_be_bytes().to_vec();
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&chunk_type.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-fn ext_chunk(flags: u16, chunk_type: u16, cookie: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = 0x6e8a_278cu32.to_be_bytes().to_vec();
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&chunk_type.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-    out.extend_from_slice(payload);
-    out
 }
