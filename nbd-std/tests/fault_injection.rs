@@ -8,12 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, have_python_libnbd, have_tools, run, runtime, tool};
+use common::{DEBIAN_PYTHON, Server, have_python_libnbd, have_tools, run, runtime, tool};
 use nbd_core::wire::ErrorCode;
 use nbd_std::client::Client;
 
 const MIB: u64 = 1 << 20;
-const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
 /// The NBD error of a failed request, `None` for success; panics on
 /// errors that are not the server's answer (the connection failed).
