@@ -14,7 +14,7 @@ use super::{
 use crate::export::Features;
 use crate::wire::{
     BlockSizeConstraints, ErrorCode, HandshakeFlags, HeaderStyle, Info, MAX_STRING_LEN, OptionCode,
-    OptionReplyType, TransmissionFlags,
+    OptionReplyType, TransmissionFlags, encode_u32,
 };
 
 /// Bytes of partial headers and small fixed fields kept between `process`
@@ -245,13 +245,11 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         let mut buffer = [0; BUFFER];
         buffer[..name.len()].copy_from_slice(name);
         let mut at = name.len();
-        let count = config.meta_contexts.len() as u32;
-        buffer[at..at + 4].copy_from_slice(&count.to_be_bytes());
-        at += 4;
+        at += encode_u32(&mut buffer[at..], config.meta_contexts.len() as u32);
         for query in config.meta_contexts {
-            buffer[at..at + 4].copy_from_slice(&(query.len() as u32).to_be_bytes());
-            buffer[at + 4..at + 4 + query.len()].copy_from_slice(query.as_bytes());
-            at += 4 + query.len();
+            at += encode_u32(&mut buffer[at..], query.len() as u32);
+            buffer[at..at + query.len()].copy_from_slice(query.as_bytes());
+            at += query.len();
         }
         Ok(Self {
             phase: Phase::Greeting,

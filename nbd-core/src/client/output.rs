@@ -11,6 +11,7 @@ use super::connection::{Connection, Ending, Phase, SECOND_PART};
 use super::negotiation::OptionStep;
 use crate::wire::{
     ClientFlags, Command, CommandFlags, InfoType, OptionHeader, RequestHeader, WireError,
+    encode_u16, encode_u32,
 };
 
 /// One message to send: `parts` in order (empty ones skipped), then the
@@ -189,11 +190,10 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         let mut at = SECOND_PART + 2;
         let mut count = 0u16;
         for (_, info_type) in wanted.iter().filter(|(on, _)| *on) {
-            self.scratch[at..at + 2].copy_from_slice(&info_type.to_wire().to_be_bytes());
-            at += 2;
+            at += encode_u16(&mut self.scratch[at..], info_type.to_wire());
             count += 1;
         }
-        self.scratch[SECOND_PART..SECOND_PART + 2].copy_from_slice(&count.to_be_bytes());
+        encode_u16(&mut self.scratch[SECOND_PART..], count);
         at - SECOND_PART
     }
 
@@ -251,9 +251,4 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         };
         Some(self.head(|out| header.encode(style, out)))
     }
-}
-
-fn encode_u32(out: &mut [u8], value: u32) -> usize {
-    out[..4].copy_from_slice(&value.to_be_bytes());
-    4
 }

@@ -14,6 +14,7 @@ use crate::export::Catalog;
 use crate::wire::{
     BlockSizeConstraints, ClientFlags, ExportNameReply, Greeting, HandshakeFlags, Info, InfoType,
     OPTION_HEADER_LEN, OptionCode, OptionHeader, OptionReplyHeader, OptionReplyType, OptionRequest,
+    encode_u16, encode_u32,
 };
 
 /// The only metadata context the core serves.
@@ -738,14 +739,4 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             Ok(at + info.encode(&mut out[at..])?)
         })
     }
-}
-
-pub(super) fn encode_u32(out: &mut [u8], value: u32) -> usize {
-    out[..4].copy_from_slice(&value.to_be_bytes());
-    4
-}
-
-pub(super) fn encode_u16(out: &mut [u8], value: u16) -> usize {
-    out[..2].copy_from_slice(&value.to_be_bytes());
-    2
 }

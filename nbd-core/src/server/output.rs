@@ -8,11 +8,12 @@
 
 use super::connection::Connection;
 use super::inflight::{Reply, RequestId, Slot};
-use super::negotiation::{BASE_ALLOCATION_ID, encode_u16, encode_u32};
+use super::negotiation::BASE_ALLOCATION_ID;
 use super::{Payload, Transmit};
 use crate::export::Catalog;
 use crate::wire::{
     ChunkHeader, ChunkType, Command, ErrorCode, HeaderStyle, ReplyFlags, SimpleReply, WireError,
+    encode_u16, encode_u32, encode_u64,
 };
 
 /// Bytes sent after the scratch header that the core does not copy.
@@ -230,9 +231,4 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         debug_assert!(style == HeaderStyle::Extended || payload <= u32::MAX as usize);
         self.head(|out| header.encode(style, out))
     }
-}
-
-pub(super) fn encode_u64(out: &mut [u8], value: u64) -> usize {
-    out[..8].copy_from_slice(&value.to_be_bytes());
-    8
 }

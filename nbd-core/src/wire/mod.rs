@@ -30,6 +30,7 @@ pub use codes::{
     CHUNK_ERROR_BIT, ChunkType, Command, ErrorCode, InfoType, OPTION_REPLY_ERROR_BIT, OptionCode,
     OptionReplyType,
 };
+pub(crate) use cursor::{encode_u16, encode_u32, encode_u64};
 pub use flags::{
     AllocationFlags, ClientFlags, CommandFlags, HandshakeFlags, ReplyFlags, TransmissionFlags,
 };
