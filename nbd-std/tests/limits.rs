@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, OPT_EXPORT_NAME, Random, Server, have_tools, option_bytes,
-    read_greeting, read_until_closed, request_bytes, run, server_binary, tool,
+    proc_status_kib, read_greeting, read_until_closed, request_bytes, run, server_binary, tool,
 };
 use nbd_std::client::Client;
 
@@ -48,20 +48,6 @@ fn raise_descriptor_limit(wanted: u64) -> bool {
         },
     )
     .is_ok()
-}
-
-/// `VmRSS` and `VmHWM` of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /proc/{pid}/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// Sockets a process holds open.
@@ -234,7 +220,7 @@ fn thousands_of_idle_and_garbage_connections_stay_bounded() {
     );
     // The listener, the runtime's own and the well-behaved client's.
     let base_sockets = sockets(pid);
-    let (baseline_rss, _) = memory_kib(pid);
+    let baseline_rss = proc_status_kib(pid, "VmRSS");
 
     let opening = Instant::now();
     let mut idle = Vec::with_capacity(IDLE);
@@ -266,7 +252,7 @@ fn thousands_of_idle_and_garbage_connections_stay_bounded() {
         sockets(pid) - base_sockets
     );
     let held = sockets(pid) - base_sockets;
-    let (held_rss, _) = memory_kib(pid);
+    let held_rss = proc_status_kib(pid, "VmRSS");
     let rounds_while_open = served.rounds.load(Ordering::Relaxed);
     assert!(
         opened < HANDSHAKE_TIMEOUT,
@@ -280,7 +266,8 @@ fn thousands_of_idle_and_garbage_connections_stay_bounded() {
     let dropped_after = opening.elapsed();
     let after_last = last_connect.elapsed();
     let left = sockets(pid).saturating_sub(base_sockets);
-    let (final_rss, hwm) = memory_kib(pid);
+    let final_rss = proc_status_kib(pid, "VmRSS");
+    let hwm = proc_status_kib(pid, "VmHWM");
     // VmHWM is updated lazily: never below an RSS seen.
     let peak_rss = hwm.max(held_rss);
     stop.store(true, Ordering::Relaxed);

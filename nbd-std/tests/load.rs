@@ -18,7 +18,7 @@ mod common;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::{Random, Server, env_u64, runtime, temp_dir};
+use common::{Random, Server, env_u64, proc_status_kib, runtime, temp_dir};
 use nbd_std::client::Client;
 
 const CLIENTS: usize = 200;
@@ -168,23 +168,12 @@ async fn client_run(uri: String, index: usize, deadline: Instant, flushes: bool)
     stats
 }
 
-/// A field of `/proc/PID/status` in KiB (`VmHWM`, `VmRSS`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("read the server's /proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 /// Runs the load against the export `name` of `server` and checks it.
 fn run_load(server: &mut Server, name: &str, what: &str, flushes: bool) {
     let seconds = env_u64("NBD_LOAD_SECONDS", DEFAULT_SECONDS);
     let rt = runtime();
     let uri = server.uri_for(name);
-    let idle_kib = status_kib(server.pid(), "VmRSS");
+    let idle_kib = proc_status_kib(server.pid(), "VmRSS");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let results: Vec<Stats> = rt.block_on(async {
@@ -204,8 +193,8 @@ fn run_load(server: &mut Server, name: &str, what: &str, flushes: bool) {
     });
     let elapsed = started.elapsed().as_secs_f64();
     server.assert_running();
-    let peak_kib = status_kib(server.pid(), "VmHWM");
-    let rss_kib = status_kib(server.pid(), "VmRSS");
+    let peak_kib = proc_status_kib(server.pid(), "VmHWM");
+    let rss_kib = proc_status_kib(server.pid(), "VmRSS");
 
     let total = |f: fn(&Stats) -> u64| results.iter().map(f).sum::<u64>();
     let ops = total(Stats::ops);
