@@ -124,6 +124,7 @@ impl<D: BlockDevice> BlockStorage<D> {
     /// is reused only if `reuse_clean` (a read going on within a block);
     /// a write starting in a block reads it again, so that it merges with
     /// what is on the card now, not with what was there when it was cached.
+    /// If the read fails, the scratch holds no block.
     fn load(&mut self, block: u32, overwrite: bool, reuse_clean: bool) -> Result<(), D::Error> {
         if self.cached == Some(block) && (self.dirty || reuse_clean) {
             return Ok(());
@@ -159,10 +160,7 @@ impl<D: BlockDevice> BlockStorage<D> {
         let block = (offset / BLOCK_SIZE as u64) as u32;
         let within = (offset % BLOCK_SIZE as u64) as usize;
         let n = max.min(BLOCK_SIZE - within);
-        if let Err(error) = self.load(block, false, true) {
-            self.invalidate();
-            return Err(error);
-        }
+        self.load(block, false, true)?;
         Ok(&self.scratch.contents[within..within + n])
     }
 
@@ -183,10 +181,7 @@ impl<D: BlockDevice> BlockStorage<D> {
             let within = (offset % BLOCK_SIZE as u64) as usize;
             let n = data.len().min(BLOCK_SIZE - within);
             let covered = within == 0 && data.len() as u64 + remaining >= BLOCK_SIZE as u64;
-            if let Err(error) = self.load(block, covered, false) {
-                self.invalidate();
-                return Err(error);
-            }
+            self.load(block, covered, false)?;
             self.scratch.contents[within..within + n].copy_from_slice(&data[..n]);
             self.dirty = true;
             if within + n == BLOCK_SIZE {
