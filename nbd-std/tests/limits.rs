@@ -62,14 +62,6 @@ fn sockets(pid: u32) -> usize {
         .count()
 }
 
-fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect(server.addr()).expect("connect");
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .expect("write timeout");
-    stream
-}
-
 /// Client flags after the greeting (which is left unread: the server
 /// sends it at once and does not wait for it to be read).
 fn flags() -> [u8; 4] {
@@ -225,12 +217,12 @@ fn thousands_of_idle_and_garbage_connections_stay_bounded() {
     let opening = Instant::now();
     let mut idle = Vec::with_capacity(IDLE);
     for _ in 0..IDLE {
-        idle.push(connect(&server));
+        idle.push(server.connect());
     }
     let mut random = Random::new(42);
     let mut garbage = Vec::with_capacity(GARBAGE);
     for kind in 0..GARBAGE {
-        let mut stream = connect(&server);
+        let mut stream = server.connect();
         send_garbage(&mut stream, kind, &mut random);
         garbage.push(stream);
     }
@@ -323,13 +315,13 @@ fn clients_beyond_max_clients_are_closed_at_once() {
     let server = Server::start(["--max-clients", "3"]);
     let mut kept: Vec<TcpStream> = (0..3)
         .map(|_| {
-            let mut stream = connect(&server);
+            let mut stream = server.connect();
             read_greeting(&mut stream);
             stream
         })
         .collect();
     let started = Instant::now();
-    let mut refused = connect(&server);
+    let mut refused = server.connect();
     let (bytes, closed) = read_until_closed(&mut refused, Duration::from_secs(5));
     let took = started.elapsed();
     println!("the fourth client was closed after {took:?}");
@@ -354,7 +346,7 @@ fn clients_beyond_max_clients_are_closed_at_once() {
     drop(kept.pop());
     assert!(
         common::wait_until(Duration::from_secs(10), || {
-            let mut stream = connect(&server);
+            let mut stream = server.connect();
             stream
                 .set_read_timeout(Some(Duration::from_secs(2)))
                 .expect("read timeout");
@@ -433,7 +425,7 @@ fn limits_in_range_are_served() {
         assert_eq!(buf, vec![31u8; 4096]);
     });
     // An option longer than 4 KiB now closes the connection.
-    let mut stream = connect(&server);
+    let mut stream = server.connect();
     read_greeting(&mut stream);
     stream.write_all(&flags()).expect("flags");
     stream
@@ -488,10 +480,10 @@ fn handshake_timeout_covers_tls_and_spares_negotiated_clients() {
     ]);
 
     // Negotiated (plain), then idle for twice the timeout: still served.
-    let mut negotiated = connect(&server);
+    let mut negotiated = server.connect();
     common::negotiate_export_name(&mut negotiated, "");
     // STARTTLS acknowledged, then a third of a TLS record and nothing.
-    let mut stalled = connect(&server);
+    let mut stalled = server.connect();
     read_greeting(&mut stalled);
     stalled.write_all(&flags()).expect("flags");
     stalled
