@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     COMMAND_TIMEOUT, STOP_TIMEOUT, Server, free_port, have_tools, read_until_closed, run, run_ok,
-    runtime, send_signal, server_binary, sha256, tail, temp_dir, tool, wait_until,
-    write_urandom_file,
+    runtime, server_binary, sha256, signal_child_and_wait, stop_child, tail, temp_dir, tool,
+    wait_until, write_urandom_file,
 };
 use futures_util::{SinkExt, StreamExt};
 use tempfile::TempDir;
@@ -128,31 +128,15 @@ impl Bridge {
 
     /// Sends `signal` and waits for the exit status.
     fn signal_and_wait(&mut self, signal: &str) -> Option<ExitStatus> {
-        let pid = self.child.as_ref().expect("bridge child").id();
-        send_signal(pid, signal);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let child = self.child.as_mut().expect("bridge child");
+        signal_child_and_wait(child, signal, STOP_TIMEOUT)
     }
 }
 
 impl Drop for Bridge {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            if let Ok(None) = child.try_wait() {
-                send_signal(child.id(), "TERM");
-                let deadline = Instant::now() + STOP_TIMEOUT;
-                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                    thread::sleep(Duration::from_millis(20));
-                }
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_child(&mut child, "TERM", STOP_TIMEOUT);
         }
         if thread::panicking() {
             eprintln!("--- bridge log ---\n{}", tail(&self.log()));
@@ -192,13 +176,7 @@ impl Websockify {
 
 impl Drop for Websockify {
     fn drop(&mut self) {
-        send_signal(self.child.id(), "TERM");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, "TERM", STOP_TIMEOUT);
     }
 }
 

@@ -86,7 +86,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::{
-    Random, Server, env_u64, find_tool, missing, runtime, send_signal, temp_dir, wait_until,
+    Random, Server, env_u64, find_tool, missing, runtime, signal_child_and_wait, stop_child,
+    temp_dir, wait_until,
 };
 use nbd_core::wire::ErrorCode;
 use nbd_std::client::{Client, Error};
@@ -585,11 +586,8 @@ impl Tracer {
     /// Detaches (SIGINT makes strace let go of the process, which keeps
     /// running) and returns the number of `fdatasync` calls it saw.
     fn detach(mut self) -> usize {
-        send_signal(self.child.id(), "INT");
-        let done = wait_until(Duration::from_secs(10), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        assert!(done, "strace did not detach within 10 s");
+        let done = signal_child_and_wait(&mut self.child, "INT", Duration::from_secs(10));
+        assert!(done.is_some(), "strace did not detach within 10 s");
         let mut text = String::new();
         File::open(&self.log)
             .and_then(|mut f| f.read_to_string(&mut text))
@@ -600,15 +598,7 @@ impl Tracer {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            send_signal(self.child.id(), "INT");
-            if !wait_until(Duration::from_secs(5), || {
-                matches!(self.child.try_wait(), Ok(Some(_)))
-            }) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
+        stop_child(&mut self.child, "INT", Duration::from_secs(5));
     }
 }
 

@@ -272,20 +272,11 @@ impl Server {
     /// `timeout` for the server to exit. Returns its status, or `None` if it
     /// was still running (it is left running; drop kills it).
     pub fn signal_and_wait(&mut self, signal: &str, timeout: Duration) -> Option<ExitStatus> {
-        if let Some(status) = self.try_wait() {
-            return Some(status);
+        if self.status.is_none() {
+            let child = self.child.as_mut().expect("server child");
+            self.status = signal_child_and_wait(child, signal, timeout);
         }
-        send_signal(self.pid(), signal);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.status
     }
 
     /// Stops the server with SIGTERM and asserts it exits 0 within
@@ -312,19 +303,7 @@ impl Drop for Server {
             return;
         };
         if self.status.is_none() {
-            if let Ok(None) = child.try_wait() {
-                send_signal(child.id(), "TERM");
-                let deadline = Instant::now() + STOP_TIMEOUT;
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                }
-            }
-            // SIGKILL if still alive (harmless if it exited), then reap.
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_child(&mut child, "TERM", STOP_TIMEOUT);
         }
         if thread::panicking() {
             eprintln!("{}", self.describe());
@@ -345,6 +324,37 @@ pub fn send_signal(pid: u32, signal: &str) {
     if let Err(error) = status {
         eprintln!("cannot run kill -s {signal} {pid}: {error}");
     }
+}
+
+/// Sends `signal` to `child` unless it has exited, and waits up to
+/// `timeout` for it to exit. Returns its status, or `None` if it is still
+/// running.
+pub fn signal_child_and_wait(
+    child: &mut Child,
+    signal: &str,
+    timeout: Duration,
+) -> Option<ExitStatus> {
+    let exited = |child: &mut Child| child.try_wait().ok().flatten();
+    // A reaped child's PID may belong to another process by now.
+    if let Some(status) = exited(child) {
+        return Some(status);
+    }
+    send_signal(child.id(), signal);
+    let mut status = None;
+    wait_until(timeout, || {
+        status = exited(child);
+        status.is_some()
+    });
+    status
+}
+
+/// Stops `child` for good: `signal` (`TERM`, say) and up to `timeout` to
+/// exit, then SIGKILL; reaps it either way.
+pub fn stop_child(child: &mut Child, signal: &str, timeout: Duration) {
+    if signal_child_and_wait(child, signal, timeout).is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
 }
 
 fn read_log(path: &Path) -> String {

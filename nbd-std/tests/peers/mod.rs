@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::common::{self, free_port, send_signal, temp_dir, tool};
+use crate::common::{self, STOP_TIMEOUT, free_port, send_signal, stop_child, temp_dir, tool};
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const START_ATTEMPTS: usize = 5;
 
 /// How the process is stopped.
@@ -189,18 +188,7 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         match self.process.take() {
-            Some(Process::Child(mut child)) => {
-                send_signal(child.id(), "TERM");
-                let deadline = Instant::now() + STOP_TIMEOUT;
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            Some(Process::Child(mut child)) => stop_child(&mut child, "TERM", STOP_TIMEOUT),
             Some(Process::Daemon(pid)) => {
                 // nbd-server forks one child per connection: those end
                 // when their clients leave; the parent is ours to stop.
