@@ -22,6 +22,17 @@ fn extended() -> H {
     H::extended(exports(), Config::default())
 }
 
+/// As [`extended`] (negotiation events kept), with the `base:allocation`
+/// context id.
+fn extended_with_context() -> (H, u32) {
+    let mut h = H::new(exports(), Config::default());
+    h.start(MODERN);
+    h.extended_headers();
+    let context = h.set_base_allocation("disk");
+    h.go("disk");
+    (h, context)
+}
+
 /// Asserts `reply` is an extended chunk for `cookie` echoing `offset`.
 fn assert_extended(reply: &Reply, cookie: u64, offset: u64) {
     match reply {
@@ -200,11 +211,7 @@ fn effect_lengths_above_four_gib_are_checked() {
 
 #[test]
 fn block_status_gives_block_status_ext() {
-    let mut h = H::new(exports(), Config::default());
-    h.start(MODERN);
-    h.extended_headers();
-    let context = h.set_base_allocation("disk");
-    h.go("disk");
+    let (mut h, context) = extended_with_context();
     h.disk_mut()[0..8192].fill(0);
     h.request(Command::BlockStatus, CommandFlags::empty(), 7, 4096, 8192);
     let got = replies(&h.received(), &[]);
@@ -236,11 +243,7 @@ fn block_status_gives_block_status_ext() {
 
 #[test]
 fn block_status_with_a_payload() {
-    let mut h = H::new(exports(), Config::default());
-    h.start(MODERN);
-    h.extended_headers();
-    let context = h.set_base_allocation("disk");
-    h.go("disk");
+    let (mut h, context) = extended_with_context();
     h.disk_mut()[0..4096].fill(0);
     // PAYLOAD_LEN: the length field is the payload's (12 bytes); the
     // payload holds the effect length and the context ids wanted.
@@ -305,11 +308,7 @@ fn block_status_with_a_payload() {
 
 #[test]
 fn block_status_payload_with_an_unknown_context_is_einval() {
-    let mut h = H::new(exports(), Config::default());
-    h.start(MODERN);
-    h.extended_headers();
-    let context = h.set_base_allocation("disk");
-    h.go("disk");
+    let (mut h, context) = extended_with_context();
     let mut bytes = request(
         HeaderStyle::Extended,
         Command::BlockStatus,
@@ -331,11 +330,7 @@ fn block_status_payload_with_an_unknown_context_is_einval() {
 
 #[test]
 fn block_status_payload_of_a_bad_length_is_consumed_and_refused() {
-    let mut h = H::new(exports(), Config::default());
-    h.start(MODERN);
-    h.extended_headers();
-    h.set_base_allocation("disk");
-    h.go("disk");
+    let (mut h, _) = extended_with_context();
     // 10 bytes: not 8 plus a multiple of 4.
     let mut bytes = request(
         HeaderStyle::Extended,
