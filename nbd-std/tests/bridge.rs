@@ -18,9 +18,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    COMMAND_TIMEOUT, STOP_TIMEOUT, Server, free_port, have_tools, read_until_closed, run, run_ok,
-    runtime, server_binary, sha256, signal_child_and_wait, stop_child, tail, temp_dir, tool,
-    wait_until, write_urandom_file,
+    COMMAND_TIMEOUT, STOP_TIMEOUT, Server, free_port, have_tools, read_log, read_until_closed, run,
+    run_ok, runtime, server_binary, sha256, signal_child_and_wait, stop_child, tail, temp_dir,
+    tool, wait_until, write_urandom_file,
 };
 use futures_util::{SinkExt, StreamExt};
 use tempfile::TempDir;
@@ -109,8 +109,7 @@ impl Bridge {
     }
 
     fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(self.logs.path().join("stderr")).unwrap_or_default())
-            .into_owned()
+        read_log(&self.logs.path().join("stderr"))
     }
 
     fn uri(&self) -> String {
@@ -281,7 +280,8 @@ async fn provider_session(route: Route, server: SocketAddr, state: Arc<SessionSt
 /// The page: keeps one idle provider session open, and opens the next when
 /// the current one is taken (or ends). Stops when dropped.
 struct Feeder {
-    runtime: tokio::runtime::Runtime,
+    /// Runs the sessions; dropped with the feeder, and their sockets close.
+    _runtime: tokio::runtime::Runtime,
     stop: Option<oneshot::Sender<()>>,
     taken: Arc<AtomicUsize>,
 }
@@ -315,7 +315,7 @@ impl Feeder {
             }
         });
         Feeder {
-            runtime,
+            _runtime: runtime,
             stop: Some(stop),
             taken,
         }
@@ -332,8 +332,6 @@ impl Drop for Feeder {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        // Let the runtime's tasks go with it (their sockets close).
-        let _ = &self.runtime;
     }
 }
 

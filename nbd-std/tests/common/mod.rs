@@ -357,7 +357,8 @@ pub fn stop_child(child: &mut Child, signal: &str, timeout: Duration) {
     let _ = child.wait();
 }
 
-fn read_log(path: &Path) -> String {
+/// A log file's text so far (empty if it does not exist yet).
+pub fn read_log(path: &Path) -> String {
     std::fs::read(path)
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default()
