@@ -5,18 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, have_tools, run, run_ok, temp_dir, tool};
+use common::{Server, have_tools, nbdinfo_json, run, run_ok, temp_dir, tool};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
-
-fn nbdinfo_json(args: &[&str]) -> Value {
-    let out = run_ok(tool("nbdinfo").arg("--json").args(args), TIMEOUT);
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("nbdinfo printed invalid JSON ({e})\n{}", out.describe()))
-}
 
 fn exports(json: &Value) -> &Vec<Value> {
     json["exports"]
@@ -79,7 +73,7 @@ fn default_export_is_a_1g_memory_export() {
         return;
     }
     let server = Server::start_default();
-    let list = nbdinfo_json(&["--list", &server.uri()]);
+    let list = nbdinfo_json(&["--list", &server.uri()], TIMEOUT);
     assert_eq!(list["protocol"], "newstyle-fixed", "{list:#}");
     assert_eq!(list["structured"], true, "structured replies: {list:#}");
     let memory = export(&list, "memory");
@@ -94,13 +88,13 @@ fn default_export_is_a_1g_memory_export() {
     );
 
     // The empty name reaches the same export.
-    let default = nbdinfo_json(&[&server.uri()]);
+    let default = nbdinfo_json(&[&server.uri()], TIMEOUT);
     let exports = exports(&default);
     assert_eq!(exports.len(), 1, "{default:#}");
     assert_eq!(size_of(&exports[0]), GIB, "{default:#}");
 
     // And its name does too.
-    let named = nbdinfo_json(&[&server.uri_for("memory")]);
+    let named = nbdinfo_json(&[&server.uri_for("memory")], TIMEOUT);
     assert_eq!(size_of(&exports_first(&named)), GIB, "{named:#}");
 
     // Plain-text listing names it as well.
@@ -162,7 +156,7 @@ fn several_exports_with_descriptions() {
         "--export".to_owned(),
         "tiny=memory:1M".to_owned(),
     ]);
-    let list = nbdinfo_json(&["--list", &server.uri()]);
+    let list = nbdinfo_json(&["--list", &server.uri()], TIMEOUT);
 
     let scratch = export(&list, "scratch");
     assert_eq!(size_of(scratch), 16 * MIB, "{scratch:#}");
@@ -182,7 +176,7 @@ fn several_exports_with_descriptions() {
     check_block_sizes(tiny);
 
     // The first export is the default one.
-    let default = exports_first(&nbdinfo_json(&[&server.uri()]));
+    let default = exports_first(&nbdinfo_json(&[&server.uri()], TIMEOUT));
     assert_eq!(size_of(&default), 16 * MIB, "{default:#}");
     assert_eq!(default["description"], "Scratch space", "{default:#}");
 
@@ -291,7 +285,7 @@ fn list_over_unix_socket() {
     let dir = temp_dir();
     let socket = dir.path().join("nbd.sock");
     let server = Server::start_unix(&socket, ["--size", "2M"]);
-    let list = nbdinfo_json(&["--list", &server.uri()]);
+    let list = nbdinfo_json(&["--list", &server.uri()], TIMEOUT);
     assert_eq!(size_of(export(&list, "memory")), 2 * MIB, "{list:#}");
     let out = run_ok(tool("nbdinfo").args(["--size", &server.uri()]), TIMEOUT);
     assert_eq!(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, have_tools, run, run_ok, server_binary, temp_dir, tool};
+use common::{Server, have_tools, nbdinfo_json, run, run_ok, server_binary, temp_dir, tool};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -170,12 +170,6 @@ fn nbds(server: &Server, certificates: &Path) -> String {
     )
 }
 
-fn nbdinfo_json(uri: &str) -> Value {
-    let out = run_ok(tool("nbdinfo").arg("--json").arg(uri), TIMEOUT);
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("nbdinfo printed invalid JSON ({e})\n{}", out.describe()))
-}
-
 fn nbd_std(args: &[&str]) -> Command {
     let mut command = Command::new(server_binary());
     command.args(args);
@@ -189,7 +183,7 @@ fn nbdinfo_over_tls_and_refused_without() {
     }
     let Some(pki) = Pki::new() else { return };
     let mut server = Server::start(pki.serve_args("require"));
-    let json = nbdinfo_json(&nbds(&server, &pki.trust()));
+    let json = nbdinfo_json(&[&nbds(&server, &pki.trust())], TIMEOUT);
     assert_eq!(json["TLS"], true, "{json:#}");
     assert_eq!(json["exports"][0]["export-size"], 64 << 20, "{json:#}");
 
@@ -282,7 +276,10 @@ fn mutual_tls_refuses_clients_without_a_certificate() {
     }
     let Some(pki) = Pki::new() else { return };
     let mut server = Server::start(pki.mutual_args());
-    assert_eq!(nbdinfo_json(&nbds(&server, &pki.identity()))["TLS"], true);
+    assert_eq!(
+        nbdinfo_json(&[&nbds(&server, &pki.identity())], TIMEOUT)["TLS"],
+        true
+    );
     let anonymous = run(tool("nbdinfo").arg(nbds(&server, &pki.trust())), TIMEOUT);
     assert!(!anonymous.success(), "{}", anonymous.describe());
 
@@ -404,7 +401,7 @@ fn tls_over_a_unix_socket() {
     let ours = run_ok(&mut nbd_std(&["info", &uri]), TIMEOUT);
     assert!(ours.stdout.contains("with TLS"), "{}", ours.describe());
     if have_tools(&["nbdinfo"]) {
-        assert_eq!(nbdinfo_json(&uri)["TLS"], true);
+        assert_eq!(nbdinfo_json(&[&uri], TIMEOUT)["TLS"], true);
     }
     drop(server);
 }
@@ -416,8 +413,11 @@ fn optional_tls_serves_both() {
     }
     let Some(pki) = Pki::new() else { return };
     let mut server = Server::start(pki.serve_args("on"));
-    assert_eq!(nbdinfo_json(&server.uri())["TLS"], false);
-    assert_eq!(nbdinfo_json(&nbds(&server, &pki.trust()))["TLS"], true);
+    assert_eq!(nbdinfo_json(&[&server.uri()], TIMEOUT)["TLS"], false);
+    assert_eq!(
+        nbdinfo_json(&[&nbds(&server, &pki.trust())], TIMEOUT)["TLS"],
+        true
+    );
     let ours = run_ok(&mut nbd_std(&["info", &server.uri()]), TIMEOUT);
     assert!(ours.stdout.contains("without TLS"), "{}", ours.describe());
     server.assert_running();

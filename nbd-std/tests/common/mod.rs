@@ -557,6 +557,14 @@ pub fn have_tools(names: &[&str]) -> bool {
     }
 }
 
+/// `nbdinfo --json ARGS`, parsed; panics with the output unless it exits
+/// 0 within `timeout` and prints JSON.
+pub fn nbdinfo_json(args: &[&str], timeout: Duration) -> serde_json::Value {
+    let out = run_ok(tool("nbdinfo").arg("--json").args(args), timeout);
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo printed invalid JSON ({e})\n{}", out.describe()))
+}
+
 /// Whether `/usr/bin/python3` can import libnbd's bindings (python3-libnbd).
 pub fn have_python_libnbd() -> bool {
     if !Path::new(DEBIAN_PYTHON).exists() {
