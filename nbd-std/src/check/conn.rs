@@ -13,9 +13,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use nbd_core::wire::{
-    ChunkType, ClientFlags, Command, CommandFlags, EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_MAGIC,
-    HandshakeFlags, IHAVEOPT, InfoType, NBD_MAGIC, OPTION_REPLY_MAGIC, OptionCode, OptionReplyType,
-    REQUEST_MAGIC, ReplyFlags, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    CHUNK_ERROR_BIT, ChunkType, ClientFlags, Command, CommandFlags, EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC, ErrorCode, HandshakeFlags, IHAVEOPT, InfoType, NBD_MAGIC,
+    OPTION_REPLY_ERROR_BIT, OPTION_REPLY_MAGIC, OptionCode, OptionReplyType, REQUEST_MAGIC,
+    ReplyFlags, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 
 use crate::client::{Endpoint, NbdUri};
@@ -119,7 +120,7 @@ pub struct OptReply {
 impl OptReply {
     /// An error reply (bit 31 set).
     pub fn is_error(&self) -> bool {
-        self.kind & 0x8000_0000 != 0
+        self.kind & OPTION_REPLY_ERROR_BIT != 0
     }
 }
 
@@ -144,19 +145,15 @@ pub fn rep_name(kind: u32) -> String {
     }
 }
 
-/// Name of an NBD error value for messages.
+/// Name of an NBD error value for messages (`EINVAL`, or `error N` for a
+/// value the spec does not define).
 pub fn errno_name(error: u32) -> String {
-    match error {
-        0 => "success".into(),
-        1 => "EPERM".into(),
-        5 => "EIO".into(),
-        12 => "ENOMEM".into(),
-        22 => "EINVAL".into(),
-        28 => "ENOSPC".into(),
-        75 => "EOVERFLOW".into(),
-        95 => "ENOTSUP".into(),
-        108 => "ESHUTDOWN".into(),
-        other => format!("error {other}"),
+    match ErrorCode::from_wire(error) {
+        None => "success".into(),
+        // from_wire reads an undefined value as EINVAL; the checker says
+        // what was sent.
+        Some(code) if code.to_wire() == error => code.name().trim_start_matches("NBD_").into(),
+        Some(_) => format!("error {error}"),
     }
 }
 
@@ -336,7 +333,7 @@ impl Reply {
         if self.is_simple() {
             return (self.error != 0).then_some(self.error);
         }
-        if self.kind & 0x8000 != 0 && self.payload.len() >= 4 {
+        if self.kind & CHUNK_ERROR_BIT != 0 && self.payload.len() >= 4 {
             return Some(be32(&self.payload[0..4]));
         }
         None
@@ -777,4 +774,20 @@ fn connect_unix(path: &std::path::Path) -> io::Result<UnixStream> {
 /// The error a reply reports, if any (first error found).
 pub fn reply_error(messages: &[Reply]) -> Option<u32> {
     messages.iter().find_map(Reply::error_value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::errno_name;
+
+    #[test]
+    fn error_values_are_named_as_sent() {
+        assert_eq!(errno_name(0), "success");
+        assert_eq!(errno_name(1), "EPERM");
+        assert_eq!(errno_name(22), "EINVAL");
+        assert_eq!(errno_name(108), "ESHUTDOWN");
+        // Not defined by the spec: the number, not the EINVAL a client
+        // would read it as.
+        assert_eq!(errno_name(9), "error 9");
+    }
 }

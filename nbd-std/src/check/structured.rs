@@ -162,7 +162,7 @@ pub fn validate_read(
                 }
                 None
             }
-            other if other & 0x8000 != 0 => {
+            other if other & nbd_core::wire::CHUNK_ERROR_BIT != 0 => {
                 errored = true;
                 None
             }

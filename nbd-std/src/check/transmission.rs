@@ -1,17 +1,19 @@
 //! Requests and simple replies (spec: "Transmission", "Request types",
 //! "Error values", "Block size constraints", "Command flags").
 
-use super::conn::{self, Reply, cflag, cmd, errno_name, reply_error};
+use nbd_core::wire::ErrorCode;
+
+use super::conn::{self, cflag, cmd, errno_name, reply_error};
 use super::{Ctx, Level, Outcome, Result, Rule, Session, Setup, fail, skip, tflag};
 
-/// NBD error values.
-pub const EPERM: u32 = 1;
+/// `NBD_EPERM`
+pub const EPERM: u32 = ErrorCode::Perm.to_wire();
 /// `NBD_EINVAL`
-pub const EINVAL: u32 = 22;
+pub const EINVAL: u32 = ErrorCode::Invalid.to_wire();
 /// `NBD_ENOSPC`
-pub const ENOSPC: u32 = 28;
+pub const ENOSPC: u32 = ErrorCode::NoSpace.to_wire();
 /// `NBD_EOVERFLOW`
-pub const EOVERFLOW: u32 = 75;
+pub const EOVERFLOW: u32 = ErrorCode::Overflow.to_wire();
 /// A command flag no spec version defines.
 pub const UNKNOWN_FLAG: u16 = 1 << 14;
 /// A command no spec version defines.
@@ -198,11 +200,6 @@ pub fn rules() -> Vec<Rule> {
     ]
 }
 
-/// The reply's error, with a name for messages.
-fn error_of(replies: &[Reply]) -> Option<u32> {
-    reply_error(replies)
-}
-
 /// A request that crosses the end of the export: (offset, length).
 pub fn past_end(ctx: &Ctx) -> (u64, u64) {
     let unit = ctx.io_len().max(1);
@@ -223,7 +220,7 @@ pub fn still_serving(s: &mut Session, ctx: &Ctx) -> Result<std::result::Result<(
         Ok(r) => r,
         Err(e) => return Ok(Err(format!("a following read failed: {e}"))),
     };
-    match error_of(&replies) {
+    match reply_error(&replies) {
         None => Ok(Ok(())),
         Some(e) => Ok(Err(format!("a following read got {}", errno_name(e)))),
     }
@@ -245,7 +242,7 @@ pub fn expect_error(
 ) -> Result<Outcome> {
     let mut s = ctx.session(setup)?;
     let replies = s.conn.exchange(flags, command, offset, len, payload)?;
-    match error_of(&replies) {
+    match reply_error(&replies) {
         Some(e) if e == wanted => {}
         Some(e) => fail!("got {}", errno_name(e)),
         None => fail!("the request succeeded"),
@@ -446,12 +443,12 @@ fn over_maximum_einval(ctx: &Ctx) -> Result<Outcome> {
 
 fn zero_length_read(ctx: &Ctx) -> Result<Outcome> {
     let mut s = ctx.session(Setup::default())?;
-    let replies = match s.conn.exchange(0, cmd::READ, 0, 0, &[]) {
-        Ok(r) => r,
+    // Any answer will do; the read after it must work.
+    match s.conn.exchange(0, cmd::READ, 0, 0, &[]) {
+        Ok(_) => {}
         Err(conn::CheckError::Closed) => fail!("the server closed the connection"),
         Err(e) => return Err(e),
-    };
-    let _ = replies;
+    }
     if let Err(why) = still_serving(&mut s, ctx)? {
         fail!("{why}");
     }
@@ -499,7 +496,7 @@ fn flush(ctx: &Ctx) -> Result<Outcome> {
     }
     let mut s = ctx.session(Setup::default())?;
     let replies = s.conn.exchange(0, cmd::FLUSH, 0, 0, &[])?;
-    if let Some(e) = error_of(&replies) {
+    if let Some(e) = reply_error(&replies) {
         fail!("FLUSH got {}", errno_name(e));
     }
     Ok(Outcome::Pass)
@@ -513,7 +510,7 @@ fn fua_any_command(ctx: &Ctx) -> Result<Outcome> {
     let replies = s
         .conn
         .exchange(cflag::FUA, cmd::READ, 0, ctx.io_len(), &[])?;
-    if let Some(e) = error_of(&replies) {
+    if let Some(e) = reply_error(&replies) {
         fail!("a read with FUA got {}", errno_name(e));
     }
     Ok(Outcome::Pass)
@@ -527,7 +524,7 @@ fn read_only_write(ctx: &Ctx) -> Result<std::result::Result<Option<u32>, Outcome
     let len = ctx.io_len();
     let data = vec![0xa5; len as usize];
     let replies = s.conn.exchange(0, cmd::WRITE, 0, len, &data)?;
-    Ok(Ok(error_of(&replies)))
+    Ok(Ok(reply_error(&replies)))
 }
 
 fn read_only_refused(ctx: &Ctx) -> Result<Outcome> {
@@ -601,8 +598,8 @@ fn trim(ctx: &Ctx) -> Result<Outcome> {
         skip!("NBD_FLAG_SEND_TRIM not advertised");
     }
     with_scratch(ctx, Setup::default(), |s, offset, len| {
-        let replies = s.conn.exchange(0, cmd::TRIM, offset, len, &[])?;
-        let _ = error_of(&replies);
+        // The rule asks for an answer, not success: the error is not judged.
+        s.conn.exchange(0, cmd::TRIM, offset, len, &[])?;
         if let Err(why) = still_serving(s, ctx)? {
             fail!("{why}");
         }
@@ -621,7 +618,7 @@ fn zeroes_check(ctx: &Ctx, flags: u16) -> Result<Outcome> {
         let replies = s
             .conn
             .exchange(flags, cmd::WRITE_ZEROES, offset, len, &[])?;
-        if let Some(e) = error_of(&replies) {
+        if let Some(e) = reply_error(&replies) {
             fail!("WRITE_ZEROES got {}", errno_name(e));
         }
         match s.read(offset, len)? {
@@ -651,7 +648,7 @@ fn fast_zero_unadvertised(ctx: &Ctx) -> Result<Outcome> {
         let replies = s
             .conn
             .exchange(cflag::FAST_ZERO, cmd::WRITE_ZEROES, offset, len, &[])?;
-        match error_of(&replies) {
+        match reply_error(&replies) {
             Some(EINVAL) => Ok(Outcome::Pass),
             Some(e) => fail!("got {}", errno_name(e)),
             None => fail!("the request succeeded"),
@@ -667,7 +664,7 @@ fn cache_unknown_flag(ctx: &Ctx) -> Result<Outcome> {
     let replies = s
         .conn
         .exchange(UNKNOWN_FLAG, cmd::CACHE, 0, ctx.io_len(), &[])?;
-    if error_of(&replies).is_none() {
+    if reply_error(&replies).is_none() {
         fail!("CACHE with flag {UNKNOWN_FLAG:#06x} succeeded");
     }
     if let Err(why) = still_serving(&mut s, ctx)? {
@@ -685,7 +682,7 @@ fn fua_write(ctx: &Ctx) -> Result<Outcome> {
         let replies = s
             .conn
             .exchange(cflag::FUA, cmd::WRITE, offset, len, &data)?;
-        if let Some(e) = error_of(&replies) {
+        if let Some(e) = reply_error(&replies) {
             fail!("a write with FUA got {}", errno_name(e));
         }
         match s.read(offset, len)? {
