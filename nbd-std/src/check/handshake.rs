@@ -60,18 +60,12 @@ pub fn rules() -> Vec<Rule> {
 }
 
 fn newstyle_greeting(ctx: &Ctx) -> Result<Outcome> {
-    let mut conn = Conn::connect_raw(&ctx.uri, ctx.options.timeout)?;
-    let greeting = conn.read_exact(18)?;
-    if conn::be64(&greeting[0..8]) != nbd_core::wire::NBD_MAGIC {
-        fail!("the first 8 bytes are not NBDMAGIC");
+    // Conn::connect reads the 18 bytes and checks both magics.
+    match Conn::connect(&ctx.uri, ctx.options.timeout) {
+        Ok(_) => Ok(Outcome::Pass),
+        Err(conn::CheckError::Protocol(why)) => fail!("{why}"),
+        Err(e) => Err(e),
     }
-    if conn::be64(&greeting[8..16]) != nbd_core::wire::IHAVEOPT {
-        fail!(
-            "second magic {:#x} is not IHAVEOPT",
-            conn::be64(&greeting[8..16])
-        );
-    }
-    Ok(Outcome::Pass)
 }
 
 fn fixed_newstyle(ctx: &Ctx) -> Result<Outcome> {
