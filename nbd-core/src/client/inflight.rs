@@ -191,11 +191,12 @@ impl<const N: usize> InFlight<N> {
         Some((RequestId::new(index, slot.generation), *slot))
     }
 
-    /// The request a reply's cookie names, if it was sent and is not done.
-    pub(super) fn by_cookie(&self, cookie: u64) -> Option<RequestId> {
+    /// The request a reply's cookie names, and its slot, if it was sent
+    /// and is not done.
+    pub(super) fn by_cookie(&self, cookie: u64) -> Option<(RequestId, Slot)> {
         let id = RequestId::from_bits(u32::try_from(cookie).ok()?);
         let slot = self.get(id)?;
-        (slot.state == SlotState::Sent).then_some(id)
+        (slot.state == SlotState::Sent).then_some((id, *slot))
     }
 
     /// The live slot `id` names.
@@ -240,19 +241,19 @@ mod tests {
         assert!(table.is_full());
         assert_eq!(table.insert(request(Command::Flush)), None);
         // Not sent yet: a reply for it cannot be real.
-        assert_eq!(table.by_cookie(a.cookie()), None);
+        assert_eq!(table.by_cookie(a.cookie()).map(|(id, _)| id), None);
         assert_eq!(table.pop_queued().map(|(id, _)| id), Some(a));
-        assert_eq!(table.by_cookie(a.cookie()), Some(a));
-        assert_eq!(table.by_cookie(b.cookie()), None);
+        assert_eq!(table.by_cookie(a.cookie()).map(|(id, _)| id), Some(a));
+        assert_eq!(table.by_cookie(b.cookie()).map(|(id, _)| id), None);
         table.free(a);
-        assert_eq!(table.by_cookie(a.cookie()), None);
+        assert_eq!(table.by_cookie(a.cookie()).map(|(id, _)| id), None);
         // The slot is reused with a new generation: the old cookie stays dead.
         let c = table.insert(request(Command::Read)).expect("slot");
         assert_ne!(c, a);
         assert_eq!(table.pop_queued().map(|(id, _)| id), Some(b));
         assert_eq!(table.pop_queued().map(|(id, _)| id), Some(c));
-        assert_eq!(table.by_cookie(a.cookie()), None);
-        assert_eq!(table.by_cookie(c.cookie()), Some(c));
-        assert_eq!(table.by_cookie(u64::MAX), None);
+        assert_eq!(table.by_cookie(a.cookie()).map(|(id, _)| id), None);
+        assert_eq!(table.by_cookie(c.cookie()).map(|(id, _)| id), Some(c));
+        assert_eq!(table.by_cookie(u64::MAX).map(|(id, _)| id), None);
     }
 }

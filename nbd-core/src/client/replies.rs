@@ -158,15 +158,9 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
 
     /// The request a reply's cookie names.
     fn replied(&self, cookie: u64) -> Result<(RequestId, Slot), ProtocolError> {
-        let id = self
-            .inflight
+        self.inflight
             .by_cookie(cookie)
-            .ok_or(ProtocolError::UnknownCookie { cookie })?;
-        let slot = *self
-            .inflight
-            .get(id)
-            .ok_or(ProtocolError::UnknownCookie { cookie })?;
-        Ok((id, slot))
+            .ok_or(ProtocolError::UnknownCookie { cookie })
     }
 
     fn on_simple(&mut self, reply: SimpleReply) -> Result<Option<Raw>, ProtocolError> {
