@@ -287,9 +287,10 @@ pub const C_FIXED_NEWSTYLE: u32 = ClientFlags::FIXED_NEWSTYLE.bits();
 pub const C_NO_ZEROES: u32 = ClientFlags::NO_ZEROES.bits();
 
 /// Which reply headers the server sends in transmission.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Style {
     /// Simple replies only.
+    #[default]
     Simple,
     /// Structured replies negotiated.
     Structured,

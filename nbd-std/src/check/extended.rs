@@ -195,7 +195,7 @@ fn block_status_common(ctx: &Ctx, len: u64) -> Result<Outcome> {
 }
 
 fn block_status(ctx: &Ctx) -> Result<Outcome> {
-    let len = (1u64 << 20).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
+    let len = ctx.aligned_len(1 << 20);
     block_status_common(ctx, len)
 }
 
@@ -203,6 +203,6 @@ fn block_status_64bit(ctx: &Ctx) -> Result<Outcome> {
     if ctx.probe.size <= 1 << 32 {
         skip!("the export is not larger than 4 GiB");
     }
-    let len = ctx.probe.size / ctx.min_block() * ctx.min_block();
+    let len = ctx.aligned_len(u64::MAX);
     block_status_common(ctx, len)
 }

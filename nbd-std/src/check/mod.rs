@@ -181,10 +181,9 @@ pub struct Ctx {
 /// How a rule's session should be set up.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Setup {
-    /// Negotiate structured replies.
-    pub structured: bool,
-    /// Negotiate extended headers.
-    pub extended: bool,
+    /// The replies to negotiate: structured replies (`NBD_OPT_STRUCTURED_REPLY`),
+    /// extended headers (`NBD_OPT_EXTENDED_HEADERS`) or neither.
+    pub style: Style,
     /// Select `base:allocation`.
     pub base_allocation: bool,
     /// Ask for `NBD_INFO_BLOCK_SIZE` in GO (binds the checker to them).
@@ -194,17 +193,14 @@ pub struct Setup {
 impl Setup {
     /// Structured replies, nothing else.
     pub const STRUCTURED: Setup = Setup {
-        structured: true,
-        extended: false,
+        style: Style::Structured,
         base_allocation: false,
         block_size: false,
     };
     /// Extended headers, nothing else.
     pub const EXTENDED: Setup = Setup {
-        structured: false,
-        extended: true,
-        base_allocation: false,
-        block_size: false,
+        style: Style::Extended,
+        ..Setup::STRUCTURED
     };
 }
 
@@ -311,6 +307,12 @@ impl Ctx {
         }
     }
 
+    /// `max` bytes, or the whole export if smaller, rounded down to the
+    /// minimum block size: the length of a large request from offset 0.
+    pub fn aligned_len(&self, max: u64) -> u64 {
+        max.min(self.probe.size) / self.min_block() * self.min_block()
+    }
+
     /// The scratch region writing rules may use (offset, length), or why
     /// there is none.
     pub fn scratch(&self) -> std::result::Result<(u64, u64), String> {
@@ -335,19 +337,16 @@ impl Ctx {
     /// Opens a session in transmission as `setup` says.
     pub fn session(&self, setup: Setup) -> Result<Session> {
         let mut conn = self.open()?;
-        if setup.extended {
-            let r = conn.option_final(opt::EXTENDED_HEADERS, &[])?;
+        let negotiate = match setup.style {
+            Style::Simple => None,
+            Style::Structured => Some((opt::STRUCTURED_REPLY, "NBD_OPT_STRUCTURED_REPLY")),
+            Style::Extended => Some((opt::EXTENDED_HEADERS, "NBD_OPT_EXTENDED_HEADERS")),
+        };
+        if let Some((option, name)) = negotiate {
+            let r = conn.option_final(option, &[])?;
             if r.kind != rep::ACK {
                 return conn::protocol(format!(
-                    "NBD_OPT_EXTENDED_HEADERS got {} (the probe saw it acknowledged)",
-                    conn::rep_name(r.kind)
-                ));
-            }
-        } else if setup.structured {
-            let r = conn.option_final(opt::STRUCTURED_REPLY, &[])?;
-            if r.kind != rep::ACK {
-                return conn::protocol(format!(
-                    "NBD_OPT_STRUCTURED_REPLY got {} (the probe saw it acknowledged)",
+                    "{name} got {} (the probe saw it acknowledged)",
                     conn::rep_name(r.kind)
                 ));
             }
@@ -392,13 +391,7 @@ impl Ctx {
             let data = conn.read_exact(n)?;
             (be64(&data[0..8]), be16(&data[8..10]))
         };
-        conn.style = if setup.extended {
-            Style::Extended
-        } else if setup.structured {
-            Style::Structured
-        } else {
-            Style::Simple
-        };
+        conn.style = setup.style;
         Ok(Session {
             conn,
             size,

@@ -259,7 +259,7 @@ fn read_chunks_valid(ctx: &Ctx) -> Result<Outcome> {
     let mut s = ctx.session(Setup::STRUCTURED)?;
     // A large read (1 MiB or the export) to tempt a server into several
     // chunks.
-    let len = (1u64 << 20).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
+    let len = ctx.aligned_len(1 << 20);
     let replies = s.conn.exchange(0, cmd::READ, 0, len, &[])?;
     if let Err(why) = validate_read(&replies, 0, len, false) {
         fail!("{why}");
@@ -271,7 +271,7 @@ fn read_covers_range(ctx: &Ctx) -> Result<Outcome> {
     if let Some(o) = need_structured(ctx) {
         return Ok(o);
     }
-    let len = (256u64 << 10).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
+    let len = ctx.aligned_len(256 << 10);
     let mut s = ctx.session(Setup::STRUCTURED)?;
     let replies = s.conn.exchange(0, cmd::READ, 0, len, &[])?;
     if let Err(why) = validate_full_read(&replies, 0, len, false) {
@@ -313,7 +313,7 @@ fn df_one_chunk(ctx: &Ctx) -> Result<Outcome> {
     if s.flags & tflag::SEND_DF == 0 {
         skip!("NBD_FLAG_SEND_DF not advertised");
     }
-    let len = (64u64 << 10).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
+    let len = ctx.aligned_len(64 << 10);
     let replies = s.conn.exchange(cflag::DF, cmd::READ, 0, len, &[])?;
     if conn::reply_error(&replies) == Some(EOVERFLOW) {
         fail!("EOVERFLOW for a {len}-byte read (must work up to 64 KiB)");
@@ -456,7 +456,7 @@ fn block_status(ctx: &Ctx, flags: u16) -> Result<Outcome> {
         base_allocation: true,
         ..Setup::STRUCTURED
     })?;
-    let len = (1u64 << 20).min(ctx.probe.size) / ctx.min_block() * ctx.min_block();
+    let len = ctx.aligned_len(1 << 20);
     let replies = s.conn.exchange(flags, cmd::BLOCK_STATUS, 0, len, &[])?;
     if let Err(why) = validate_block_status(
         &replies,
