@@ -274,14 +274,22 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         Ok(None)
     }
 
-    /// Collects `need` bytes of a fixed field of `chunk`; `None` until whole.
-    fn field(&mut self, chunk: &mut ChunkRead, input: &[u8], need: usize) -> (usize, Option<u64>) {
+    /// Collects the `need` bytes of `chunk`'s fixed fields, which may
+    /// arrive split across inputs; `None` until whole, then what `parse`
+    /// reads from them.
+    fn fields<T>(
+        &mut self,
+        chunk: &mut ChunkRead,
+        input: &[u8],
+        need: usize,
+        parse: impl FnOnce(&[u8]) -> T,
+    ) -> (usize, Option<T>) {
         let (used, ready) = self.accumulator.fill(input, need);
         chunk.remaining -= used as u64;
         if !ready {
             return (used, None);
         }
-        let value = be(self.accumulator.bytes());
+        let value = parse(self.accumulator.bytes());
         self.accumulator.clear();
         (used, Some(value))
     }
@@ -292,7 +300,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         input: &[u8],
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
         let (used, event) = match chunk.part {
-            Part::DataOffset => match self.field(&mut chunk, input, 8) {
+            Part::DataOffset => match self.fields(&mut chunk, input, 8, be) {
                 (used, Some(offset)) => {
                     self.cover(chunk.id, offset, chunk.remaining)?;
                     chunk.part = Part::Data { offset };
@@ -326,7 +334,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 };
                 (take, None)
             }
-            Part::ErrorOffset => match self.field(&mut chunk, input, 8) {
+            Part::ErrorOffset => match self.fields(&mut chunk, input, 8, be) {
                 (used, Some(offset)) => {
                     let in_range = self
                         .inflight
@@ -375,14 +383,10 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         chunk: &mut ChunkRead,
         input: &[u8],
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
-        let (used, ready) = self.accumulator.fill(input, 12);
-        chunk.remaining -= used as u64;
-        if !ready {
+        let (used, fields) = self.fields(chunk, input, 12, |b| (be(&b[..8]), be(&b[8..12])));
+        let Some((offset, size)) = fields else {
             return Ok((used, None));
-        }
-        let bytes = self.accumulator.bytes();
-        let (offset, size) = (be(&bytes[..8]), be(&bytes[8..12]));
-        self.accumulator.clear();
+        };
         if size == 0 {
             return Err(ProtocolError::BadChunk {
                 chunk_type: ChunkType::OffsetHole,
@@ -402,14 +406,12 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         chunk: &mut ChunkRead,
         input: &[u8],
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
-        let (used, ready) = self.accumulator.fill(input, 6);
-        chunk.remaining -= used as u64;
-        if !ready {
+        let (used, fields) = self.fields(chunk, input, 6, |b| {
+            (be(&b[..4]) as u32, be(&b[4..6]) as u16)
+        });
+        let Some((error, message)) = fields else {
             return Ok((used, None));
-        }
-        let bytes = self.accumulator.bytes();
-        let (error, message) = (be(&bytes[..4]) as u32, be(&bytes[4..6]) as u16);
-        self.accumulator.clear();
+        };
         let rest = chunk.remaining;
         let message_len = u64::from(message);
         // The header's length covers the message and the type's fields.
@@ -442,15 +444,12 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
         let extended = self.features.extended_headers;
         let need = if extended { 8 } else { 4 };
-        let (used, ready) = self.accumulator.fill(input, need);
-        chunk.remaining -= used as u64;
-        if !ready {
+        let (used, fields) = self.fields(chunk, input, need, |b| {
+            (be(&b[..4]) as u32, extended.then(|| be(&b[4..8])))
+        });
+        let Some((context_id, count)) = fields else {
             return Ok((used, None));
-        }
-        let bytes = self.accumulator.bytes();
-        let context_id = be(&bytes[..4]) as u32;
-        let count = extended.then(|| be(&bytes[4..8]));
-        self.accumulator.clear();
+        };
         if count.is_some_and(|count| count.checked_mul(16) != Some(chunk.remaining)) {
             return Err(ProtocolError::BadChunk {
                 chunk_type: chunk.chunk_type,
