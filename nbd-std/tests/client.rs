@@ -11,19 +11,13 @@ mod peers;
 
 use std::sync::Arc;
 
-use common::{Random, Server, have_tools, runtime};
+use common::{Server, have_tools, random_bytes, runtime};
 use nbd_core::wire::ErrorCode;
 use nbd_std::client::{Client, Error, NbdUri, ZeroOptions, export_info, list_exports};
 use peers::Peer;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
-
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    Random::new(seed).fill(&mut data);
-    data
-}
 
 /// A hash of the bytes, to compare exports without keeping them (std's
 /// hasher: optimised code even in test builds).

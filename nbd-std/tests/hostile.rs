@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{
     CMD_READ, CMD_WRITE, FLAG_FIXED_NEWSTYLE, IHAVEOPT, OPT_EXPORT_NAME, OPT_GO, OPT_LIST,
-    OPTION_REPLY_MAGIC, Random, Server, have_tools, negotiate_export_name, option_bytes,
+    OPTION_REPLY_MAGIC, Server, have_tools, negotiate_export_name, option_bytes, random_bytes,
     read_greeting, read_until_closed, request_bytes, run_ok, tool,
 };
 
@@ -45,12 +45,6 @@ fn assert_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
     received
 }
 
-fn garbage(len: usize, seed: u64) -> Vec<u8> {
-    let mut bytes = vec![0u8; len];
-    Random::new(seed).fill(&mut bytes);
-    bytes
-}
-
 #[test]
 fn garbage_instead_of_client_flags() {
     if !have_tools(&["nbdinfo"]) {
@@ -60,7 +54,7 @@ fn garbage_instead_of_client_flags() {
     let mut hostile = server.connect();
     read_greeting(&mut hostile);
     let mut bytes = vec![0xde, 0xad, 0xbe, 0xef];
-    bytes.extend(garbage(60, 1));
+    bytes.extend(random_bytes(1, 60));
     hostile.write_all(&bytes).expect("send garbage");
     nbdinfo_works(&mut server);
     let received = assert_closed(&mut hostile, "unknown client flags");
@@ -80,7 +74,7 @@ fn garbage_before_the_greeting_is_read() {
     for seed in 0..8 {
         let mut hostile = server.connect();
         // The server may close while we are still sending: ignore errors.
-        let _ = hostile.write_all(&garbage(4096, seed));
+        let _ = hostile.write_all(&random_bytes(seed, 4096));
         nbdinfo_works(&mut server);
         assert_closed(&mut hostile, "garbage");
     }
@@ -98,7 +92,9 @@ fn garbage_option_magic() {
     hostile
         .write_all(&FLAG_FIXED_NEWSTYLE.to_be_bytes())
         .expect("send client flags");
-    hostile.write_all(&garbage(64, 2)).expect("send garbage");
+    hostile
+        .write_all(&random_bytes(2, 64))
+        .expect("send garbage");
     nbdinfo_works(&mut server);
     assert_closed(&mut hostile, "bad option magic");
     nbdinfo_works(&mut server);
@@ -112,7 +108,9 @@ fn garbage_request_magic() {
     let mut server = start();
     let mut hostile = server.connect();
     negotiate_export_name(&mut hostile, "");
-    hostile.write_all(&garbage(64, 3)).expect("send garbage");
+    hostile
+        .write_all(&random_bytes(3, 64))
+        .expect("send garbage");
     nbdinfo_works(&mut server);
     assert_closed(&mut hostile, "bad request magic");
     nbdinfo_works(&mut server);
@@ -173,7 +171,7 @@ fn half_a_write_payload_then_close() {
         .write_all(&request_bytes(CMD_WRITE, 8, 0, 1 << 20))
         .expect("send write header");
     hostile
-        .write_all(&garbage(300 * 1024, 4))
+        .write_all(&random_bytes(4, 300 * 1024))
         .expect("send part of the payload");
     nbdinfo_works(&mut server);
     drop(hostile);
@@ -220,7 +218,7 @@ fn option_announcing_4_gib() {
         header.extend_from_slice(&u32::MAX.to_be_bytes());
         hostile.write_all(&header).expect("send option header");
         // Some data, as a client streaming it would send.
-        let _ = hostile.write_all(&garbage(64 * 1024, 5));
+        let _ = hostile.write_all(&random_bytes(5, 64 * 1024));
         nbdinfo_works(&mut server);
 
         // Either an error reply for this option, or a disconnection.

@@ -635,6 +635,13 @@ impl Random {
     }
 }
 
+/// `len` pseudo-random bytes (deterministic per seed).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    Random::new(seed).fill(&mut bytes);
+    bytes
+}
+
 /// Writes `size` pseudo-random bytes to `path` (deterministic per seed).
 pub fn write_random_file(path: &Path, size: u64, seed: u64) {
     let mut random = Random::new(seed);
