@@ -338,24 +338,7 @@ fn error_no_payload(ctx: &Ctx) -> Result<Outcome> {
 }
 
 fn write_past_end_enospc(ctx: &Ctx) -> Result<Outcome> {
-    if !ctx.options.write {
-        skip!("writes disabled (--no-write)");
-    }
-    if ctx.probe.flags & tflag::READ_ONLY != 0 {
-        skip!("the export is read-only");
-    }
-    let (offset, len) = beyond_end(ctx);
-    let data = vec![0x5a; len as usize];
-    expect_error(
-        ctx,
-        Setup::default(),
-        0,
-        cmd::WRITE,
-        offset,
-        len,
-        &data,
-        ENOSPC,
-    )
+    past_end_command(ctx, None, cmd::WRITE, ENOSPC)
 }
 
 fn rejected_write_payload(ctx: &Ctx) -> Result<Outcome> {
@@ -693,12 +676,13 @@ fn fua_write(ctx: &Ctx) -> Result<Outcome> {
     })
 }
 
-/// A writing command wholly past the end of a writable export, when the
-/// user allows writes and the server advertises `flag`.
+/// A writing command wholly past the end of a writable export (a write
+/// with its payload), when the user allows writes and the server
+/// advertises `flag` (transmission flag and its name) if the command
+/// needs one.
 fn past_end_command(
     ctx: &Ctx,
-    flag: u16,
-    name: &str,
+    flag: Option<(u16, &str)>,
     command: u16,
     wanted: u32,
 ) -> Result<Outcome> {
@@ -708,18 +692,33 @@ fn past_end_command(
     if ctx.probe.flags & tflag::READ_ONLY != 0 {
         skip!("the export is read-only");
     }
-    if ctx.probe.flags & flag == 0 {
-        skip!("{name} not advertised");
+    if let Some((flag, name)) = flag {
+        if ctx.probe.flags & flag == 0 {
+            skip!("{name} not advertised");
+        }
     }
     let (offset, len) = beyond_end(ctx);
-    expect_error(ctx, Setup::default(), 0, command, offset, len, &[], wanted)
+    let payload = if command == cmd::WRITE {
+        vec![0x5a; len as usize]
+    } else {
+        Vec::new()
+    };
+    expect_error(
+        ctx,
+        Setup::default(),
+        0,
+        command,
+        offset,
+        len,
+        &payload,
+        wanted,
+    )
 }
 
 fn write_zeroes_past_end_enospc(ctx: &Ctx) -> Result<Outcome> {
     past_end_command(
         ctx,
-        tflag::SEND_WRITE_ZEROES,
-        "NBD_FLAG_SEND_WRITE_ZEROES",
+        Some((tflag::SEND_WRITE_ZEROES, "NBD_FLAG_SEND_WRITE_ZEROES")),
         cmd::WRITE_ZEROES,
         ENOSPC,
     )
@@ -728,8 +727,7 @@ fn write_zeroes_past_end_enospc(ctx: &Ctx) -> Result<Outcome> {
 fn trim_past_end_einval(ctx: &Ctx) -> Result<Outcome> {
     past_end_command(
         ctx,
-        tflag::SEND_TRIM,
-        "NBD_FLAG_SEND_TRIM",
+        Some((tflag::SEND_TRIM, "NBD_FLAG_SEND_TRIM")),
         cmd::TRIM,
         EINVAL,
     )
