@@ -74,6 +74,12 @@ impl Accumulator {
     }
 }
 
+/// The big-endian number in `bytes` (at most 8 of them: fields collected
+/// in the accumulator).
+pub(super) fn be(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
 /// Bytes an event borrows: from the caller's input, the connection's
 /// buffer, or the accumulator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

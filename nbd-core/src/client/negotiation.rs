@@ -7,7 +7,7 @@
 //! from the server's answers: STARTTLS, extended headers (or structured
 //! replies), metadata contexts, then GO (or EXPORT_NAME), INFO or LIST.
 
-use super::connection::{Connection, Phase, Raw, RawInfo, Span};
+use super::connection::{Connection, Phase, Raw, RawInfo, Span, be};
 use super::{ExportInfo, Mode, ProtocolError, TlsPolicy};
 use crate::export::{DEFAULT_BLOCK_SIZES, Features, validate_block_sizes};
 use crate::wire::{
@@ -130,13 +130,6 @@ fn wire_error(error: WireError) -> ProtocolError {
     }
 }
 
-fn be_u64(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .take(8)
-        .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-}
-
 impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     /// The server's greeting: fixed newstyle, or refused.
     pub(super) fn process_greeting(
@@ -151,7 +144,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 return Ok((used, None));
             }
             let bytes = self.accumulator.bytes();
-            let (magic, second) = (be_u64(&bytes[..8]), be_u64(&bytes[8..16]));
+            let (magic, second) = (be(&bytes[..8]), be(&bytes[8..16]));
             if magic != NBD_MAGIC {
                 return Err(ProtocolError::BadMagic { found: magic });
             }

@@ -9,7 +9,7 @@
 //! skipped.
 
 use super::ProtocolError;
-use super::connection::{Connection, Ending, Raw, Span};
+use super::connection::{Connection, Ending, Raw, Span, be};
 use super::event::parse_descriptor;
 use super::inflight::{Progress, RequestId, Slot};
 use crate::wire::{
@@ -65,10 +65,6 @@ enum Part {
     Descriptors { context_id: u32, offset: u64 },
     /// The rest of an unknown error chunk.
     Skip,
-}
-
-fn be(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
 
 impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
