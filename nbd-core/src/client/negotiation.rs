@@ -443,15 +443,6 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     ) -> Result<Option<Raw>, ProtocolError> {
         let option = step.code();
         info!("option {:?} refused: {:?}", option, reply_type);
-        let fatal = reply_type == OptionReplyType::ErrShutdown
-            || match step {
-                OptionStep::StartTls => self.settings.tls == TlsPolicy::Required,
-                OptionStep::List | OptionStep::Info => true,
-                OptionStep::Go => {
-                    reply_type != OptionReplyType::ErrUnsupported || self.features.extended_headers
-                }
-                _ => false,
-            };
         if step == OptionStep::Abort {
             // The spec wants an ACK; the session is over either way.
             self.phase = Phase::Closed;
@@ -463,6 +454,13 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         {
             return Err(ProtocolError::GoUnsupported);
         }
+        let fatal = reply_type == OptionReplyType::ErrShutdown
+            || match step {
+                OptionStep::StartTls => self.settings.tls == TlsPolicy::Required,
+                OptionStep::List | OptionStep::Info => true,
+                OptionStep::Go => reply_type != OptionReplyType::ErrUnsupported,
+                _ => false,
+            };
         if fatal {
             self.advance(OptionStep::Abort);
             return Ok(Some(Raw::OptionRefused {
