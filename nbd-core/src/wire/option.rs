@@ -167,11 +167,8 @@ impl<'a> InfoRequest<'a> {
         let name_len = r.u32()?;
         let name = r.take_wire_len(name_len.into())?;
         let count = usize::from(r.u16()?);
-        let rest = r.rest();
-        if count.checked_mul(2) != Some(rest.len()) {
-            return Err(WireError::BadLength);
-        }
-        let requests = WireList::decode_exact(count, rest).ok_or(WireError::BadLength)?;
+        // `decode_exact` refuses a count that does not fill the rest exactly.
+        let requests = WireList::decode_exact(count, r.rest()).ok_or(WireError::BadLength)?;
         Ok(Self { name, requests })
     }
 
