@@ -4,8 +4,8 @@
 use super::RequestId;
 use crate::export::Features;
 use crate::wire::{
-    BlockSizeConstraints, ErrorCode, ExtDescriptor, HandshakeFlags, Info, OptionCode,
-    OptionReplyType, TransmissionFlags,
+    BlockSizeConstraints, Descriptor, ErrorCode, ExtDescriptor, HandshakeFlags, Info, ListItem,
+    OptionCode, OptionReplyType, TransmissionFlags,
 };
 
 /// The result of one [`Connection::process`](super::Connection::process) call.
@@ -128,24 +128,20 @@ impl<'a> Descriptors<'a> {
     }
 }
 
-/// One descriptor from exactly 8 or 16 bytes.
-pub(crate) fn parse_descriptor(item: &[u8], extended: bool) -> ExtDescriptor {
-    let field = |range: core::ops::Range<usize>| {
-        item.get(range).map_or(0, |b| {
-            b.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+/// One descriptor from exactly 8 or 16 bytes (zero length if shorter).
+pub(crate) fn parse_descriptor(mut item: &[u8], extended: bool) -> ExtDescriptor {
+    let descriptor = if extended {
+        ExtDescriptor::decode(&mut item)
+    } else {
+        Descriptor::decode(&mut item).map(|d| ExtDescriptor {
+            length: d.length.into(),
+            status: d.status.into(),
         })
     };
-    if extended {
-        ExtDescriptor {
-            length: field(0..8),
-            status: field(8..16),
-        }
-    } else {
-        ExtDescriptor {
-            length: field(0..4),
-            status: field(4..8),
-        }
-    }
+    descriptor.unwrap_or(ExtDescriptor {
+        length: 0,
+        status: 0,
+    })
 }
 
 /// What the shell must act on.
