@@ -221,12 +221,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         if unaligned(offset) || (unaligned(length) && end != Some(size)) {
             return Err(UsageError::Misaligned { minimum });
         }
-        let capped = match command {
-            Command::Read | Command::Write | Command::Cache => true,
-            Command::WriteZeroes => !flags.contains(CommandFlags::FAST_ZERO),
-            _ => false,
-        };
-        let mut maximum = if capped {
+        let mut maximum = if command.capped_by_maximum_block_size(flags) {
             u64::from(export.block_sizes.maximum)
         } else {
             u64::MAX

@@ -334,12 +334,9 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         if offset % minimum != 0 || (length % minimum != 0 && !reaches_end) {
             return Err((Invalid, Reason::Misaligned));
         }
-        let capped = match command {
-            Command::Read | Command::Write | Command::Cache => true,
-            Command::WriteZeroes => !flags.contains(CommandFlags::FAST_ZERO),
-            _ => false,
-        };
-        if capped && length > u64::from(export.block_sizes.maximum) {
+        if command.capped_by_maximum_block_size(flags)
+            && length > u64::from(export.block_sizes.maximum)
+        {
             return Err((Invalid, Reason::TooLarge));
         }
         // A structured chunk's 32-bit length holds the 8-byte offset and

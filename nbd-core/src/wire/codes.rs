@@ -5,7 +5,7 @@
 //! variant, so a peer's extension parses, is answered, and re-encodes
 //! unchanged. `from_wire` never yields `Unknown(v)` for a known `v`.
 
-use super::TransmissionFlags;
+use super::{CommandFlags, TransmissionFlags};
 
 macro_rules! wire_enum {
     (
@@ -175,6 +175,17 @@ impl Command {
             Self::Cache => Some(TransmissionFlags::SEND_CACHE),
             Self::Resize => Some(TransmissionFlags::SEND_RESIZE),
             _ => None,
+        }
+    }
+
+    /// Whether the request's length is bounded by the export's maximum
+    /// block size (spec: "Block size constraints"): reads, writes, cache,
+    /// and zeroing unless `NBD_CMD_FLAG_FAST_ZERO` is set.
+    pub const fn capped_by_maximum_block_size(self, flags: CommandFlags) -> bool {
+        match self {
+            Self::Read | Self::Write | Self::Cache => true,
+            Self::WriteZeroes => !flags.contains(CommandFlags::FAST_ZERO),
+            _ => false,
         }
     }
 }
