@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -238,7 +239,8 @@ class Server:
             return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", p, "memory", self.size_arg]
         if self.name == "qemu-nbd":
             img = self.shm_file()
-            return ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", p, "-t", "-e", "8", "-x", "", img]
+            clients = str(self.ctx.args.idle_connections) if self.tag == "idle" else "8"
+            return ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", p, "-t", "-e", clients, "-x", "", img]
         if self.name == "nbd-server":
             img = self.shm_file()
             conf = os.path.join(self.ctx.tmpdir, f"nbd-server-{self.tag}.conf")
@@ -498,6 +500,94 @@ def measure_rss(ctx: Context, name: str) -> dict:
     return res
 
 
+def tree_memory_kib(root: int) -> tuple[int, int]:
+    """(RSS, PSS) in KiB summed over the server and its children: nbd-server
+    forks one per client, and PSS counts their shared pages once."""
+    rss = pss = 0
+    for pid in process_tree(root, all_stats()):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return rss, pss
+
+
+def measure_idle(ctx: Context, name: str) -> dict:
+    """Memory of a server holding N clients that connected, read the
+    greeting and said nothing more."""
+    count = ctx.args.idle_connections
+    server = Server(name, ctx, "1G", parse_size("1G"), "idle")
+    res: dict = {"server": name, "connections": count}
+    sockets: list[socket.socket] = []
+    try:
+        server.start()
+        res["command"] = shlex.join(server.cmd)
+        time.sleep(0.5)
+        res["before"] = tree_memory_kib(server.pid)
+        for _ in range(count):
+            sockets.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        greeted = 0
+        deadline = time.monotonic() + 10
+        for sock in sockets:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = b""
+                while len(data) < 18:
+                    chunk = sock.recv(18 - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+                greeted += data.startswith(b"NBDMAGIC")
+            except OSError:
+                pass
+        res["greeted"] = greeted
+        time.sleep(1.0)
+        res["holding"] = tree_memory_kib(server.pid)
+    except (BenchError, OSError) as e:
+        res["error"] = str(e)
+        log(f"idle {name}: {e}")
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.stop()
+    return res
+
+
+def idle_report(ctx: Context, args) -> int:
+    """--idle-connections: the memory table only, no fio runs."""
+    results = []
+    for name in args.servers:
+        log(f"idle connections: {name} holding {args.idle_connections}")
+        results.append(measure_idle(ctx, name))
+    lines = [
+        f"Idle connections: {args.idle_connections} clients each read the greeting and stay silent "
+        "(memory of the server's process tree, KiB; PSS counts shared pages once).",
+        "",
+        "| server | greeted | RSS before | RSS holding | PSS holding | PSS per connection |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['server']} | error: {r['error']} | | | | |")
+            continue
+        (rss0, pss0), (rss1, pss1) = r["before"], r["holding"]
+        per = (pss1 - pss0) * 1024 / max(1, r["greeted"])
+        lines.append(f"| {r['server']} | {r['greeted']} | {rss0:,} | {rss1:,} | {pss1:,} | {per:,.0f} B |")
+    lines += ["", "Commands:", ""] + [f"- `{r.get('command', r['server'])}`" for r in results]
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "idle.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(args.out, "idle.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 1 if any("error" in r for r in results) else 0
+
+
 # --------------------------------------------------------------------------- #
 # Report
 
@@ -707,6 +797,12 @@ def parse_args(argv):
     p.add_argument("--rss-size", default="1T", help="sparse export size for the idle-RSS check (default 1T)")
     p.add_argument("--no-rss", action="store_true", help="skip the idle-RSS check")
     p.add_argument("--rss-peers", action="store_true", help="also measure the peers' idle RSS")
+    p.add_argument(
+        "--idle-connections",
+        type=int,
+        metavar="N",
+        help="only measure each server's memory while N silent clients are connected (no fio runs)",
+    )
     p.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma list (default: all four)")
     p.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS), help="comma list of workload keys")
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for every server (default 0)")
@@ -808,6 +904,10 @@ def main(argv) -> int:
     try:
         if "nbd-std" in args.servers:
             prepare_nbd_std(ctx, args)
+        if args.idle_connections:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return idle_report(ctx, args)
         if not args.no_rss:
             for name in ["nbd-std"] + (ALL_SERVERS[1:] if args.rss_peers else []):
                 if name in args.servers:
