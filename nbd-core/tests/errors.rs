@@ -7,7 +7,9 @@ mod common;
 use common::*;
 use nbd_core::export::{Capabilities, Export};
 use nbd_core::server::{Config, ProtocolError};
-use nbd_core::wire::{Chunk, Command, CommandFlags, ErrorCode, HeaderStyle};
+use nbd_core::wire::{
+    Chunk, Command, CommandFlags, ErrorCode, HeaderStyle, InfoType, OptionReplyType,
+};
 
 type H = Harness;
 
@@ -197,7 +199,18 @@ fn misaligned_requests_are_einval() {
 #[test]
 fn reads_and_writes_over_the_maximum_block_size_are_einval() {
     for structured in [false, true] {
-        let mut h = connect(disk().with_block_sizes(ALIGNED), structured);
+        let mut h = H::new(vec![disk().with_block_sizes(ALIGNED)], Config::default());
+        h.start(MODERN);
+        if structured {
+            h.structured_replies();
+        }
+        // Asking for the constraints binds the client to the maximum.
+        let replies = h.option(&go("disk", &[InfoType::BlockSize]));
+        assert_eq!(
+            replies.last().map(|r| r.reply_type),
+            Some(OptionReplyType::Ack)
+        );
+        h.events.clear();
         refuse(
             &mut h,
             Command::Read,
@@ -220,6 +233,39 @@ fn reads_and_writes_over_the_maximum_block_size_are_einval() {
         expect_refusal(&mut h, &bytes, 3, ErrorCode::Invalid);
         // The maximum itself is fine.
         h.read_ok(4, 0, 64 * 1024);
+    }
+}
+
+#[test]
+fn clients_that_asked_no_block_sizes_are_held_to_the_request_cap() {
+    let config = Config {
+        max_request_length: 256 * 1024,
+        ..Config::default()
+    };
+    for structured in [false, true] {
+        // `connect` sends NBD_OPT_GO without NBD_INFO_BLOCK_SIZE.
+        let mut h = H::transmission(vec![disk().with_block_sizes(ALIGNED)], config, structured);
+        h.read_ok(1, 0, 256 * 1024);
+        let data = vec![7; 128 * 1024];
+        let bytes = write_request(h.style(), CommandFlags::empty(), 2, 0, &data);
+        h.send(&bytes);
+        assert_eq!(
+            &h.disk()[..data.len()],
+            &data[..],
+            "the write over the advertised maximum was not stored"
+        );
+        let got = replies(&h.received(), &[]);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_success(&got[0], 2);
+        refuse(
+            &mut h,
+            Command::Read,
+            CommandFlags::empty(),
+            3,
+            0,
+            512 * 1024,
+            ErrorCode::Invalid,
+        );
     }
 }
 

@@ -78,7 +78,17 @@ pub struct Config {
     /// (`NBD_REP_ERR_BLOCK_SIZE_REQD`) for exports whose minimum block size
     /// is above 1. Off by default: the spec advises serving such clients.
     pub require_block_size_request: bool,
+    /// Longest read or write accepted from a client that did not ask for
+    /// the block size constraints (`NBD_OPT_EXPORT_NAME`, or `NBD_OPT_GO`
+    /// without `NBD_INFO_BLOCK_SIZE`): such a client cannot know the
+    /// advertised maximum, so the spec's "effectively unlimited" default
+    /// applies up to this cap. Never below the export's advertised maximum.
+    pub max_request_length: u32,
 }
+
+/// Default [`Config::max_request_length`]: 64 MiB, nbdkit's limit, enough
+/// for the reference test suite's largest requests (47.6 MiB).
+pub const DEFAULT_MAX_REQUEST_LENGTH: u32 = 64 * 1024 * 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -88,6 +98,7 @@ impl Default for Config {
             max_option_length: 64 * 1024 * 1024,
             max_discard: 64 * 1024 * 1024,
             require_block_size_request: false,
+            max_request_length: DEFAULT_MAX_REQUEST_LENGTH,
         }
     }
 }

@@ -418,7 +418,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 }
             }
             Action::ExportName { export } => {
-                self.select_export(export);
+                self.select_export(export, false);
                 NegotiationOutput::ExportName
             }
             Action::List => NegotiationOutput::List { next: 0 },
@@ -438,7 +438,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     && minimum_above_one
                     && !want_block_size;
                 if go && !refuse {
-                    self.select_export(export);
+                    self.select_export(export, want_block_size);
                 }
                 NegotiationOutput::Info {
                     option,
@@ -488,7 +488,9 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     /// Enters transmission on `export` once the current replies are out.
-    fn select_export(&mut self, index: usize) {
+    /// `block_sizes_requested`: the client asked for `NBD_INFO_BLOCK_SIZE`,
+    /// so it knows the advertised maximum and is held to it.
+    fn select_export(&mut self, index: usize, block_sizes_requested: bool) {
         let Some(export) = self.catalog.get(index) else {
             return;
         };
@@ -502,6 +504,14 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             size: export.size,
             flags,
             block_sizes: export.block_sizes,
+            max_request_length: if block_sizes_requested {
+                export.block_sizes.maximum
+            } else {
+                export
+                    .block_sizes
+                    .maximum
+                    .max(self.config.max_request_length)
+            },
             read_only: export.read_only,
             meta_selected: self.features.structured_replies && self.meta_export == Some(index),
         });

@@ -22,6 +22,10 @@ pub(super) struct ActiveExport {
     pub(super) size: u64,
     pub(super) flags: TransmissionFlags,
     pub(super) block_sizes: BlockSizeConstraints,
+    /// Longest read or write accepted: the advertised maximum for clients
+    /// that asked for it, [`Config::max_request_length`](super::Config)
+    /// for the others.
+    pub(super) max_request_length: u32,
     pub(super) read_only: bool,
     /// `base:allocation` was selected for this export.
     pub(super) meta_selected: bool,
@@ -335,7 +339,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return Err((Invalid, Reason::Misaligned));
         }
         if command.capped_by_maximum_block_size(flags)
-            && length > u64::from(export.block_sizes.maximum)
+            && length > u64::from(export.max_request_length)
         {
             return Err((Invalid, Reason::TooLarge));
         }

@@ -114,6 +114,7 @@ impl<const R: usize, const B: usize> Driver<R, B> {
             max_option_length: 1 << 16,
             max_discard: 1 << 20,
             require_block_size_request: setup & 0x02 != 0,
+            max_request_length: 1 << 26,
         };
         Self {
             conn: Connection::new(exports(setup), config),
