@@ -81,6 +81,7 @@ async fn main() -> io::Result<()> {
         name: "vec".to_owned(),
         description: "a Vec<u8> behind the Backend trait".to_owned(),
         read_only: false,
+        writers: nbd_std::export::WriterPolicy::Shared,
         backend: Arc::new(VecDisk::new(16 << 20)),
     };
     let server = Server::new(

@@ -4,11 +4,12 @@
 //! A specification is `NAME=KIND[,OPTION]...` with `KIND` one of
 //! `memory:SIZE` or `file:PATH`, and options `ro` (read-only),
 //! `fail=RULE` (fault injection, repeatable; see [`crate::backend::fault`]),
-//! `fail-seed=N` (its random seed) and `desc=TEXT` (a description; it runs
-//! to the end, commas included).
+//! `fail-seed=N` (its random seed), `writers=shared|exclusive` (see
+//! [`WriterPolicy`]) and `desc=TEXT` (a description; it runs to the end,
+//! commas included).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use nbd_core::export::{Capabilities, Catalog, Export};
 
@@ -41,6 +42,23 @@ pub struct ExportSpec {
     /// Seed of the random faults (`fail-seed=`); a fresh one, logged, when
     /// absent.
     pub fault_seed: Option<u64>,
+    /// Who may write at once (`writers=`).
+    pub writers: WriterPolicy,
+}
+
+/// Who may write to an export at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WriterPolicy {
+    /// Every client may write (`writers=shared`, the default).
+    #[default]
+    Shared,
+    /// One client at a time (`writers=exclusive`): the first client to
+    /// open the export writable holds it until its last writable
+    /// connection to it closes; meanwhile other clients get the export
+    /// read-only. A client is its IP address (every unix-socket client
+    /// counts as the same one), so several connections from one client
+    /// (multi-conn) all write.
+    Exclusive,
 }
 
 impl ExportSpec {
@@ -68,6 +86,7 @@ impl ExportSpec {
         let mut description = String::new();
         let mut faults = Vec::new();
         let mut fault_seed = None;
+        let mut writers = WriterPolicy::Shared;
         while let Some(rest) = options {
             if let Some(text) = rest.strip_prefix("desc=") {
                 description = text.to_owned();
@@ -79,6 +98,8 @@ impl ExportSpec {
             };
             match option {
                 "ro" => read_only = true,
+                "writers=shared" => writers = WriterPolicy::Shared,
+                "writers=exclusive" => writers = WriterPolicy::Exclusive,
                 _ if option.starts_with("fail=") => {
                     faults.push(FaultRule::parse(&option[5..]).map_err(|e| e.to_string())?);
                 }
@@ -87,7 +108,7 @@ impl ExportSpec {
                 }
                 other => {
                     return Err(format!(
-                        "`{other}`: unknown export option (expected ro, fail=RULE, fail-seed=N or desc=TEXT)"
+                        "`{other}`: unknown export option (expected ro, writers=shared|exclusive, fail=RULE, fail-seed=N or desc=TEXT)"
                     ));
                 }
             }
@@ -100,6 +121,7 @@ impl ExportSpec {
             description,
             faults,
             fault_seed,
+            writers,
         };
         if exported.fault_seed.is_some() && exported.faults.is_empty() {
             return Err(format!("`{name}`: fail-seed= without any fail= rule"));
@@ -147,6 +169,7 @@ impl ExportSpec {
             name: self.name.clone(),
             description: self.description.clone(),
             read_only: self.read_only,
+            writers: self.writers,
             backend,
         })
     }
@@ -168,6 +191,8 @@ pub struct ServedExport {
     pub description: String,
     /// Writes refused.
     pub read_only: bool,
+    /// Who may write at once.
+    pub writers: WriterPolicy,
     /// Its storage.
     pub backend: Arc<dyn Backend>,
 }
@@ -182,16 +207,95 @@ impl std::fmt::Debug for ServedExport {
     }
 }
 
+/// The client writing to an exclusive export, and through how many
+/// connections.
+#[derive(Debug, Default)]
+struct Writer {
+    client: Option<String>,
+    connections: usize,
+}
+
 /// The exports of a server; the first is the default (empty name).
 #[derive(Debug, Default)]
 pub struct ExportSet {
     exports: Vec<ServedExport>,
+    writers: Vec<Mutex<Writer>>,
 }
 
 impl ExportSet {
     /// A catalog of `exports`, the first being the default.
     pub fn new(exports: Vec<ServedExport>) -> Self {
-        Self { exports }
+        let writers = exports.iter().map(|_| Mutex::default()).collect();
+        Self { exports, writers }
+    }
+
+    /// Whether `client` gets export `index` read-only because the export
+    /// is exclusive and another client writes to it.
+    pub fn locked_out(&self, index: usize, client: &str) -> bool {
+        let exclusive = self
+            .exports
+            .get(index)
+            .is_some_and(|e| e.writers == WriterPolicy::Exclusive && !e.read_only);
+        exclusive
+            && self.writers.get(index).is_some_and(|writer| {
+                let writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+                writer.client.as_deref().is_some_and(|c| c != client)
+            })
+    }
+
+    /// Makes `client` a writer of export `index` (a no-op for shared
+    /// exports); false when another client holds it.
+    pub fn claim_writer(&self, index: usize, client: &str) -> bool {
+        let Some(writer) = self.writers.get(index) else {
+            return false;
+        };
+        let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+        match writer.client.as_deref() {
+            Some(holder) if holder != client => false,
+            _ => {
+                writer.client = Some(client.to_owned());
+                writer.connections += 1;
+                true
+            }
+        }
+    }
+
+    /// One writable connection of `client` to export `index` closed.
+    pub fn release_writer(&self, index: usize, client: &str) {
+        if let Some(writer) = self.writers.get(index) {
+            let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+            if writer.client.as_deref() == Some(client) {
+                writer.connections = writer.connections.saturating_sub(1);
+                if writer.connections == 0 {
+                    writer.client = None;
+                }
+            }
+        }
+    }
+
+    /// The export as `client` sees it (`None`: as nobody in particular).
+    fn describe(&self, index: usize, client: Option<&str>) -> Option<Export<'_>> {
+        let served = self.exports.get(index)?;
+        let read_only = served.read_only || client.is_some_and(|c| self.locked_out(index, c));
+        let backend = &served.backend;
+        let capabilities = if read_only {
+            Capabilities {
+                trim: false,
+                write_zeroes: false,
+                fast_zero: false,
+                resize: false,
+                ..backend.capabilities()
+            }
+        } else {
+            backend.capabilities()
+        };
+        Some(
+            Export::new(&served.name, backend.size())
+                .with_description(&served.description)
+                .with_read_only(read_only)
+                .with_block_sizes(backend.block_sizes())
+                .with_capabilities(capabilities),
+        )
     }
 
     /// The exports, in order.
@@ -211,26 +315,37 @@ impl Catalog for ExportSet {
     }
 
     fn get(&self, index: usize) -> Option<Export<'_>> {
-        let served = self.exports.get(index)?;
-        let backend = &served.backend;
-        let capabilities = if served.read_only {
-            Capabilities {
-                trim: false,
-                write_zeroes: false,
-                fast_zero: false,
-                resize: false,
-                ..backend.capabilities()
-            }
-        } else {
-            backend.capabilities()
-        };
-        Some(
-            Export::new(&served.name, backend.size())
-                .with_description(&served.description)
-                .with_read_only(served.read_only)
-                .with_block_sizes(backend.block_sizes())
-                .with_capabilities(capabilities),
-        )
+        self.describe(index, None)
+    }
+}
+
+/// The exports as one client sees them: exclusive exports another client
+/// writes to are read-only.
+#[derive(Debug)]
+pub struct ClientView {
+    exports: Arc<ExportSet>,
+    client: String,
+}
+
+impl ClientView {
+    /// `exports` as seen by `client` (an IP address, or `unix`).
+    pub fn new(exports: Arc<ExportSet>, client: String) -> Self {
+        Self { exports, client }
+    }
+
+    /// The client.
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+}
+
+impl Catalog for ClientView {
+    fn len(&self) -> usize {
+        self.exports.exports.len()
+    }
+
+    fn get(&self, index: usize) -> Option<Export<'_>> {
+        self.exports.describe(index, Some(&self.client))
     }
 }
 
@@ -264,6 +379,9 @@ mod tests {
             ["eio:0.01", "enospc@1048576-2097152/write"]
         );
         assert_eq!(faulty.fault_seed, Some(7));
+        assert_eq!(memory.writers, WriterPolicy::Shared);
+        let exclusive = ExportSpec::parse("x=memory:1M,writers=exclusive").expect("exclusive");
+        assert_eq!(exclusive.writers, WriterPolicy::Exclusive);
         assert!(faulty.read_only);
         assert!(memory.faults.is_empty());
     }
@@ -281,8 +399,27 @@ mod tests {
             "a=memory:1G,fail=eio:2",
             "a=memory:1G,fail-seed=3",
             "a=memory:1G,fail=eio:0.5,fail-seed=x",
+            "a=memory:1G,writers=one",
         ] {
             assert!(ExportSpec::parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn exclusive_exports_are_read_only_to_other_clients() {
+        let spec = ExportSpec::parse("x=memory:1M,writers=exclusive").expect("spec");
+        let exports = Arc::new(ExportSet::new(vec![spec.open().expect("open")]));
+        let first = ClientView::new(Arc::clone(&exports), "10.0.0.1".into());
+        let second = ClientView::new(Arc::clone(&exports), "10.0.0.2".into());
+        assert!(!second.get(0).expect("export").read_only);
+        assert!(exports.claim_writer(0, first.client()));
+        assert!(exports.claim_writer(0, first.client()), "multi-conn");
+        assert!(second.get(0).expect("export").read_only);
+        assert!(!first.get(0).expect("export").read_only);
+        assert!(!exports.claim_writer(0, second.client()));
+        exports.release_writer(0, first.client());
+        assert!(second.get(0).expect("export").read_only, "one still open");
+        exports.release_writer(0, first.client());
+        assert!(!second.get(0).expect("export").read_only);
     }
 }

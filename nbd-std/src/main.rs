@@ -100,6 +100,14 @@ struct BridgeArgs {
     log_level: String,
 }
 
+/// Whole seconds, 0 to a day.
+fn parse_whole_seconds(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|&seconds| seconds <= 86_400)
+        .ok_or_else(|| format!("`{text}` is not a whole number of seconds from 0 to 86400"))
+}
+
 /// A non-negative number of seconds, fractions allowed.
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
     text.parse::<f64>()
@@ -184,6 +192,10 @@ struct ServeArgs {
     read_only: bool,
     /// An export: NAME=memory:SIZE or NAME=file:PATH, then ,ro and
     /// ,desc=TEXT as wanted. Repeat for several; the first is the default.
+    /// ,writers=exclusive: while one client has the export open for
+    /// writing, other clients get it read-only; a client is an IP address
+    /// (all unix-socket clients are one), so multi-conn from one client
+    /// writes (default ,writers=shared: all clients write).
     /// Fault injection: ,fail=eio:RATE (probability 0 to 1 per request),
     /// ,fail=eio@START-END (requests touching those bytes),
     /// ,fail=enospc@START-END (writes only), each optionally ending in
@@ -213,6 +225,36 @@ struct ServeArgs {
     #[arg(long, default_value = "64M", value_name = "BYTES",
           value_parser = limits::parse_max_option_length)]
     max_option_length: u32,
+    /// Longest read or write accepted from clients that did not ask for
+    /// the block size constraints (the advertised 32 MiB maximum binds
+    /// those that did): bytes or with K, M, G. Memory is bounded by
+    /// --connection-memory and --server-memory, not by this.
+    #[arg(long, default_value = "64M", value_name = "BYTES",
+          value_parser = limits::parse_max_request)]
+    max_request: u32,
+    /// Request payload bytes one client may have held in the server (write
+    /// data not yet stored, read data not yet sent); past it the server
+    /// reads nothing more from that client until some is freed. A client
+    /// holding nothing may still send one larger request.
+    #[arg(long, default_value = "16M", value_name = "BYTES",
+          value_parser = limits::parse_memory)]
+    connection_memory: usize,
+    /// Request payload bytes all clients together may have held in the
+    /// server; never exceeded (must hold --max-request plus 2 MiB).
+    #[arg(long, default_value = "256M", value_name = "BYTES",
+          value_parser = limits::parse_memory)]
+    server_memory: usize,
+    /// Seconds of silence before TCP keepalive probes a client (then 5
+    /// probes 10 s apart), so clients gone without closing (power cut,
+    /// lost network) are disconnected; 0: no keepalive.
+    #[arg(long, default_value = "60", value_name = "SECONDS",
+          value_parser = parse_whole_seconds)]
+    keepalive: u64,
+    /// Disconnect a client that sends nothing for this many seconds while
+    /// none of its requests is in flight (after negotiation); 0: never.
+    #[arg(long, default_value = "0", value_name = "SECONDS",
+          value_parser = limits::parse_handshake_timeout)]
+    idle_timeout: std::time::Duration,
     /// TLS (NBD_OPT_STARTTLS): off; on (clients choose); require (every
     /// option but STARTTLS and ABORT refused until TLS is up).
     #[arg(long, value_enum, default_value_t = TlsMode::Off, value_name = "MODE")]
@@ -277,6 +319,10 @@ fn serve_limits(args: &ServeArgs) -> ServerLimits {
     ServerLimits {
         max_clients,
         handshake_timeout: Some(args.handshake_timeout).filter(|t| !t.is_zero()),
+        connection_memory: args.connection_memory,
+        server_memory: args.server_memory,
+        keepalive: Some(std::time::Duration::from_secs(args.keepalive)).filter(|t| !t.is_zero()),
+        idle_timeout: Some(args.idle_timeout).filter(|t| !t.is_zero()),
     }
 }
 
@@ -433,6 +479,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             description: String::new(),
             faults: Vec::new(),
             fault_seed: None,
+            writers: nbd_std::export::WriterPolicy::Shared,
         }]
     } else {
         args.exports
@@ -493,9 +540,22 @@ fn serve(args: ServeArgs) -> ExitCode {
         let config = nbd_core::server::Config {
             max_in_flight: usize::from(args.max_in_flight),
             max_option_length: args.max_option_length,
+            max_request_length: args.max_request,
             ..nbd_core::server::Config::default()
         };
-        let server = Server::new(ExportSet::new(exports), config).with_limits(serve_limits(&args));
+        let limits = serve_limits(&args);
+        let largest = u64::from(args.max_request).max(
+            exports
+                .iter()
+                .map(|e| u64::from(e.backend.block_sizes().maximum).min(e.backend.size()))
+                .max()
+                .unwrap_or(0),
+        );
+        if let Err(message) = limits.check(largest) {
+            eprintln!("nbd-std: {message}");
+            return ExitCode::from(USAGE);
+        }
+        let server = Server::new(ExportSet::new(exports), config).with_limits(limits);
         let server = match tls {
             Some(tls) => {
                 info!(

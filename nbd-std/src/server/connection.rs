@@ -3,7 +3,7 @@
 //! every reply ready sent in one vectored write, read data straight from
 //! the buffer it was read into.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
@@ -14,9 +14,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::storage::{Done, Job};
 use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
-use crate::export::ExportSet;
+use crate::export::{ClientView, ExportSet, WriterPolicy};
 
 /// Most bytes of client input buffered: room for several 1 MiB writes, so
 /// a burst of requests is handled in one pass.
@@ -27,6 +28,14 @@ const INPUT_BYTES: usize = 4 << 20;
 /// connection costs 4 KiB, not 4 MiB (the core buffers options itself),
 /// and a busy one has room for its bursts after a few reads.
 const FIRST_INPUT_BYTES: usize = 4 << 10;
+
+/// Fewest input bytes worth feeding a write-streaming connection when
+/// the budget is tight (or all it has, when less).
+const MIN_GRANT: usize = 256 << 10;
+
+/// Longest wait for another connection to give bytes back before looking
+/// again (a wake-up can be missed between the check and the wait).
+const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Zero bytes for simple replies to reads of holes.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -40,6 +49,28 @@ fn push_zeroes(slices: &mut Vec<IoSlice<'_>>, length: u64) {
         let n = left.min(ZEROES.len() as u64) as usize;
         slices.push(IoSlice::new(&ZEROES[..n]));
         left -= n as u64;
+    }
+}
+
+/// What one connection is allowed, from the server's limits.
+pub(super) struct Settings {
+    pub(super) server_memory: Arc<ServerBudget>,
+    pub(super) connection_memory: usize,
+    pub(super) idle_timeout: Option<std::time::Duration>,
+    /// Who the client is for `writers=exclusive`: its IP address.
+    pub(super) client: String,
+}
+
+/// A writable connection to an exclusive export; given up when dropped.
+struct WriterClaim {
+    exports: Arc<ExportSet>,
+    index: usize,
+    client: String,
+}
+
+impl Drop for WriterClaim {
+    fn drop(&mut self) {
+        self.exports.release_writer(self.index, &self.client);
     }
 }
 
@@ -63,11 +94,14 @@ pub(super) async fn run<S>(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
     negotiated: oneshot::Sender<()>,
+    settings: Settings,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     info!("client connected");
-    let mut driver = Driver::new(exports, config);
+    let budget = Budget::new(settings.server_memory, settings.connection_memory);
+    let mut driver = Driver::new(exports, config, budget, settings.client);
+    driver.idle_timeout = settings.idle_timeout;
     driver.negotiated = Some(negotiated);
     let outcome = match driver.serve(&mut stream, shutdown.clone()).await {
         Ok(Ended::Done) => Ok(()),
@@ -102,11 +136,30 @@ pub(super) async fn run<S>(
     }
 }
 
-/// A write whose payload is being gathered for the blocking pool.
+/// A write to a fast backend that must be made durable once stored (FUA).
 struct PendingWrite {
     offset: u64,
+}
+
+/// A write to a blocking backend, stored in pieces of at most
+/// [`WRITE_PIECE`] bytes as its payload arrives.
+struct StreamingWrite {
+    offset: u64,
+    length: u64,
     fua: bool,
-    data: Vec<u8>,
+    /// Payload gathered for the next piece, and where it goes.
+    piece: Vec<u8>,
+    piece_offset: u64,
+    /// Bytes the piece takes before it is sent to storage.
+    piece_limit: usize,
+    /// Pieces on the pool.
+    outstanding: usize,
+    /// The whole payload arrived.
+    received: bool,
+    /// The first storage error.
+    failed: Option<io::Error>,
+    /// The core already has the failure (sent before the payload was whole).
+    answered: bool,
 }
 
 /// A read's data waiting for its reply header.
@@ -137,8 +190,10 @@ enum Segment {
 }
 
 struct Driver {
-    conn: StdConnection<Arc<ExportSet>>,
+    conn: StdConnection<ClientView>,
     exports: Arc<ExportSet>,
+    /// Held while writing to a `writers=exclusive` export.
+    writer: Option<WriterClaim>,
     backend: Option<Arc<dyn Backend>>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -147,13 +202,21 @@ struct Driver {
     /// Read data waiting for its reply header.
     read_data: HashMap<RequestId, ReadData>,
     writes: HashMap<RequestId, PendingWrite>,
+    streams: HashMap<RequestId, StreamingWrite>,
+    /// Reads waiting for budget, in arrival order; while any wait, no
+    /// input is fed to the core.
+    waiting_reads: VecDeque<(RequestId, u64, u64)>,
+    budget: Budget,
     /// Completions refused as `Busy` (block-status buffer full), retried
     /// after the next transmit.
     retry: Vec<Done>,
-    buffers: Vec<Vec<u8>>,
     out: Vec<u8>,
     segments: Vec<Segment>,
     requests: u64,
+    /// Input waits for budget (set by each pass).
+    starved: bool,
+    /// Transmission-phase silence after which the client is dropped.
+    idle_timeout: Option<std::time::Duration>,
     closed: bool,
     /// The core handed over for TLS: the stream must be upgraded.
     start_tls: bool,
@@ -162,22 +225,27 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(exports: Arc<ExportSet>, config: Config) -> Self {
+    fn new(exports: Arc<ExportSet>, config: Config, budget: Budget, client: String) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
-            conn: StdConnection::new(Arc::clone(&exports), config),
+            conn: StdConnection::new(ClientView::new(Arc::clone(&exports), client), config),
             exports,
+            writer: None,
             backend: None,
             done_tx,
             done_rx,
             pending: 0,
             read_data: HashMap::new(),
             writes: HashMap::new(),
+            streams: HashMap::new(),
+            waiting_reads: VecDeque::new(),
+            budget,
             retry: Vec::new(),
-            buffers: Vec::new(),
             out: Vec::new(),
             segments: Vec::new(),
             requests: 0,
+            starved: false,
+            idle_timeout: None,
             closed: false,
             start_tls: false,
             negotiated: None,
@@ -193,6 +261,8 @@ impl Driver {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut input = vec![0u8; FIRST_INPUT_BYTES];
+        // A previous pass (before STARTTLS) dropped its buffer.
+        self.budget.release_input();
         let (mut start, mut end) = (0usize, 0usize);
         let mut eof = false;
         // Stop watching once told (or once the sender is gone), so a closed
@@ -202,12 +272,17 @@ impl Driver {
             self.conn.shutdown();
             watching = false;
         }
+        let server_budget = Arc::clone(self.budget.server());
+        let mut last_input = tokio::time::Instant::now();
         loop {
             while let Ok(done) = self.done_rx.try_recv() {
                 self.pending -= 1;
                 self.apply(done);
             }
-            start += self.pump(&input[start..end])?;
+            self.start_waiting_reads();
+            let fed = self.feedable(end - start);
+            start += self.pump(&input[start..start + fed])?;
+            self.budget.unreserve();
             if self.start_tls {
                 self.start_tls = false;
                 if start != end {
@@ -240,10 +315,24 @@ impl Driver {
                 // before waiting for input that will not come.
                 continue;
             }
-            if eof && self.pending == 0 {
+            if eof && self.pending == 0 && !self.starved {
                 return Ok(Ended::Done);
             }
             let room = !eof && end < input.len();
+            // Input is waiting but no budget: another connection must give
+            // some back (our own completions wake the loop anyway).
+            let starved = self.starved;
+            // Only a client with nothing in flight is idle: a slow backend
+            // or a client reading slowly is not silence.
+            let idle_deadline = self
+                .idle_timeout
+                .filter(|_| {
+                    self.backend.is_some()
+                        && self.pending == 0
+                        && self.conn.in_flight() == 0
+                        && start == end
+                })
+                .map(|timeout| last_input + timeout);
             tokio::select! {
                 done = self.done_rx.recv(), if self.pending > 0 => {
                     if let Some(done) = done {
@@ -257,18 +346,32 @@ impl Driver {
                         eof = true;
                     }
                     n => {
+                        last_input = tokio::time::Instant::now();
                         end += n;
-                        if end == input.len() && input.len() < INPUT_BYTES {
+                        let grown_len = (input.len() * 2).min(INPUT_BYTES);
+                        if end == input.len()
+                            && grown_len > input.len()
+                            && self.budget.try_grow_input(grown_len - input.len())
+                        {
                             // A fresh zeroed allocation, not `resize`:
                             // large ones are mapped zero pages, resident
                             // only once written.
-                            let mut grown = vec![0u8; (input.len() * 2).min(INPUT_BYTES)];
+                            let mut grown = vec![0u8; grown_len];
                             grown[..end - start].copy_from_slice(&input[start..end]);
                             (start, end) = (0, end - start);
                             input = grown;
                         }
                     }
                 },
+                () = server_budget.freed(), if starved => {}
+                () = tokio::time::sleep_until(idle_deadline.unwrap_or(last_input)), if idle_deadline.is_some() => {
+                    info!(
+                        "client idle for {:?} (--idle-timeout): disconnecting",
+                        self.idle_timeout.unwrap_or_default()
+                    );
+                    return stream.shutdown().await.map(|()| Ended::Done);
+                }
+                () = tokio::time::sleep(BUDGET_RECHECK), if starved => {}
                 changed = shutdown.changed(), if watching => {
                     watching = false;
                     if changed.is_ok() && *shutdown.borrow() {
@@ -278,6 +381,56 @@ impl Driver {
                 else => return Err(io::Error::other("connection stalled: input buffer full and nothing in flight")),
             }
         }
+    }
+
+    /// How many of `available` input bytes may be fed to the core now.
+    /// Writes to a blocking backend copy their payload into pieces, so the
+    /// input fed is reserved from the budget first.
+    fn feedable(&mut self, available: usize) -> usize {
+        let fed = if available == 0 || !self.waiting_reads.is_empty() {
+            0
+        } else if !self.may_block() {
+            available
+        } else {
+            let granted = self.budget.reserve(available, MIN_GRANT.min(available));
+            if granted == 0 {
+                // A piece waiting for payload that cannot come in would
+                // hold its bytes forever (and every connection might):
+                // store what it has.
+                self.store_partial_pieces();
+            }
+            granted
+        };
+        self.starved = available > 0 && fed == 0;
+        fed
+    }
+
+    /// Sends every partly gathered piece to storage as it is.
+    fn store_partial_pieces(&mut self) {
+        let partial: Vec<RequestId> = self
+            .streams
+            .iter()
+            .filter(|(_, w)| !w.piece.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in partial {
+            if let Some(mut write) = self.streams.remove(&id) {
+                self.store_piece(id, &mut write);
+                self.streams.insert(id, write);
+            }
+        }
+    }
+
+    /// Sends the gathered piece of `write` to storage.
+    fn store_piece(&mut self, id: RequestId, write: &mut StreamingWrite) {
+        write.piece_limit = 0;
+        write.outstanding += 1;
+        self.dispatch(Job::Write {
+            id,
+            offset: write.piece_offset,
+            data: std::mem::take(&mut write.piece),
+            fua: false,
+        });
     }
 
     /// Feeds input to the core and handles every event; returns the bytes consumed.
@@ -307,6 +460,30 @@ impl Driver {
                         "export `{}` selected: {size} bytes, flags {flags:?}, structured replies {}, extended headers {}",
                         served.name, features.structured_replies, features.extended_headers
                     );
+                    let writable = !flags.contains(nbd_core::wire::TransmissionFlags::READ_ONLY);
+                    if served.writers == WriterPolicy::Exclusive && writable {
+                        let client = self.conn.catalog().client().to_owned();
+                        if !self.exports.claim_writer(index, &client) {
+                            // Another client claimed it since this one was
+                            // told the export is writable.
+                            warn!(
+                                "export `{}` is exclusive and another client now writes to it: closing",
+                                served.name
+                            );
+                            return Err(io::Error::other(
+                                "exclusive export taken by another client",
+                            ));
+                        }
+                        info!(
+                            "export `{}`: writer {client} (writers=exclusive)",
+                            served.name
+                        );
+                        self.writer = Some(WriterClaim {
+                            exports: Arc::clone(&self.exports),
+                            index,
+                            client,
+                        });
+                    }
                     self.backend = Some(Arc::clone(&served.backend));
                     if let Some(negotiated) = self.negotiated.take() {
                         // The deadline task is gone only if it dropped us.
@@ -343,24 +520,9 @@ impl Driver {
         debug!("request {request:?}");
         let job = match request {
             Request::Read { id, offset, length } => {
-                if let Some(lent) = self.read_lent(offset, length) {
-                    let outcome = match lent {
-                        Ok(pieces) => {
-                            self.read_data.insert(id, ReadData::Lent(pieces));
-                            ReadOutcome::Data
-                        }
-                        Err(error) => {
-                            error!("storage error: {error}");
-                            ReadOutcome::Error(error_code(&error))
-                        }
-                    };
-                    if let Err(error) = self.conn.complete_read(id, outcome) {
-                        error!("completion refused by the protocol core: {error}");
-                    }
-                    return;
-                }
-                let buffer = self.buffer(length as usize);
-                Job::Read { id, offset, buffer }
+                self.waiting_reads.push_back((id, offset, length));
+                self.start_waiting_reads();
+                return;
             }
             Request::Write {
                 id,
@@ -369,18 +531,23 @@ impl Driver {
                 fua,
             } => {
                 if self.may_block() {
-                    let mut data = self.buffer(0);
-                    data.reserve(length as usize);
-                    self.writes.insert(id, PendingWrite { offset, fua, data });
-                } else if fua {
-                    self.writes.insert(
+                    self.streams.insert(
                         id,
-                        PendingWrite {
+                        StreamingWrite {
                             offset,
+                            length,
                             fua,
-                            data: Vec::new(),
+                            piece: Vec::new(),
+                            piece_offset: offset,
+                            piece_limit: 0,
+                            outstanding: 0,
+                            received: false,
+                            failed: None,
+                            answered: false,
                         },
                     );
+                } else if fua {
+                    self.writes.insert(id, PendingWrite { offset });
                 }
                 return;
             }
@@ -425,24 +592,50 @@ impl Driver {
         self.dispatch(job);
     }
 
+    /// Starts the reads that wait for budget, in order, as far as the
+    /// budget allows.
+    fn start_waiting_reads(&mut self) {
+        while let Some(&(id, offset, length)) = self.waiting_reads.front() {
+            // Lengths are capped by the core (at most 4 GiB).
+            let bytes = usize::try_from(length).unwrap_or(usize::MAX);
+            if !self.budget.try_hold(bytes) {
+                return;
+            }
+            self.waiting_reads.pop_front();
+            self.start_read(id, offset, length);
+        }
+    }
+
+    /// A read whose `length` bytes are held in the budget.
+    fn start_read(&mut self, id: RequestId, offset: u64, length: u64) {
+        if let Some(lent) = self.read_lent(offset, length) {
+            let outcome = match lent {
+                Ok(pieces) => {
+                    self.read_data.insert(id, ReadData::Lent(pieces));
+                    ReadOutcome::Data
+                }
+                Err(error) => {
+                    error!("storage error: {error}");
+                    self.budget.release(length as usize);
+                    ReadOutcome::Error(error_code(&error))
+                }
+            };
+            if let Err(error) = self.conn.complete_read(id, outcome) {
+                error!("completion refused by the protocol core: {error}");
+            }
+            return;
+        }
+        // Zeroed by the allocator (mapped zero pages for large ones), not
+        // pooled: the budget, not a pool, bounds read buffers.
+        let buffer = vec![0u8; length as usize];
+        self.dispatch(Job::Read { id, offset, buffer });
+    }
+
     /// A piece of a write's payload: stored at once by fast backends,
-    /// gathered for the pool otherwise.
+    /// gathered into pieces for the pool otherwise.
     fn write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
         if self.may_block() {
-            let Some(write) = self.writes.get_mut(&id) else {
-                return;
-            };
-            write.data.extend_from_slice(data);
-            if remaining == 0
-                && let Some(write) = self.writes.remove(&id)
-            {
-                self.dispatch(Job::Write {
-                    id,
-                    offset: write.offset,
-                    data: write.data,
-                    fua: write.fua,
-                });
-            }
+            self.stream_write_data(id, offset, data, remaining);
             return;
         }
         let Some(backend) = self.backend.clone() else {
@@ -468,13 +661,93 @@ impl Driver {
         }
     }
 
-    /// Read data lent by a non-blocking backend, when it can lend it.
+    /// Gathers write payload into pieces of at most [`WRITE_PIECE`]
+    /// bytes and sends each full piece to storage.
+    fn stream_write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
+        let Some(mut write) = self.streams.remove(&id) else {
+            return;
+        };
+        let (mut data, mut offset) = (data, offset);
+        while !data.is_empty() {
+            if write.piece_limit == 0 {
+                let left = data.len() as u64 + remaining;
+                write.piece_limit =
+                    usize::try_from(left).map_or(WRITE_PIECE, |l| l.min(WRITE_PIECE));
+                // Capacity is address space; only the bytes copied in
+                // become resident, and those are what the budget counts.
+                write.piece = Vec::with_capacity(write.piece_limit);
+                write.piece_offset = offset;
+            }
+            let n = data.len().min(write.piece_limit - write.piece.len());
+            write.piece.extend_from_slice(&data[..n]);
+            self.budget.draw(n);
+            data = &data[n..];
+            offset += n as u64;
+            if write.piece.len() == write.piece_limit {
+                self.store_piece(id, &mut write);
+            }
+        }
+        if remaining == 0 {
+            write.received = true;
+        }
+        self.settle_write(id, write);
+    }
+
+    /// Answers a streamed write once everything about it is known, or puts
+    /// it back to wait for more payload or pieces.
+    fn settle_write(&mut self, id: RequestId, mut write: StreamingWrite) {
+        if write.failed.is_some() && !write.answered && !write.received {
+            // Answer now: the core reads and drops the rest of the payload.
+            write.answered = true;
+            let error = write
+                .failed
+                .as_ref()
+                .map_or(nbd_core::wire::ErrorCode::Io, error_code);
+            if let Err(error) = self.conn.complete(id, Err(error)) {
+                error!("completion refused by the protocol core: {error}");
+            }
+        }
+        if write.outstanding > 0 || !(write.received || write.answered) {
+            self.streams.insert(id, write);
+            return;
+        }
+        self.budget.release(std::mem::take(&mut write.piece).len());
+        if write.answered {
+            return;
+        }
+        match write.failed {
+            Some(error) => self.apply(Done::Other {
+                id,
+                result: Err(error),
+            }),
+            None if write.fua => self.dispatch(Job::Durable {
+                id,
+                offset: write.offset,
+                length: write.length,
+            }),
+            None => self.apply(Done::Other { id, result: Ok(()) }),
+        }
+    }
+
+    /// Read data lent by a non-blocking backend, when it can lend it. Pieces
+    /// that do not cover the range exactly are an error, never padded.
     fn read_lent(&self, offset: u64, length: u64) -> Option<io::Result<Vec<ReadPiece>>> {
         let backend = self.backend.as_ref().filter(|b| !b.may_block())?;
         let mut pieces = Vec::new();
         backend
             .read_shared(offset, length, &mut pieces)
-            .map(|result| result.map(|()| pieces))
+            .map(|result| {
+                result.and_then(|()| {
+                    let lent: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+                    if lent == length {
+                        Ok(pieces)
+                    } else {
+                        Err(io::Error::other(format!(
+                            "backend lent {lent} bytes for a read of {length}"
+                        )))
+                    }
+                })
+            })
     }
 
     fn may_block(&self) -> bool {
@@ -511,14 +784,23 @@ impl Driver {
                     self.conn.complete_read(id, ReadOutcome::Data)
                 }
                 Err(error) => {
-                    self.buffers.push(buffer);
+                    self.budget.release(buffer.len());
                     self.conn
                         .complete_read(id, ReadOutcome::Error(error_code(&error)))
                 }
             },
             Done::Write { id, data, result } => {
-                self.buffers.push(data);
-                self.conn.complete(id, code(result))
+                self.budget.release(data.len());
+                if let Some(mut write) = self.streams.remove(&id) {
+                    write.outstanding -= 1;
+                    if let Err(error) = result
+                        && write.failed.is_none()
+                    {
+                        write.failed = Some(error);
+                    }
+                    self.settle_write(id, write);
+                }
+                Ok(())
             }
             Done::Other { id, result } => self.conn.complete(id, code(result)),
             Done::BlockStatus {
@@ -543,13 +825,6 @@ impl Driver {
         }
     }
 
-    /// A buffer of `len` bytes, reused when possible.
-    fn buffer(&mut self, len: usize) -> Vec<u8> {
-        let mut buffer = self.buffers.pop().unwrap_or_default();
-        buffer.resize(len, 0);
-        buffer
-    }
-
     /// Sends every reply ready in one vectored write; returns the replies sent.
     async fn transmit<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<usize> {
         self.out.clear();
@@ -566,18 +841,22 @@ impl Driver {
             }
             match transmit.payload {
                 Some(Payload::Data { id, length, .. }) => {
-                    let data = self.read_data.remove(&id).unwrap_or_else(|| {
+                    // The header is encoded: without the data the only
+                    // honest answer is to end the connection.
+                    let data = self
+                        .read_data
+                        .remove(&id)
+                        .filter(|data| data.len() as u64 == length);
+                    let Some(data) = data else {
                         error!(
-                            "read data for request {} missing: sending zeroes",
+                            "read data for request {} missing or short: closing the connection",
                             id.to_bits()
                         );
-                        ReadData::Owned(Vec::new())
-                    });
-                    if data.len() as u64 == length {
-                        self.segments.push(Segment::Data(data));
-                    } else {
-                        self.segments.push(Segment::Zeroes(length));
-                    }
+                        return Err(io::Error::other(
+                            "read data missing: connection closed rather than send data the server does not have",
+                        ));
+                    };
+                    self.segments.push(Segment::Data(data));
                 }
                 Some(Payload::Zeroes { length }) => self.segments.push(Segment::Zeroes(length)),
                 _ => {}
@@ -623,8 +902,8 @@ impl Driver {
         stream.flush().await?;
         drop(slices);
         for segment in self.segments.drain(..) {
-            if let Segment::Data(ReadData::Owned(buffer)) = segment {
-                self.buffers.push(buffer);
+            if let Segment::Data(data) = segment {
+                self.budget.release(data.len());
             }
         }
         Ok(())

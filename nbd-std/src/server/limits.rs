@@ -43,14 +43,68 @@ pub struct ServerLimits {
     /// (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME` answered); after it the
     /// connection is dropped. `None`: no limit.
     pub handshake_timeout: Option<Duration>,
+    /// Request payload bytes one connection may hold (write data not yet
+    /// stored, read data not yet sent); past it the server stops reading
+    /// from that client. A connection holding nothing may take one request
+    /// larger than this.
+    pub connection_memory: usize,
+    /// Request payload bytes all connections together may hold; never
+    /// exceeded. Must hold the largest request.
+    pub server_memory: usize,
+    /// Idle time before TCP keepalive probes start (then 5 probes 10 s
+    /// apart); `None`: no keepalive, a peer gone without a FIN holds its
+    /// connection until the server writes to it.
+    pub keepalive: Option<Duration>,
+    /// A client that sends nothing for this long while no request of it is
+    /// in flight is disconnected (transmission phase). `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
+
+/// Default [`ServerLimits::keepalive`]: a vanished peer is found within
+/// 110 s (60 s idle, then 5 probes 10 s apart) instead of the kernel's
+/// default 2 h 11 min.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Probes sent before a silent peer is declared gone.
+pub const KEEPALIVE_PROBES: u32 = 5;
+
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {
             max_clients: DEFAULT_MAX_CLIENTS as usize,
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            connection_memory: super::budget::DEFAULT_CONNECTION_MEMORY,
+            server_memory: super::budget::DEFAULT_SERVER_MEMORY,
+            keepalive: Some(DEFAULT_KEEPALIVE),
+            idle_timeout: None,
         }
+    }
+}
+
+impl ServerLimits {
+    /// Refuses budgets that cannot work: a per-connection budget below two
+    /// write pieces, or a server budget that cannot hold a request of
+    /// `max_request` bytes next to one connection's input.
+    pub fn check(&self, max_request: u64) -> Result<(), String> {
+        let piece = super::budget::WRITE_PIECE;
+        if self.connection_memory < 2 * piece {
+            return Err(format!(
+                "--connection-memory {} is below {} (two write pieces)",
+                self.connection_memory,
+                2 * piece
+            ));
+        }
+        let needed = max_request.saturating_add(2 * piece as u64);
+        if (self.server_memory as u64) < needed {
+            return Err(format!(
+                "--server-memory {} cannot hold the largest request ({max_request} bytes) and a write piece: use at least {needed}",
+                self.server_memory
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -130,6 +184,24 @@ impl fmt::Display for OptionLengthError {
 }
 
 impl std::error::Error for OptionLengthError {}
+
+/// A `--max-request` value: a size from 1 MiB to 4 GiB - 1.
+pub fn parse_max_request(text: &str) -> Result<u32, String> {
+    crate::size::parse_size(text)
+        .ok()
+        .filter(|&length| length >= 1 << 20)
+        .and_then(|length| u32::try_from(length).ok())
+        .ok_or_else(|| format!("`{text}` is not a size from 1M to 4294967295 (4G - 1)"))
+}
+
+/// A memory budget: a size from 2 MiB up.
+pub fn parse_memory(text: &str) -> Result<usize, String> {
+    crate::size::parse_size(text)
+        .ok()
+        .filter(|&bytes| bytes >= 2 << 20)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .ok_or_else(|| format!("`{text}` is not a size of at least 2M"))
+}
 
 /// A `--handshake-timeout` value: seconds (fractions allowed) from 0 to a
 /// day; 0 means no limit.

@@ -10,10 +10,12 @@
 //! accepted and closed at once; a client that has not selected an export
 //! within `handshake_timeout` is dropped.
 
+pub mod budget;
 mod connection;
 pub mod limits;
 mod storage;
 
+pub use budget::ServerBudget;
 pub use limits::ServerLimits;
 
 use std::io;
@@ -110,6 +112,7 @@ pub struct Server {
     /// Credentials for `NBD_OPT_STARTTLS`; `None`: TLS disabled.
     tls: Option<ServerTls>,
     limits: ServerLimits,
+    budget: Arc<ServerBudget>,
 }
 
 impl Server {
@@ -120,6 +123,7 @@ impl Server {
             config,
             tls: None,
             limits: ServerLimits::default(),
+            budget: Arc::new(ServerBudget::new(ServerLimits::default().server_memory)),
         }
     }
 
@@ -128,7 +132,13 @@ impl Server {
     #[must_use]
     pub fn with_limits(mut self, limits: ServerLimits) -> Self {
         self.limits = limits;
+        self.budget = Arc::new(ServerBudget::new(limits.server_memory));
         self
+    }
+
+    /// The request payload bytes held by all connections now.
+    pub fn budget(&self) -> &Arc<ServerBudget> {
+        &self.budget
     }
 
     /// The limits in force.
@@ -222,20 +232,31 @@ impl Server {
         let peer = client.peer;
         let timeout = self.limits.handshake_timeout;
         let (negotiated, selected) = oneshot::channel();
+        let settings = connection::Settings {
+            server_memory: Arc::clone(&self.budget),
+            connection_memory: self.limits.connection_memory,
+            idle_timeout: self.limits.idle_timeout,
+            client: client.address,
+        };
         match client.stream {
             Stream::Tcp(stream) => {
                 if let Err(error) = stream.set_nodelay(true) {
                     warn!("cannot set TCP_NODELAY for {peer}: {error}");
                 }
+                if let Some(idle) = self.limits.keepalive
+                    && let Err(error) = set_keepalive(&stream, idle)
+                {
+                    warn!("cannot set TCP keepalive for {peer}: {error}");
+                }
                 let connection = Box::pin(connection::run(
-                    stream, exports, config, tls, shutdown, negotiated,
+                    stream, exports, config, tls, shutdown, negotiated, settings,
                 ));
                 connections
                     .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
             }
             Stream::Unix(stream) => {
                 let connection = Box::pin(connection::run(
-                    stream, exports, config, tls, shutdown, negotiated,
+                    stream, exports, config, tls, shutdown, negotiated, settings,
                 ));
                 connections
                     .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
@@ -257,6 +278,18 @@ impl Server {
     }
 }
 
+/// Turns TCP keepalive on: probes after `idle` of silence, so a peer
+/// gone without a FIN (power cut, cable, NAT timeout) is found and its
+/// connection reclaimed.
+fn set_keepalive(stream: &tokio::net::TcpStream, idle: Duration) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(stream, true)?;
+    sockopt::set_tcp_keepidle(stream, idle)?;
+    sockopt::set_tcp_keepintvl(stream, limits::KEEPALIVE_INTERVAL)?;
+    sockopt::set_tcp_keepcnt(stream, limits::KEEPALIVE_PROBES)?;
+    Ok(())
+}
+
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
@@ -265,6 +298,9 @@ enum Stream {
 struct Client {
     stream: Stream,
     peer: String,
+    /// The peer's IP address (`unix` for unix sockets): who the client is
+    /// for `writers=exclusive`.
+    address: String,
 }
 
 async fn accept(listener: &Listener) -> io::Result<Client> {
@@ -274,6 +310,7 @@ async fn accept(listener: &Listener) -> io::Result<Client> {
             Ok(Client {
                 stream: Stream::Tcp(stream),
                 peer: peer.to_string(),
+                address: peer.ip().to_canonical().to_string(),
             })
         }
         Listener::Unix(listener) => {
@@ -281,6 +318,7 @@ async fn accept(listener: &Listener) -> io::Result<Client> {
             Ok(Client {
                 stream: Stream::Unix(stream),
                 peer: "unix".to_owned(),
+                address: "unix".to_owned(),
             })
         }
     }

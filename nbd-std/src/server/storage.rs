@@ -25,6 +25,12 @@ pub(super) enum Job {
     Flush {
         id: RequestId,
     },
+    /// Makes a write stored in pieces durable (FUA).
+    Durable {
+        id: RequestId,
+        offset: u64,
+        length: u64,
+    },
     Trim {
         id: RequestId,
         offset: u64,
@@ -109,6 +115,10 @@ impl Job {
                     .and_then(|()| durable(fua, offset, data.len() as u64));
                 Done::Write { id, data, result }
             }
+            Self::Durable { id, offset, length } => Done::Other {
+                id,
+                result: backend.flush_range(offset, length),
+            },
             Self::Flush { id } => Done::Other {
                 id,
                 result: backend.flush(),

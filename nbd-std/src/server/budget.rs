@@ -1,0 +1,257 @@
+//! Bounds on the request payload bytes the server holds: write data not
+//! yet stored, read data not yet sent, and grown input buffers. A connection that cannot get room stops feeding the protocol
+//! core (and so stops reading from its client) until bytes are given back;
+//! it never allocates past the budgets.
+//!
+//! The per-connection budget lets one request through when the connection
+//! holds nothing else, so a read larger than the per-connection budget
+//! still completes; the per-server budget is never exceeded, which is why
+//! it must hold the largest request (checked by
+//! [`ServerLimits::check`](super::ServerLimits::check)).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
+
+/// Default per-connection budget: room to stream large writes to a file
+/// at full speed (a dozen 1 MiB pieces on the thread pool at once).
+pub const DEFAULT_CONNECTION_MEMORY: usize = 16 << 20;
+
+/// Default per-server budget: small next to a small machine's memory, and
+/// above the largest request (64 MiB by default).
+pub const DEFAULT_SERVER_MEMORY: usize = 256 << 20;
+
+/// Bytes of write payload stored per call to a blocking backend.
+pub const WRITE_PIECE: usize = 1 << 20;
+
+/// The bytes held by every connection of a server.
+#[derive(Debug)]
+pub struct ServerBudget {
+    limit: usize,
+    used: AtomicUsize,
+    freed: Notify,
+}
+
+impl ServerBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The budget.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes up to `wanted` bytes, as many as fit; returns how many.
+    fn take_up_to(&self, wanted: usize) -> usize {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            let granted = wanted.min(self.limit.saturating_sub(used));
+            if granted == 0 {
+                return 0;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + granted,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return granted,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Takes exactly `wanted` bytes, or nothing.
+    fn take(&self, wanted: usize) -> bool {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            if used.saturating_add(wanted) > self.limit {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + wanted,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn give(&self, bytes: usize) {
+        if bytes > 0 {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Resolves when some connection gives bytes back.
+    pub(super) async fn freed(&self) {
+        self.freed.notified().await;
+    }
+}
+
+/// One connection's share. Dropping it gives everything back.
+#[derive(Debug)]
+pub(super) struct Budget {
+    server: Arc<ServerBudget>,
+    limit: usize,
+    /// Payload bytes held (write pieces, read data).
+    held: usize,
+    /// Taken from the server for the input fed to the core by one pass,
+    /// drawn by the writes it carries.
+    reserved: usize,
+    /// Input-buffer growth (counts against the server only).
+    input: usize,
+}
+
+impl Budget {
+    pub(super) fn new(server: Arc<ServerBudget>, limit: usize) -> Self {
+        Self {
+            server,
+            limit,
+            held: 0,
+            reserved: 0,
+            input: 0,
+        }
+    }
+
+    pub(super) fn server(&self) -> &Arc<ServerBudget> {
+        &self.server
+    }
+
+    /// Room under the per-connection limit; unlimited while the connection
+    /// holds nothing, so one request larger than the limit goes through.
+    fn connection_room(&self) -> usize {
+        if self.held + self.reserved == 0 {
+            usize::MAX
+        } else {
+            self.limit.saturating_sub(self.held + self.reserved)
+        }
+    }
+
+    /// Takes `bytes` for one request's data, or nothing.
+    pub(super) fn try_hold(&mut self, bytes: usize) -> bool {
+        if bytes > self.connection_room() || !self.server.take(bytes) {
+            return false;
+        }
+        self.held += bytes;
+        true
+    }
+
+    /// Reserves up to `wanted` bytes for input about to be fed to the
+    /// core, and at least `floor` (or nothing): granting crumbs would have
+    /// every starved connection wake, store a few bytes and wake the
+    /// others again. Returns how many were granted.
+    pub(super) fn reserve(&mut self, wanted: usize, floor: usize) -> usize {
+        let wanted = wanted.min(self.connection_room());
+        if wanted < floor {
+            return 0;
+        }
+        let granted = self.server.take_up_to(wanted);
+        if granted < floor {
+            self.server.give(granted);
+            return 0;
+        }
+        self.reserved += granted;
+        granted
+    }
+
+    /// Moves `bytes` of the reservation to what is held. Past the
+    /// reservation (input fed before the export was known) the server's
+    /// count grows anyway: the bytes are already allocated.
+    pub(super) fn draw(&mut self, bytes: usize) {
+        let from_reserve = bytes.min(self.reserved);
+        self.reserved -= from_reserve;
+        if bytes > from_reserve {
+            self.server
+                .used
+                .fetch_add(bytes - from_reserve, Ordering::AcqRel);
+        }
+        self.held += bytes;
+    }
+
+    /// Gives back what the last reservation did not use.
+    pub(super) fn unreserve(&mut self) {
+        self.server.give(std::mem::take(&mut self.reserved));
+    }
+
+    /// Gives back `bytes` that were held.
+    pub(super) fn release(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        self.server.give(bytes);
+    }
+
+    /// Takes `bytes` more for the input buffer, up to a quarter of the
+    /// per-connection limit in all.
+    pub(super) fn try_grow_input(&mut self, bytes: usize) -> bool {
+        if self.input + bytes > self.limit / 4 || !self.server.take(bytes) {
+            return false;
+        }
+        self.input += bytes;
+        true
+    }
+
+    /// Gives back the input buffer's growth (the buffer was dropped).
+    pub(super) fn release_input(&mut self) {
+        self.server.give(std::mem::take(&mut self.input));
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.server.give(self.held + self.reserved + self.input);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_budget_is_never_exceeded() {
+        let server = Arc::new(ServerBudget::new(10 << 20));
+        let mut a = Budget::new(Arc::clone(&server), 4 << 20);
+        let mut b = Budget::new(Arc::clone(&server), 4 << 20);
+        // Alone, a connection may hold one request above its own limit.
+        assert!(a.try_hold(8 << 20));
+        assert!(!a.try_hold(1));
+        assert!(!b.try_hold(4 << 20), "only 2 MiB left on the server");
+        assert_eq!(b.reserve(8 << 20, 4 << 20), 0, "below the floor");
+        assert_eq!(b.reserve(8 << 20, 1 << 20), 2 << 20);
+        b.draw(1 << 20);
+        b.unreserve();
+        assert_eq!(server.used(), 9 << 20);
+        a.release(8 << 20);
+        assert!(b.try_hold(3 << 20));
+        assert!(!b.try_hold(1), "b is at its own limit");
+        drop(b);
+        drop(a);
+        assert_eq!(server.used(), 0);
+    }
+
+    #[test]
+    fn input_growth_is_capped_at_a_quarter() {
+        let server = Arc::new(ServerBudget::new(1 << 30));
+        let mut budget = Budget::new(Arc::clone(&server), 16 << 20);
+        assert!(budget.try_grow_input(4 << 20));
+        assert!(!budget.try_grow_input(1));
+        budget.release_input();
+        assert_eq!(server.used(), 0);
+    }
+}
