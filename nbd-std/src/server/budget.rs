@@ -25,11 +25,19 @@ pub const DEFAULT_SERVER_MEMORY: usize = 256 << 20;
 /// Bytes of write payload stored per call to a blocking backend.
 pub const WRITE_PIECE: usize = 1 << 20;
 
+/// What a connection may hold and still take more while another
+/// connection waits for budget: a client with little in flight is served
+/// before those holding a lot take again, so bulk clients cannot starve
+/// a small one.
+const FAIR_SHARE: usize = WRITE_PIECE;
+
 /// The bytes held by every connection of a server.
 #[derive(Debug)]
 pub struct ServerBudget {
     limit: usize,
     used: AtomicUsize,
+    /// Connections that wait for budget.
+    starving: AtomicUsize,
     freed: Notify,
 }
 
@@ -39,6 +47,7 @@ impl ServerBudget {
         Self {
             limit,
             used: AtomicUsize::new(0),
+            starving: AtomicUsize::new(0),
             freed: Notify::new(),
         }
     }
@@ -117,6 +126,8 @@ pub(super) struct Budget {
     reserved: usize,
     /// Input-buffer growth (counts against the server only).
     input: usize,
+    /// Counted in the server's `starving`.
+    starving: bool,
 }
 
 impl Budget {
@@ -127,6 +138,26 @@ impl Budget {
             held: 0,
             reserved: 0,
             input: 0,
+            starving: false,
+        }
+    }
+
+    /// Whether this connection may take budget now (see [`FAIR_SHARE`]).
+    fn may_take(&self) -> bool {
+        let others_starving =
+            self.server.starving.load(Ordering::Acquire) > usize::from(self.starving);
+        !others_starving || self.held + self.reserved < FAIR_SHARE
+    }
+
+    /// Records whether the last attempt to take budget failed.
+    fn starve(&mut self, starving: bool) {
+        if starving != self.starving {
+            self.starving = starving;
+            if starving {
+                self.server.starving.fetch_add(1, Ordering::AcqRel);
+            } else {
+                self.server.starving.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
@@ -137,7 +168,7 @@ impl Budget {
     /// Room under the per-connection limit; unlimited while the connection
     /// holds nothing, so one request larger than the limit goes through.
     fn connection_room(&self) -> usize {
-        if self.held + self.reserved == 0 {
+        if self.held == 0 {
             usize::MAX
         } else {
             self.limit.saturating_sub(self.held + self.reserved)
@@ -146,9 +177,11 @@ impl Budget {
 
     /// Takes `bytes` for one request's data, or nothing.
     pub(super) fn try_hold(&mut self, bytes: usize) -> bool {
-        if bytes > self.connection_room() || !self.server.take(bytes) {
+        if !self.may_take() || bytes > self.connection_room() || !self.server.take(bytes) {
+            self.starve(true);
             return false;
         }
+        self.starve(false);
         self.held += bytes;
         true
     }
@@ -159,14 +192,17 @@ impl Budget {
     /// others again. Returns how many were granted.
     pub(super) fn reserve(&mut self, wanted: usize, floor: usize) -> usize {
         let wanted = wanted.min(self.connection_room());
-        if wanted < floor {
+        if wanted < floor || !self.may_take() {
+            self.starve(true);
             return 0;
         }
         let granted = self.server.take_up_to(wanted);
         if granted < floor {
             self.server.give(granted);
+            self.starve(true);
             return 0;
         }
+        self.starve(false);
         self.reserved += granted;
         granted
     }
@@ -215,6 +251,7 @@ impl Budget {
 
 impl Drop for Budget {
     fn drop(&mut self) {
+        self.starve(false);
         self.server.give(self.held + self.reserved + self.input);
     }
 }
@@ -238,10 +275,30 @@ mod tests {
         b.unreserve();
         assert_eq!(server.used(), 9 << 20);
         a.release(8 << 20);
+        // `a` waited last; once served, `b` may take past its fair share.
+        assert!(a.try_hold(1));
+        a.release(1);
         assert!(b.try_hold(3 << 20));
         assert!(!b.try_hold(1), "b is at its own limit");
         drop(b);
         drop(a);
+        assert_eq!(server.used(), 0);
+    }
+
+    #[test]
+    fn a_connection_holding_little_goes_first() {
+        let server = Arc::new(ServerBudget::new(4 << 20));
+        let mut bulk = Budget::new(Arc::clone(&server), 4 << 20);
+        let mut small = Budget::new(Arc::clone(&server), 4 << 20);
+        assert!(bulk.try_hold(3 << 20));
+        assert!(!small.try_hold(2 << 20), "not enough left");
+        assert!(!bulk.try_hold(1 << 20), "bulk holds a lot and small waits");
+        bulk.release(3 << 20);
+        assert!(small.try_hold(2 << 20));
+        assert!(bulk.try_hold(1 << 20), "nobody waits any more");
+        drop(small);
+        drop(bulk);
+        assert_eq!(server.starving.load(Ordering::Acquire), 0);
         assert_eq!(server.used(), 0);
     }
 

@@ -283,6 +283,10 @@ impl Driver {
             let fed = self.feedable(end - start);
             start += self.pump(&input[start..start + fed])?;
             self.budget.unreserve();
+            // Reads that arrived in this pass may fit now the reservation
+            // is back; those that do not wait for bytes to be freed.
+            self.start_waiting_reads();
+            self.starved |= !self.waiting_reads.is_empty();
             if self.start_tls {
                 self.start_tls = false;
                 if start != end {
