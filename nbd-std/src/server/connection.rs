@@ -99,17 +99,51 @@ pub(super) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     info!("client connected");
+    let mut shutdown = shutdown;
+    // Until the client answers the greeting it holds no protocol state:
+    // a silent client costs this task, not a request table and buffers.
+    let greeting = greeting(&exports, &settings.client, config);
+    if let Err(error) = stream.write_all(&greeting).await {
+        warn!("connection closed before the greeting was sent ({error})");
+        return;
+    }
+    let mut first = [0u8; FIRST_READ_BYTES];
+    let first_len = tokio::select! {
+        read = stream.read(&mut first) => match read {
+            Ok(0) => {
+                info!("client left after the greeting");
+                return;
+            }
+            Ok(n) => n,
+            Err(error) => {
+                warn!("connection closed ({error}) before the client answered the greeting");
+                return;
+            }
+        },
+        () = stopped(&mut shutdown) => {
+            info!("closing for server shutdown");
+            return;
+        }
+    };
     let budget = Budget::new(settings.server_memory, settings.connection_memory);
     let mut driver = Driver::new(exports, config, budget, settings.client);
     driver.idle_timeout = settings.idle_timeout;
     driver.negotiated = Some(negotiated);
-    let outcome = match driver.serve(&mut stream, shutdown.clone()).await {
+    let first_pass = match driver.skip_greeting(&greeting) {
+        Ok(()) => {
+            driver
+                .serve(&mut stream, shutdown.clone(), &first[..first_len])
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    let outcome = match first_pass {
         Ok(Ended::Done) => Ok(()),
         Ok(Ended::StartTls) => match tls {
             Some(acceptor) => match acceptor.accept(stream).await {
                 Ok(mut tls_stream) => {
                     info!("TLS established");
-                    match driver.serve(&mut tls_stream, shutdown).await {
+                    match driver.serve(&mut tls_stream, shutdown, &[]).await {
                         Ok(Ended::Done) => Ok(()),
                         // The core refuses a second STARTTLS itself.
                         Ok(Ended::StartTls) => Err(io::Error::other("STARTTLS inside TLS")),
@@ -133,6 +167,37 @@ pub(super) async fn run<S>(
             "connection closed ({error}); requests served: {}",
             driver.requests
         ),
+    }
+}
+
+/// Bytes read from the client before its connection state is created:
+/// client flags and the first options fit.
+const FIRST_READ_BYTES: usize = 512;
+
+/// The server greeting, from a core connection too small to serve (one
+/// request slot, a one-byte buffer): the full one is made once the client
+/// answers, and its greeting checked against this one.
+fn greeting(exports: &Arc<ExportSet>, client: &str, config: Config) -> Vec<u8> {
+    let catalog = ClientView::new(Arc::clone(exports), client.to_owned());
+    let mut conn = nbd_core::server::Connection::<_, 1, 1>::new(catalog, config);
+    let mut bytes = Vec::new();
+    if let Some(transmit) = conn.poll_transmit() {
+        for part in transmit.parts {
+            bytes.extend_from_slice(part);
+        }
+    }
+    bytes
+}
+
+/// Resolves once `shutdown` turns true (never, if its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -190,7 +255,8 @@ enum Segment {
 }
 
 struct Driver {
-    conn: StdConnection<ClientView>,
+    /// Boxed: the task holding a driver stays small.
+    conn: Box<StdConnection<ClientView>>,
     exports: Arc<ExportSet>,
     /// Held while writing to a `writers=exclusive` export.
     writer: Option<WriterClaim>,
@@ -228,7 +294,10 @@ impl Driver {
     fn new(exports: Arc<ExportSet>, config: Config, budget: Budget, client: String) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
-            conn: StdConnection::new(ClientView::new(Arc::clone(&exports), client), config),
+            conn: Box::new(StdConnection::new(
+                ClientView::new(Arc::clone(&exports), client),
+                config,
+            )),
             exports,
             writer: None,
             backend: None,
@@ -252,18 +321,39 @@ impl Driver {
         }
     }
 
+    /// Takes the core's greeting, already sent as `sent`.
+    fn skip_greeting(&mut self, sent: &[u8]) -> io::Result<()> {
+        let mut greeting = Vec::new();
+        if let Some(transmit) = self.conn.poll_transmit() {
+            for part in transmit.parts {
+                greeting.extend_from_slice(part);
+            }
+        }
+        if greeting == sent {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "the protocol core's greeting differs from the one sent",
+            ))
+        }
+    }
+
+    /// Serves over `stream`, starting with `initial`, bytes the client
+    /// already sent.
     async fn serve<S>(
         &mut self,
         stream: &mut S,
         mut shutdown: watch::Receiver<bool>,
+        initial: &[u8],
     ) -> io::Result<Ended>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut input = vec![0u8; FIRST_INPUT_BYTES];
+        let mut input = vec![0u8; FIRST_INPUT_BYTES.max(initial.len())];
+        input[..initial.len()].copy_from_slice(initial);
         // A previous pass (before STARTTLS) dropped its buffer.
         self.budget.release_input();
-        let (mut start, mut end) = (0usize, 0usize);
+        let (mut start, mut end) = (0usize, initial.len());
         let mut eof = false;
         // Stop watching once told (or once the sender is gone), so a closed
         // channel cannot wake the loop forever.
