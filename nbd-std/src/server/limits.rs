@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
-/// Default [`ServerLimits::max_clients`]. An idle connection costs about
-/// 35 KiB (a 28 KiB task holding the core's 25 KiB state, a 4 KiB input
+/// Default [`ServerLimits::max_clients`]. A client that has not answered
+/// the greeting costs about 6 KB; one negotiating or idle in transmission
+/// about 35 KiB (the core's 25 KiB state, boxed, and a 4 KiB input
 /// buffer), so 1,024 idle clients stay under 40 MiB; busy ones grow their
-/// input buffer up to 4 MiB each. 1,024 is also the usual soft descriptor
+/// input buffer up to 4 MiB each, within `--server-memory`. 1,024 is also the usual soft descriptor
 /// limit, which the server raises at start when the hard limit allows.
 pub const DEFAULT_MAX_CLIENTS: u32 = 1024;
 
