@@ -143,6 +143,28 @@ pub enum Error {
         /// Why, when known.
         reason: String,
     },
+    /// The connection broke and no new one could be made within the
+    /// URI's `reconnect-timeout`; requests in flight fail with this.
+    #[error("the connection to {address} broke ({cause}) and reconnecting failed for {seconds} s (last attempt: {last}); requests in flight were not done")]
+    ReconnectFailed {
+        /// `host:port` or socket path.
+        address: String,
+        /// Why the connection broke.
+        cause: Arc<Error>,
+        /// How long reconnecting was tried.
+        seconds: u64,
+        /// Why the last attempt failed.
+        last: Arc<Error>,
+    },
+    /// After a reconnection the export differs in a way requests depend
+    /// on (size, read-only, a command no longer offered, …).
+    #[error("the export changed across a reconnection to {address}: {change}; requests in flight were not done")]
+    ExportChanged {
+        /// `host:port` or socket path.
+        address: String,
+        /// What changed.
+        change: String,
+    },
     /// The connection was shut down by this client.
     #[error("the connection was closed by disconnect()")]
     Disconnected,

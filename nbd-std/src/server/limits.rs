@@ -20,6 +20,11 @@ pub const DEFAULT_MAX_CLIENTS: u32 = 1024;
 /// connections do not pile up.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default [`ServerLimits::drain_timeout`]: requests in flight normally
+/// finish in well under a second; a client's reconnect timeout (60 s by
+/// default for `nbd-std` clients) leaves room for this and a restart.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Most requests in flight per connection the server can hold: the
 /// `REQUESTS` of [`StdConnection`](nbd_core::server::StdConnection).
 pub const MAX_IN_FLIGHT: u16 = 128;
@@ -43,6 +48,10 @@ pub struct ServerLimits {
     /// (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME` answered); after it the
     /// connection is dropped. `None`: no limit.
     pub handshake_timeout: Option<Duration>,
+    /// Time connections have, once the server is told to stop, to answer
+    /// their requests in flight and close; those still open after it are
+    /// dropped.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -50,6 +59,7 @@ impl Default for ServerLimits {
         Self {
             max_clients: DEFAULT_MAX_CLIENTS as usize,
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
