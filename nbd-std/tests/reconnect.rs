@@ -186,7 +186,10 @@ fn the_wait_is_bounded() {
         let mut buf = vec![0u8; 4096];
 
         let started = Instant::now();
-        let error = off.read_at(&mut buf, 0).await.expect_err("read without server");
+        let error = off
+            .read_at(&mut buf, 0)
+            .await
+            .expect_err("read without server");
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "reconnect-timeout=0 waited {:?}",

@@ -187,9 +187,14 @@ fn changes(before: &ExportInfo, export: &ExportInfo) -> Vec<String> {
             before.features, export.features
         ));
     }
-    let (was, is) = (before.block_sizes.minimum.max(1), export.block_sizes.minimum.max(1));
+    let (was, is) = (
+        before.block_sizes.minimum.max(1),
+        export.block_sizes.minimum.max(1),
+    );
     if was % is != 0 {
-        changes.push(format!("its minimum block size went from {was} to {is} bytes"));
+        changes.push(format!(
+            "its minimum block size went from {was} to {is} bytes"
+        ));
     }
     changes
 }
@@ -683,7 +688,8 @@ impl Driver {
         }
         self.transport = transport;
         self.conn = conn;
-        self.input.resize(INPUT_BYTES.max(negotiated.leftover.len()), 0);
+        self.input
+            .resize(INPUT_BYTES.max(negotiated.leftover.len()), 0);
         self.input[..negotiated.leftover.len()].copy_from_slice(&negotiated.leftover);
         self.end = negotiated.leftover.len();
         self.eof = false;

@@ -145,7 +145,9 @@ pub enum Error {
     },
     /// The connection broke and no new one could be made within the
     /// URI's `reconnect-timeout`; requests in flight fail with this.
-    #[error("the connection to {address} broke ({cause}) and reconnecting failed for {seconds} s (last attempt: {last}); requests in flight were not done")]
+    #[error(
+        "the connection to {address} broke ({cause}) and reconnecting failed for {seconds} s (last attempt: {last}); requests in flight were not done"
+    )]
     ReconnectFailed {
         /// `host:port` or socket path.
         address: String,
@@ -158,7 +160,9 @@ pub enum Error {
     },
     /// After a reconnection the export differs in a way requests depend
     /// on (size, read-only, a command no longer offered, …).
-    #[error("the export changed across a reconnection to {address}: {change}; requests in flight were not done")]
+    #[error(
+        "the export changed across a reconnection to {address}: {change}; requests in flight were not done"
+    )]
     ExportChanged {
         /// `host:port` or socket path.
         address: String,

@@ -72,7 +72,9 @@ pub enum UriError {
     #[error("unknown query parameter `{0}` in NBD URI")]
     UnknownParameter(String),
     /// A `reconnect-timeout` that is not a number of seconds.
-    #[error("bad reconnect-timeout value `{0}` (expected a number of seconds, 0 to turn reconnecting off)")]
+    #[error(
+        "bad reconnect-timeout value `{0}` (expected a number of seconds, 0 to turn reconnecting off)"
+    )]
     BadReconnectTimeout(String),
     /// A `#fragment`, which NBD URIs do not use.
     #[error("`{0}`: NBD URIs have no #fragment")]
@@ -495,10 +497,7 @@ mod tests {
     fn reconnect_timeout() {
         let seconds = |text: &str| NbdUri::parse(text).map(|uri| uri.reconnect_timeout);
         assert_eq!(seconds("nbd://h/"), Ok(DEFAULT_RECONNECT_TIMEOUT));
-        assert_eq!(
-            seconds("nbd://h/?reconnect-timeout=0"),
-            Ok(Duration::ZERO)
-        );
+        assert_eq!(seconds("nbd://h/?reconnect-timeout=0"), Ok(Duration::ZERO));
         assert_eq!(
             seconds("nbds://h/x?tls-verify-peer=false&reconnect-timeout=1.5"),
             Ok(Duration::from_millis(1500))
