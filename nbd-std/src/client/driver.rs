@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use super::Extent;
 use super::error::{Error, Result};
 use super::negotiate::{self, Negotiated};
-use super::transport::{CONNECT_TIMEOUT, TlsConfig, Transport};
+use super::transport::{TlsConfig, Transport};
 use super::uri::NbdUri;
 
 /// Bytes of server input read at once.
@@ -592,69 +592,80 @@ impl Driver {
     /// until it works or operations have waited the reconnect timeout.
     /// `Ok(false)`: nothing is left to do (the client disconnected).
     async fn reconnect(&mut self, cause: Error) -> Result<bool> {
-        let bound = self.resume.uri.reconnect_timeout;
-        let address = self.resume.uri.address();
+        let (uri, tls) = (self.resume.uri.clone(), self.resume.tls.clone());
+        let bound = uri.reconnect_timeout;
         let mut waiting_since = (!self.state.pending.is_empty()).then(Instant::now);
         let mut delay = FIRST_RETRY_DELAY;
         loop {
-            if self.closing && self.state.pending.is_empty() {
-                return Ok(false);
-            }
-            let budget = waiting_since.map_or(CONNECT_TIMEOUT, |since| {
-                bound.saturating_sub(since.elapsed())
-            });
-            let attempt = tokio::time::timeout(
-                budget,
-                negotiate::open(&self.resume.uri, Mode::Go, &self.resume.tls),
-            )
-            .await;
-            let last = match attempt {
-                Ok(Ok((transport, conn, negotiated))) => {
+            let attempt = negotiate::open(&uri, Mode::Go, &tls);
+            let last = match self.meanwhile(attempt, &mut waiting_since).await {
+                Some(Ok((transport, conn, negotiated))) => {
                     self.resume_on(transport, conn, negotiated).await?;
                     return Ok(true);
                 }
                 // The server answered, and said no: waiting will not help.
-                Ok(Err(
+                Some(Err(
                     error @ (Error::NoSuchExport { .. }
                     | Error::TlsRequired { .. }
                     | Error::TlsSetup(_)
                     | Error::NameTooLong(_)),
                 )) => return Err(error),
-                Ok(Err(error)) => error,
-                Err(_) => Error::Timeout {
-                    address: address.clone(),
+                Some(Err(error)) => error,
+                None => Error::Timeout {
+                    address: uri.address(),
                 },
             };
-            debug!("reconnecting to {address}: {last}");
-            let waited = waiting_since.map(|since| since.elapsed());
-            if let Some(waited) = waited
-                && waited >= bound
+            debug!("reconnecting to {}: {last}", uri.address());
+            if waiting_since.is_none_or(|since| since.elapsed() < bound) {
+                self.meanwhile(tokio::time::sleep(delay), &mut waiting_since)
+                    .await;
+            }
+            if self.closing && self.state.pending.is_empty() {
+                return Ok(false);
+            }
+            if let Some(since) = waiting_since
+                && since.elapsed() >= bound
             {
                 return Err(Error::ReconnectFailed {
-                    address,
+                    address: uri.address(),
                     cause: Arc::new(cause),
-                    seconds: waited.as_secs(),
+                    seconds: since.elapsed().as_secs(),
                     last: Arc::new(last),
                 });
             }
-            let pause = waited.map_or(delay, |waited| delay.min(bound - waited));
-            let sleep = tokio::time::sleep(pause);
-            tokio::pin!(sleep);
-            // Operations arriving meanwhile wait with the others.
-            while !self.closing {
-                let take_ops = self.state.queue.len() < QUEUED_REQUESTS;
-                tokio::select! {
-                    () = &mut sleep => break,
-                    op = self.ops.recv(), if take_ops => match op {
-                        Some(op) => self.accept(op),
-                        None => self.closing = true,
-                    },
-                }
-                if !self.state.pending.is_empty() {
-                    waiting_since.get_or_insert_with(Instant::now);
-                }
-            }
             delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    /// Runs `work` while taking operations, which wait with the others
+    /// (the first one starts the reconnect clock, `waiting_since`).
+    /// `None`: operations waited the reconnect timeout first, or the
+    /// client disconnected with nothing waiting.
+    async fn meanwhile<F: Future>(
+        &mut self,
+        work: F,
+        waiting_since: &mut Option<Instant>,
+    ) -> Option<F::Output> {
+        let bound = self.resume.uri.reconnect_timeout;
+        tokio::pin!(work);
+        loop {
+            if self.closing && self.state.pending.is_empty() {
+                return None;
+            }
+            let deadline = waiting_since.map(|since| since + bound);
+            let take_ops = !self.closing && self.state.queue.len() < QUEUED_REQUESTS;
+            let timer = tokio::time::Instant::from_std(deadline.unwrap_or_else(Instant::now));
+            tokio::select! {
+                output = &mut work => return Some(output),
+                () = tokio::time::sleep_until(timer), if deadline.is_some() => return None,
+                op = self.ops.recv(), if take_ops => match op {
+                    Some(op) => self.accept(op),
+                    None => self.closing = true,
+                },
+            }
+            if !self.state.pending.is_empty() {
+                waiting_since.get_or_insert_with(Instant::now);
+            }
         }
     }
 
