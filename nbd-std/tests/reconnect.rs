@@ -259,3 +259,37 @@ fn a_changed_export_is_an_error() {
         );
     });
 }
+
+/// SIGTERM waits for requests in flight, but not forever: a client that
+/// stops halfway through a write's payload is dropped after
+/// `--drain-timeout`, and the server exits 0.
+#[test]
+fn the_drain_is_bounded() {
+    use std::io::Write;
+
+    let mut server = Server::start(["--size", "16M", "--drain-timeout", "1"]);
+    let mut stalled = server.connect();
+    common::negotiate_export_name(&mut stalled, "");
+    let header = common::request_bytes(common::CMD_WRITE, 1, 0, 1 << 20);
+    stalled.write_all(&header).expect("write header");
+    stalled
+        .write_all(&[7u8; 4096])
+        .expect("part of the payload");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let status = server.signal_and_wait("TERM", Duration::from_secs(15));
+    let waited = started.elapsed();
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "server after SIGTERM: {status:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(6),
+        "SIGTERM took {waited:?} with --drain-timeout 1"
+    );
+    assert!(
+        server.stderr().contains("still busy after"),
+        "{}",
+        server.stderr()
+    );
+}
