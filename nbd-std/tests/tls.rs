@@ -294,6 +294,20 @@ fn mutual_tls_refuses_clients_without_a_certificate() {
     );
     assert!(!ours.success(), "{}", ours.describe());
     assert!(ours.stderr.contains("TLS"), "{}", ours.describe());
+    // The client reconnects after a broken session, but a refused
+    // certificate is reported at once, not after the reconnect timeout.
+    let started = std::time::Instant::now();
+    let copy = run(
+        &mut nbd_std(&["cp", &nbds(&server, &pki.trust()), "/dev/null"]),
+        TIMEOUT,
+    );
+    assert!(!copy.success(), "{}", copy.describe());
+    assert!(
+        copy.stderr.contains("TLS") && started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}: {}",
+        started.elapsed(),
+        copy.describe()
+    );
     if have_tools(&["qemu-img"]) {
         let info = |dir: &Path| {
             run(

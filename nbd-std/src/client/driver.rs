@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use nbd_core::client::{
     Event, ExportInfo, Mode, Payload, ProtocolError, RequestId, StdConnection, UsageError,
 };
-use nbd_core::wire::{Command, CommandFlags, ErrorCode};
+use nbd_core::wire::{Command, CommandFlags, ErrorCode, OptionReplyType};
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -604,12 +604,21 @@ impl Driver {
                     return Ok(true);
                 }
                 // The server answered, and said no: waiting will not help.
+                // (A TLS handshake is only reached once a live server
+                // sent its greeting, so its failure is a refusal too: a
+                // client certificate refused, say.)
                 Some(Err(
                     error @ (Error::NoSuchExport { .. }
                     | Error::TlsRequired { .. }
                     | Error::TlsSetup(_)
+                    | Error::TlsHandshake { .. }
                     | Error::NameTooLong(_)),
                 )) => return Err(error),
+                Some(Err(error @ Error::OptionRefused { reply, .. }))
+                    if reply != OptionReplyType::ErrShutdown =>
+                {
+                    return Err(error);
+                }
                 Some(Err(error)) => error,
                 None => Error::Timeout {
                     address: uri.address(),
