@@ -1053,3 +1053,55 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nbd_core::export::{DEFAULT_BLOCK_SIZES, Features};
+    use nbd_core::wire::{BlockSizeConstraints, TransmissionFlags as F};
+
+    use super::*;
+
+    fn export(flags: F, minimum: u32, extended_headers: bool) -> ExportInfo {
+        ExportInfo {
+            size: 1 << 20,
+            flags: F::HAS_FLAGS | flags,
+            block_sizes: BlockSizeConstraints {
+                minimum,
+                ..DEFAULT_BLOCK_SIZES
+            },
+            block_sizes_advertised: true,
+            features: Features {
+                structured_replies: true,
+                extended_headers,
+            },
+        }
+    }
+
+    #[test]
+    fn changes_that_break_requests_are_named() {
+        let before = export(F::SEND_FLUSH | F::SEND_TRIM, 512, true);
+        assert!(changes(&before, &before).is_empty());
+        // Gains and a smaller minimum dividing the old one are fine.
+        let gained = export(F::SEND_FLUSH | F::SEND_TRIM | F::SEND_CACHE, 1, true);
+        assert!(changes(&before, &gained).is_empty());
+
+        let after = ExportInfo {
+            size: 1 << 21,
+            ..export(F::READ_ONLY | F::SEND_FLUSH, 4096, false)
+        };
+        let found = changes(&before, &after);
+        for wanted in [
+            "its size went from 1048576 to 2097152 bytes",
+            "it is read-only now",
+            "trim is no longer offered",
+            "structured replies and extended headers were",
+            "its minimum block size went from 512 to 4096 bytes",
+        ] {
+            assert!(
+                found.iter().any(|change| change.starts_with(wanted)),
+                "{wanted:?} not in {found:?}"
+            );
+        }
+        assert_eq!(found.len(), 5, "{found:?}");
+    }
+}
