@@ -448,7 +448,7 @@ impl Driver {
                     // Only NBD_ESHUTDOWN makes the core end a session
                     // this client did not ask to end.
                     return Err(Error::Closed {
-                        reason: "NBD_ESHUTDOWN: it is shutting down".into(),
+                        reason: "it is shutting down: NBD_ESHUTDOWN".into(),
                     });
                 }
                 return Ok(());

@@ -138,7 +138,7 @@ pub enum Error {
         error: UsageError,
     },
     /// The server closed the connection.
-    #[error("the server closed the connection{}", suffix(reason))]
+    #[error("the server closed the connection{}", because(reason))]
     Closed {
         /// Why, when known.
         reason: String,
@@ -185,6 +185,15 @@ impl Error {
             Self::Server { code, .. } => Some(*code),
             _ => None,
         }
+    }
+}
+
+/// ` (reason)`, or nothing.
+fn because(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
     }
 }
 
