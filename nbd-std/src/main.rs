@@ -128,6 +128,11 @@ struct MountArgs {
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
+    /// How long a broken connection is retried, requests in flight
+    /// waiting, before they fail; 0: not at all. Overrides the URI's
+    /// reconnect-timeout [default: 60].
+    #[arg(long, value_parser = parse_seconds, value_name = "SECONDS")]
+    reconnect_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -155,6 +160,11 @@ struct CpArgs {
     /// Print what was copied, transferred and skipped at the end.
     #[arg(short, long)]
     verbose: bool,
+    /// How long a broken connection is retried, requests in flight
+    /// waiting, before they fail; 0: not at all. Overrides the URI's
+    /// reconnect-timeout [default: 60].
+    #[arg(long, value_parser = parse_seconds, value_name = "SECONDS")]
+    reconnect_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -214,6 +224,10 @@ struct ServeArgs {
     #[arg(long, default_value = "10", value_name = "SECONDS",
           value_parser = limits::parse_handshake_timeout)]
     handshake_timeout: std::time::Duration,
+    /// Seconds connections have, after SIGINT or SIGTERM, to answer the
+    /// requests in flight and close before they are dropped.
+    #[arg(long, default_value = "20", value_name = "SECONDS", value_parser = parse_seconds)]
+    drain_timeout: std::time::Duration,
     /// Requests in flight per connection (1 to 128); beyond it the server
     /// reads no more requests from that client until one completes.
     #[arg(long, default_value_t = limits::MAX_IN_FLIGHT, value_name = "N",
@@ -323,6 +337,7 @@ fn serve_limits(args: &ServeArgs) -> ServerLimits {
         server_memory: args.server_memory,
         keepalive: Some(std::time::Duration::from_secs(args.keepalive)).filter(|t| !t.is_zero()),
         idle_timeout: Some(args.idle_timeout).filter(|t| !t.is_zero()),
+        drain_timeout: args.drain_timeout,
     }
 }
 
@@ -353,7 +368,10 @@ fn mount(args: MountArgs) -> ExitCode {
     use nbd_std::client::NbdUri;
     use nbd_std::tools::mount::{MountOptions, mount};
     client_command(async move {
-        let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+        let mut uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+        if let Some(timeout) = args.reconnect_timeout {
+            uri.reconnect_timeout = timeout;
+        }
         let options = MountOptions {
             connections: args.connections,
             read_only: args.read_only,
@@ -367,8 +385,13 @@ fn mount(args: MountArgs) -> ExitCode {
 fn cp(args: CpArgs) -> ExitCode {
     use nbd_std::tools::copy::{CopyOptions, Location, copy, human};
     client_command(async move {
-        let source = Location::parse(&args.source).map_err(|e| e.to_string())?;
-        let destination = Location::parse(&args.destination).map_err(|e| e.to_string())?;
+        let mut source = Location::parse(&args.source).map_err(|e| e.to_string())?;
+        let mut destination = Location::parse(&args.destination).map_err(|e| e.to_string())?;
+        for location in [&mut source, &mut destination] {
+            if let (Location::Nbd(uri), Some(timeout)) = (location, args.reconnect_timeout) {
+                uri.reconnect_timeout = timeout;
+            }
+        }
         let options = CopyOptions {
             connections: args.connections,
             requests: args.requests,

@@ -423,7 +423,9 @@ fn crash_round(rt: &tokio::runtime::Runtime, server: &mut Server, seed: u64) -> 
         stop: AtomicBool::new(false),
         log: Mutex::new(Log::default()),
     });
-    let uri = server.uri_for("crash");
+    // The model needs requests in flight at the kill to fail, not to be
+    // sent again to the next server.
+    let uri = format!("{}?reconnect-timeout=0", server.uri_for("crash"));
     let clients: Vec<Client> = rt.block_on(async {
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {

@@ -294,6 +294,20 @@ fn mutual_tls_refuses_clients_without_a_certificate() {
     );
     assert!(!ours.success(), "{}", ours.describe());
     assert!(ours.stderr.contains("TLS"), "{}", ours.describe());
+    // The client reconnects after a broken session, but a refused
+    // certificate is reported at once, not after the reconnect timeout.
+    let started = std::time::Instant::now();
+    let copy = run(
+        &mut nbd_std(&["cp", &nbds(&server, &pki.trust()), "/dev/null"]),
+        TIMEOUT,
+    );
+    assert!(!copy.success(), "{}", copy.describe());
+    assert!(
+        copy.stderr.contains("TLS") && started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}: {}",
+        started.elapsed(),
+        copy.describe()
+    );
     if have_tools(&["qemu-img"]) {
         let info = |dir: &Path| {
             run(
@@ -479,4 +493,36 @@ fn bad_tls_settings_stop_the_server_at_startup() {
             out.describe()
         );
     }
+}
+
+/// The client reconnects over TLS: the server restarted (SIGTERM, same
+/// port, same file, same certificate) under a connected client, a read
+/// made meanwhile comes back right through a new TLS session.
+#[test]
+fn nbd_std_client_reconnects_over_tls() {
+    let Some(pki) = Pki::new() else { return };
+    let dir = temp_dir();
+    let disk = dir.path().join("disk.img");
+    common::write_random_file(&disk, 8 << 20, 11);
+    let expected = std::fs::read(&disk).expect("read export file");
+    let mut args = pki.serve_args("require");
+    args.extend(["--export".into(), format!("d=file:{}", disk.display())]);
+    let mut server = Server::start(&args);
+    let uri = nbds(&server, &pki.trust());
+    common::runtime().block_on(async {
+        let client = nbd_std::client::Client::connect(&uri)
+            .await
+            .expect("connect over TLS");
+        let mut buf = vec![0u8; 1 << 20];
+        client.read_at(&mut buf, 0).await.expect("read");
+        server.stop();
+        let _server = Server::start_on_port(server.port(), &args);
+        let mut buf = vec![0u8; 4 << 20];
+        tokio::time::timeout(TIMEOUT, client.read_at(&mut buf, 2 << 20))
+            .await
+            .expect("the read ends")
+            .expect("read after the restart");
+        assert!(buf[..] == expected[2 << 20..6 << 20], "read data differs");
+        client.disconnect().await.expect("disconnect");
+    });
 }

@@ -10,20 +10,38 @@
 //! Write payloads go out by vectored write straight from the caller's
 //! buffer; read data is copied once, from the input buffer into the
 //! caller's.
+//!
+//! Reconnecting: when the connection breaks (end of input, reset, TLS
+//! closed) or the server answers `NBD_ESHUTDOWN`, the task opens a new
+//! connection to the same URI with the same options, checks that the
+//! export still takes the requests it was sent (same size, not turned
+//! read-only, the same commands and features), and sends every
+//! operation not yet answered again, whole, in the order they came: all
+//! NBD commands may be repeated. Attempts back off from
+//! [`FIRST_RETRY_DELAY`] to [`MAX_RETRY_DELAY`]; once operations have
+//! waited the URI's `reconnect-timeout`, they fail with
+//! [`Error::ReconnectFailed`] and so does everything after. While no
+//! operation waits, attempts go on (so a restart of an idle client's
+//! server goes unnoticed) until the client is dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use nbd_core::client::{Event, Payload, ProtocolError, RequestId, StdConnection, UsageError};
-use nbd_core::wire::{Command, CommandFlags};
+use nbd_core::client::{
+    Event, ExportInfo, Mode, Payload, ProtocolError, RequestId, StdConnection, UsageError,
+};
+use nbd_core::wire::{Command, CommandFlags, ErrorCode, OptionReplyType};
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::Extent;
 use super::error::{Error, Result};
-use super::transport::Transport;
+use super::negotiate::{self, Negotiated};
+use super::transport::{TlsConfig, Transport};
+use super::uri::NbdUri;
 
 /// Bytes of server input read at once.
 const INPUT_BYTES: usize = 1 << 20;
@@ -33,6 +51,18 @@ const MAX_SLICES: usize = 64;
 
 /// Operations queued on a connection beyond which callers wait.
 pub(crate) const CHANNEL_DEPTH: usize = 256;
+
+/// Requests split off operations but not yet given to the core, beyond
+/// which no more operations are taken from the channel.
+const QUEUED_REQUESTS: usize = 4 * crate::client::MAX_REQUESTS;
+
+/// Pause after the first failed reconnection attempt; it doubles after
+/// each failure up to [`MAX_RETRY_DELAY`].
+pub(crate) const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+/// Longest pause between reconnection attempts: a restarted server is
+/// found within this.
+pub(crate) const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Answer channels.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -87,6 +117,88 @@ pub(crate) struct Limits {
     pub(crate) base_allocation: Option<u32>,
 }
 
+impl Limits {
+    /// The limits of a negotiated connection.
+    pub(crate) fn of(export: &ExportInfo, negotiated: &Negotiated) -> Self {
+        let sizes = export.block_sizes;
+        let minimum = u64::from(sizes.minimum.max(1));
+        let maximum = u64::from(sizes.maximum).max(minimum);
+        Self {
+            max_piece: maximum / minimum * minimum,
+            base_allocation: negotiated.base_allocation(),
+        }
+    }
+}
+
+/// What reconnecting needs: where, with which TLS settings, for how long,
+/// and what the export was when the client first connected.
+#[derive(Debug)]
+pub(crate) struct Resume {
+    pub(crate) uri: NbdUri,
+    pub(crate) tls: TlsConfig,
+    pub(crate) export: ExportInfo,
+    /// `base:allocation` was selected (block status in use).
+    pub(crate) base_allocation: bool,
+}
+
+impl Resume {
+    fn enabled(&self) -> bool {
+        !self.uri.reconnect_timeout.is_zero()
+    }
+}
+
+/// How `export` differs from `before` in ways requests sent for `before`
+/// depend on; gains (a larger block size, a new command) do not count.
+fn changes(before: &ExportInfo, export: &ExportInfo) -> Vec<String> {
+    let mut changes = Vec::new();
+    if export.size != before.size {
+        changes.push(format!(
+            "its size went from {} to {} bytes",
+            before.size, export.size
+        ));
+    }
+    if export.is_read_only() && !before.is_read_only() {
+        changes.push("it is read-only now".to_owned());
+    }
+    let commands = [
+        ("flush", before.can_flush(), export.can_flush()),
+        ("FUA", before.can_fua(), export.can_fua()),
+        ("trim", before.can_trim(), export.can_trim()),
+        (
+            "write zeroes",
+            before.can_write_zeroes(),
+            export.can_write_zeroes(),
+        ),
+        (
+            "fast zeroing",
+            before.can_fast_zero(),
+            export.can_fast_zero(),
+        ),
+        ("cache", before.can_cache(), export.can_cache()),
+    ];
+    for (name, had, has) in commands {
+        if had && !has {
+            changes.push(format!("{name} is no longer offered"));
+        }
+    }
+    if export.features != before.features {
+        changes.push(format!(
+            "structured replies and extended headers were {:?}, now {:?}",
+            before.features, export.features
+        ));
+    }
+    let (was, is) = (
+        before.block_sizes.minimum.max(1),
+        export.block_sizes.minimum.max(1),
+    );
+    if was % is != 0 {
+        changes.push(format!(
+            "its minimum block size went from {was} to {is} bytes"
+        ));
+    }
+    changes
+}
+
 /// Who waits for an operation, and its buffer.
 #[derive(Debug)]
 enum Waiter {
@@ -132,8 +244,11 @@ impl Waiter {
 #[derive(Debug)]
 struct Pending {
     waiter: Waiter,
+    command: Command,
+    flags: CommandFlags,
     /// Export offset of the operation's first byte.
     offset: u64,
+    length: u64,
     /// Requests not yet done.
     parts_left: usize,
     /// Payload pieces not yet written to the socket.
@@ -198,14 +313,19 @@ struct State {
     closed: bool,
     /// A fatal error found while handling events.
     fatal: Option<Error>,
+    /// Requests the server refuses with `NBD_ESHUTDOWN` stay pending,
+    /// to be sent again after reconnecting.
+    resend_refused: bool,
 }
 
-/// Runs one connection until it is disconnected or fails.
+/// Runs one connection until it is disconnected or fails (after
+/// reconnecting failed, when `resume` allows reconnecting).
 pub(crate) async fn run(
     transport: Transport,
     conn: Box<StdConnection>,
     leftover: Vec<u8>,
     limits: Limits,
+    resume: Resume,
     ops: mpsc::Receiver<Op>,
     fatal: FatalSlot,
 ) {
@@ -225,7 +345,9 @@ pub(crate) async fn run(
             written: 0,
             closed: false,
             fatal: None,
+            resend_refused: resume.enabled(),
         },
+        resume,
         ops,
         closing: false,
         disconnect_sent: false,
@@ -233,14 +355,32 @@ pub(crate) async fn run(
         eof: false,
     };
     driver.input[..leftover.len()].copy_from_slice(&leftover);
-    let result = driver.serve().await;
-    let error = match result {
-        Ok(()) => Error::Disconnected,
-        Err(error) => {
+    let error = loop {
+        let error = match driver.serve().await {
+            Ok(()) => break Error::Disconnected,
             // A broken TLS relay: name the TLS error, not the broken pipe.
-            let error = driver.transport.explain(error, "the server");
+            Err(error) => driver.transport.explain(error, "the server"),
+        };
+        if !driver.may_reconnect(&error) {
             warn!("NBD connection failed: {error}");
-            error
+            break error;
+        }
+        warn!(
+            "NBD connection to {} broke ({error}): reconnecting, for up to {:?}",
+            driver.resume.uri.address(),
+            driver.resume.uri.reconnect_timeout
+        );
+        match driver.reconnect(error).await {
+            Ok(true) => info!(
+                "reconnected to {}: sending {} operations again",
+                driver.resume.uri.address(),
+                driver.state.pending.len()
+            ),
+            Ok(false) => break Error::Disconnected,
+            Err(error) => {
+                warn!("{error}");
+                break error;
+            }
         }
     };
     *fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
@@ -276,6 +416,7 @@ struct Driver {
     /// Bytes of `input` not yet processed (from 0).
     end: usize,
     state: State,
+    resume: Resume,
     ops: mpsc::Receiver<Op>,
     /// No more operations are taken; disconnect once the queue drains.
     closing: bool,
@@ -303,6 +444,13 @@ impl Driver {
             }
             if self.state.closed && self.state.segments.is_empty() {
                 let _ = self.transport.shutdown().await;
+                if !self.closing {
+                    // Only NBD_ESHUTDOWN makes the core end a session
+                    // this client did not ask to end.
+                    return Err(Error::Closed {
+                        reason: "it is shutting down: NBD_ESHUTDOWN".into(),
+                    });
+                }
                 return Ok(());
             }
             if self.eof {
@@ -335,7 +483,7 @@ impl Driver {
                 op = self.ops.recv(), if take_ops => match op {
                     Some(op) => {
                         self.accept(op);
-                        while self.state.queue.len() < 4 * crate::client::MAX_REQUESTS {
+                        while self.state.queue.len() < QUEUED_REQUESTS {
                             match self.ops.try_recv() {
                                 Ok(op) => self.accept(op),
                                 Err(_) => break,
@@ -354,7 +502,6 @@ impl Driver {
         let state = &mut self.state;
         let id = state.next_op;
         state.next_op += 1;
-        let max = state.limits.max_piece.max(1);
         let (waiter, command, flags, offset, length) = match op {
             Op::Read { offset, buf, reply } => {
                 let length = buf.len() as u64;
@@ -409,33 +556,7 @@ impl Driver {
                 return;
             }
         };
-        let mut parts = 0;
-        if matches!(command, Command::Flush | Command::BlockStatus) {
-            state.queue.push_back(Part {
-                op: id,
-                command,
-                flags,
-                offset,
-                length,
-            });
-            parts = 1;
-        } else {
-            let mut at = offset;
-            let end = offset + length;
-            while at < end {
-                let piece = (end - at).min(max);
-                state.queue.push_back(Part {
-                    op: id,
-                    command,
-                    flags,
-                    offset: at,
-                    length: piece,
-                });
-                at += piece;
-                parts += 1;
-            }
-        }
-        if parts == 0 {
+        if length == 0 && !matches!(command, Command::Flush | Command::BlockStatus) {
             waiter.succeed();
             return;
         }
@@ -443,12 +564,171 @@ impl Driver {
             id,
             Pending {
                 waiter,
+                command,
+                flags,
                 offset,
-                parts_left: parts,
+                length,
+                parts_left: 0,
                 unsent: 0,
                 error: None,
             },
         );
+        state.enqueue(id);
+    }
+
+    /// Whether `error` ended the connection in a way a new connection
+    /// can mend, and reconnecting is wanted.
+    fn may_reconnect(&self, error: &Error) -> bool {
+        let broken = matches!(
+            error,
+            Error::Io(_) | Error::Closed { .. } | Error::TlsHandshake { .. }
+        );
+        // A client disconnecting with nothing left to do is done.
+        let work_left = !self.closing || !self.state.pending.is_empty();
+        broken && work_left && self.resume.enabled()
+    }
+
+    /// Opens a new connection after `cause` broke the last one, retrying
+    /// until it works or operations have waited the reconnect timeout.
+    /// `Ok(false)`: nothing is left to do (the client disconnected).
+    async fn reconnect(&mut self, cause: Error) -> Result<bool> {
+        let (uri, tls) = (self.resume.uri.clone(), self.resume.tls.clone());
+        let bound = uri.reconnect_timeout;
+        let mut waiting_since = (!self.state.pending.is_empty()).then(Instant::now);
+        let mut delay = FIRST_RETRY_DELAY;
+        loop {
+            let attempt = negotiate::open(&uri, Mode::Go, &tls);
+            let last = match self.meanwhile(attempt, &mut waiting_since).await {
+                Some(Ok((transport, conn, negotiated))) => {
+                    self.resume_on(transport, conn, negotiated).await?;
+                    return Ok(true);
+                }
+                // The server answered, and said no: waiting will not help.
+                // (A TLS handshake is only reached once a live server
+                // sent its greeting, so its failure is a refusal too: a
+                // client certificate refused, say.)
+                Some(Err(
+                    error @ (Error::NoSuchExport { .. }
+                    | Error::TlsRequired { .. }
+                    | Error::TlsSetup(_)
+                    | Error::TlsHandshake { .. }
+                    | Error::NameTooLong(_)),
+                )) => return Err(error),
+                Some(Err(error @ Error::OptionRefused { reply, .. }))
+                    if reply != OptionReplyType::ErrShutdown =>
+                {
+                    return Err(error);
+                }
+                Some(Err(error)) => error,
+                None => Error::Timeout {
+                    address: uri.address(),
+                },
+            };
+            debug!("reconnecting to {}: {last}", uri.address());
+            if waiting_since.is_none_or(|since| since.elapsed() < bound) {
+                self.meanwhile(tokio::time::sleep(delay), &mut waiting_since)
+                    .await;
+            }
+            if self.closing && self.state.pending.is_empty() {
+                return Ok(false);
+            }
+            if let Some(since) = waiting_since
+                && since.elapsed() >= bound
+            {
+                return Err(Error::ReconnectFailed {
+                    address: uri.address(),
+                    cause: Arc::new(cause),
+                    seconds: since.elapsed().as_secs(),
+                    last: Arc::new(last),
+                });
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    /// Runs `work` while taking operations, which wait with the others
+    /// (the first one starts the reconnect clock, `waiting_since`).
+    /// `None`: operations waited the reconnect timeout first, or the
+    /// client disconnected with nothing waiting.
+    async fn meanwhile<F: Future>(
+        &mut self,
+        work: F,
+        waiting_since: &mut Option<Instant>,
+    ) -> Option<F::Output> {
+        let bound = self.resume.uri.reconnect_timeout;
+        tokio::pin!(work);
+        loop {
+            if self.closing && self.state.pending.is_empty() {
+                return None;
+            }
+            let deadline = waiting_since.map(|since| since + bound);
+            let take_ops = !self.closing && self.state.queue.len() < QUEUED_REQUESTS;
+            let timer = tokio::time::Instant::from_std(deadline.unwrap_or_else(Instant::now));
+            tokio::select! {
+                output = &mut work => return Some(output),
+                () = tokio::time::sleep_until(timer), if deadline.is_some() => return None,
+                op = self.ops.recv(), if take_ops => match op {
+                    Some(op) => self.accept(op),
+                    None => self.closing = true,
+                },
+            }
+            if !self.state.pending.is_empty() {
+                waiting_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// Goes on over a new connection, if the export still takes the
+    /// operations waiting: every one is sent again, whole.
+    async fn resume_on(
+        &mut self,
+        mut transport: Transport,
+        mut conn: Box<StdConnection>,
+        negotiated: Negotiated,
+    ) -> Result<()> {
+        let uri = &self.resume.uri;
+        let export = match negotiated.details(&uri.export) {
+            Ok(details) => details.export,
+            Err(error) => {
+                negotiate::hang_up(&mut transport, &mut conn).await;
+                return Err(error);
+            }
+        };
+        let limits = Limits::of(&export, &negotiated);
+        let mut changes = changes(&self.resume.export, &export);
+        if self.resume.base_allocation && limits.base_allocation.is_none() {
+            changes.push("base:allocation is no longer offered".to_owned());
+        }
+        if !changes.is_empty() {
+            negotiate::hang_up(&mut transport, &mut conn).await;
+            return Err(Error::ExportChanged {
+                address: uri.address(),
+                change: changes.join(", "),
+            });
+        }
+        self.transport = transport;
+        self.conn = conn;
+        self.input
+            .resize(INPUT_BYTES.max(negotiated.leftover.len()), 0);
+        self.input[..negotiated.leftover.len()].copy_from_slice(&negotiated.leftover);
+        self.end = negotiated.leftover.len();
+        self.eof = false;
+        self.disconnect_sent = false;
+        let state = &mut self.state;
+        state.limits = limits;
+        state.inflight.clear();
+        state.queue.clear();
+        state.segments.clear();
+        state.out.clear();
+        state.written = 0;
+        state.closed = false;
+        state.fatal = None;
+        let mut ids: Vec<u64> = state.pending.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            state.enqueue(id);
+        }
+        Ok(())
     }
 
     /// Hands queued requests to the core while it has room.
@@ -480,6 +760,8 @@ impl Driver {
                     self.state.inflight.insert(id, part);
                 }
                 Err(UsageError::Full) => return,
+                // The server is shutting down: sent again after reconnecting.
+                Err(UsageError::Closing) if self.state.resend_refused && !self.closing => return,
                 Err(error) => {
                     self.state.queue.pop_front();
                     let error = Error::Usage {
@@ -665,6 +947,11 @@ impl State {
                 let Some(part) = self.inflight.remove(&id) else {
                     return;
                 };
+                if result == Err(ErrorCode::Shutdown) && self.resend_refused {
+                    // Left pending: the core now ends the session, and
+                    // the operation starts over on the next one.
+                    return;
+                }
                 let error = result.err().map(|code| Error::Server {
                     command: command_name(part.command),
                     offset: part.offset,
@@ -675,6 +962,42 @@ impl State {
             }
             Event::Closed => self.closed = true,
             _ => {}
+        }
+    }
+
+    /// Splits operation `id` into requests no larger than the maximum
+    /// and queues them.
+    fn enqueue(&mut self, id: u64) {
+        let Some(pending) = self.pending.get_mut(&id) else {
+            return;
+        };
+        if let Waiter::Status { extents, .. } = &mut pending.waiter {
+            extents.clear();
+        }
+        pending.unsent = 0;
+        pending.error = None;
+        let (command, flags) = (pending.command, pending.flags);
+        let part = |offset, length| Part {
+            op: id,
+            command,
+            flags,
+            offset,
+            length,
+        };
+        if matches!(command, Command::Flush | Command::BlockStatus) {
+            self.queue.push_back(part(pending.offset, pending.length));
+            pending.parts_left = 1;
+            return;
+        }
+        let max = self.limits.max_piece.max(1);
+        let end = pending.offset + pending.length;
+        let mut at = pending.offset;
+        pending.parts_left = 0;
+        while at < end {
+            let piece = (end - at).min(max);
+            self.queue.push_back(part(at, piece));
+            at += piece;
+            pending.parts_left += 1;
         }
     }
 
@@ -728,5 +1051,57 @@ impl State {
                 pending.unsent -= 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nbd_core::export::{DEFAULT_BLOCK_SIZES, Features};
+    use nbd_core::wire::{BlockSizeConstraints, TransmissionFlags as F};
+
+    use super::*;
+
+    fn export(flags: F, minimum: u32, extended_headers: bool) -> ExportInfo {
+        ExportInfo {
+            size: 1 << 20,
+            flags: F::HAS_FLAGS | flags,
+            block_sizes: BlockSizeConstraints {
+                minimum,
+                ..DEFAULT_BLOCK_SIZES
+            },
+            block_sizes_advertised: true,
+            features: Features {
+                structured_replies: true,
+                extended_headers,
+            },
+        }
+    }
+
+    #[test]
+    fn changes_that_break_requests_are_named() {
+        let before = export(F::SEND_FLUSH | F::SEND_TRIM, 512, true);
+        assert!(changes(&before, &before).is_empty());
+        // Gains and a smaller minimum dividing the old one are fine.
+        let gained = export(F::SEND_FLUSH | F::SEND_TRIM | F::SEND_CACHE, 1, true);
+        assert!(changes(&before, &gained).is_empty());
+
+        let after = ExportInfo {
+            size: 1 << 21,
+            ..export(F::READ_ONLY | F::SEND_FLUSH, 4096, false)
+        };
+        let found = changes(&before, &after);
+        for wanted in [
+            "its size went from 1048576 to 2097152 bytes",
+            "it is read-only now",
+            "trim is no longer offered",
+            "structured replies and extended headers were",
+            "its minimum block size went from 512 to 4096 bytes",
+        ] {
+            assert!(
+                found.iter().any(|change| change.starts_with(wanted)),
+                "{wanted:?} not in {found:?}"
+            );
+        }
+        assert_eq!(found.len(), 5, "{found:?}");
     }
 }

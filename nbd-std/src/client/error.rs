@@ -138,10 +138,36 @@ pub enum Error {
         error: UsageError,
     },
     /// The server closed the connection.
-    #[error("the server closed the connection{}", suffix(reason))]
+    #[error("the server closed the connection{}", because(reason))]
     Closed {
         /// Why, when known.
         reason: String,
+    },
+    /// The connection broke and no new one could be made within the
+    /// URI's `reconnect-timeout`; requests in flight fail with this.
+    #[error(
+        "the connection to {address} broke ({cause}) and reconnecting failed for {seconds} s (last attempt: {last}); requests in flight were not done"
+    )]
+    ReconnectFailed {
+        /// `host:port` or socket path.
+        address: String,
+        /// Why the connection broke.
+        cause: Arc<Error>,
+        /// How long reconnecting was tried.
+        seconds: u64,
+        /// Why the last attempt failed.
+        last: Arc<Error>,
+    },
+    /// After a reconnection the export differs in a way requests depend
+    /// on (size, read-only, a command no longer offered, …).
+    #[error(
+        "the export changed across a reconnection to {address}: {change}; requests in flight were not done"
+    )]
+    ExportChanged {
+        /// `host:port` or socket path.
+        address: String,
+        /// What changed.
+        change: String,
     },
     /// The connection was shut down by this client.
     #[error("the connection was closed by disconnect()")]
@@ -159,6 +185,15 @@ impl Error {
             Self::Server { code, .. } => Some(*code),
             _ => None,
         }
+    }
+}
+
+/// ` (reason)`, or nothing.
+fn because(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
     }
 }
 

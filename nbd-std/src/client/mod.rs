@@ -38,9 +38,22 @@
 //! - [`list_exports`] and [`export_info`] query the server without
 //!   entering transmission (`NBD_OPT_LIST`, `NBD_OPT_INFO`).
 //!
+//! - A connection that breaks (end of input, reset, TLS closed, or the
+//!   server shutting down with `NBD_ESHUTDOWN`) is opened again to the
+//!   same URI with the same options, and the operations not yet answered
+//!   are sent again, whole (every NBD command may be repeated). The new
+//!   session must offer the export as before: same size, still writable
+//!   if it was, the same commands, header style and `base:allocation`;
+//!   else they fail with [`Error::ExportChanged`]. Attempts back off from
+//!   50 ms to 2 s; once operations have waited the URI's
+//!   `reconnect-timeout` ([`DEFAULT_RECONNECT_TIMEOUT`] by default), they
+//!   fail with [`Error::ReconnectFailed`]. `reconnect-timeout=0` turns
+//!   reconnecting off. Only a connection that was once up is reopened:
+//!   [`Client::connect`] fails at once if the server cannot be reached.
+//!
 //! Errors are [`Error`]s: the server's errors carry the NBD error name
-//! ([`Error::Server`]); a connection that breaks fails every request in
-//! flight on it, and later ones, with the same error.
+//! ([`Error::Server`]); a connection that breaks for good fails every
+//! request in flight on it, and later ones, with the same error.
 
 mod driver;
 mod error;
@@ -58,9 +71,9 @@ use tokio::task::JoinHandle;
 
 pub use error::{Error, Result, error_meaning};
 pub use nbd_core::client::BASE_ALLOCATION;
-pub use uri::{Endpoint, NbdUri, UriError};
+pub use uri::{DEFAULT_RECONNECT_TIMEOUT, Endpoint, NbdUri, UriError};
 
-use driver::{FatalSlot, Limits, Op};
+use driver::{FatalSlot, Limits, Op, Resume};
 use transport::TlsConfig;
 
 /// Requests in flight per connection (the core's `StdConnection`).
@@ -285,14 +298,14 @@ impl Client {
     async fn open_one(uri: &NbdUri, tls: &TlsConfig) -> Result<(Handle, ExportDetails, bool)> {
         let (transport, conn, negotiated) = negotiate::open(uri, Mode::Go, tls).await?;
         let details = negotiated.details(&uri.export)?;
-        let sizes = details.export.block_sizes;
-        let minimum = u64::from(sizes.minimum.max(1));
-        let maximum = u64::from(sizes.maximum).max(minimum);
-        let limits = Limits {
-            max_piece: maximum / minimum * minimum,
-            base_allocation: negotiated.base_allocation(),
-        };
+        let limits = Limits::of(&details.export, &negotiated);
         let can_block_status = limits.base_allocation.is_some() && conn.can_block_status();
+        let resume = Resume {
+            uri: uri.clone(),
+            tls: tls.clone(),
+            export: details.export,
+            base_allocation: limits.base_allocation.is_some(),
+        };
         let (ops, receiver) = mpsc::channel(driver::CHANNEL_DEPTH);
         let fatal = FatalSlot::default();
         let task = tokio::spawn(driver::run(
@@ -300,6 +313,7 @@ impl Client {
             conn,
             negotiated.leftover,
             limits,
+            resume,
             receiver,
             Arc::clone(&fatal),
         ));

@@ -12,12 +12,23 @@
 //! `tls-hostname=NAME`. TLS parameters on a plain `nbd` URI, pre-shared
 //! keys (`tls-psk-file`) and any other query parameter are diagnosed, as
 //! the specification recommends.
+//!
+//! One parameter of this client's own: `reconnect-timeout=SECONDS`, how
+//! long a broken connection is retried before its requests fail (default
+//! [`DEFAULT_RECONNECT_TIMEOUT`]; `0` turns reconnecting off); see
+//! [`Client`](super::Client).
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::DEFAULT_PORT;
 use crate::tls::ClientTlsOptions;
+
+/// How long a broken connection is retried when the URI does not say
+/// (`reconnect-timeout`): long enough for a server to restart, short
+/// enough that a server gone for good is reported within a minute.
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a string is not an NBD URI this client can use.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +71,11 @@ pub enum UriError {
     /// A query parameter this client does not know.
     #[error("unknown query parameter `{0}` in NBD URI")]
     UnknownParameter(String),
+    /// A `reconnect-timeout` that is not a number of seconds.
+    #[error(
+        "bad reconnect-timeout value `{0}` (expected a number of seconds, 0 to turn reconnecting off)"
+    )]
+    BadReconnectTimeout(String),
     /// A `#fragment`, which NBD URIs do not use.
     #[error("`{0}`: NBD URIs have no #fragment")]
     Fragment(String),
@@ -93,6 +109,9 @@ pub struct NbdUri {
     pub export: String,
     /// TLS settings (`nbds`, `nbds+unix`); `None`: no TLS.
     pub tls: Option<ClientTlsOptions>,
+    /// How long a broken connection is retried (`reconnect-timeout`);
+    /// zero: not at all.
+    pub reconnect_timeout: Duration,
 }
 
 impl NbdUri {
@@ -127,6 +146,7 @@ impl NbdUri {
             .filter(|name| !name.contains('\0'))
             .ok_or_else(|| UriError::BadEncoding(owned()))?;
         let mut socket = None;
+        let mut reconnect_timeout = DEFAULT_RECONNECT_TIMEOUT;
         for pair in query.into_iter().flat_map(|q| q.split('&')) {
             if pair.is_empty() {
                 continue;
@@ -136,6 +156,10 @@ impl NbdUri {
                 "socket" => {
                     let bytes = decode(value).ok_or_else(|| UriError::BadEncoding(owned()))?;
                     socket = Some(path_from_bytes(bytes));
+                }
+                "reconnect-timeout" => {
+                    reconnect_timeout = parse_seconds(value)
+                        .ok_or_else(|| UriError::BadReconnectTimeout(value.to_owned()))?;
                 }
                 _ if key.starts_with("tls-") => {
                     let Some(options) = tls.as_mut() else {
@@ -195,6 +219,7 @@ impl NbdUri {
             endpoint,
             export,
             tls,
+            reconnect_timeout,
         })
     }
 
@@ -204,6 +229,7 @@ impl NbdUri {
             endpoint: self.endpoint.clone(),
             export: export.to_owned(),
             tls: self.tls.clone(),
+            reconnect_timeout: self.reconnect_timeout,
         }
     }
 
@@ -266,6 +292,10 @@ impl fmt::Display for NbdUri {
                 query.push(format!("tls-hostname={name}"));
             }
         }
+        if self.reconnect_timeout != DEFAULT_RECONNECT_TIMEOUT {
+            let seconds = self.reconnect_timeout.as_secs_f64();
+            query.push(format!("reconnect-timeout={seconds}"));
+        }
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
         }
@@ -304,6 +334,13 @@ fn split_host_port(text: &str) -> Result<(String, u16), UriError> {
         .and_then(|bytes| String::from_utf8(bytes).ok())
         .ok_or_else(|| UriError::BadEncoding(text.to_owned()))?;
     Ok((host, port))
+}
+
+/// A non-negative number of seconds, fractions allowed.
+pub(crate) fn parse_seconds(text: &str) -> Option<Duration> {
+    text.parse::<f64>()
+        .ok()
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
 }
 
 fn path_from_bytes(bytes: Vec<u8>) -> PathBuf {
@@ -359,6 +396,7 @@ mod tests {
             },
             export: export.to_owned(),
             tls: None,
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
         }
     }
 
@@ -394,6 +432,7 @@ mod tests {
                 endpoint: Endpoint::Unix(PathBuf::from("sock")),
                 export: "disk".to_owned(),
                 tls: None,
+                reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
             })
         );
         assert_eq!(
@@ -402,6 +441,7 @@ mod tests {
                 endpoint: Endpoint::Unix(PathBuf::from("/tmp/a b.sock")),
                 export: String::new(),
                 tls: None,
+                reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
             })
         );
         let abstract_socket = NbdUri::parse("nbd+unix:///?socket=%00/abstract").expect("parse");
@@ -454,6 +494,24 @@ mod tests {
     }
 
     #[test]
+    fn reconnect_timeout() {
+        let seconds = |text: &str| NbdUri::parse(text).map(|uri| uri.reconnect_timeout);
+        assert_eq!(seconds("nbd://h/"), Ok(DEFAULT_RECONNECT_TIMEOUT));
+        assert_eq!(seconds("nbd://h/?reconnect-timeout=0"), Ok(Duration::ZERO));
+        assert_eq!(
+            seconds("nbds://h/x?tls-verify-peer=false&reconnect-timeout=1.5"),
+            Ok(Duration::from_millis(1500))
+        );
+        for bad in ["-1", "soon", "", "inf"] {
+            assert_eq!(
+                seconds(&format!("nbd://h/?reconnect-timeout={bad}")),
+                Err(UriError::BadReconnectTimeout(bad.to_owned())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn tls_uris() {
         let uri = NbdUri::parse("nbds://127.0.0.1:99/disk").expect("parse");
         assert_eq!(uri.tls, Some(ClientTlsOptions::default()));
@@ -490,6 +548,8 @@ mod tests {
             "nbds://127.0.0.1:10809/",
             "nbds://h:1/x?tls-certificates=/etc/pki/libnbd&tls-verify-peer=false",
             "nbds+unix:///d?socket=/s&tls-hostname=localhost",
+            "nbd://h:1/x?reconnect-timeout=0",
+            "nbd+unix:///d?socket=/s&reconnect-timeout=2.5",
         ] {
             let uri = NbdUri::parse(text).expect(text);
             assert_eq!(uri.to_string(), text);

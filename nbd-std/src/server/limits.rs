@@ -21,6 +21,11 @@ pub const DEFAULT_MAX_CLIENTS: u32 = 1024;
 /// connections do not pile up.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Default [`ServerLimits::drain_timeout`]: requests in flight normally
+/// finish in well under a second; a client's reconnect timeout (60 s by
+/// default for `nbd-std` clients) leaves room for this and a restart.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Most requests in flight per connection the server can hold: the
 /// `REQUESTS` of [`StdConnection`](nbd_core::server::StdConnection).
 pub const MAX_IN_FLIGHT: u16 = 128;
@@ -59,6 +64,10 @@ pub struct ServerLimits {
     /// A client that sends nothing for this long while no request of it is
     /// in flight is disconnected (transmission phase). `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// Time connections have, once the server is told to stop, to answer
+    /// their requests in flight and close; those still open after it are
+    /// dropped.
+    pub drain_timeout: Duration,
 }
 
 /// Default [`ServerLimits::keepalive`]: a vanished peer is found within
@@ -81,6 +90,7 @@ impl Default for ServerLimits {
             server_memory: super::budget::DEFAULT_SERVER_MEMORY,
             keepalive: Some(DEFAULT_KEEPALIVE),
             idle_timeout: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Stopping: when the `shutdown` channel turns true the server stops
 //! accepting, every connection refuses new requests (`NBD_ESHUTDOWN`) and
-//! ends once its requests in flight are answered, then every export is
+//! ends once its requests in flight are answered (those still open after
+//! [`ServerLimits::drain_timeout`] are dropped), then every export is
 //! flushed.
 //!
 //! Limits ([`ServerLimits`]): beyond `max_clients` a new connection is
@@ -211,8 +212,21 @@ impl Server {
             "stopped accepting; {} connections finishing",
             connections.len()
         );
-        while let Some(finished) = connections.join_next().await {
-            report(finished);
+        let drain = async {
+            while let Some(finished) = connections.join_next().await {
+                report(finished);
+            }
+        };
+        if tokio::time::timeout(self.limits.drain_timeout, drain)
+            .await
+            .is_err()
+        {
+            warn!(
+                "{} connections still busy after {:?}: dropping them",
+                connections.len(),
+                self.limits.drain_timeout
+            );
+            connections.shutdown().await;
         }
         self.flush_all().await;
         Ok(())

@@ -138,6 +138,29 @@ impl Server {
         }
     }
 
+    /// Starts `nbd-std serve --port PORT ARGS...` on a port chosen before
+    /// (a server restarted in place), and waits until it accepts
+    /// connections.
+    pub fn start_on_port<I, S>(port: u16, args: I) -> Server
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut full = vec![OsString::from("--port"), OsString::from(port.to_string())];
+        full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        let endpoint = Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let mut server = Server::spawn(&full, endpoint);
+        match server.wait_ready() {
+            Started::Ready => server,
+            Started::Exited(status) => {
+                panic!("server exited before accepting connections ({status})")
+            }
+            Started::TimedOut => {
+                panic!("server did not accept connections within {START_TIMEOUT:?}")
+            }
+        }
+    }
+
     fn spawn(args: &[OsString], endpoint: Endpoint) -> Server {
         let logs = temp_dir();
         let stdout = File::create(logs.path().join("stdout")).expect("create server stdout log");
