@@ -166,12 +166,22 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     bind: String,
-    /// TCP port to listen on.
-    #[arg(long, default_value_t = nbd_std::DEFAULT_PORT)]
-    port: u16,
+    /// TCP port to listen on [default: 10809].
+    #[arg(long)]
+    port: Option<u16>,
     /// Listen on this unix socket instead of TCP.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Run COMMAND (with /bin/sh) once the server listens, with $uri,
+    /// $port, $unixsocket, $exportname and $tls set, as nbdkit --run does;
+    /// the server stops when it exits and exits with its status. Without
+    /// --unix or --port the server listens on a private unix socket.
+    #[arg(long, value_name = "COMMAND")]
+    run: Option<String>,
+    /// Write the server's process id to PATH once it listens (removed at
+    /// exit).
+    #[arg(long, value_name = "PATH")]
+    pidfile: Option<PathBuf>,
     /// Size of the default in-memory export (used without --export):
     /// bytes, or with K, M, G, T (binary units, optional iB/B).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -238,6 +248,17 @@ enum TlsMode {
     On,
     /// TLS or nothing.
     Require,
+}
+
+impl TlsMode {
+    fn offer(self) -> nbd_std::captive::TlsOffer {
+        use nbd_std::captive::TlsOffer;
+        match self {
+            Self::Off => TlsOffer::Off,
+            Self::On => TlsOffer::On,
+            Self::Require => TlsOffer::Required,
+        }
+    }
 }
 
 /// The TLS credentials `args` name, checked before anything listens.
@@ -462,16 +483,27 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     block_on(async move {
-        let listener = match &args.unix {
-            Some(path) => {
-                Listener::bind_unix(path).map_err(|e| format!("--unix {}: {e}", path.display()))
-            }
-            None => Listener::bind_tcp(&args.bind, args.port)
-                .await
-                .map_err(|e| format!("--bind {} --port {}: {e}", args.bind, args.port)),
-        };
-        let listener = match listener {
+        // Held until the server exits: the private socket of --run lives in it.
+        let mut private_directory = None;
+        let listener = match serve_listener(&args, &mut private_directory).await {
             Ok(listener) => listener,
+            Err(message) => {
+                eprintln!("nbd-std: {message}");
+                return ExitCode::from(USAGE);
+            }
+        };
+        let captive = match &args.run {
+            Some(command) => match nbd_std::captive::variables(&listener, args.tls.offer()) {
+                Ok(variables) => Some((command.clone(), variables)),
+                Err(error) => {
+                    eprintln!("nbd-std: --run: {error}");
+                    return ExitCode::from(USAGE);
+                }
+            },
+            None => None,
+        };
+        let _pidfile = match args.pidfile.as_deref().map(Pidfile::write).transpose() {
+            Ok(pidfile) => pidfile,
             Err(message) => {
                 eprintln!("nbd-std: {message}");
                 return ExitCode::from(USAGE);
@@ -516,22 +548,114 @@ fn serve(args: ServeArgs) -> ExitCode {
             None => server,
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop_captive = stop.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             info!("signal received: finishing requests in flight, then exiting");
             let _ = stop.send(true);
         });
-        match server.run(listener, stopped).await {
-            Ok(()) => {
-                info!("server stopped");
-                ExitCode::SUCCESS
-            }
+        let Some((command, variables)) = captive else {
+            return server_ended(server.run(listener, stopped).await);
+        };
+        let mut child = match nbd_std::captive::spawn(&command, &variables) {
+            Ok(child) => child,
             Err(error) => {
-                error!("server failed: {error}");
-                ExitCode::FAILURE
+                eprintln!("nbd-std: --run: cannot start /bin/sh: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut running = tokio::spawn(async move { server.run(listener, stopped).await });
+        tokio::select! {
+            status = child.wait() => {
+                let _ = stop_captive.send(true);
+                let server = running.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match status {
+                    Ok(status) => {
+                        info!("--run command exited: {status}");
+                        if server_ended(server) != ExitCode::SUCCESS {
+                            return ExitCode::FAILURE;
+                        }
+                        ExitCode::from(nbd_std::captive::exit_code(status))
+                    }
+                    Err(error) => {
+                        error!("--run command: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            server = &mut running => {
+                // Stopped by a signal before the command ended: so is it.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                server_ended(server.unwrap_or_else(|e| Err(std::io::Error::other(e))))
             }
         }
     })
+}
+
+fn server_ended(result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => {
+            info!("server stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            error!("server failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where `serve` listens: the socket systemd passed, --unix, a private
+/// unix socket for --run without an address, or TCP.
+async fn serve_listener(
+    args: &ServeArgs,
+    private_directory: &mut Option<nbd_std::captive::PrivateDirectory>,
+) -> Result<Listener, String> {
+    if let Some(listener) = nbd_std::activation::passed_listener().map_err(|e| e.to_string())? {
+        info!("socket activation: serving the socket systemd passed");
+        return Ok(listener);
+    }
+    let private = args.run.is_some() && args.unix.is_none() && args.port.is_none();
+    let unix = if private {
+        let directory = nbd_std::captive::PrivateDirectory::create()
+            .map_err(|e| format!("--run: cannot create a private directory: {e}"))?;
+        Some(private_directory.insert(directory).socket())
+    } else {
+        args.unix.clone()
+    };
+    match unix {
+        Some(path) => {
+            Listener::bind_unix(&path).map_err(|e| format!("--unix {}: {e}", path.display()))
+        }
+        None => {
+            let port = args.port.unwrap_or(nbd_std::DEFAULT_PORT);
+            Listener::bind_tcp(&args.bind, port)
+                .await
+                .map_err(|e| format!("--bind {} --port {port}: {e}", args.bind))
+        }
+    }
+}
+
+/// `--pidfile`: written once the server listens, removed when it exits.
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn write(path: &std::path::Path) -> Result<Self, String> {
+        // Written whole under another name, then renamed: a reader never
+        // sees a partial id.
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&partial, path))
+            .map_err(|e| format!("--pidfile {}: {e}", path.display()))?;
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn bridge(args: BridgeArgs) -> ExitCode {
