@@ -44,6 +44,68 @@ enum Command {
     /// Pair NBD clients with browser-hosted exports that connect to the
     /// bridge over WebSocket (or through websockify over TCP).
     Bridge(BridgeArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or
+    /// powershell (e.g. `nbd-std completions bash >
+    /// /etc/bash_completion.d/nbd-std`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), of nbd-std or of one command
+    /// (`nbd-std man serve | man -l -`).
+    Man {
+        /// The command whose page to print (nbd-std's own without).
+        command: Option<String>,
+    },
+}
+
+/// `nbd-std completions SHELL`.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    // Into memory first: clap_complete panics when its writer fails (a
+    // closed pipe), and nothing here may panic.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "nbd-std", &mut script);
+    print_bytes("completions", &script)
+}
+
+/// Writes `bytes` to standard output; a failure is one line on stderr.
+fn print_bytes(what: &str, bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nbd-std: {what}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `nbd-std man [COMMAND]`: the page clap_mangen makes from the same
+/// definitions as --help.
+fn man(command: Option<String>) -> ExitCode {
+    use clap::CommandFactory;
+    let top = Cli::command();
+    let page = match &command {
+        None => top,
+        Some(name) => match top.find_subcommand(name) {
+            Some(sub) => sub
+                .clone()
+                .display_name(format!("nbd-std-{name}"))
+                .bin_name(format!("nbd-std {name}"))
+                .version(env!("CARGO_PKG_VERSION")),
+            None => {
+                eprintln!("nbd-std: man: no command `{name}`");
+                return ExitCode::from(USAGE);
+            }
+        },
+    };
+    let mut out = Vec::new();
+    if let Err(error) = clap_mangen::Man::new(page).render(&mut out) {
+        eprintln!("nbd-std: man: {error}");
+        return ExitCode::FAILURE;
+    }
+    print_bytes("man", &out)
 }
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +221,27 @@ struct InfoArgs {
     /// Print JSON (the shape of nbdinfo --json).
     #[arg(long)]
     json: bool,
+    /// Print the allocation map (block status of base:allocation): offset,
+    /// length, type and description per extent, as nbdinfo --map.
+    #[arg(long, value_name = "CONTEXT", num_args = 0..=1, require_equals = true,
+          default_missing_value = nbd_std::tools::map::BASE_ALLOCATION,
+          conflicts_with_all = ["list", "size", "can", "is"])]
+    map: Option<String>,
+    /// With --map: bytes of each type and their share instead.
+    #[arg(long, requires = "map")]
+    totals: bool,
+    /// Print the export's size in bytes.
+    #[arg(long, conflicts_with_all = ["list", "can", "is"])]
+    size: bool,
+    /// Exit 0 if the export can FLAG, 2 if not (1: error): connect, read,
+    /// write, cache, df, fast-zero, flush, fua, multi-conn, trim, zero,
+    /// structured-reply.
+    #[arg(long, value_name = "FLAG", conflicts_with_all = ["list", "is"])]
+    can: Option<String>,
+    /// Exit 0 if the export is FLAG, 2 if not (1: error): read-only,
+    /// rotational, tls.
+    #[arg(long, value_name = "FLAG", conflicts_with = "list")]
+    is: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -321,6 +404,8 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(args),
         Command::Check(args) => check(args),
         Command::Bridge(args) => bridge(args),
+        Command::Completions { shell } => completions(shell),
+        Command::Man { command } => man(command),
     }
 }
 
@@ -414,9 +499,61 @@ fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
+/// `info --can`/`--is`: the property does not hold (as nbdinfo).
+const PROPERTY_FALSE: u8 = 2;
+
 fn info(args: InfoArgs) -> ExitCode {
     use nbd_std::client::NbdUri;
     use nbd_std::tools::info::{InfoOptions, info};
+    use nbd_std::tools::map;
+    if let Some(name) = args.can.as_deref().or(args.is.as_deref()) {
+        let Some(property) = map::Property::parse(name) else {
+            eprintln!("nbd-std: unknown --can or --is flag: {name}");
+            return ExitCode::FAILURE;
+        };
+        let mut holds = false;
+        let code = client_command(async {
+            let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+            holds = map::has(&uri, property).await.map_err(|e| e.to_string())?;
+            Ok(())
+        });
+        return match (code == ExitCode::SUCCESS, holds) {
+            (true, true) => ExitCode::SUCCESS,
+            (true, false) => ExitCode::from(PROPERTY_FALSE),
+            (false, _) => code,
+        };
+    }
+    if args.size {
+        return client_command(async move {
+            let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+            println!("{}", map::size(&uri).await.map_err(|e| e.to_string())?);
+            Ok(())
+        });
+    }
+    if let Some(context) = args.map {
+        return client_command(async move {
+            if context != map::BASE_ALLOCATION {
+                return Err(format!(
+                    "--map={context}: only {} maps are read",
+                    map::BASE_ALLOCATION
+                ));
+            }
+            let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+            let extents = map::allocation_map(&uri)
+                .await
+                .map_err(|e| format!("--map: {e}"))?;
+            print!(
+                "{}",
+                match (args.totals, args.json) {
+                    (false, false) => map::map_text(&extents),
+                    (false, true) => map::map_json(&extents),
+                    (true, false) => map::totals_text(&extents),
+                    (true, true) => map::totals_json(&extents),
+                }
+            );
+            Ok(())
+        });
+    }
     client_command(async move {
         let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
         let options = InfoOptions {
