@@ -22,6 +22,7 @@ pub mod captive;
 pub mod check;
 pub mod client;
 pub mod export;
+pub mod metrics;
 pub mod server;
 pub mod size;
 pub mod tls;

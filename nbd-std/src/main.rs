@@ -261,6 +261,11 @@ struct ServeArgs {
     /// --unix or --port the server listens on a private unix socket.
     #[arg(long, value_name = "COMMAND")]
     run: Option<String>,
+    /// Serve Prometheus metrics (OpenMetrics text) at
+    /// http://ADDR:PORT/metrics: connections, requests, bytes, errors and
+    /// latency per export and command, handshake failures, limit refusals.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
     /// Write the server's process id to PATH once it listens (removed at
     /// exit).
     #[arg(long, value_name = "PATH")]
@@ -639,6 +644,26 @@ fn serve(args: ServeArgs) -> ExitCode {
             },
             None => None,
         };
+        let metrics = match &args.metrics {
+            Some(address) => {
+                let names: Vec<&str> = exports.iter().map(|e| e.name.as_str()).collect();
+                let metrics = std::sync::Arc::new(nbd_std::metrics::Metrics::new(names));
+                match tokio::net::TcpListener::bind(address.as_str()).await {
+                    Ok(listener) => {
+                        tokio::spawn(nbd_std::metrics::serve(
+                            listener,
+                            std::sync::Arc::clone(&metrics),
+                        ));
+                        Some(metrics)
+                    }
+                    Err(error) => {
+                        eprintln!("nbd-std: --metrics {address}: {error}");
+                        return ExitCode::from(USAGE);
+                    }
+                }
+            }
+            None => None,
+        };
         let _pidfile = match args.pidfile.as_deref().map(Pidfile::write).transpose() {
             Ok(pidfile) => pidfile,
             Err(message) => {
@@ -665,6 +690,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             ..nbd_core::server::Config::default()
         };
         let server = Server::new(ExportSet::new(exports), config).with_limits(serve_limits(&args));
+        let server = match metrics {
+            Some(metrics) => server.with_metrics(metrics),
+            None => server,
+        };
         let server = match tls {
             Some(tls) => {
                 info!(

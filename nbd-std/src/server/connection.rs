@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 use super::storage::{Done, Job};
 use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
 use crate::export::ExportSet;
+use crate::metrics::{ConnectionMetrics, HandshakeFailure};
 
 /// Most bytes of client input buffered: room for several 1 MiB writes, so
 /// a burst of requests is handled in one pass.
@@ -63,12 +64,15 @@ pub(super) async fn run<S>(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
     negotiated: oneshot::Sender<()>,
+    metrics: Option<ConnectionMetrics>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     info!("client connected");
     let mut driver = Driver::new(exports, config);
     driver.negotiated = Some(negotiated);
+    driver.metrics = metrics;
+    let mut tls_failed = false;
     let outcome = match driver.serve(&mut stream, shutdown.clone()).await {
         Ok(Ended::Done) => Ok(()),
         Ok(Ended::StartTls) => match tls {
@@ -82,10 +86,13 @@ pub(super) async fn run<S>(
                         Err(error) => Err(error),
                     }
                 }
-                Err(error) => Err(io::Error::new(
-                    error.kind(),
-                    format!("TLS handshake failed: {}", crate::tls::tls_reason(&error)),
-                )),
+                Err(error) => {
+                    tls_failed = true;
+                    Err(io::Error::new(
+                        error.kind(),
+                        format!("TLS handshake failed: {}", crate::tls::tls_reason(&error)),
+                    ))
+                }
             },
             None => Err(io::Error::other(
                 "TLS requested but this server has no TLS configured",
@@ -93,6 +100,17 @@ pub(super) async fn run<S>(
         },
         Err(error) => Err(error),
     };
+    if let (Err(error), Some(metrics)) = (&outcome, &driver.metrics)
+        && !metrics.has_selected()
+    {
+        metrics.server().handshake_failed(if tls_failed {
+            HandshakeFailure::Tls
+        } else if error.kind() == io::ErrorKind::InvalidData {
+            HandshakeFailure::Protocol
+        } else {
+            HandshakeFailure::Io
+        });
+    }
     match outcome {
         Ok(()) => info!("client disconnected; requests served: {}", driver.requests),
         Err(error) => warn!(
@@ -159,6 +177,8 @@ struct Driver {
     start_tls: bool,
     /// Told when an export is selected (the handshake deadline stops).
     negotiated: Option<oneshot::Sender<()>>,
+    /// `--metrics`: this connection's counters.
+    metrics: Option<ConnectionMetrics>,
 }
 
 impl Driver {
@@ -181,6 +201,7 @@ impl Driver {
             closed: false,
             start_tls: false,
             negotiated: None,
+            metrics: None,
         }
     }
 
@@ -308,6 +329,9 @@ impl Driver {
                         served.name, features.structured_replies, features.extended_headers
                     );
                     self.backend = Some(Arc::clone(&served.backend));
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.selected(index);
+                    }
                     if let Some(negotiated) = self.negotiated.take() {
                         // The deadline task is gone only if it dropped us.
                         let _ = negotiated.send(());
@@ -315,6 +339,9 @@ impl Driver {
                 }
                 Event::Request(request) => {
                     self.requests += 1;
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.request(&request);
+                    }
                     self.request(request);
                 }
                 Event::WriteData {
@@ -354,6 +381,13 @@ impl Driver {
                             ReadOutcome::Error(error_code(&error))
                         }
                     };
+                    if let Some(metrics) = &mut self.metrics {
+                        let error = match outcome {
+                            ReadOutcome::Error(code) => Some(code),
+                            _ => None,
+                        };
+                        metrics.answered(id, error);
+                    }
                     if let Err(error) = self.conn.complete_read(id, outcome) {
                         error!("completion refused by the protocol core: {error}");
                     }
@@ -502,6 +536,9 @@ impl Driver {
     fn apply(&mut self, done: Done) {
         if let Err(error) = done.result() {
             error!("storage error: {error}");
+        }
+        if let Some(metrics) = &mut self.metrics {
+            metrics.answered(done.id(), done.result().as_ref().err().map(error_code));
         }
         let code = |result: io::Result<()>| result.map_err(|e| error_code(&e));
         let outcome = match done {

@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::export::ExportSet;
+use crate::metrics::{HandshakeFailure, Limit, Metrics};
 use crate::tls::ServerTls;
 
 /// Connections the kernel queues for `accept` (capped by
@@ -110,6 +111,8 @@ pub struct Server {
     /// Credentials for `NBD_OPT_STARTTLS`; `None`: TLS disabled.
     tls: Option<ServerTls>,
     limits: ServerLimits,
+    /// `--metrics`: counters of connections and requests.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Server {
@@ -120,7 +123,15 @@ impl Server {
             config,
             tls: None,
             limits: ServerLimits::default(),
+            metrics: None,
         }
+    }
+
+    /// The same server counting connections and requests in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The same server with other limits (maximum clients, handshake
@@ -178,6 +189,9 @@ impl Server {
                             // Closing at once: the client sees the connection
                             // end instead of waiting in the listen backlog.
                             refusals.refused(&client.peer, self.limits.max_clients);
+                            if let Some(metrics) = &self.metrics {
+                                metrics.refused(Limit::MaxClients);
+                            }
                             drop(client);
                             continue;
                         }
@@ -222,23 +236,29 @@ impl Server {
         let peer = client.peer;
         let timeout = self.limits.handshake_timeout;
         let (negotiated, selected) = oneshot::channel();
+        let metrics = self.metrics.as_ref().map(Metrics::connection);
+        let server_metrics = self.metrics.clone();
         match client.stream {
             Stream::Tcp(stream) => {
                 if let Err(error) = stream.set_nodelay(true) {
                     warn!("cannot set TCP_NODELAY for {peer}: {error}");
                 }
                 let connection = Box::pin(connection::run(
-                    stream, exports, config, tls, shutdown, negotiated,
+                    stream, exports, config, tls, shutdown, negotiated, metrics,
                 ));
-                connections
-                    .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
+                connections.spawn(
+                    handshake_deadline(connection, selected, timeout, server_metrics)
+                        .instrument(span),
+                );
             }
             Stream::Unix(stream) => {
                 let connection = Box::pin(connection::run(
-                    stream, exports, config, tls, shutdown, negotiated,
+                    stream, exports, config, tls, shutdown, negotiated, metrics,
                 ));
-                connections
-                    .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
+                connections.spawn(
+                    handshake_deadline(connection, selected, timeout, server_metrics)
+                        .instrument(span),
+                );
             }
         }
     }
@@ -297,6 +317,7 @@ async fn handshake_deadline<F: Future<Output = ()>>(
     mut connection: Pin<Box<F>>,
     selected: oneshot::Receiver<()>,
     timeout: Option<Duration>,
+    metrics: Option<Arc<Metrics>>,
 ) {
     let Some(timeout) = timeout else {
         return connection.await;
@@ -306,7 +327,13 @@ async fn handshake_deadline<F: Future<Output = ()>>(
         () = &mut connection => {}
         reached = tokio::time::timeout(timeout, selected) => match reached {
             Ok(_) => connection.await,
-            Err(_) => info!("no export selected within {timeout:?}: connection dropped"),
+            Err(_) => {
+                info!("no export selected within {timeout:?}: connection dropped");
+                if let Some(metrics) = metrics {
+                    metrics.refused(Limit::HandshakeTimeout);
+                    metrics.handshake_failed(HandshakeFailure::Timeout);
+                }
+            }
         },
     }
 }
