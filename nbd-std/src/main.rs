@@ -715,8 +715,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let stop_captive = stop.clone();
+        let signal = wait_for_signal();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             info!("signal received: finishing requests in flight, then exiting");
             let _ = stop.send(true);
         });
@@ -862,8 +863,9 @@ fn bridge(args: BridgeArgs) -> ExitCode {
             config.wait.as_secs_f64()
         );
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let signal = wait_for_signal();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             info!("signal received: closing every session, then exiting");
             let _ = stop.send(true);
         });
@@ -873,12 +875,26 @@ fn bridge(args: BridgeArgs) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: a spawned task may start
+/// after the server has served a client, and a signal before then would
+/// kill the process instead of stopping it cleanly.
+fn wait_for_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let signals = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) {
+    );
+    async move { signalled(signals).await }
+}
+
+async fn signalled(
+    signals: (
+        std::io::Result<tokio::signal::unix::Signal>,
+        std::io::Result<tokio::signal::unix::Signal>,
+    ),
+) {
+    match signals {
         (Ok(mut interrupt), Ok(mut terminate)) => {
             tokio::select! {
                 _ = interrupt.recv() => {}

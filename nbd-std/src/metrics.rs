@@ -13,7 +13,7 @@
 //! | `nbd_requests_total` | `export`, `command` | requests the storage answered |
 //! | `nbd_request_bytes_total` | `export`, `command` | bytes the requests cover (read, write, trim, zero, cache, block status lengths) |
 //! | `nbd_request_errors_total` | `export`, `command`, `error` | requests answered with an NBD error (`EIO`, `ENOSPC`, …) |
-//! | `nbd_request_duration_seconds` | `export`, `command` | histogram: request to answer, storage time included |
+//! | `nbd_request_duration_seconds` | `export`, `command` | histogram: from the request's arrival to the storage's answer (sending the reply not included) |
 //!
 //! Requests the protocol core refuses itself (out of range, writes to a
 //! read-only export) never reach the storage and are not counted.

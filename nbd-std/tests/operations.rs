@@ -159,3 +159,32 @@ fn socket_activation_on_tcp_and_unix_sockets() {
     );
     stop_child(&mut unix, "KILL", Duration::from_secs(1));
 }
+
+/// More than one socket, or a count that is not one, stops the server
+/// with a line saying why, before it serves anything.
+#[test]
+fn socket_activation_with_a_bad_count_is_refused() {
+    for (count, expected) in [
+        ("2", "systemd passed 2 sockets"),
+        ("x", "LISTEN_FDS=`x` is not a number"),
+    ] {
+        // LISTEN_PID must name the server: the shell execs it.
+        let out = run(
+            Command::new("/bin/sh")
+                .args([
+                    "-c",
+                    "LISTEN_PID=$$ LISTEN_FDS=\"$1\" exec \"$2\" serve --size 1M",
+                    "sh",
+                    count,
+                ])
+                .arg(server_binary()),
+            TIMEOUT,
+        );
+        assert_eq!(out.code(), Some(2), "{}", out.describe());
+        assert!(
+            out.stderr.trim().starts_with("nbd-std: ") && out.stderr.contains(expected),
+            "{}",
+            out.describe()
+        );
+    }
+}
