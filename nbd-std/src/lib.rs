@@ -15,11 +15,14 @@
 //! - [`bridge`]: pairs NBD clients with browser-hosted exports that
 //!   connect out over WebSocket (`nbd-std bridge`).
 
+pub mod activation;
 pub mod backend;
 pub mod bridge;
+pub mod captive;
 pub mod check;
 pub mod client;
 pub mod export;
+pub mod metrics;
 pub mod server;
 pub mod size;
 pub mod tls;

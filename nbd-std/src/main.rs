@@ -44,6 +44,68 @@ enum Command {
     /// Pair NBD clients with browser-hosted exports that connect to the
     /// bridge over WebSocket (or through websockify over TCP).
     Bridge(BridgeArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or
+    /// powershell (e.g. `nbd-std completions bash >
+    /// /etc/bash_completion.d/nbd-std`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), of nbd-std or of one command
+    /// (`nbd-std man serve | man -l -`).
+    Man {
+        /// The command whose page to print (nbd-std's own without).
+        command: Option<String>,
+    },
+}
+
+/// `nbd-std completions SHELL`.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    // Into memory first: clap_complete panics when its writer fails (a
+    // closed pipe), and nothing here may panic.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "nbd-std", &mut script);
+    print_bytes("completions", &script)
+}
+
+/// Writes `bytes` to standard output; a failure is one line on stderr.
+fn print_bytes(what: &str, bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nbd-std: {what}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `nbd-std man [COMMAND]`: the page clap_mangen makes from the same
+/// definitions as --help.
+fn man(command: Option<String>) -> ExitCode {
+    use clap::CommandFactory;
+    let top = Cli::command();
+    let page = match &command {
+        None => top,
+        Some(name) => match top.find_subcommand(name) {
+            Some(sub) => sub
+                .clone()
+                .display_name(format!("nbd-std-{name}"))
+                .bin_name(format!("nbd-std {name}"))
+                .version(env!("CARGO_PKG_VERSION")),
+            None => {
+                eprintln!("nbd-std: man: no command `{name}`");
+                return ExitCode::from(USAGE);
+            }
+        },
+    };
+    let mut out = Vec::new();
+    if let Err(error) = clap_mangen::Man::new(page).render(&mut out) {
+        eprintln!("nbd-std: man: {error}");
+        return ExitCode::FAILURE;
+    }
+    print_bytes("man", &out)
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,6 +239,27 @@ struct InfoArgs {
     /// Print JSON (the shape of nbdinfo --json).
     #[arg(long)]
     json: bool,
+    /// Print the allocation map (block status of base:allocation): offset,
+    /// length, type and description per extent, as nbdinfo --map.
+    #[arg(long, value_name = "CONTEXT", num_args = 0..=1, require_equals = true,
+          default_missing_value = nbd_std::tools::map::BASE_ALLOCATION,
+          conflicts_with_all = ["list", "size", "can", "is"])]
+    map: Option<String>,
+    /// With --map: bytes of each type and their share instead.
+    #[arg(long, requires = "map")]
+    totals: bool,
+    /// Print the export's size in bytes.
+    #[arg(long, conflicts_with_all = ["list", "can", "is"])]
+    size: bool,
+    /// Exit 0 if the export can FLAG, 2 if not (1: error): connect, read,
+    /// write, cache, df, fast-zero, flush, fua, multi-conn, trim, zero,
+    /// structured-reply.
+    #[arg(long, value_name = "FLAG", conflicts_with_all = ["list", "is"])]
+    can: Option<String>,
+    /// Exit 0 if the export is FLAG, 2 if not (1: error): read-only,
+    /// rotational, tls.
+    #[arg(long, value_name = "FLAG", conflicts_with = "list")]
+    is: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,12 +267,27 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     bind: String,
-    /// TCP port to listen on.
-    #[arg(long, default_value_t = nbd_std::DEFAULT_PORT)]
-    port: u16,
+    /// TCP port to listen on [default: 10809].
+    #[arg(long)]
+    port: Option<u16>,
     /// Listen on this unix socket instead of TCP.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Run COMMAND (with /bin/sh) once the server listens, with $uri,
+    /// $port, $unixsocket, $exportname and $tls set, as nbdkit --run does;
+    /// the server stops when it exits and exits with its status. Without
+    /// --unix or --port the server listens on a private unix socket.
+    #[arg(long, value_name = "COMMAND")]
+    run: Option<String>,
+    /// Serve Prometheus metrics (OpenMetrics text) at
+    /// http://ADDR:PORT/metrics: connections, requests, bytes, errors and
+    /// latency per export and command, handshake failures, limit refusals.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+    /// Write the server's process id to PATH once it listens (removed at
+    /// exit).
+    #[arg(long, value_name = "PATH")]
+    pidfile: Option<PathBuf>,
     /// Size of the default in-memory export (used without --export):
     /// bytes, or with K, M, G, T (binary units, optional iB/B).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -296,6 +394,17 @@ enum TlsMode {
     Require,
 }
 
+impl TlsMode {
+    fn offer(self) -> nbd_std::captive::TlsOffer {
+        use nbd_std::captive::TlsOffer;
+        match self {
+            Self::Off => TlsOffer::Off,
+            Self::On => TlsOffer::On,
+            Self::Require => TlsOffer::Required,
+        }
+    }
+}
+
 /// The TLS credentials `args` name, checked before anything listens.
 fn serve_tls(args: &ServeArgs) -> Result<Option<nbd_std::tls::ServerTls>, String> {
     let (cert, key) = match (args.tls, &args.tls_cert, &args.tls_key) {
@@ -361,6 +470,8 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(args),
         Command::Check(args) => check(args),
         Command::Bridge(args) => bridge(args),
+        Command::Completions { shell } => completions(shell),
+        Command::Man { command } => man(command),
     }
 }
 
@@ -462,9 +573,61 @@ fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
+/// `info --can`/`--is`: the property does not hold (as nbdinfo).
+const PROPERTY_FALSE: u8 = 2;
+
 fn info(args: InfoArgs) -> ExitCode {
     use nbd_std::client::NbdUri;
     use nbd_std::tools::info::{InfoOptions, info};
+    use nbd_std::tools::map;
+    if let Some(name) = args.can.as_deref().or(args.is.as_deref()) {
+        let Some(property) = map::Property::parse(name) else {
+            eprintln!("nbd-std: unknown --can or --is flag: {name}");
+            return ExitCode::FAILURE;
+        };
+        let mut holds = false;
+        let code = client_command(async {
+            let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+            holds = map::has(&uri, property).await.map_err(|e| e.to_string())?;
+            Ok(())
+        });
+        return match (code == ExitCode::SUCCESS, holds) {
+            (true, true) => ExitCode::SUCCESS,
+            (true, false) => ExitCode::from(PROPERTY_FALSE),
+            (false, _) => code,
+        };
+    }
+    if args.size {
+        return client_command(async move {
+            let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+            println!("{}", map::size(&uri).await.map_err(|e| e.to_string())?);
+            Ok(())
+        });
+    }
+    if let Some(context) = args.map {
+        return client_command(async move {
+            if context != map::BASE_ALLOCATION {
+                return Err(format!(
+                    "--map={context}: only {} maps are read",
+                    map::BASE_ALLOCATION
+                ));
+            }
+            let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
+            let extents = map::allocation_map(&uri)
+                .await
+                .map_err(|e| format!("--map: {e}"))?;
+            print!(
+                "{}",
+                match (args.totals, args.json) {
+                    (false, false) => map::map_text(&extents),
+                    (false, true) => map::map_json(&extents),
+                    (true, false) => map::totals_text(&extents),
+                    (true, true) => map::totals_json(&extents),
+                }
+            );
+            Ok(())
+        });
+    }
     client_command(async move {
         let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
         let options = InfoOptions {
@@ -532,16 +695,47 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     block_on(async move {
-        let listener = match &args.unix {
-            Some(path) => {
-                Listener::bind_unix(path).map_err(|e| format!("--unix {}: {e}", path.display()))
-            }
-            None => Listener::bind_tcp(&args.bind, args.port)
-                .await
-                .map_err(|e| format!("--bind {} --port {}: {e}", args.bind, args.port)),
-        };
-        let listener = match listener {
+        // Held until the server exits: the private socket of --run lives in it.
+        let mut private_directory = None;
+        let listener = match serve_listener(&args, &mut private_directory).await {
             Ok(listener) => listener,
+            Err(message) => {
+                eprintln!("nbd-std: {message}");
+                return ExitCode::from(USAGE);
+            }
+        };
+        let captive = match &args.run {
+            Some(command) => match nbd_std::captive::variables(&listener, args.tls.offer()) {
+                Ok(variables) => Some((command.clone(), variables)),
+                Err(error) => {
+                    eprintln!("nbd-std: --run: {error}");
+                    return ExitCode::from(USAGE);
+                }
+            },
+            None => None,
+        };
+        let metrics = match &args.metrics {
+            Some(address) => {
+                let names: Vec<&str> = exports.iter().map(|e| e.name.as_str()).collect();
+                let metrics = std::sync::Arc::new(nbd_std::metrics::Metrics::new(names));
+                match tokio::net::TcpListener::bind(address.as_str()).await {
+                    Ok(listener) => {
+                        tokio::spawn(nbd_std::metrics::serve(
+                            listener,
+                            std::sync::Arc::clone(&metrics),
+                        ));
+                        Some(metrics)
+                    }
+                    Err(error) => {
+                        eprintln!("nbd-std: --metrics {address}: {error}");
+                        return ExitCode::from(USAGE);
+                    }
+                }
+            }
+            None => None,
+        };
+        let _pidfile = match args.pidfile.as_deref().map(Pidfile::write).transpose() {
+            Ok(pidfile) => pidfile,
             Err(message) => {
                 eprintln!("nbd-std: {message}");
                 return ExitCode::from(USAGE);
@@ -579,6 +773,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(USAGE);
         }
         let server = Server::new(ExportSet::new(exports), config).with_limits(limits);
+        let server = match metrics {
+            Some(metrics) => server.with_metrics(metrics),
+            None => server,
+        };
         let server = match tls {
             Some(tls) => {
                 info!(
@@ -599,22 +797,115 @@ fn serve(args: ServeArgs) -> ExitCode {
             None => server,
         };
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop_captive = stop.clone();
+        let signal = wait_for_signal();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             info!("signal received: finishing requests in flight, then exiting");
             let _ = stop.send(true);
         });
-        match server.run(listener, stopped).await {
-            Ok(()) => {
-                info!("server stopped");
-                ExitCode::SUCCESS
-            }
+        let Some((command, variables)) = captive else {
+            return server_ended(server.run(listener, stopped).await);
+        };
+        let mut child = match nbd_std::captive::spawn(&command, &variables) {
+            Ok(child) => child,
             Err(error) => {
-                error!("server failed: {error}");
-                ExitCode::FAILURE
+                eprintln!("nbd-std: --run: cannot start /bin/sh: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut running = tokio::spawn(async move { server.run(listener, stopped).await });
+        tokio::select! {
+            status = child.wait() => {
+                let _ = stop_captive.send(true);
+                let server = running.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match status {
+                    Ok(status) => {
+                        info!("--run command exited: {status}");
+                        if server_ended(server) != ExitCode::SUCCESS {
+                            return ExitCode::FAILURE;
+                        }
+                        ExitCode::from(nbd_std::captive::exit_code(status))
+                    }
+                    Err(error) => {
+                        error!("--run command: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            server = &mut running => {
+                // Stopped by a signal before the command ended: so is it.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                server_ended(server.unwrap_or_else(|e| Err(std::io::Error::other(e))))
             }
         }
     })
+}
+
+fn server_ended(result: std::io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => {
+            info!("server stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            error!("server failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where `serve` listens: the socket systemd passed, --unix, a private
+/// unix socket for --run without an address, or TCP.
+async fn serve_listener(
+    args: &ServeArgs,
+    private_directory: &mut Option<nbd_std::captive::PrivateDirectory>,
+) -> Result<Listener, String> {
+    if let Some(listener) = nbd_std::activation::passed_listener().map_err(|e| e.to_string())? {
+        info!("socket activation: serving the socket systemd passed");
+        return Ok(listener);
+    }
+    let private = args.run.is_some() && args.unix.is_none() && args.port.is_none();
+    let unix = if private {
+        let directory = nbd_std::captive::PrivateDirectory::create()
+            .map_err(|e| format!("--run: cannot create a private directory: {e}"))?;
+        Some(private_directory.insert(directory).socket())
+    } else {
+        args.unix.clone()
+    };
+    match unix {
+        Some(path) => {
+            Listener::bind_unix(&path).map_err(|e| format!("--unix {}: {e}", path.display()))
+        }
+        None => {
+            let port = args.port.unwrap_or(nbd_std::DEFAULT_PORT);
+            Listener::bind_tcp(&args.bind, port)
+                .await
+                .map_err(|e| format!("--bind {} --port {port}: {e}", args.bind))
+        }
+    }
+}
+
+/// `--pidfile`: written once the server listens, removed when it exits.
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn write(path: &std::path::Path) -> Result<Self, String> {
+        // Written whole under another name, then renamed: a reader never
+        // sees a partial id.
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&partial, path))
+            .map_err(|e| format!("--pidfile {}: {e}", path.display()))?;
+        Ok(Self(path.to_path_buf()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn bridge(args: BridgeArgs) -> ExitCode {
@@ -655,8 +946,9 @@ fn bridge(args: BridgeArgs) -> ExitCode {
             config.wait.as_secs_f64()
         );
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let signal = wait_for_signal();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             info!("signal received: closing every session, then exiting");
             let _ = stop.send(true);
         });
@@ -666,12 +958,26 @@ fn bridge(args: BridgeArgs) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: a spawned task may start
+/// after the server has served a client, and a signal before then would
+/// kill the process instead of stopping it cleanly.
+fn wait_for_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let signals = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) {
+    );
+    async move { signalled(signals).await }
+}
+
+async fn signalled(
+    signals: (
+        std::io::Result<tokio::signal::unix::Signal>,
+        std::io::Result<tokio::signal::unix::Signal>,
+    ),
+) {
+    match signals {
         (Ok(mut interrupt), Ok(mut terminate)) => {
             tokio::select! {
                 _ = interrupt.recv() => {}

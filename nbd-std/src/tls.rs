@@ -89,7 +89,7 @@ pub enum TlsError {
 
 /// The crypto provider every configuration here uses.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn read_certificates(

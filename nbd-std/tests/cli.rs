@@ -234,3 +234,47 @@ fn read_exact_or_eof(stream: &mut TcpStream, buf: &mut [u8]) -> ReadEnd {
         n => ReadEnd::Truncated(n),
     }
 }
+
+/// `nbd-std completions SHELL` and `nbd-std man [COMMAND]` come from the
+/// same clap definitions as --help: a new flag shows up in both.
+#[test]
+fn completions_and_man_pages_from_the_clap_definitions() {
+    let generate = |args: &[&str]| {
+        run(
+            Command::new(server_binary()).args(args),
+            Duration::from_secs(10),
+        )
+        .assert_success()
+    };
+    let bash = generate(&["completions", "bash"]);
+    assert!(bash.stdout.contains("--pidfile"), "{}", bash.describe());
+    // The script is valid bash.
+    let dir = temp_dir();
+    let script = dir.path().join("nbd-std.bash");
+    std::fs::write(&script, &bash.stdout).expect("write completion script");
+    let checked = run(
+        Command::new("bash").arg("-n").arg(&script),
+        Duration::from_secs(10),
+    );
+    assert!(checked.success(), "{}", checked.describe());
+    for shell in ["zsh", "fish"] {
+        let out = generate(&["completions", shell]);
+        assert!(out.stdout.contains("serve"), "{}", out.describe());
+    }
+
+    let page = generate(&["man"]);
+    assert!(page.stdout.starts_with(".ie"), "{}", page.describe());
+    assert!(page.stdout.contains(".TH nbd-std 1"), "{}", page.describe());
+    let serve_page = generate(&["man", "serve"]);
+    assert!(
+        serve_page.stdout.contains(".TH nbd-std-serve 1")
+            && serve_page.stdout.contains("\\-\\-pidfile"),
+        "{}",
+        serve_page.describe()
+    );
+    let unknown = run(
+        Command::new(server_binary()).args(["man", "nope"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(unknown.code(), Some(2), "{}", unknown.describe());
+}

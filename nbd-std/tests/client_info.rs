@@ -160,3 +160,91 @@ fn errors_are_one_line() {
         );
     }
 }
+
+/// `--map` (text, JSON, `--totals`), `--size`, and the exit statuses of
+/// `--can`/`--is` (0 yes, 2 no, 1 unknown flag), each against nbdinfo on
+/// the same export.
+fn compare_scripting_forms(what: &str, uri: &str) {
+    for args in [
+        &["--map"][..],
+        &["--map", "--json"],
+        &["--map=base:allocation", "--totals"],
+        &["--map", "--totals", "--json"],
+        &["--size"],
+        &["--size", "--json"],
+    ] {
+        let mut args = args.to_vec();
+        args.push(uri);
+        let expected = run_ok(tool("nbdinfo").args(&args), TIMEOUT);
+        let ours = nbd_std_info(&args).assert_success();
+        assert_eq!(
+            ours.stdout, expected.stdout,
+            "{what}: nbd-std info {args:?} differs from nbdinfo"
+        );
+    }
+    for (option, flags) in [
+        (
+            "--can",
+            &[
+                "connect",
+                "read",
+                "write",
+                "cache",
+                "df",
+                "fast-zero",
+                "flush",
+                "fua",
+                "multi-conn",
+                "trim",
+                "zero",
+                "structured-reply",
+                "bogus",
+            ][..],
+        ),
+        ("--is", &["read-only", "rotational", "tls", "Fast_Zero"]),
+    ] {
+        for flag in flags {
+            let expected = run(tool("nbdinfo").args([option, flag, uri]), TIMEOUT);
+            let ours = nbd_std_info(&[option, flag, uri]);
+            assert_eq!(
+                ours.code(),
+                expected.code(),
+                "{what}: {option} {flag}\n--- nbd-std ---\n{}\n--- nbdinfo ---\n{}",
+                ours.describe(),
+                expected.describe()
+            );
+        }
+    }
+}
+
+#[test]
+fn map_size_can_and_is_match_nbdinfo() {
+    if !have_tools(&["nbdinfo", "nbdkit"]) {
+        return;
+    }
+    let dir = common::temp_dir();
+    let image = dir.path().join("disk.img");
+    common::create_sparse_file(&image, 4 * MIB);
+    // Data at 192 KiB and 640 KiB, holes around them.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .expect("open image");
+        for (offset, length) in [(192 << 10, 128 << 10), (640 << 10, 64 << 10)] {
+            file.seek(SeekFrom::Start(offset)).expect("seek");
+            file.write_all(&common::random_bytes(offset, length))
+                .expect("write");
+        }
+    }
+    let image_spec = format!("disk=file:{}", image.display());
+    let server = Server::start(["--export", &image_spec, "--export", "ro=memory:1M,ro"]);
+    compare_scripting_forms("nbd-std serve, sparse file", &server.uri_for("disk"));
+    compare_scripting_forms("nbd-std serve, read-only memory", &server.uri_for("ro"));
+    let map = nbd_std_info(&["--map", &server.uri_for("disk")]).assert_success();
+    assert_eq!(map.stdout.lines().count(), 5, "{}", map.describe());
+
+    let nbdkit = Peer::nbdkit("64M", &[], &[]);
+    compare_scripting_forms("nbdkit memory", &nbdkit.uri());
+}

@@ -526,3 +526,67 @@ fn nbd_std_client_reconnects_over_tls() {
         client.disconnect().await.expect("disconnect");
     });
 }
+
+/// A 2432-bit RSA key, the size of the reference NBD test suite's
+/// (`tests/run/certs/server-key.pem` in NetworkBlockDevice/nbd): sizes
+/// that are not a multiple of 512 bits are refused by ring and must work
+/// here, as they do in nbdkit (GnuTLS) and nbd-server.
+#[test]
+fn rsa_key_of_2432_bits_serves_nbdinfo() {
+    if !have_tools(&["nbdinfo", "openssl"]) {
+        return;
+    }
+    let dir = temp_dir();
+    let root = dir.path();
+    run_ok(
+        tool("openssl")
+            .current_dir(root)
+            .args(["genrsa", "-out", "server-key.pem", "2432"]),
+        TIMEOUT,
+    );
+    run_ok(
+        tool("openssl").current_dir(root).args([
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            "server-key.pem",
+            "-out",
+            "server-cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ]),
+        TIMEOUT,
+    );
+    // Self-signed: libnbd trusts it as the CA of its directory.
+    std::fs::copy(root.join("server-cert.pem"), root.join("ca-cert.pem")).expect("copy");
+    let key_size = run_ok(
+        tool("openssl")
+            .current_dir(root)
+            .args(["rsa", "-in", "server-key.pem", "-noout", "-text"]),
+        TIMEOUT,
+    );
+    assert!(
+        key_size.stdout.contains("2432 bit"),
+        "{}",
+        key_size.describe()
+    );
+    let mut server = Server::start([
+        "--size",
+        "8M",
+        "--tls",
+        "require",
+        "--tls-cert",
+        &root.join("server-cert.pem").display().to_string(),
+        "--tls-key",
+        &root.join("server-key.pem").display().to_string(),
+    ]);
+    let json = nbdinfo_json(&[&nbds(&server, root)], TIMEOUT);
+    assert_eq!(json["TLS"], true, "{json:#}");
+    assert_eq!(json["exports"][0]["export-size"], 8 << 20, "{json:#}");
+    server.stop();
+}

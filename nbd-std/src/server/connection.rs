@@ -18,6 +18,7 @@ use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::storage::{Done, Job};
 use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
+use crate::metrics::{ConnectionMetrics, HandshakeFailure};
 
 /// Most bytes of client input buffered: room for several 1 MiB writes, so
 /// a burst of requests is handled in one pass.
@@ -59,6 +60,8 @@ pub(super) struct Settings {
     pub(super) idle_timeout: Option<std::time::Duration>,
     /// Who the client is for `writers=exclusive`: its IP address.
     pub(super) client: String,
+    /// `--metrics`: this connection's counters.
+    pub(super) metrics: Option<ConnectionMetrics>,
 }
 
 /// A writable connection to an exclusive export; given up when dropped.
@@ -129,6 +132,8 @@ pub(super) async fn run<S>(
     let mut driver = Driver::new(exports, config, budget, settings.client);
     driver.idle_timeout = settings.idle_timeout;
     driver.negotiated = Some(negotiated);
+    driver.metrics = settings.metrics;
+    let mut tls_failed = false;
     let first_pass = match driver.skip_greeting(&greeting) {
         Ok(()) => {
             driver
@@ -150,10 +155,13 @@ pub(super) async fn run<S>(
                         Err(error) => Err(error),
                     }
                 }
-                Err(error) => Err(io::Error::new(
-                    error.kind(),
-                    format!("TLS handshake failed: {}", crate::tls::tls_reason(&error)),
-                )),
+                Err(error) => {
+                    tls_failed = true;
+                    Err(io::Error::new(
+                        error.kind(),
+                        format!("TLS handshake failed: {}", crate::tls::tls_reason(&error)),
+                    ))
+                }
             },
             None => Err(io::Error::other(
                 "TLS requested but this server has no TLS configured",
@@ -161,6 +169,17 @@ pub(super) async fn run<S>(
         },
         Err(error) => Err(error),
     };
+    if let (Err(error), Some(metrics)) = (&outcome, &driver.metrics)
+        && !metrics.has_selected()
+    {
+        metrics.server().handshake_failed(if tls_failed {
+            HandshakeFailure::Tls
+        } else if error.kind() == io::ErrorKind::InvalidData {
+            HandshakeFailure::Protocol
+        } else {
+            HandshakeFailure::Io
+        });
+    }
     match outcome {
         Ok(()) => info!("client disconnected; requests served: {}", driver.requests),
         Err(error) => warn!(
@@ -288,6 +307,8 @@ struct Driver {
     start_tls: bool,
     /// Told when an export is selected (the handshake deadline stops).
     negotiated: Option<oneshot::Sender<()>>,
+    /// `--metrics`: this connection's counters.
+    metrics: Option<ConnectionMetrics>,
 }
 
 impl Driver {
@@ -318,6 +339,7 @@ impl Driver {
             closed: false,
             start_tls: false,
             negotiated: None,
+            metrics: None,
         }
     }
 
@@ -579,6 +601,9 @@ impl Driver {
                         });
                     }
                     self.backend = Some(Arc::clone(&served.backend));
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.selected(index);
+                    }
                     if let Some(negotiated) = self.negotiated.take() {
                         // The deadline task is gone only if it dropped us.
                         let _ = negotiated.send(());
@@ -586,6 +611,9 @@ impl Driver {
                 }
                 Event::Request(request) => {
                     self.requests += 1;
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.request(&request);
+                    }
                     self.request(request);
                 }
                 Event::WriteData {
@@ -714,6 +742,13 @@ impl Driver {
                     ReadOutcome::Error(error_code(&error))
                 }
             };
+            if let Some(metrics) = &mut self.metrics {
+                let error = match outcome {
+                    ReadOutcome::Error(code) => Some(code),
+                    _ => None,
+                };
+                metrics.answered(id, error);
+            }
             if let Err(error) = self.conn.complete_read(id, outcome) {
                 error!("completion refused by the protocol core: {error}");
             }
@@ -797,6 +832,9 @@ impl Driver {
                 .failed
                 .as_ref()
                 .map_or(nbd_core::wire::ErrorCode::Io, error_code);
+            if let Some(metrics) = &mut self.metrics {
+                metrics.answered(id, Some(error));
+            }
             if let Err(error) = self.conn.complete(id, Err(error)) {
                 error!("completion refused by the protocol core: {error}");
             }
@@ -869,6 +907,9 @@ impl Driver {
     fn apply(&mut self, done: Done) {
         if let Err(error) = done.result() {
             error!("storage error: {error}");
+        }
+        if let Some(metrics) = &mut self.metrics {
+            metrics.answered(done.id(), done.result().as_ref().err().map(error_code));
         }
         let code = |result: io::Result<()>| result.map_err(|e| error_code(&e));
         let outcome = match done {

@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::export::ExportSet;
+use crate::metrics::{HandshakeFailure, Limit, Metrics};
 use crate::tls::ServerTls;
 
 /// Connections the kernel queues for `accept` (capped by
@@ -114,6 +115,8 @@ pub struct Server {
     tls: Option<ServerTls>,
     limits: ServerLimits,
     budget: Arc<ServerBudget>,
+    /// `--metrics`: counters of connections and requests.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Server {
@@ -125,7 +128,15 @@ impl Server {
             tls: None,
             limits: ServerLimits::default(),
             budget: Arc::new(ServerBudget::new(ServerLimits::default().server_memory)),
+            metrics: None,
         }
+    }
+
+    /// The same server counting connections and requests in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The same server with other limits (maximum clients, handshake
@@ -189,6 +200,9 @@ impl Server {
                             // Closing at once: the client sees the connection
                             // end instead of waiting in the listen backlog.
                             refusals.refused(&client.peer, self.limits.max_clients);
+                            if let Some(metrics) = &self.metrics {
+                                metrics.refused(Limit::MaxClients);
+                            }
                             drop(client);
                             continue;
                         }
@@ -251,7 +265,9 @@ impl Server {
             connection_memory: self.limits.connection_memory,
             idle_timeout: self.limits.idle_timeout,
             client: client.address,
+            metrics: self.metrics.as_ref().map(Metrics::connection),
         };
+        let server_metrics = self.metrics.clone();
         match client.stream {
             Stream::Tcp(stream) => {
                 if let Err(error) = stream.set_nodelay(true) {
@@ -265,15 +281,19 @@ impl Server {
                 let connection = Box::pin(connection::run(
                     stream, exports, config, tls, shutdown, negotiated, settings,
                 ));
-                connections
-                    .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
+                connections.spawn(
+                    handshake_deadline(connection, selected, timeout, server_metrics)
+                        .instrument(span),
+                );
             }
             Stream::Unix(stream) => {
                 let connection = Box::pin(connection::run(
                     stream, exports, config, tls, shutdown, negotiated, settings,
                 ));
-                connections
-                    .spawn(handshake_deadline(connection, selected, timeout).instrument(span));
+                connections.spawn(
+                    handshake_deadline(connection, selected, timeout, server_metrics)
+                        .instrument(span),
+                );
             }
         }
     }
@@ -348,6 +368,7 @@ async fn handshake_deadline<F: Future<Output = ()>>(
     mut connection: Pin<Box<F>>,
     selected: oneshot::Receiver<()>,
     timeout: Option<Duration>,
+    metrics: Option<Arc<Metrics>>,
 ) {
     let Some(timeout) = timeout else {
         return connection.await;
@@ -357,7 +378,13 @@ async fn handshake_deadline<F: Future<Output = ()>>(
         () = &mut connection => {}
         reached = tokio::time::timeout(timeout, selected) => match reached {
             Ok(_) => connection.await,
-            Err(_) => info!("no export selected within {timeout:?}: connection dropped"),
+            Err(_) => {
+                info!("no export selected within {timeout:?}: connection dropped");
+                if let Some(metrics) = metrics {
+                    metrics.refused(Limit::HandshakeTimeout);
+                    metrics.handshake_failed(HandshakeFailure::Timeout);
+                }
+            }
         },
     }
 }

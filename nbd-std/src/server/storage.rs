@@ -173,6 +173,15 @@ impl Job {
 }
 
 impl Done {
+    pub(super) fn id(&self) -> RequestId {
+        match self {
+            Self::Read { id, .. }
+            | Self::Write { id, .. }
+            | Self::Other { id, .. }
+            | Self::BlockStatus { id, .. } => *id,
+        }
+    }
+
     pub(super) fn result(&self) -> &io::Result<()> {
         match self {
             Self::Read { result, .. }
