@@ -145,6 +145,9 @@ case ${1:-} in
         [[ -x $busybox ]] && "$busybox" --list | grep -x depmod >/dev/null \
             || die "busybox-static is missing (apt-get install busybox-static)"
         mkdir -p "$2"
+        # One build at a time (test processes may share DIR).
+        exec 9>"$2/.lock"
+        flock 9
         prepare_kernel "$2"
         prepare_initramfs "$2"
         ;;
