@@ -104,6 +104,11 @@ fn kernel_client_workflows() {
         return;
     }
     let Some(pki) = Pki::new() else { return };
+    let client_version = run_ok(tool("nbd-client").arg("--version"), TIMEOUT);
+    println!(
+        "guest client: {}",
+        format!("{}{}", client_version.stdout, client_version.stderr).trim()
+    );
     let dir = temp_dir();
     let images = ["disk", "multi", "bs4k", "tls"].map(|name| {
         let image = dir.path().join(format!("{name}.img"));

@@ -146,7 +146,7 @@ impl Guest {
             .arg(&kit.kernel)
             .arg("-initrd")
             .arg(initramfs)
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .args(["-append", "console=ttyS0 loglevel=2 panic=-1"])
             .args(devices)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
