@@ -84,8 +84,20 @@ copy_program() {
     done
 }
 
+# Whether DIR/initramfs.cpio.gz is newer than everything it is made of.
+initramfs_up_to_date() {
+    local dir=$1 out=$1/initramfs.cpio.gz source
+    [[ -s $out ]] || return 1
+    for source in "${BASH_SOURCE[0]}" "$here/guest/init" "$dir/version" "$busybox" \
+        "$(command -v nbd-client || echo /usr/sbin/nbd-client)" /usr/sbin/mke2fs; do
+        [[ $source -nt $out ]] && return 1
+    done
+    return 0
+}
+
 prepare_initramfs() {
     local dir=$1 version root
+    initramfs_up_to_date "$dir" && return
     version=$(cat "$dir/version")
     root=$dir/initramfs
     rm -rf "$root"

@@ -2,9 +2,10 @@
 # (QEMU's nbd:// drive) as the root filesystem and hands over to its
 # /sbin/init.
 modprobe virtio_blk
-for attempt in 1 2 3 4 5 6 7 8 9 10; do
-    [ -b /dev/vda ] && break
+attempt=0
+while [ ! -b /dev/vda ] && [ $attempt -lt 40 ]; do
     sleep 0.5
+    attempt=$((attempt + 1))
 done
 mkdir -p /newroot
 if mount -t ext4 -o ro /dev/vda /newroot; then

@@ -14,9 +14,10 @@ session() {
     start=$(now)
     nbd-client "$@" "$device" || return 1
     # Netlink connects return before the size is visible to the block layer.
-    for attempt in 1 2 3 4 5 6 7 8 9 10; do
-        [ "$(cat /sys/block/${device#/dev/}/size)" != 0 ] && break
+    attempt=0
+    while [ "$(cat /sys/block/${device#/dev/}/size)" = 0 ] && [ $attempt -lt 50 ]; do
         sleep 0.2
+        attempt=$((attempt + 1))
     done
     echo "nbd-step $name connected: $(cat /sys/block/${device#/dev/}/size) sectors, logical block $(cat /sys/block/${device#/dev/}/queue/logical_block_size)"
     mkfs.ext4 -q -F "$device" || return 2
