@@ -326,7 +326,7 @@ fn ext4_survives_server_restarts() {
     for files in [3, 6] {
         wait_for_files(files);
         server.stop();
-        server = Server::start_on_port(port, ["--export", &export]);
+        server = Server::start_at(port, ["--export", &export]);
         assert!(nbd_mount.try_exit().is_none(), "nbd-std mount ended");
     }
     wait_for_files(9);

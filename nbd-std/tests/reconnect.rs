@@ -25,7 +25,7 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(120);
 fn serve_file(file: &Path, port: Option<u16>) -> Server {
     let export = format!("d=file:{}", file.display());
     match port {
-        Some(port) => Server::start_on_port(port, ["--export", &export]),
+        Some(port) => Server::start_at(port, ["--export", &export]),
         None => Server::start(["--export", &export]),
     }
 }

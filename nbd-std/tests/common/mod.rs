@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod guest;
+pub mod pki;
+
 /// How long a server may take to accept connections after it starts.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a server may take to exit after SIGTERM.
@@ -112,6 +115,29 @@ impl Server {
         panic!("no free port after {START_ATTEMPTS} attempts; last failure: {last_error}");
     }
 
+    /// Starts `nbd-std serve --port PORT ARGS...` on the given port (a
+    /// restart where a stopped server listened) and waits until it accepts
+    /// connections.
+    pub fn start_at<I, S>(port: u16, args: I) -> Server
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let endpoint = Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        let mut full = vec![OsString::from("--port"), OsString::from(port.to_string())];
+        full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        let mut server = Server::spawn(&full, endpoint);
+        match server.wait_ready() {
+            Started::Ready => server,
+            Started::Exited(status) => {
+                panic!("server exited before accepting connections on port {port} ({status})")
+            }
+            Started::TimedOut => {
+                panic!("server did not accept connections within {START_TIMEOUT:?}")
+            }
+        }
+    }
+
     /// Starts `nbd-std serve --port P` with default settings.
     pub fn start_default() -> Server {
         Server::start::<_, &str>([])
@@ -127,29 +153,6 @@ impl Server {
         let mut full = vec![OsString::from("--unix"), path.as_os_str().to_owned()];
         full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         let mut server = Server::spawn(&full, Endpoint::Unix(path.to_owned()));
-        match server.wait_ready() {
-            Started::Ready => server,
-            Started::Exited(status) => {
-                panic!("server exited before accepting connections ({status})")
-            }
-            Started::TimedOut => {
-                panic!("server did not accept connections within {START_TIMEOUT:?}")
-            }
-        }
-    }
-
-    /// Starts `nbd-std serve --port PORT ARGS...` on a port chosen before
-    /// (a server restarted in place), and waits until it accepts
-    /// connections.
-    pub fn start_on_port<I, S>(port: u16, args: I) -> Server
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        let mut full = vec![OsString::from("--port"), OsString::from(port.to_string())];
-        full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
-        let endpoint = Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-        let mut server = Server::spawn(&full, endpoint);
         match server.wait_ready() {
             Started::Ready => server,
             Started::Exited(status) => {
