@@ -4,9 +4,10 @@
 // back to the repository) and run:
 //   npm-node-server  serves a file over node:net: nbdinfo, nbdcopy, qemu-io
 //   npm-parser       records a qemu-io session and prints its events
-//   npm-vite-page    bundled with Vite, run in Debian's chromium
-// Needs cargo, wasm-bindgen-cli, npm (registry access for vite), `npm ci`
-// in nbd-wasm (playwright-core), chromium, libnbd-bin and qemu-utils.
+//   npm-vite-page    type-checked (tsc), bundled with Vite, run in Debian's chromium
+// Needs cargo, wasm-bindgen-cli, npm (registry access for vite and
+// typescript), `npm ci` in nbd-wasm (playwright-core), chromium,
+// libnbd-bin and qemu-utils.
 // Run: node --test nbd-wasm/tests/package/
 import { before, after, test } from "node:test";
 import assert from "node:assert/strict";
@@ -178,7 +179,7 @@ test("npm-parser: a qemu-io session recorded in front of the node server, then p
   assert.match(sample.stdout, /^end: disconnect$/m);
 });
 
-test("npm-vite-page: bundled by Vite, runs the core in headless chromium", async (t) => {
+test("npm-vite-page: type-checked against the package's types, bundled by Vite, runs the core in headless chromium", async (t) => {
   if (!ready(t, [CHROMIUM])) return;
   try {
     await import("playwright-core");
@@ -188,6 +189,7 @@ test("npm-vite-page: bundled by Vite, runs the core in headless chromium", async
   }
   const defer = cleanups(t);
   const dir = await installExample(defer, "npm-vite-page");
+  // `npm run build` is `tsc && vite build`: main.ts must type-check against the package's .d.ts.
   const built = await runOk("npm", ["run", "build"], { timeoutMs: COMMAND_TIMEOUT_MS, cwd: dir });
   show(t, built.stdout);
   const assets = await readdir(join(dir, "dist", "assets"));
