@@ -6,6 +6,9 @@
 //
 //   node parse.mjs SESSION [--json]
 //
+// Exit status 0, 1 when the bytes break the protocol (the error is the
+// last line), 2 when SESSION cannot be read.
+//
 // SESSION holds the bytes one client sent, from its first (record.mjs
 // writes such files). The parser's server accepts every option and any
 // offset, so it follows sessions whose server accepted what the client
@@ -23,7 +26,13 @@ if (positionals.length !== 1) {
   console.error("usage: node parse.mjs SESSION [--json]");
   process.exit(2);
 }
-const session = new Uint8Array(await readFile(positionals[0]));
+let session;
+try {
+  session = new Uint8Array(await readFile(positionals[0]));
+} catch (error) {
+  console.error(`cannot read ${positionals[0]}: ${error.message}`);
+  process.exit(2);
+}
 
 /** The largest export size a JavaScript number holds exactly, a multiple of 4096: any request in the session fits. */
 const ANY_SIZE = Math.floor(Number.MAX_SAFE_INTEGER / 4096) * 4096;
@@ -49,16 +58,19 @@ for (const option of negotiation) print({ type: "option", ...option });
 
 const server = new NbdServer([{ name: exportName, size: ANY_SIZE, capabilities: EVERYTHING }], {});
 server.takeOutput();
+let ending = null; // the close or error event, once seen
 let events = server.push(session);
 while (events.length) {
   for (const event of events) {
     print(event);
     answer(event);
+    if (event.type === "close" || event.type === "error") ending = event;
   }
   server.takeOutput();
   events = server.poll();
 }
-if (server.bufferedInput) print({ type: "unparsed", bytes: server.bufferedInput });
+if (!ending) print({ type: "cut", bytes: server.bufferedInput });
+process.exitCode = ending?.type === "error" ? 1 : 0;
 
 /** Completes a request at once, so the core goes on to the next one. */
 function answer(event) {
@@ -125,8 +137,8 @@ function describe(event) {
       return `end: ${event.reason}`;
     case "error":
       return `protocol error: ${event.message}`;
-    case "unparsed":
-      return `${event.bytes} bytes left unparsed (a request cut short?)`;
+    case "cut":
+      return `the session ends before the client disconnected${event.bytes ? ` (${event.bytes} bytes of an unfinished message)` : ""}`;
     default:
       return JSON.stringify(event);
   }

@@ -13,11 +13,11 @@ import { before, after, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { cp, mkdtemp, open, readFile, readdir, realpath, rm, writeFile } from "node:fs/promises";
+import { cp, mkdtemp, readFile, readdir, realpath, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
-  CHROMIUM, COMMAND_TIMEOUT_MS, Child, PACKAGE_ROOT, REPO_ROOT, cleanups, freePort, launchBrowser, runOk, sha256,
+  CHROMIUM, COMMAND_TIMEOUT_MS, Child, PACKAGE_ROOT, REPO_ROOT, cleanups, freePort, launchBrowser, run, runOk, sha256,
   skipOrFail, staticServer,
 } from "../browser/harness.mjs";
 
@@ -50,7 +50,7 @@ before(async () => {
   const packed = await runOk("npm", ["pack", "--json", "--pack-destination", packaging.dir], {
     timeoutMs: NPM_TIMEOUT_MS, cwd: PACKAGE_ROOT,
   });
-  const [{ filename, files }] = JSON.parse(packed.stdout.slice(packed.stdout.indexOf("[")));
+  const [{ filename, files }] = JSON.parse(packed.stdout.slice(packed.stdout.search(/^\[/m)));
   packaging.tarball = join(packaging.dir, filename);
   packaging.files = files.map((file) => file.path);
 });
@@ -172,6 +172,13 @@ test("npm-parser: a qemu-io session recorded in front of the node server, then p
   const events = json.stdout.trim().split("\n").map((line) => JSON.parse(line));
   const data = events.filter((event) => event.type === "writeData").flatMap((event) => event.data);
   assert.deepEqual(data, Array(1024).fill(0x5a));
+
+  // Bytes that are not NBD: the protocol error is the last line, exit status 1.
+  const garbage = join(dir, "garbage.bin");
+  await writeFile(garbage, Buffer.from("GET / HTTP/1.1\r\nHost: example\r\n\r\n"));
+  const refused = await run(process.execPath, ["parse.mjs", garbage], { cwd: dir });
+  assert.equal(refused.code, 1, refused.stdout + refused.stderr);
+  assert.match(refused.stdout.trim().split("\n").at(-1), /^protocol error: /);
 
   // The session shipped with the example (npm start).
   const sample = await runOk("npm", ["start", "--silent"], { cwd: dir });
