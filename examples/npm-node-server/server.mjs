@@ -125,9 +125,6 @@ function serveClient(socket) {
       case "cache":
         finish(event.id, Promise.resolve());
         break;
-      case "blockStatus":
-        finish(event.id, Promise.resolve(), () => server.completeBlockStatus(event.id, [{ length: event.length, status: 0 }]));
-        break;
       case "resize":
         server.complete(event.id, "ENOTSUP");
         break;
