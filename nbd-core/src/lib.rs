@@ -16,6 +16,18 @@
 //! bulk payload is ever copied: write payloads are handed out as slices of
 //! the caller's input, read payloads are sent by the shell after the core's
 //! header.
+//!
+//! # Features
+//!
+//! None is on by default; with none the crate builds for any target with
+//! `core`.
+//!
+//! - `alloc`: catalogs over `Vec` and owned export descriptions.
+//! - `std`: `std::error::Error` for the error types; implies `alloc`.
+//! - `log`: logs through the `log` facade (std shells forward it to
+//!   `tracing`).
+//! - `defmt`: logs through `defmt` (microcontrollers). `defmt` and `log`
+//!   exclude each other: enabling both is a compile error.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

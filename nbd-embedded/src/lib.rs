@@ -56,6 +56,11 @@
 //!
 //! It builds for `thumbv6m-none-eabi` and `thumbv7em-none-eabihf`, with and
 //! without `defmt`.
+//!
+//! # Features
+//!
+//! - `defmt` (off by default): logs through `defmt`, and turns on the
+//!   `defmt` features of `nbd-core`, `embedded-sdmmc` and `smoltcp`.
 #![no_std]
 #![forbid(unsafe_code)]
 

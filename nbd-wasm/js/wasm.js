@@ -15,7 +15,10 @@ export function load(source) {
   loading ??= (async () => {
     let input = source;
     if (input === undefined && typeof process === "object" && process.versions?.node) {
-      const { readFile } = await import("node:fs/promises");
+      // A specifier in a variable, so bundlers do not try to resolve a Node
+      // module for the browser (this branch never runs there).
+      const nodeFs = "node:fs/promises";
+      const { readFile } = await import(/* @vite-ignore */ /* webpackIgnore: true */ nodeFs);
       input = await readFile(new URL("../pkg/web/nbd_wasm_bg.wasm", import.meta.url));
     }
     await init(input === undefined ? undefined : { module_or_path: input });

@@ -127,11 +127,11 @@ export class Child {
   }
 }
 
-/** Runs a command to its end (bounded); resolves to {code, stdout, stderr, ms}. */
-export function run(command, args, { timeoutMs = COMMAND_TIMEOUT_MS, input } = {}) {
+/** Runs a command to its end (bounded; in directory `cwd` if given); resolves to {code, stdout, stderr, ms}. */
+export function run(command, args, { timeoutMs = COMMAND_TIMEOUT_MS, input, cwd } = {}) {
   return new Promise((resolve, reject) => {
     const started = performance.now();
-    const child = spawn(command, args, { stdio: [input === undefined ? "ignore" : "pipe", "pipe", "pipe"] });
+    const child = spawn(command, args, { cwd, stdio: [input === undefined ? "ignore" : "pipe", "pipe", "pipe"] });
     let stdout = "";
     let stderr = "";
     child.stdout.setEncoding("utf8").on("data", (d) => (stdout += d));
