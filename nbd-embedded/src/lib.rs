@@ -11,6 +11,9 @@
 //!   32 MiB, and `FLUSH`, `FUA`, `WRITE_ZEROES` (not fast), `CACHE`.
 //! - [`io::serve`]: a blocking loop over an `embedded-io` stream (a TCP
 //!   socket of a W5500-style chip, a serial link), one client per call.
+//! - `io_async::serve` (feature `async`): the same loop over an
+//!   `embedded-io-async` stream, for async executors: an `embassy-net`
+//!   `TcpSocket` on Embassy (`examples/embassy_tap.rs`).
 //! - [`net::TcpServer`]: a non-blocking shell over a smoltcp TCP socket,
 //!   one client at a time, re-listening after each, driven by
 //!   [`TcpServer::poll`](net::TcpServer::poll) from the application's loop.
@@ -63,6 +66,8 @@
 mod log;
 mod driver;
 pub mod io;
+#[cfg(feature = "async")]
+pub mod io_async;
 pub mod net;
 pub mod storage;
 
