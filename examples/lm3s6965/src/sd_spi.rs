@@ -71,7 +71,6 @@ const GPIO_D_DEN: Reg = unsafe { Reg::at(GPIO_D + 0x51C) };
 /// Port D data, masked to pin 0 (address bits 9:2 select the pins written).
 const GPIO_D_PIN0: Reg = unsafe { Reg::at(GPIO_D + (1 << 2)) };
 
-const SR_RNE: u32 = 1 << 2;
 const SR_BSY: u32 = 1 << 4;
 const CR1_SSE: u32 = 1 << 1;
 /// Freescale SPI frames, mode 0 (SPO = SPH = 0), 8-bit data.
@@ -267,22 +266,27 @@ impl SdSpi {
         }
     }
 
-    /// Clocks `bytes` through the FIFOs, keeping up to [`FIFO_DEPTH`]
-    /// bytes in flight: with at most 8 sent and not yet read back, neither
-    /// FIFO can overflow, so the transmit side needs no status check.
+    /// Clocks `bytes` through the FIFOs in batches of [`FIFO_DEPTH`]: a
+    /// batch is written, the controller is awaited once (idle: every byte
+    /// shifted out and its answer in the receive FIFO), and the answers
+    /// are read without a status check each. With at most 8 in flight
+    /// neither FIFO can overflow. One status poll per 8 bytes instead of
+    /// one per byte: register accesses are what costs (in QEMU each is a
+    /// trip out of the emulated CPU), and the bus pauses only for the 16
+    /// FIFO accesses between batches.
     fn exchange(&mut self, bytes: &mut Bytes<'_>) -> Result<(), SpiError> {
         let len = bytes.len();
-        let (mut sent, mut received) = (0, 0);
-        while received < len {
-            while sent < len && sent - received < FIFO_DEPTH {
-                SSI_DR.write(u32::from(bytes.out(sent)));
-                sent += 1;
+        let mut done = 0;
+        while done < len {
+            let batch = done..(done + FIFO_DEPTH).min(len);
+            for i in batch.clone() {
+                SSI_DR.write(u32::from(bytes.out(i)));
             }
-            if !(0..STALL_POLLS).any(|_| SSI_SR.read() & SR_RNE != 0) {
-                return Err(SpiError::Stalled);
+            self.wait_idle()?;
+            for i in batch.clone() {
+                bytes.put(i, SSI_DR.read() as u8);
             }
-            bytes.put(received, SSI_DR.read() as u8);
-            received += 1;
+            done = batch.end;
         }
         Ok(())
     }
