@@ -79,7 +79,7 @@ pub enum SessionEnd {
 /// connection state (`Connection<C, REQUESTS, BUFFER>`) is made for each
 /// client in place. Memory is the struct itself, see the crate docs.
 #[derive(Debug)]
-pub struct TcpServer<C, D, const REQUESTS: usize = 16, const BUFFER: usize = 320> {
+pub struct TcpServer<C, D: BlockDevice, const REQUESTS: usize = 16, const BUFFER: usize = 320> {
     handle: SocketHandle,
     /// A second socket on the same port (see [`TcpServer::with_standby`]).
     standby: Option<SocketHandle>,

@@ -36,6 +36,7 @@ use nbd_core::export::Export;
 use nbd_core::server::Config;
 use nbd_embedded::BlockStorage;
 use nbd_embedded::net::TcpServer;
+use nbd_embedded::storage::EraseBlocks;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet, SocketStorage};
 use smoltcp::socket::tcp;
 use smoltcp::time::Duration;
@@ -201,7 +202,12 @@ fn open_card(clock: time::Clock, core_hz: u32) -> BlockStorage<Card> {
                     defmt::info!("emulator quirk: CSD unreadable (CMD9), size found by reading");
                 }
                 defmt::info!("SD card: {}, SPI at {=u32} Hz", card.card_type(), hz);
-                match BlockStorage::new(card) {
+                if !card.can_erase_blocks() {
+                    defmt::info!(
+                        "TRIM not offered: the CSD does not say the card erases single blocks"
+                    );
+                }
+                match BlockStorage::with_erase(card) {
                     Ok(storage) => return storage,
                     Err(error) => defmt::error!("SD card size: {}", error),
                 }
