@@ -26,13 +26,10 @@
 //! interface allows (`net::poll_all`'s delay): no busy spinning.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
 use nbd_core::export::Export;
 use nbd_core::server::Config;
 use nbd_embedded::BlockStorage;
@@ -43,6 +40,10 @@ use smoltcp::phy::{self, Medium, TunTapInterface};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, IpCidr};
+
+#[path = "common/file_card.rs"]
+mod file_card;
+use file_card::{CardError, FileCard};
 
 const USAGE: &str = "usage: tap_sim --tap TAPNAME --ip ADDR/PREFIX --file CARD.img [--port PORT] \
                      [--mac XX:XX:XX:XX:XX:XX] [--rx-buffer BYTES] [--tx-buffer BYTES] \
@@ -87,98 +88,6 @@ impl fmt::Display for SimError {
 }
 
 impl std::error::Error for SimError {}
-
-/// What the file-backed card reports through `BlockDevice`.
-#[derive(Debug)]
-enum CardError {
-    /// Reading, writing or syncing the file failed.
-    Io(std::io::Error),
-    /// The file's size is not a whole number of 512-byte blocks.
-    NotWholeBlocks(u64),
-    /// The file has more blocks than a `u32` block index reaches.
-    TooLarge(u64),
-    /// A block index past the end of the card.
-    OutOfRange(u32),
-}
-
-impl fmt::Display for CardError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Io(error) => write!(f, "{error}"),
-            Self::NotWholeBlocks(size) => {
-                write!(f, "size {size} is not a multiple of {} bytes", Block::LEN)
-            }
-            Self::TooLarge(size) => write!(f, "size {size} is too large for 32-bit block indices"),
-            Self::OutOfRange(block) => write!(f, "block {block} is past the end of the card"),
-        }
-    }
-}
-
-impl std::error::Error for CardError {}
-
-/// A card made of a file: block `n` is bytes `512 n .. 512 (n + 1)`.
-#[derive(Debug)]
-struct FileCard {
-    file: File,
-    blocks: u32,
-}
-
-impl FileCard {
-    fn open(path: &PathBuf) -> Result<Self, CardError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(CardError::Io)?;
-        let size = file.metadata().map_err(CardError::Io)?.len();
-        if size % Block::LEN_U32 as u64 != 0 {
-            return Err(CardError::NotWholeBlocks(size));
-        }
-        let blocks =
-            u32::try_from(size / Block::LEN_U32 as u64).map_err(|_| CardError::TooLarge(size))?;
-        Ok(Self { file, blocks })
-    }
-
-    /// The byte offset of block `start + i`, checked against the card's end.
-    fn offset(&self, start: BlockIdx, i: usize) -> Result<u64, CardError> {
-        let block = u32::try_from(i)
-            .ok()
-            .and_then(|i| start.0.checked_add(i))
-            .filter(|&b| b < self.blocks)
-            .ok_or(CardError::OutOfRange(start.0))?;
-        Ok(u64::from(block) * Block::LEN_U32 as u64)
-    }
-}
-
-impl BlockDevice for FileCard {
-    type Error = CardError;
-
-    fn read(&self, blocks: &mut [Block], start: BlockIdx) -> Result<(), CardError> {
-        for (i, block) in blocks.iter_mut().enumerate() {
-            let offset = self.offset(start, i)?;
-            self.file
-                .read_exact_at(&mut block.contents, offset)
-                .map_err(CardError::Io)?;
-        }
-        Ok(())
-    }
-
-    /// Returns once the blocks are on disk: a card's write is complete when
-    /// the card answers, and `BlockStorage` relies on that for FLUSH.
-    fn write(&self, blocks: &[Block], start: BlockIdx) -> Result<(), CardError> {
-        for (i, block) in blocks.iter().enumerate() {
-            let offset = self.offset(start, i)?;
-            self.file
-                .write_all_at(&block.contents, offset)
-                .map_err(CardError::Io)?;
-        }
-        self.file.sync_data().map_err(CardError::Io)
-    }
-
-    fn num_blocks(&self) -> Result<BlockCount, CardError> {
-        Ok(BlockCount(self.blocks))
-    }
-}
 
 /// The parsed command line.
 #[derive(Debug)]

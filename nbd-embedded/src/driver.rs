@@ -182,7 +182,20 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
                 };
                 self.conn.complete(id, result)?;
             }
-            Request::Trim { id, .. } | Request::Cache { id, .. } => {
+            Request::Trim {
+                id, offset, length, ..
+            } => {
+                let result = if outside(offset, length) {
+                    Err(ErrorCode::NoSpace)
+                } else {
+                    io(storage.trim(offset, length))
+                };
+                if result.is_err() {
+                    storage.invalidate();
+                }
+                self.conn.complete(id, result)?;
+            }
+            Request::Cache { id, .. } => {
                 self.conn.complete(id, Ok(()))?;
             }
             Request::BlockStatus { id, length, .. } => {

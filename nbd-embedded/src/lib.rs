@@ -8,9 +8,14 @@
 //!   ([`ReadOutcome::Streamed`](nbd_core::server::ReadOutcome::Streamed)),
 //!   so a 32 MiB request needs no more RAM than one block. Exports made by
 //!   [`BlockStorage::export`] advertise minimum 1, preferred 512, maximum
-//!   32 MiB, and `FLUSH`, `FUA`, `WRITE_ZEROES` (not fast), `CACHE`.
+//!   32 MiB, and `FLUSH`, `FUA`, `WRITE_ZEROES` (not fast), `CACHE`, and `TRIM` when
+//!   made by [`BlockStorage::with_erase`] over a device that erases blocks
+//!   ([`storage::EraseBlocks`]).
 //! - [`io::serve`]: a blocking loop over an `embedded-io` stream (a TCP
 //!   socket of a W5500-style chip, a serial link), one client per call.
+//! - `io_async::serve` (feature `async`): the same loop over an
+//!   `embedded-io-async` stream, for async executors: an `embassy-net`
+//!   `TcpSocket` on Embassy (`examples/embassy_tap.rs`).
 //! - [`net::TcpServer`]: a non-blocking shell over a smoltcp TCP socket,
 //!   one client at a time, re-listening after each, driven by
 //!   [`TcpServer::poll`](net::TcpServer::poll) from the application's loop.
@@ -36,10 +41,10 @@
 //!
 //! | what | bytes |
 //! |---|---|
-//! | `BlockStorage<D>` (scratch block + state, plus `D`) | 528 |
+//! | `BlockStorage<D>` (scratch block + state, plus `D`) | 532 |
 //! | `SmallConnection<&[Export]>` (the core, per client) | 1,696 |
-//! | `net::TcpServer<&[Export], D>` (all of the above and the shell) | 2,328 |
-//! | each further client: `TcpServer<&[Export], SharedCard<D>>` | 2,328 |
+//! | `net::TcpServer<&[Export], D>` (all of the above and the shell) | 2,344 |
+//! | each further client: `TcpServer<&[Export], SharedCard<D>>` | 2,344 |
 //! | and its smoltcp `SocketStorage` slot | 336 |
 //!
 //! plus the socket buffers the application gives smoltcp (the send buffer
@@ -47,7 +52,7 @@
 //! longest export name and description), or for [`io::serve`] the
 //! `BlockStorage`, the input buffer the caller passes, and about 1.7 KB of
 //! stack for the connection. Each further client also needs its own socket
-//! buffers. On a 64-bit host the figures are 528, 1,768, 2,416 and 2,424
+//! buffers. On a 64-bit host the figures are 536, 1,768, 2,448 and 2,456
 //! (printed by `cargo test -p nbd-embedded --test state_size --
 //! --nocapture`).
 //!
@@ -68,6 +73,8 @@
 mod log;
 mod driver;
 pub mod io;
+#[cfg(feature = "async")]
+pub mod io_async;
 pub mod net;
 pub mod storage;
 

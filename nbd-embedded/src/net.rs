@@ -1,6 +1,8 @@
 //! A non-blocking shell over a [smoltcp] TCP socket: one client at a time
 //! on one listening socket, re-listening after each client, driven from the
-//! application's poll loop.
+//! application's poll loop. With a second socket
+//! ([`TcpServer::with_standby`]) a client arriving while the first is busy
+//! or closing is accepted and served next instead of refused.
 //!
 //! # Several clients
 //!
@@ -77,8 +79,12 @@ pub enum SessionEnd {
 /// connection state (`Connection<C, REQUESTS, BUFFER>`) is made for each
 /// client in place. Memory is the struct itself, see the crate docs.
 #[derive(Debug)]
-pub struct TcpServer<C, D, const REQUESTS: usize = 16, const BUFFER: usize = 320> {
+pub struct TcpServer<C, D: BlockDevice, const REQUESTS: usize = 16, const BUFFER: usize = 320> {
     handle: SocketHandle,
+    /// A second socket on the same port (see [`TcpServer::with_standby`]).
+    standby: Option<SocketHandle>,
+    /// The socket of the current session: `handle` or `standby`.
+    serving: SocketHandle,
     port: u16,
     config: Config,
     catalog: C,
@@ -114,6 +120,8 @@ where
             .unwrap_or(0);
         Self {
             handle,
+            standby: None,
+            serving: handle,
             port,
             config,
             catalog,
@@ -123,6 +131,20 @@ where
             reserve: 64 + BUFFER + strings,
             last_end: None,
         }
+    }
+
+    /// Adds a second socket (`standby`, in the same socket set) that
+    /// listens on the same port whenever it is free. Without it, a client
+    /// arriving while the one socket is busy, or closing after a session
+    /// (until the last FIN is acknowledged: a round trip or a few
+    /// retransmissions), is refused with a reset. With it, that client is
+    /// accepted, waits for its greeting until the current session ends,
+    /// and is then served on the standby socket. The standby may have
+    /// smaller buffers than the main socket (its send buffer too must hold
+    /// the largest message header); sessions on it are then slower.
+    pub fn with_standby(mut self, standby: SocketHandle) -> Self {
+        self.standby = Some(standby);
+        self
     }
 
     /// The storage.
@@ -156,30 +178,49 @@ where
         poll_all(core::slice::from_mut(self), now, iface, device, sockets)
     }
 
-    /// The socket this server serves.
+    /// The main socket this server serves (see also
+    /// [`TcpServer::with_standby`]).
     pub fn handle(&self) -> SocketHandle {
         self.handle
     }
 
-    /// Serves the socket without touching the interface (for applications
+    /// Serves the sockets without touching the interface (for applications
     /// that poll the interface themselves). Returns whether work is left
     /// that could go on at once.
-    pub fn service(&mut self, socket: &mut tcp::Socket<'_>) -> bool {
-        if !socket.is_open() {
-            if let Some(_session) = self.session.take() {
-                self.end(SessionEnd::Dropped);
-            }
+    ///
+    /// Every socket not in a session listens again as soon as it is closed.
+    /// A connection is served once established, also when the client
+    /// already closed its side (it may have sent requests before its FIN,
+    /// and the socket must be closed by us to listen again): a socket left
+    /// in CLOSE-WAIT without a session would hold the port forever.
+    pub fn service(&mut self, sockets: &mut SocketSet<'_>) -> bool {
+        let serving = sockets.get_mut::<tcp::Socket>(self.serving);
+        if self.session.is_some() && !serving.is_open() {
+            self.session = None;
             self.closing = None;
-            if socket.listen(self.port).is_ok() {
+            self.end(SessionEnd::Dropped);
+        }
+        for handle in [Some(self.handle), self.standby].into_iter().flatten() {
+            let socket = sockets.get_mut::<tcp::Socket>(handle);
+            if !socket.is_open() && socket.listen(self.port).is_ok() {
                 info!("listening on port {}", self.port);
             }
-            return false;
         }
         if self.session.is_none() {
-            if socket.state() != State::Established || self.closing.is_some() {
+            let Some(handle) = [Some(self.handle), self.standby]
+                .into_iter()
+                .flatten()
+                .find(|&handle| {
+                    matches!(
+                        sockets.get_mut::<tcp::Socket>(handle).state(),
+                        State::Established | State::CloseWait
+                    )
+                })
+            else {
                 return false;
-            }
+            };
             info!("client connected");
+            self.serving = handle;
             // Whatever a dropped client left in the scratch block is stale.
             self.storage.invalidate();
             self.session = Some(Driver::new(Connection::new(
@@ -187,12 +228,14 @@ where
                 self.config,
             )));
         }
+        let socket = sockets.get_mut::<tcp::Socket>(self.serving);
         match self.run(socket) {
             Ok(more) => more,
             Err(error) => {
                 warn!("session failed: {:?}", error);
                 socket.abort();
                 self.session = None;
+                self.closing = None;
                 self.end(SessionEnd::Failed(error));
                 false
             }
@@ -214,6 +257,7 @@ where
                     // Everything was handed to the socket: FIN after it.
                     socket.close();
                     self.session = None;
+                    self.closing = None;
                     self.end(SessionEnd::Closed(reason));
                     return Ok(false);
                 }
@@ -273,7 +317,7 @@ where
     iface.poll(now, device, sockets);
     let mut more = false;
     for server in servers.iter_mut() {
-        more |= server.service(sockets.get_mut::<tcp::Socket>(server.handle));
+        more |= server.service(sockets);
     }
     // This second poll also takes in frames that came meanwhile (the last
     // ACK of a handshake, a request) that `service` has not seen: sleeping

@@ -14,6 +14,13 @@
 //! answered. So a write is as durable as the card makes it when its reply
 //! goes out; `NBD_CMD_FLUSH` and `NBD_CMD_FLAG_FUA` cost nothing more than
 //! writing back a partial block (there never is one between requests).
+//!
+//! TRIM: a device that can erase single blocks ([`EraseBlocks`], an SD
+//! card's CMD32/CMD33/CMD38) wrapped with [`BlockStorage::with_erase`] gets
+//! `NBD_CMD_TRIM` advertised and mapped to erasing the whole blocks inside
+//! the range (the partial blocks at its edges are left alone: TRIM is
+//! advisory). Write-zeroes never uses erase: what erased blocks read as is
+//! the card's choice, so zeroes are written.
 
 use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
 use nbd_core::export::{Capabilities, Export};
@@ -51,10 +58,29 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 
 const ZEROES: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
 
+/// A block device that can erase blocks: on an SD card,
+/// ERASE_WR_BLK_START (CMD32), ERASE_WR_BLK_END (CMD33) and ERASE (CMD38).
+/// What erased blocks read as afterwards is the device's choice (an SD
+/// card's CSD says zeroes or ones), which is all `NBD_CMD_TRIM` asks.
+pub trait EraseBlocks: BlockDevice {
+    /// Whether erasing works block by block on this device. An SD card
+    /// whose CSD says `ERASE_BLK_EN = 0` erases whole sectors (many blocks)
+    /// and must answer `false`, or a TRIM would erase data around it.
+    fn can_erase_blocks(&self) -> bool;
+
+    /// Erases the `count` blocks from `start`.
+    fn erase_blocks(&self, start: BlockIdx, count: u32) -> Result<(), Self::Error>;
+}
+
+/// How [`BlockStorage`] erases, when its device can.
+type EraseFn<D> = fn(&D, BlockIdx, u32) -> Result<(), <D as BlockDevice>::Error>;
+
 /// An export over a block device, with one scratch block of RAM.
 #[derive(Debug)]
-pub struct BlockStorage<D> {
+pub struct BlockStorage<D: BlockDevice> {
     device: D,
+    /// Set by [`BlockStorage::with_erase`] when the device can erase.
+    erase: Option<EraseFn<D>>,
     blocks: u32,
     scratch: Block,
     /// Which block the scratch holds, if any.
@@ -69,11 +95,32 @@ impl<D: BlockDevice> BlockStorage<D> {
         let BlockCount(blocks) = device.num_blocks()?;
         Ok(Self {
             device,
+            erase: None,
             blocks,
             scratch: Block::new(),
             cached: None,
             dirty: false,
         })
+    }
+
+    /// Wraps `device` as [`BlockStorage::new`] does, and serves TRIM by
+    /// erasing if the device says it can ([`EraseBlocks::can_erase_blocks`],
+    /// asked once, here).
+    pub fn with_erase(device: D) -> Result<Self, D::Error>
+    where
+        D: EraseBlocks,
+    {
+        let can_erase = device.can_erase_blocks();
+        let mut storage = Self::new(device)?;
+        if can_erase {
+            storage.erase = Some(<D as EraseBlocks>::erase_blocks);
+        }
+        Ok(storage)
+    }
+
+    /// Whether TRIM is served (by erasing blocks).
+    pub fn can_trim(&self) -> bool {
+        self.erase.is_some()
     }
 
     /// Size of the device in bytes.
@@ -97,7 +144,10 @@ impl<D: BlockDevice> BlockStorage<D> {
     pub fn export<'a>(&self, name: &'a str) -> Export<'a> {
         Export::new(name, self.size())
             .with_block_sizes(BLOCK_SIZES)
-            .with_capabilities(CAPABILITIES)
+            .with_capabilities(Capabilities {
+                trim: self.can_trim(),
+                ..CAPABILITIES
+            })
     }
 
     /// Forgets the scratch contents (after an error, the block's state on
@@ -206,6 +256,38 @@ impl<D: BlockDevice> BlockStorage<D> {
         self.write_back()
     }
 
+    /// Erases the whole blocks inside `offset..offset + length` (the range
+    /// must lie within the device); nothing when TRIM is not served or the
+    /// range holds no whole block.
+    pub fn trim(&mut self, offset: u64, length: u64) -> Result<(), D::Error> {
+        let Some(erase) = self.erase else {
+            return Ok(());
+        };
+        let block = BLOCK_SIZE as u64;
+        let first = offset.div_ceil(block);
+        let end = offset.saturating_add(length) / block;
+        let (Ok(start), Ok(count)) = (
+            u32::try_from(first),
+            u32::try_from(end.saturating_sub(first)),
+        ) else {
+            return Ok(());
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        // Unwritten bytes are never left between requests, but a partial
+        // block of this range may be; and the scratch must not keep a copy
+        // of an erased block.
+        self.write_back()?;
+        if self
+            .cached
+            .is_some_and(|b| (start..start + count).contains(&b))
+        {
+            self.cached = None;
+        }
+        erase(&self.device, BlockIdx(start), count)
+    }
+
     /// Makes every write so far durable: writes back a partial block, if
     /// any. `BlockDevice` writes are synchronous, so nothing else is
     /// pending.
@@ -285,5 +367,15 @@ impl<D: BlockDevice> BlockDevice for SharedCard<'_, D> {
 
     fn num_blocks(&self) -> Result<BlockCount, D::Error> {
         self.0.num_blocks()
+    }
+}
+
+impl<D: EraseBlocks> EraseBlocks for SharedCard<'_, D> {
+    fn can_erase_blocks(&self) -> bool {
+        self.0.can_erase_blocks()
+    }
+
+    fn erase_blocks(&self, start: BlockIdx, count: u32) -> Result<(), D::Error> {
+        self.0.erase_blocks(start, count)
     }
 }

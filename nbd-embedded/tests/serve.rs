@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use common::{MemCard, pattern_byte, spawn_server};
 use nbd_core::server::CloseReason;
-use wire::{CMD_FLUSH, CMD_WRITE_ZEROES, Client, FLAG_FUA};
+use wire::{CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, Client, FLAG_FUA, FLAG_SEND_TRIM};
 
 const BLOCKS: usize = 16 * 1024; // 8 MiB
 
@@ -203,4 +203,57 @@ fn client_gone_mid_write_leaves_the_card_alone() {
     let mut model = expected(0, 4096);
     model[1000..1536].fill(0xee);
     assert!(card.bytes(0, 4096) == model, "card contents");
+}
+
+#[test]
+fn trim_erases_whole_blocks_only_on_a_card_that_can() {
+    // A card that cannot erase: TRIM is not advertised.
+    let card = MemCard::new(BLOCKS);
+    let (port, server) = spawn_server(card.clone(), 512, 1);
+    let client = Client::connect(port, false);
+    assert_eq!(
+        client.flags & FLAG_SEND_TRIM,
+        0,
+        "flags {:#x}",
+        client.flags
+    );
+    client.disconnect();
+    server.join().unwrap();
+
+    let card = MemCard::new(BLOCKS);
+    card.erasable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (port, server) = spawn_server(card.clone(), 512, 1);
+    let mut client = Client::connect(port, false);
+    assert_ne!(
+        client.flags & FLAG_SEND_TRIM,
+        0,
+        "flags {:#x}",
+        client.flags
+    );
+    // Bytes 1000..4000: blocks 2 to 6 are inside, 1 and 7 only in part.
+    let before = card.bytes(0, 8192);
+    // Block 3 passes through the scratch block first.
+    assert_eq!(client.read(1536, 512).data, before[1536..2048]);
+    assert_eq!(client.command(CMD_TRIM, 1000, 3000), 0);
+    assert_eq!(*card.erases.lock().unwrap(), [(2, 5)]);
+    let mut model = before;
+    model[1024..3584].fill(0xFF);
+    assert_eq!(card.bytes(0, 8192), model, "only whole blocks erased");
+    // Inside one block: nothing to erase, still a success.
+    assert_eq!(client.command(CMD_TRIM, 5000, 100), 0);
+    // Past the end: refused.
+    assert_ne!(
+        client.command(CMD_TRIM, (BLOCKS * 512) as u64 - 512, 1024),
+        0
+    );
+    assert_eq!(card.erases.lock().unwrap().len(), 1);
+    // Write-zeroes writes zeroes, it does not erase.
+    assert_eq!(client.command(CMD_WRITE_ZEROES, 1024, 1024), 0);
+    assert_eq!(card.erases.lock().unwrap().len(), 1);
+    assert_eq!(card.bytes(1024, 1024), vec![0; 1024]);
+    // What the scratch block held before the erase is not served after it.
+    assert_eq!(client.read(0, 8192).data, card.bytes(0, 8192));
+    client.disconnect();
+    assert_eq!(server.join().unwrap(), [Ok(Some(CloseReason::Disconnect))]);
 }

@@ -197,3 +197,48 @@ fn serves_clients_one_after_another() {
         }
     }
 }
+
+#[test]
+fn a_connection_closed_before_the_server_looked_is_closed_and_the_next_client_served() {
+    let mut net = Net::new(MemCard::new(64));
+    // Connect and leave with only the interface polled: the server's socket
+    // goes from LISTEN to CLOSE-WAIT between two of the server's polls, as
+    // when a client gives up while a board is busy.
+    let endpoint = (IpAddress::v4(127, 0, 0, 1), nbd_embedded::DEFAULT_PORT);
+    let socket = net.sockets.get_mut::<tcp::Socket>(net.client);
+    socket
+        .connect(net.iface.context(), endpoint, 49160)
+        .unwrap();
+    let poll_interface = |net: &mut Net| {
+        net.iface.poll(net.now, &mut net.device, &mut net.sockets);
+        net.now += smoltcp::time::Duration::from_millis(1);
+    };
+    for _ in 0..100 {
+        poll_interface(&mut net);
+    }
+    assert!(net.client().may_send(), "the handshake completed");
+    net.client().close();
+    for _ in 0..100 {
+        poll_interface(&mut net);
+    }
+    let server_socket = net.server.handle();
+    assert_eq!(
+        net.sockets.get::<tcp::Socket>(server_socket).state(),
+        tcp::State::CloseWait
+    );
+    // The server serves that connection (a greeting nobody reads) and
+    // closes it, then listens again: the next client is served.
+    for _ in 0..100 {
+        net.step();
+    }
+    assert_eq!(net.server.take_session_end(), Some(SessionEnd::Dropped));
+    while net.client().is_open() || net.client().state() == tcp::State::TimeWait {
+        net.client().abort();
+        net.step();
+    }
+    net.connect(49161);
+    assert!(net.server.has_client());
+    let (error, data) = net.request(0, 0, 512, &[]);
+    assert_eq!(error, 0);
+    assert_eq!(data, (0..512).map(pattern_byte).collect::<Vec<u8>>());
+}

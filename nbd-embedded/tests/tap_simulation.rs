@@ -1,5 +1,8 @@
 //! The host simulation (`examples/tap_sim.rs`: `net::TcpServer` on a TAP
-//! device, a file as the SD card) against real clients: `nbdinfo`,
+//! device, a file as the SD card), and the same checks against the Embassy
+//! example (`examples/embassy_tap.rs`: `io_async::serve` on `embassy-net`
+//! sockets over embassy-net's TAP driver, two server tasks), with real
+//! clients: `nbdinfo`,
 //! `nbdcopy` (whole-card read, compared with the file) and `qemu-io`
 //! (aligned and unaligned writes read back with pattern checks, FLUSH).
 //! After the program is killed, the card file must hold every write.
@@ -45,12 +48,40 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// while `nbdcopy` reads the card.
 const HOLD_MS: u32 = 5000;
 
+/// A program under test: an example of this crate, the cargo features it
+/// needs, and its arguments besides the TAP device, address and card.
+struct Program {
+    example: &'static str,
+    features: &'static str,
+    args: &'static [&'static str],
+    /// Short, for interface names (at most 15 bytes with the PID).
+    tag: &'static str,
+}
+
+const TAP_SIM: Program = Program {
+    example: "tap_sim",
+    features: "",
+    args: &["--port", "10809", "--clients", "2"],
+    tag: "s",
+};
+
+const EMBASSY_TAP: Program = Program {
+    example: "embassy_tap",
+    features: "async",
+    args: &["--port", "10809"],
+    tag: "e",
+};
+
 /// A scratch directory, removed on drop.
 struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!("nbd-tap-sim-{}", std::process::id()));
+    fn new(program: &Program) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "nbd-tap-{}-{}",
+            program.example,
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).unwrap();
         Self(path)
@@ -72,9 +103,9 @@ struct Netns {
 
 impl Netns {
     /// Creates the namespace, or returns why it could not (no privilege).
-    fn create() -> Result<Self, String> {
+    fn create(program: &Program) -> Result<Self, String> {
         let pid = std::process::id();
-        let name = format!("nbd-tap-sim-{pid}");
+        let name = format!("nbd-tap-{}-{pid}", program.example);
         let created = run_within(
             Command::new("ip").args(["netns", "add", &name]),
             COMMAND_TIMEOUT,
@@ -85,7 +116,7 @@ impl Netns {
         Ok(Self {
             name,
             // Interface names are at most 15 bytes.
-            tap: format!("nbdsim{}", pid % 1_000_000_000),
+            tap: format!("nbd{}{}", program.tag, pid % 1_000_000_000),
         })
     }
 
@@ -121,6 +152,7 @@ impl Drop for Netns {
 
 /// The running simulation, killed (by PID) and reaped on drop.
 struct Sim {
+    name: &'static str,
     child: Child,
     stdout: PathBuf,
     stderr: PathBuf,
@@ -129,7 +161,8 @@ struct Sim {
 impl Sim {
     fn logs(&self) -> String {
         format!(
-            "tap_sim stdout:\n{}\ntap_sim stderr:\n{}",
+            "{0} stdout:\n{1}\n{0} stderr:\n{2}",
+            self.name,
             fs::read_to_string(&self.stdout).unwrap_or_default(),
             fs::read_to_string(&self.stderr).unwrap_or_default()
         )
@@ -152,12 +185,12 @@ impl Drop for Sim {
 }
 
 /// The example binary next to this test's executable
-/// (`target/PROFILE/examples/tap_sim`), rebuilt by a nested cargo when
+/// (`target/PROFILE/examples/NAME`), rebuilt by a nested cargo when
 /// cargo runs the test (a bare `--test` selection does not build examples).
-fn simulation_binary() -> Option<PathBuf> {
+fn simulation_binary(program: &Program) -> Option<PathBuf> {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent()?.parent()?;
-    let binary = profile_dir.join("examples").join("tap_sim");
+    let binary = profile_dir.join("examples").join(program.example);
     if let (Ok(cargo), Some(target_dir), Some(profile)) = (
         std::env::var("CARGO"),
         profile_dir.parent(),
@@ -165,17 +198,14 @@ fn simulation_binary() -> Option<PathBuf> {
     ) {
         let mut build = Command::new(cargo);
         build
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "nbd-embedded",
-                "--example",
-                "tap_sim",
-            ])
+            .args(["build", "--quiet", "-p", "nbd-embedded", "--example"])
+            .arg(program.example)
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if !program.features.is_empty() {
+            build.args(["--features", program.features]);
+        }
         match profile {
             "debug" => {}
             "release" => {
@@ -210,6 +240,15 @@ fn mib_per_second(elapsed: Duration) -> f64 {
 
 #[test]
 fn real_clients_through_a_tap_device() {
+    check_program(&TAP_SIM);
+}
+
+#[test]
+fn real_clients_through_a_tap_device_on_embassy() {
+    check_program(&EMBASSY_TAP);
+}
+
+fn check_program(program: &Program) {
     let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     if !available(root, "not running as root")
         || !available(
@@ -222,15 +261,18 @@ fn real_clients_through_a_tap_device() {
     {
         return;
     }
-    let dir = TempDir::new();
-    let Some(binary) = simulation_binary() else {
+    let dir = TempDir::new(program);
+    let Some(binary) = simulation_binary(program) else {
         available(
             false,
-            "examples/tap_sim was not built (cargo build -p nbd-embedded --example tap_sim)",
+            &format!(
+                "examples/{0} was not built (cargo build -p nbd-embedded --example {0})",
+                program.example
+            ),
         );
         return;
     };
-    let netns = match Netns::create() {
+    let netns = match Netns::create(program) {
         Ok(netns) => netns,
         Err(why) => {
             available(false, &why);
@@ -252,13 +294,14 @@ fn real_clients_through_a_tap_device() {
         .args(["--tap", &netns.tap, "--ip", &format!("{SIM_ADDR}{PREFIX}")])
         .arg("--file")
         .arg(&card)
-        .args(["--port", "10809", "--clients", "2"])
+        .args(program.args)
         .stdin(Stdio::null())
         .stdout(File::create(&stdout).unwrap())
         .stderr(File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
     let mut sim = Sim {
+        name: program.example,
         child,
         stdout,
         stderr,
@@ -266,14 +309,20 @@ fn real_clients_through_a_tap_device() {
     let start = Instant::now();
     loop {
         if let Some(status) = sim.child.try_wait().unwrap() {
-            panic!("tap_sim exited early ({status})\n{}", sim.logs());
+            panic!(
+                "{} exited early ({status})\n{}",
+                program.example,
+                sim.logs()
+            );
         }
-        if fs::read_to_string(&sim.stdout).is_ok_and(|s| s.contains("tap_sim: serving")) {
+        let ready = format!("{}: serving", program.example);
+        if fs::read_to_string(&sim.stdout).is_ok_and(|s| s.contains(&ready)) {
             break;
         }
         assert!(
             start.elapsed() < START_TIMEOUT,
-            "tap_sim did not start within {START_TIMEOUT:?}\n{}",
+            "{} did not start within {START_TIMEOUT:?}\n{}",
+            program.example,
             sim.logs()
         );
         thread::sleep(Duration::from_millis(20));
@@ -301,8 +350,9 @@ fn real_clients_through_a_tap_device() {
         let copied = fs::read(&copy).unwrap();
         assert_same_bytes(&copied, &original, &format!("nbdcopy read {round}"));
         println!(
-            "nbdcopy read {round}: {} MiB through the TAP device in {:.3} s, {:.1} MiB/s \
+            "{}: nbdcopy read {round}: {} MiB through the TAP device in {:.3} s, {:.1} MiB/s \
              (checksum {:016x} equals the card file's)",
+            program.example,
             CARD_SIZE >> 20,
             read.elapsed.as_secs_f64(),
             mib_per_second(read.elapsed),
@@ -311,8 +361,9 @@ fn real_clients_through_a_tap_device() {
         best = best.min(read.elapsed);
     }
     println!(
-        "nbdcopy whole-card read through the TAP device: best {:.1} MiB/s \
+        "{}: nbdcopy whole-card read through the TAP device: best {:.1} MiB/s \
          (nbdcopy's start-up included)",
+        program.example,
         mib_per_second(best)
     );
 
@@ -409,15 +460,20 @@ fn real_clients_through_a_tap_device() {
         "nbdcopy was not served while qemu-io was connected:\n{log}"
     );
     println!(
-        "two clients at once: nbdcopy read {} MiB in {:.3} s while qemu-io held a \
+        "{}: two clients at once: nbdcopy read {} MiB in {:.3} s while qemu-io held a \
          connection for {HOLD_MS} ms",
+        program.example,
         CARD_SIZE >> 20,
         read.elapsed.as_secs_f64()
     );
 
     // Stop the program without warning: what was flushed must be on disk.
     if let Some(status) = sim.child.try_wait().unwrap() {
-        panic!("tap_sim exited during the test ({status})\n{}", sim.logs());
+        panic!(
+            "{} exited during the test ({status})\n{}",
+            program.example,
+            sim.logs()
+        );
     }
     sim.kill();
     let log = fs::read_to_string(&sim.stderr).unwrap_or_default();

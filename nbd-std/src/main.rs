@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve exports to NBD clients (nbdinfo, qemu, libnbd, nbd-client).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Describe an export (size, flags, block sizes, metadata contexts), as
     /// nbdinfo does.
     Info(InfoArgs),
@@ -464,7 +464,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Info(args) => info(args),
         Command::Cp(args) => cp(args),
         Command::Mount(args) => mount(args),

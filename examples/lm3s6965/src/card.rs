@@ -1,5 +1,10 @@
 //! The SD card as served: `embedded-sdmmc`'s `SdCard` on [`SdSpi`], with
-//! its size established once when it is opened.
+//! its size established once when it is opened, and erase (for TRIM)
+//! where the CSD says the card erases single blocks.
+//!
+//! QEMU 10.0's model erases (CMD32/CMD33/CMD38 in SPI mode: the blocks
+//! then read as `0xFF`) but its CSD does not read (below), so there TRIM
+//! is not offered.
 //!
 //! # Emulator quirk: no CSD in SPI mode (QEMU 9.1 to 10.0)
 //!
@@ -14,6 +19,7 @@
 
 use embedded_sdmmc::embedded_sdmmc_types::sdcard::CardType;
 use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx, SdCard, SdCardError as Error};
+use nbd_embedded::storage::EraseBlocks;
 
 use crate::sd_spi::SdSpi;
 use crate::time::Delay;
@@ -23,6 +29,9 @@ pub struct Card {
     sd: SdCard<SdSpi, Delay>,
     blocks: u32,
     probed: bool,
+    /// The CSD says the card erases single blocks (`ERASE_BLK_EN`; always
+    /// so on SDHC/SDXC). Unknown, so off, when the CSD does not read.
+    erases_blocks: bool,
 }
 
 impl Card {
@@ -35,12 +44,18 @@ impl Card {
             Err(Error::RegisterReadError) => None,
             Err(error) => return Err(error),
         };
+        let erases_blocks = from_csd.is_some() && sd.erase_single_block_enabled().unwrap_or(false);
         sd.spi(|spi| spi.set_frequency(fast_hz));
         let (blocks, probed) = match from_csd {
             Some(blocks) => (u32::try_from(blocks).unwrap_or(u32::MAX), false),
             None => (probe_blocks(&sd)?, true),
         };
-        Ok(Self { sd, blocks, probed })
+        Ok(Self {
+            sd,
+            blocks,
+            probed,
+            erases_blocks,
+        })
     }
 
     /// The driver, for its SPI bus and card type.
@@ -102,6 +117,7 @@ impl core::fmt::Debug for Card {
         f.debug_struct("Card")
             .field("blocks", &self.blocks)
             .field("probed", &self.probed)
+            .field("erases_blocks", &self.erases_blocks)
             .finish_non_exhaustive()
     }
 }
@@ -119,5 +135,28 @@ impl BlockDevice for Card {
 
     fn num_blocks(&self) -> Result<BlockCount, Error> {
         Ok(BlockCount(self.blocks))
+    }
+}
+
+impl EraseBlocks for Card {
+    fn can_erase_blocks(&self) -> bool {
+        self.erases_blocks
+    }
+
+    fn erase_blocks(&self, start: BlockIdx, count: u32) -> Result<(), Error> {
+        let last = start
+            .0
+            .checked_add(count.saturating_sub(1))
+            .ok_or(Error::BadState)?;
+        // SDSC cards take byte addresses, SDHC/SDXC block numbers.
+        let (first, last) = match self.sd.get_card_type() {
+            Some(CardType::SdhcSdxc) => (start.0, last),
+            Some(_) => (
+                start.0.checked_mul(Block::LEN_U32).ok_or(Error::BadState)?,
+                last.checked_mul(Block::LEN_U32).ok_or(Error::BadState)?,
+            ),
+            None => return Err(Error::CardNotFound),
+        };
+        self.sd.spi(|spi| spi.erase(first, last))
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! - Network: smoltcp on the on-chip MAC ([`ethernet`]), static address
 //!   10.0.2.15/24 with gateway 10.0.2.2 (QEMU's user networking), NBD on
-//!   TCP port 10809, one client at a time.
+//!   TCP port 10809, one client at a time; a second socket (standby)
+//!   accepts the next client meanwhile.
 //! - Storage: `embedded-sdmmc`'s `SdCard` on SSI0 ([`sd_spi`]), served
 //!   whole as export `sd` (also the default export) by
 //!   `nbd_embedded::BlockStorage`.
@@ -35,6 +36,7 @@ use nbd_core::export::Export;
 use nbd_core::server::Config;
 use nbd_embedded::BlockStorage;
 use nbd_embedded::net::TcpServer;
+use nbd_embedded::storage::EraseBlocks;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet, SocketStorage};
 use smoltcp::socket::tcp;
 use smoltcp::time::Duration;
@@ -58,6 +60,11 @@ const TCP_RX_BYTES: usize = 4096;
 /// TCP send buffer: holds replies and read data on their way out; must
 /// hold the largest message header (a few hundred bytes).
 const TCP_TX_BYTES: usize = 8192;
+/// Buffers of the standby socket, which accepts a client arriving while
+/// the main socket is busy or closing (see `TcpServer::with_standby`):
+/// small, as it serves only those clients.
+const STANDBY_RX_BYTES: usize = 1024;
+const STANDBY_TX_BYTES: usize = 1024;
 /// Pause between attempts at bringing up the card.
 const CARD_RETRY_MICROS: u64 = 1_000_000;
 
@@ -100,10 +107,12 @@ fn main() -> ! {
         defmt::error!("no room for the default route");
     }
 
-    let (Some(rx), Some(tx), Some(slots)) = (
+    let (Some(rx), Some(tx), Some(standby_rx), Some(standby_tx), Some(slots)) = (
         singleton!(: [u8; TCP_RX_BYTES] = [0; TCP_RX_BYTES]),
         singleton!(: [u8; TCP_TX_BYTES] = [0; TCP_TX_BYTES]),
-        singleton!(: [SocketStorage<'static>; 1] = [SocketStorage::EMPTY; 1]),
+        singleton!(: [u8; STANDBY_RX_BYTES] = [0; STANDBY_RX_BYTES]),
+        singleton!(: [u8; STANDBY_TX_BYTES] = [0; STANDBY_TX_BYTES]),
+        singleton!(: [SocketStorage<'static>; 2] = [SocketStorage::EMPTY; 2]),
     ) else {
         fatal("socket buffers set up twice")
     };
@@ -112,17 +121,26 @@ fn main() -> ! {
         tcp::SocketBuffer::new(&mut rx[..]),
         tcp::SocketBuffer::new(&mut tx[..]),
     );
+    let mut standby = tcp::Socket::new(
+        tcp::SocketBuffer::new(&mut standby_rx[..]),
+        tcp::SocketBuffer::new(&mut standby_tx[..]),
+    );
     // Acknowledge at once: with a 4 KiB window, a delayed ACK stalls a
     // writing client for the whole delay.
     socket.set_ack_delay(None);
+    standby.set_ack_delay(None);
+    // The main socket comes first in the set, so a new client lands on it
+    // whenever it listens.
     let handle = sockets.add(socket);
+    let standby = sockets.add(standby);
     let Some(server) = singleton!(: Server = TcpServer::new(
         handle,
         nbd_embedded::DEFAULT_PORT,
         Config::default(),
         exports,
         storage,
-    )) else {
+    )
+    .with_standby(standby)) else {
         fatal("server set up twice")
     };
     defmt::info!(
@@ -139,7 +157,7 @@ fn main() -> ! {
         size_of::<Server>(),
         size_of::<Interface>(),
         size_of::<Ethernet>(),
-        TCP_RX_BYTES + TCP_TX_BYTES
+        TCP_RX_BYTES + TCP_TX_BYTES + STANDBY_RX_BYTES + STANDBY_TX_BYTES
     );
 
     // The receive interrupt only wakes the core; its handler masks it.
@@ -184,7 +202,12 @@ fn open_card(clock: time::Clock, core_hz: u32) -> BlockStorage<Card> {
                     defmt::info!("emulator quirk: CSD unreadable (CMD9), size found by reading");
                 }
                 defmt::info!("SD card: {}, SPI at {=u32} Hz", card.card_type(), hz);
-                match BlockStorage::new(card) {
+                if !card.can_erase_blocks() {
+                    defmt::info!(
+                        "TRIM not offered: the CSD does not say the card erases single blocks"
+                    );
+                }
+                match BlockStorage::with_erase(card) {
                     Ok(storage) => return storage,
                     Err(error) => defmt::error!("SD card size: {}", error),
                 }

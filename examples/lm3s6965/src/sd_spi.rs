@@ -45,7 +45,9 @@ use embedded_hal::spi::{self, ErrorKind, Operation, SpiDevice};
 
 use crate::mmio::Reg;
 use crate::sysctl::{self, Peripheral};
-use crate::time::Delay;
+use crate::time::{self, Delay};
+use embedded_sdmmc::SdCardError;
+use embedded_sdmmc::embedded_sdmmc_types::sdcard::crc7;
 
 const SSI0: usize = 0x4000_8000;
 const GPIO_A: usize = 0x4000_4000;
@@ -71,7 +73,6 @@ const GPIO_D_DEN: Reg = unsafe { Reg::at(GPIO_D + 0x51C) };
 /// Port D data, masked to pin 0 (address bits 9:2 select the pins written).
 const GPIO_D_PIN0: Reg = unsafe { Reg::at(GPIO_D + (1 << 2)) };
 
-const SR_RNE: u32 = 1 << 2;
 const SR_BSY: u32 = 1 << 4;
 const CR1_SSE: u32 = 1 << 1;
 /// Freescale SPI frames, mode 0 (SPO = SPH = 0), 8-bit data.
@@ -96,6 +97,15 @@ const CMD0_GO_IDLE: u8 = 0;
 const CMD13_SEND_STATUS: u8 = 13;
 const CMD55_APP: u8 = 55;
 const CMD58_READ_OCR: u8 = 58;
+const CMD32_ERASE_WR_BLK_START: u8 = 32;
+const CMD33_ERASE_WR_BLK_END: u8 = 33;
+const CMD38_ERASE: u8 = 38;
+/// Bytes clocked while waiting for an R1 (the card answers within 8:
+/// N_CR).
+const R1_POLLS: usize = 16;
+/// How long an erase may keep the card busy. The SD specification lets a
+/// card take up to 250 ms per allocation unit, so large erases are slow.
+const ERASE_BUSY_MICROS: u64 = 60_000_000;
 const ACMD41_SEND_OP_COND: u8 = 41;
 
 /// What can go wrong on the bus.
@@ -267,24 +277,88 @@ impl SdSpi {
         }
     }
 
-    /// Clocks `bytes` through the FIFOs, keeping up to [`FIFO_DEPTH`]
-    /// bytes in flight: with at most 8 sent and not yet read back, neither
-    /// FIFO can overflow, so the transmit side needs no status check.
+    /// Clocks `bytes` through the FIFOs in batches of [`FIFO_DEPTH`]: a
+    /// batch is written, the controller is awaited once (idle: every byte
+    /// shifted out and its answer in the receive FIFO), and the answers
+    /// are read without a status check each. With at most 8 in flight
+    /// neither FIFO can overflow. One status poll per 8 bytes instead of
+    /// one per byte: register accesses are what costs (in QEMU each is a
+    /// trip out of the emulated CPU), and the bus pauses only for the 16
+    /// FIFO accesses between batches.
     fn exchange(&mut self, bytes: &mut Bytes<'_>) -> Result<(), SpiError> {
         let len = bytes.len();
-        let (mut sent, mut received) = (0, 0);
-        while received < len {
-            while sent < len && sent - received < FIFO_DEPTH {
-                SSI_DR.write(u32::from(bytes.out(sent)));
-                sent += 1;
+        let mut done = 0;
+        while done < len {
+            let batch = done..(done + FIFO_DEPTH).min(len);
+            for i in batch.clone() {
+                SSI_DR.write(u32::from(bytes.out(i)));
             }
-            if !(0..STALL_POLLS).any(|_| SSI_SR.read() & SR_RNE != 0) {
-                return Err(SpiError::Stalled);
+            self.wait_idle()?;
+            for i in batch.clone() {
+                bytes.put(i, SSI_DR.read() as u8);
             }
-            bytes.put(received, SSI_DR.read() as u8);
-            received += 1;
+            done = batch.end;
         }
         Ok(())
+    }
+
+    /// Erases the card from address `first` to `last`, both included (byte
+    /// addresses on SDSC cards, block numbers on SDHC/SDXC):
+    /// ERASE_WR_BLK_START (CMD32), ERASE_WR_BLK_END (CMD33), ERASE
+    /// (CMD38), then waits while the card is busy.
+    pub fn erase(&mut self, first: u32, last: u32) -> Result<(), SdCardError> {
+        for (command, argument) in [
+            (CMD32_ERASE_WR_BLK_START, first),
+            (CMD33_ERASE_WR_BLK_END, last),
+            (CMD38_ERASE, 0),
+        ] {
+            match self.command(command, argument)? {
+                0x00 => {}
+                r1 => {
+                    defmt::warn!("SD erase: CMD{=u8} answered R1 {=u8:#04x}", command, r1);
+                    return Err(SdCardError::WriteError);
+                }
+            }
+        }
+        self.wait_not_busy(ERASE_BUSY_MICROS)
+    }
+
+    /// Sends a command frame (with its CRC7: CRC checking is on) and
+    /// returns the card's R1.
+    fn command(&mut self, index: u8, argument: u32) -> Result<u8, SdCardError> {
+        let [a3, a2, a1, a0] = argument.to_be_bytes();
+        let mut frame = [0x40 | index, a3, a2, a1, a0, 0];
+        frame[5] = (crc7(&frame[..5]) << 1) | 1;
+        let bus = |_| SdCardError::Transport;
+        self.transaction(&mut [Operation::Write(&frame)])
+            .map_err(bus)?;
+        for _ in 0..R1_POLLS {
+            let mut byte = [0xFF];
+            self.transaction(&mut [Operation::TransferInPlace(&mut byte)])
+                .map_err(bus)?;
+            if byte[0] & 0x80 == 0 {
+                return Ok(byte[0]);
+            }
+        }
+        defmt::warn!("SD command {=u8}: no R1", index);
+        Err(SdCardError::WriteError)
+    }
+
+    /// Clocks bytes until the card releases its busy signal (answers
+    /// `0xFF`), for at most `micros`.
+    fn wait_not_busy(&mut self, micros: u64) -> Result<(), SdCardError> {
+        let until = time::now_micros() + micros;
+        loop {
+            let mut byte = [0xFF];
+            self.transaction(&mut [Operation::TransferInPlace(&mut byte)])
+                .map_err(|_| SdCardError::Transport)?;
+            if byte[0] == 0xFF {
+                return Ok(());
+            }
+            if time::now_micros() > until {
+                return Err(SdCardError::TimeoutWaitNotBusy);
+            }
+        }
     }
 
     /// One operation of a transaction, through the quirk filter.

@@ -7,19 +7,21 @@
 pub mod tools;
 
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use embedded_sdmmc::{Block, BlockCount, BlockDevice, BlockIdx};
 use nbd_core::server::Config;
 use nbd_embedded::BlockStorage;
+use nbd_embedded::storage::EraseBlocks;
 use smoltcp::iface::{Config as IfaceConfig, Interface};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
 
 /// A card: a vector of blocks shared with the test, and a block whose reads
-/// or writes fail (`u32::MAX`: none).
+/// or writes fail (`u32::MAX`: none). It erases blocks (to `0xFF`, as a
+/// card whose CSD says erased data reads as ones) only when `erasable`.
 #[derive(Clone, Debug, Default)]
 pub struct MemCard {
     pub blocks: Arc<Mutex<Vec<[u8; 512]>>>,
@@ -27,6 +29,9 @@ pub struct MemCard {
     pub fail_write: Arc<AtomicU32>,
     pub reads: Arc<AtomicU32>,
     pub writes: Arc<AtomicU32>,
+    pub erasable: Arc<AtomicBool>,
+    /// Every erase: (first block, count).
+    pub erases: Arc<Mutex<Vec<(u32, u32)>>>,
 }
 
 #[derive(Debug)]
@@ -104,6 +109,22 @@ impl BlockDevice for MemCard {
     }
 }
 
+impl EraseBlocks for MemCard {
+    fn can_erase_blocks(&self) -> bool {
+        self.erasable.load(Ordering::SeqCst)
+    }
+
+    fn erase_blocks(&self, start: BlockIdx, count: u32) -> Result<(), CardError> {
+        assert!(self.can_erase_blocks(), "erase on a card that cannot");
+        self.erases.lock().unwrap().push((start.0, count));
+        let mut store = self.blocks.lock().unwrap();
+        for idx in start.0..start.0 + count {
+            store.get_mut(idx as usize).ok_or(CardError)?.fill(0xFF);
+        }
+        Ok(())
+    }
+}
+
 /// `embedded-io` over a std stream.
 pub struct Stream(pub TcpStream);
 
@@ -164,7 +185,7 @@ pub fn spawn_server(
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let thread = std::thread::spawn(move || {
-        let mut storage = BlockStorage::new(card).unwrap();
+        let mut storage = BlockStorage::with_erase(card).unwrap();
         let mut input = vec![0u8; buffer];
         let mut outcomes = Vec::new();
         for _ in 0..clients {

@@ -13,7 +13,10 @@ pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// `NBD_FLAG_SEND_TRIM` in the transmission flags.
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_FUA: u16 = 1;
 
 pub struct Client {
