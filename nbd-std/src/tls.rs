@@ -209,6 +209,9 @@ impl ServerTls {
         self.mutual
     }
 
+    // A client-only build loads server identities (tests, tools) but
+    // never accepts.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(Arc::clone(&self.config))
     }

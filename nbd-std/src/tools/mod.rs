@@ -9,4 +9,5 @@
 pub mod copy;
 pub mod info;
 pub mod map;
+#[cfg(feature = "mount")]
 pub mod mount;
