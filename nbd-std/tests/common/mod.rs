@@ -517,7 +517,8 @@ fn finish(receiver: mpsc::Receiver<Vec<u8>>, timeout: Duration) -> String {
 // Tools
 
 /// Directories searched for tools besides `PATH` (mkfs and e2fsck live in
-/// sbin, which a non-root `PATH` may lack).
+/// sbin, which a non-root `PATH` may lack). nbd-std's build script looks in
+/// the same places to warn about missing tools: keep the two in step.
 const EXTRA_TOOL_DIRS: &[&str] = &[
     "/usr/local/sbin",
     "/usr/local/bin",
