@@ -32,7 +32,7 @@ if (( size == 0 || (size & (size - 1)) != 0 )); then
 fi
 for tool in qemu-system-arm defmt-print; do
     if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "$0: $tool is not installed (see the README, section Embedded)" >&2
+        echo "$0: $tool is not installed (see docs/EMBEDDED.md)" >&2
         exit 1
     fi
 done

@@ -57,7 +57,7 @@
 //! --nocapture`).
 //!
 //! `examples/tap_sim.rs` runs [`net::TcpServer`] on a Linux TAP device with
-//! a file as the card: a host simulation of a board (README "Embedded").
+//! a file as the card: a host simulation of a board (docs/EMBEDDED.md).
 //!
 //! It builds for `thumbv6m-none-eabi` and `thumbv7em-none-eabihf`, with and
 //! without `defmt`.

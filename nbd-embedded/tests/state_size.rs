@@ -1,5 +1,5 @@
 //! RAM the embedded server state takes, a number the project tracks (crate
-//! docs "Memory", README "Embedded"). Run with `--nocapture` to see it.
+//! docs "Memory", docs/EMBEDDED.md). Run with `--nocapture` to see it.
 //! These are host (64-bit) sizes; thumb targets are a little smaller (the
 //! crate docs list both).
 

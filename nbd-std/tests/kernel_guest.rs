@@ -269,7 +269,7 @@ fn server_restart_under_a_mounted_filesystem() {
     assert!(
         console.contains("nbd-writer error"),
         "the writer saw no I/O error (has the kernel client learnt to survive a restart? \
-         update this test and the README)\n{console}"
+         update this test and docs/SERVER.md)\n{console}"
     );
     assert!(
         console.contains("nbd-client: Kernel call returned."),

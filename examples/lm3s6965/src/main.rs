@@ -14,7 +14,7 @@
 //! The main loop polls the server, then sleeps in `WFI` until a frame
 //! arrives, the next SysTick, or smoltcp's next deadline.
 //!
-//! Run it in QEMU with `run-qemu.sh CARD [PORT]` (see the README).
+//! Run it in QEMU with `run-qemu.sh CARD [PORT]` (see docs/EMBEDDED.md).
 #![no_std]
 #![no_main]
 
