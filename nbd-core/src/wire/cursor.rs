@@ -225,13 +225,6 @@ pub(crate) fn encode_u32(out: &mut [u8], value: u32) -> usize {
     4
 }
 
-/// Writes `value` big-endian to the front of `out` (at least 8 bytes);
-/// returns the bytes written.
-pub(crate) fn encode_u64(out: &mut [u8], value: u64) -> usize {
-    out[..8].copy_from_slice(&value.to_be_bytes());
-    8
-}
-
 /// A length as a 16-bit wire field, or `InvalidValue(field)`.
 pub(super) fn len_u16(len: usize, field: &'static str) -> Result<u16, WireError> {
     u16::try_from(len).map_err(|_| WireError::InvalidValue(field))

@@ -25,12 +25,12 @@ mod option;
 mod reply;
 mod request;
 
-pub use chunk::{Chunk, Descriptor, ExtDescriptor};
+pub use chunk::{Chunk, ChunkPrefix, Descriptor, ERROR_OFFSET_TRAILER_LEN, ExtDescriptor};
 pub use codes::{
     CHUNK_ERROR_BIT, ChunkType, Command, ErrorCode, InfoType, OPTION_REPLY_ERROR_BIT, OptionCode,
     OptionReplyType,
 };
-pub(crate) use cursor::{encode_u16, encode_u32, encode_u64};
+pub(crate) use cursor::{encode_u16, encode_u32};
 pub use flags::{
     AllocationFlags, ClientFlags, CommandFlags, HandshakeFlags, ReplyFlags, TransmissionFlags,
 };
