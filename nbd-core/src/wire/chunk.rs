@@ -138,8 +138,7 @@ impl ChunkPrefix {
             ChunkType::None | ChunkType::OffsetHole => tail == 0,
             ChunkType::OffsetData => tail > 0,
             ChunkType::BlockStatus => tail > 0 && tail % 8 == 0 && tail / 8 <= u32::MAX.into(),
-            // A zero count is refused once read, as an invalid count.
-            ChunkType::BlockStatusExt => tail % 16 == 0,
+            ChunkType::BlockStatusExt => tail > 0 && tail % 16 == 0,
             ChunkType::ErrorOffset => tail >= ERROR_OFFSET_TRAILER_LEN as u64,
             _ => true,
         };
@@ -164,9 +163,10 @@ impl ChunkPrefix {
         payload_len: u64,
         input: &[u8],
     ) -> Result<(&[u8], Self), WireError> {
-        Self::check_length(chunk_type, payload_len)?;
-        let fixed = Self::fixed_len(chunk_type).unwrap_or(0);
-        let tail = payload_len - fixed as u64;
+        let fixed = Self::fixed_len(chunk_type).ok_or(WireError::InvalidValue("chunk type"))?;
+        let tail = payload_len
+            .checked_sub(fixed as u64)
+            .ok_or(WireError::BadLength)?;
         let mut r = Reader::streaming(input, fixed);
         let prefix = match chunk_type {
             ChunkType::None => Self::None,
@@ -208,6 +208,9 @@ impl ChunkPrefix {
                 }
             }
         };
+        // Checked after the fields, so that a zero field is reported as
+        // such even where it also leaves the length short.
+        Self::check_length(chunk_type, payload_len)?;
         let fits = match chunk_type {
             // Later versions may add fields after an unknown error's message.
             ChunkType::Unknown(_) => prefix.tail_len() <= tail,
