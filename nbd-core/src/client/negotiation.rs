@@ -126,7 +126,7 @@ enum Reply {
 pub(super) fn wire_error(error: WireError) -> ProtocolError {
     match error {
         WireError::BadMagic { found } => ProtocolError::BadMagic { found },
-        _ => ProtocolError::BadMagic { found: 0 },
+        other => ProtocolError::Malformed(other),
     }
 }
 
@@ -585,5 +585,26 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         {
             self.advance(OptionStep::Abort);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_errors_keep_their_reason() {
+        assert_eq!(
+            wire_error(WireError::BadMagic { found: 7 }),
+            ProtocolError::BadMagic { found: 7 }
+        );
+        assert_eq!(
+            wire_error(WireError::BadLength),
+            ProtocolError::Malformed(WireError::BadLength)
+        );
+        assert_eq!(
+            wire_error(WireError::InvalidValue("chunk type")),
+            ProtocolError::Malformed(WireError::InvalidValue("chunk type"))
+        );
     }
 }

@@ -519,10 +519,31 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 }
 
-/// A wire failure on bytes the core framed itself can only be a bad magic.
+/// The protocol error for a message the wire layer refused.
 pub(super) fn framing_error(error: WireError) -> ProtocolError {
     match error {
         WireError::BadMagic { found } => ProtocolError::BadMagic { found },
-        _ => ProtocolError::BadMagic { found: 0 },
+        other => ProtocolError::Malformed(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_errors_keep_the_wire_reason() {
+        assert_eq!(
+            framing_error(WireError::BadMagic { found: 7 }),
+            ProtocolError::BadMagic { found: 7 }
+        );
+        assert_eq!(
+            framing_error(WireError::InvalidValue("length")),
+            ProtocolError::Malformed(WireError::InvalidValue("length"))
+        );
+        assert_eq!(
+            framing_error(WireError::BadLength),
+            ProtocolError::Malformed(WireError::BadLength)
+        );
     }
 }

@@ -33,7 +33,7 @@ pub use connection::Connection;
 pub use inflight::RequestId;
 
 use crate::export::Features;
-use crate::wire::{ErrorCode, TransmissionFlags};
+use crate::wire::{ErrorCode, TransmissionFlags, WireError};
 
 /// A connection sized for a server on an operating system: 128 requests in
 /// flight, 16 KiB for options and block status.
@@ -340,6 +340,9 @@ pub enum ProtocolError {
         /// What was found (widened).
         found: u64,
     },
+    /// A message that parses as no valid one (other than by its magic):
+    /// the wire layer's reason, such as the field it refuses.
+    Malformed(WireError),
     /// The client set client flags the server does not know or did not offer.
     UnknownClientFlags(u32),
     /// `NBD_OPT_EXPORT_NAME` named no export; the option cannot fail any other way.
@@ -371,6 +374,7 @@ impl core::fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::BadMagic { found } => write!(f, "bad magic number {found:#x} from client"),
+            Self::Malformed(error) => write!(f, "malformed message from client: {error}"),
             Self::UnknownClientFlags(bits) => {
                 write!(f, "client sent unknown client flags {bits:#x}")
             }
