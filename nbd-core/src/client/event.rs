@@ -9,13 +9,7 @@ use crate::wire::{
 };
 
 /// The result of one [`Connection::process`](super::Connection::process) call.
-#[derive(Debug)]
-pub struct Step<'a> {
-    /// Bytes of the input consumed; the shell drops them.
-    pub consumed: usize,
-    /// What the shell must act on, if anything.
-    pub event: Option<Event<'a>>,
-}
+pub type Step<'a> = crate::shape::Step<Event<'a>>;
 
 /// What the export offers, as negotiated. Block sizes are the server's
 /// (`NBD_INFO_BLOCK_SIZE`) or the spec's defaults (1, 4096, 32 MiB).

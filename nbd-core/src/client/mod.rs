@@ -111,11 +111,11 @@ mod output;
 mod replies;
 mod requests;
 
-pub use config::{Config, ConfigError, Mode, TlsPolicy};
+pub use crate::shape::{RequestId, TlsPolicy};
+pub use config::{Config, ConfigError, Mode};
 pub use connection::Connection;
 pub use error::{ProtocolError, UsageError};
 pub use event::{Descriptors, Event, ExportInfo, Step};
-pub use inflight::RequestId;
 pub use output::{Payload, Transmit};
 
 /// A connection sized for an operating system: 128 requests in flight and

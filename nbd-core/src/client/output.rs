@@ -14,22 +14,9 @@ use crate::wire::{
     RequestHeader, WireError, WireList,
 };
 
-/// One message to send: `parts` in order (empty ones skipped), then the
-/// shell-owned `payload`, if any. The core counts it as sent once returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Transmit<'a> {
-    /// Bytes the core encoded, and strings copied from the [`Config`](super::Config).
-    pub parts: [&'a [u8]; 3],
-    /// What the shell appends after the parts.
-    pub payload: Option<Payload>,
-}
-
-impl Transmit<'_> {
-    /// Total bytes of `parts`.
-    pub fn parts_len(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).sum()
-    }
-}
+/// One message to send: bytes the core encoded and strings copied from
+/// the [`Config`](super::Config), then the shell's [`Payload`].
+pub type Transmit<'a> = crate::shape::Transmit<'a, Payload>;
 
 /// Shell-owned bytes that follow a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
