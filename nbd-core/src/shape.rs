@@ -96,3 +96,134 @@ pub enum TlsPolicy {
     /// `NBD_OPT_STARTTLS` first and ends the session if the server refuses.
     Required,
 }
+
+/// A shell's data per request in flight, kept at each id's dense
+/// [`index`](RequestId::index): constant-time access with no hashing, and
+/// no larger than the connection's request table (it grows to the highest
+/// index used). An entry answers only to the id it was stored under, so
+/// data of an answered request never reaches the request that reuses its
+/// slot.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Debug)]
+pub struct RequestMap<T> {
+    slots: alloc::vec::Vec<Option<(RequestId, T)>>,
+    len: usize,
+}
+
+#[cfg(feature = "alloc")]
+impl<T> Default for RequestMap<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<T> RequestMap<T> {
+    /// An empty map.
+    pub const fn new() -> Self {
+        Self {
+            slots: alloc::vec::Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Stores `value` for `id`; returns what its slot held before (for
+    /// `id`, or for an earlier request of the same slot).
+    pub fn insert(&mut self, id: RequestId, value: T) -> Option<T> {
+        let index = id.index();
+        if self.slots.len() <= index {
+            self.slots.resize_with(index + 1, || None);
+        }
+        let old = self.slots[index].replace((id, value)).map(|(_, v)| v);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    /// The value stored for `id`.
+    pub fn get(&self, id: RequestId) -> Option<&T> {
+        match self.slots.get(id.index()) {
+            Some(Some((stored, value))) if *stored == id => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The value stored for `id`, mutably.
+    pub fn get_mut(&mut self, id: RequestId) -> Option<&mut T> {
+        match self.slots.get_mut(id.index()) {
+            Some(Some((stored, value))) if *stored == id => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Whether a value is stored for `id`.
+    pub fn contains(&self, id: RequestId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Takes the value stored for `id`.
+    pub fn remove(&mut self, id: RequestId) -> Option<T> {
+        let slot = self.slots.get_mut(id.index())?;
+        if !matches!(slot, Some((stored, _)) if *stored == id) {
+            return None;
+        }
+        self.len -= 1;
+        slot.take().map(|(_, value)| value)
+    }
+
+    /// Number of values stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no value is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops every value.
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.len = 0;
+    }
+
+    /// The stored ids and values, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (RequestId, &T)> {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.as_ref().map(|(id, value)| (*id, value)))
+    }
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests {
+    use super::{RequestId, RequestMap};
+
+    #[test]
+    fn request_map_answers_only_the_stored_id() {
+        let mut map = RequestMap::new();
+        let first = RequestId::new(3, 0);
+        let reuse = RequestId::new(3, 1);
+        assert_eq!(map.insert(first, "a"), None);
+        assert_eq!(map.insert(RequestId::new(0, 0), "b"), None);
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.get(first), Some(&"a"));
+        assert_eq!(map.get(reuse), None, "a stale generation reached new data");
+        assert_eq!(map.remove(reuse), None);
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.insert(reuse, "c"), Some("a"));
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.get(first), None);
+        *map.get_mut(reuse).expect("reused slot") = "d";
+        assert_eq!(
+            map.iter().collect::<alloc::vec::Vec<_>>(),
+            [(RequestId::new(0, 0), &"b"), (reuse, &"d")]
+        );
+        assert_eq!(map.remove(reuse), Some("d"));
+        assert!(!map.contains(reuse));
+        assert_eq!(map.len(), 1);
+        map.clear();
+        assert!(map.is_empty());
+    }
+}
