@@ -324,7 +324,7 @@ fn export_to_js(obj: Obj, info: &ExportInfo) -> JsValue {
 fn event_to_js(event: Event<'_>) -> (JsValue, bool) {
     let event = match event {
         Event::Greeted { flags } => Obj::new("greeted").set("flags", flags.bits()),
-        Event::TlsStart => Obj::new("tlsStart"),
+        Event::StartTls => Obj::new("tlsStart"),
         Event::ListEntry { name, description } => Obj::new("listEntry")
             .text("name", name)
             .text("description", description),

@@ -279,7 +279,7 @@ fn event_to_js(conn: &Conn, reads: &mut RequestMap<u64>, event: Event<'_>) -> (J
             .num("offset", offset)
             .bytes("data", data)
             .num("remaining", remaining),
-        Event::Close(reason) => {
+        Event::Closed(reason) => {
             let reason = match reason {
                 CloseReason::Abort => "abort",
                 CloseReason::Disconnect => "disconnect",

@@ -97,7 +97,7 @@ pub(super) enum RawInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Raw {
     Greeted(HandshakeFlags),
-    TlsStart,
+    StartTls,
     ListEntry {
         name: Span,
         description: Span,
@@ -483,7 +483,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         let span = |span| self.span(input, span);
         match raw {
             Raw::Greeted(flags) => Event::Greeted { flags },
-            Raw::TlsStart => Event::TlsStart,
+            Raw::StartTls => Event::StartTls,
             Raw::ListEntry { name, description } => Event::ListEntry {
                 name: span(name),
                 description: span(description),

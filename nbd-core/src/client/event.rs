@@ -153,7 +153,7 @@ pub enum Event<'a> {
     /// decrypted bytes and encrypts what `poll_transmit` returns. Bytes
     /// after the acknowledgement in the same input were not consumed.
     /// Negotiation starts afresh, as the spec requires.
-    TlsStart,
+    StartTls,
     /// One `NBD_REP_SERVER` reply to `NBD_OPT_LIST`.
     ListEntry {
         /// Export name.

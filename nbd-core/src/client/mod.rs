@@ -63,7 +63,7 @@
 //! Negotiation follows the [`Config`]: fixed newstyle only (oldstyle and
 //! non-fixed servers are refused with a [`ProtocolError`]), `NO_ZEROES`
 //! when offered, `NBD_OPT_STARTTLS` first when asked for (the shell starts
-//! TLS on [`Event::TlsStart`]), `NBD_OPT_EXTENDED_HEADERS` (falling back to
+//! TLS on [`Event::StartTls`]), `NBD_OPT_EXTENDED_HEADERS` (falling back to
 //! `NBD_OPT_STRUCTURED_REPLY` when refused), `NBD_OPT_SET_META_CONTEXT`,
 //! then `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` when the server
 //! does not know it). [`Mode::Info`] and [`Mode::List`] query the server

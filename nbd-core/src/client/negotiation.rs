@@ -382,7 +382,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 self.features = Features::default();
                 self.contexts.clear();
                 self.advance(self.after_tls());
-                Raw::TlsStart
+                Raw::StartTls
             }
             OptionStep::ExtendedHeaders => {
                 self.features = Features {

@@ -192,14 +192,14 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.inflight.len()
     }
 
-    /// Whether the session ended (a `Close` event was returned).
+    /// Whether the session ended (a `Closed` event was returned).
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
     }
 
     /// Starts a graceful stop (spec: "Terminating the transmission phase").
     /// During negotiation the session ends at once: `process` returns
-    /// [`Event::Close`]`(`[`CloseReason::Shutdown`]`)` once the current
+    /// [`Event::Closed`]`(`[`CloseReason::Shutdown`]`)` once the current
     /// option's replies are out. During transmission, new requests get
     /// `NBD_ESHUTDOWN` and the close comes once nothing is in flight.
     pub fn shutdown(&mut self) {
@@ -280,7 +280,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         if let Some(reason) = self.close_due() {
             info!("session over: {:?}", reason);
             self.phase = Phase::Closed;
-            return Some(Event::Close(reason));
+            return Some(Event::Closed(reason));
         }
         if self.deferred > 0 {
             return self.release_deferred().map(Event::Request);

@@ -131,7 +131,7 @@ pub enum Event<'a> {
     /// The session is over (soft disconnect: `NBD_OPT_ABORT` or
     /// `NBD_CMD_DISC`, after every reply was handed to the shell). The shell
     /// sends what it still holds, shuts TLS down if running, and closes.
-    Close(CloseReason),
+    Closed(CloseReason),
 }
 
 /// Why a connection ends cleanly.

@@ -623,7 +623,7 @@ impl Driver {
                     data,
                     remaining,
                 } => self.write_data(id, offset, data, remaining),
-                Event::Close(reason) => {
+                Event::Closed(reason) => {
                     if reason == CloseReason::Shutdown {
                         info!("closing for server shutdown");
                     }
