@@ -197,6 +197,24 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.phase == Phase::Closed
     }
 
+    /// Tells the core the client closed its side: no more input comes.
+    /// `Ok` when the client had ended the session itself (`NBD_OPT_ABORT`,
+    /// or `NBD_CMD_DISC` with no message cut short) or it was over; the
+    /// replies still due may be sent, as a client may half-close after
+    /// `NBD_CMD_DISC`. Otherwise the client went away mid-session:
+    /// [`ProtocolError::UnexpectedEof`], which the shell reports. The same
+    /// call as the client side's, which is told the server closed.
+    pub fn end_of_input(&self) -> Result<(), ProtocolError> {
+        let whole = self.header.len == 0 && self.receiving.is_none();
+        let ended = self.phase == Phase::Closed || self.abort_acked || self.draining;
+        if ended && whole {
+            Ok(())
+        } else {
+            warn!("client closed the connection with the session unfinished");
+            Err(ProtocolError::UnexpectedEof)
+        }
+    }
+
     /// Starts a graceful stop (spec: "Terminating the transmission phase").
     /// During negotiation the session ends at once: `process` returns
     /// [`Event::Closed`]`(`[`CloseReason::Shutdown`]`)` once the current

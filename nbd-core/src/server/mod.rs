@@ -335,6 +335,9 @@ pub enum ProtocolError {
     TooManyRequests,
     /// `process` was called after the connection ended.
     Closed,
+    /// The client closed the connection before ending the session (see
+    /// [`Connection::end_of_input`]).
+    UnexpectedEof,
 }
 
 impl core::fmt::Display for ProtocolError {
@@ -363,6 +366,9 @@ impl core::fmt::Display for ProtocolError {
             }
             Self::TooManyRequests => f.write_str("too many requests in flight"),
             Self::Closed => f.write_str("connection already closed"),
+            Self::UnexpectedEof => {
+                f.write_str("client closed the connection with the session unfinished")
+            }
         }
     }
 }

@@ -459,7 +459,10 @@ impl Driver {
                 }
                 read = stream.read(&mut input[end..]), if room => match read? {
                     0 => {
-                        debug!("client closed its side");
+                        match self.conn.end_of_input() {
+                            Ok(()) => debug!("client closed its side"),
+                            Err(error) => debug!("client closed its side: {error}"),
+                        }
                         eof = true;
                     }
                     n => {
