@@ -76,7 +76,7 @@ fn serve(mut stream: TcpStream, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
                         conn.complete(id, Ok(())).map_err(std::io::Error::other)?;
                     }
                 }
-                Event::Close(_) => {
+                Event::Closed(_) => {
                     drop(disk);
                     flush(&mut conn, &mut reads, &mut output);
                     return stream.write_all(&output);

@@ -10,7 +10,9 @@
 //! - [`wire`]: a parser and an encoder for every message of the protocol;
 //! - [`export`]: what a server offers (the catalog a shell provides), from
 //!   which transmission flags are derived;
-//! - [`server`]: the per-connection server state machine.
+//! - [`server`]: the per-connection server state machine;
+//! - [`client`]: the per-connection client state machine;
+//! - [`shape`]: the types both state machines share.
 //!
 //! Memory is bounded and fixed at compile time through const generics; no
 //! bulk payload is ever copied: write payloads are handed out as slices of
@@ -46,4 +48,5 @@ mod log;
 pub mod client;
 pub mod export;
 pub mod server;
+pub mod shape;
 pub mod wire;

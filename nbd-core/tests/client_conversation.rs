@@ -352,7 +352,7 @@ fn starttls_hands_over_and_negotiation_restarts() {
     let mut pair: Pair<16, 4096> = Pair::new(exports, server_config, config);
     pair.run();
     let events = pair.take_events();
-    assert_eq!(events[..2], [Ev::Greeted(3), Ev::TlsStart]);
+    assert_eq!(events[..2], [Ev::Greeted(3), Ev::StartTls]);
     assert_eq!(events.last(), Some(&Ev::Ready));
     assert!(pair.client.tls_active());
     assert!(pair.server.tls_active());

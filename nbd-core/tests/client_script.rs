@@ -151,7 +151,7 @@ fn starttls_hands_over_at_the_acknowledgement() {
     bytes.extend_from_slice(&[0x16, 0x03, 0x03]);
     let step = s.client.process(&bytes).expect("ack");
     assert_eq!(step.consumed, 20);
-    assert_eq!(step.event.map(Ev::from_event), Some(Ev::TlsStart));
+    assert_eq!(step.event.map(Ev::from_event), Some(Ev::StartTls));
     assert!(s.client.tls_active());
     // Negotiation starts afresh, now over TLS.
     s.sent.clear();

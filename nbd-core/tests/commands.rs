@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use nbd_core::export::{Capabilities, Export};
-use nbd_core::server::{CloseReason, CompletionError, Config, ReadOutcome, Request, RequestId};
+use nbd_core::server::{
+    CloseReason, CompletionError, Config, ProtocolError, ReadOutcome, Request, RequestId,
+};
 use nbd_core::wire::{Chunk, ChunkType, Command, CommandFlags, ErrorCode, ReplyFlags};
 
 type H = Harness;
@@ -658,6 +660,32 @@ fn disconnect_alone_closes_without_a_reply() {
     assert!(h.received().is_empty(), "no reply to NBD_CMD_DISC");
     assert_eq!(h.take_events(), vec![Ev::Close(CloseReason::Disconnect)]);
     assert!(h.conn.is_closed());
+}
+
+#[test]
+fn end_of_input_tells_a_finished_session_from_a_cut_one() {
+    // Negotiation and transmission cut short by the client going away.
+    let negotiating = H::new(exports(), Config::default());
+    assert_eq!(
+        negotiating.conn.end_of_input(),
+        Err(ProtocolError::UnexpectedEof)
+    );
+    let mut h = connect(false);
+    assert_eq!(h.conn.end_of_input(), Err(ProtocolError::UnexpectedEof));
+    // Half a request header, then NBD_CMD_DISC after a whole one.
+    let disc = request(
+        h.style(),
+        Command::Disconnect,
+        CommandFlags::empty(),
+        1,
+        0,
+        0,
+    );
+    h.send(&disc[..10]);
+    assert_eq!(h.conn.end_of_input(), Err(ProtocolError::UnexpectedEof));
+    h.send(&disc[10..]);
+    assert_eq!(h.take_events(), vec![Ev::Close(CloseReason::Disconnect)]);
+    assert_eq!(h.conn.end_of_input(), Ok(()));
 }
 
 #[test]

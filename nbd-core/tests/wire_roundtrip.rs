@@ -6,11 +6,13 @@
 use core::fmt::Debug;
 
 use nbd_core::wire::{
-    BlockSizeConstraints, BlockStatusPayload, Chunk, ChunkHeader, ChunkType, ClientFlags, Command,
-    CommandFlags, Descriptor, ExportNameReply, ExtDescriptor, Greeting, HandshakeFlags,
-    HeaderStyle, Info, InfoRequest, InfoType, MetaContextRequest, OldstyleGreeting, OptionCode,
-    OptionHeader, OptionReply, OptionReplyHeader, OptionReplyType, OptionRequest, ReplyFlags,
-    ReplyHeader, RequestHeader, ServerHello, SimpleReply, TransmissionFlags, WireError, WireList,
+    BlockSizeConstraints, BlockStatusPayload, Chunk, ChunkHeader, ChunkPrefix, ChunkType,
+    ClientFlags, Command, CommandFlags, Descriptor, ERROR_OFFSET_TRAILER_LEN, ExportNameReply,
+    ExtDescriptor, Greeting, HELLO_MAGICS_LEN, HandshakeFlags, HeaderStyle, HelloStyle, Info,
+    InfoRequest, InfoType, MetaContextRequest, OldstyleGreeting, OptionCode, OptionHeader,
+    OptionReply, OptionReplyHeader, OptionReplyType, OptionRequest, REPLY_MAGIC_LEN, ReplyFlags,
+    ReplyHeader, ReplyKind, RequestHeader, STATUS_CONTEXT_ID_LEN, STATUS_EFFECT_LEN, ServerHello,
+    SimpleReply, TransmissionFlags, WireError, WireList,
 };
 use proptest::prelude::*;
 
@@ -668,6 +670,184 @@ proptest! {
         prop_assert_eq!(&rest[chunk.payload_len()..], TRAILER);
         prop_assert_eq!(Chunk::parse_payload(header.chunk_type, payload), Ok(chunk));
     }
+}
+
+// ---------------------------------------------------------------------------
+// Fixed prefixes: what the state machines encode into their scratch and
+// parse as fields arrive, with the variable tails sent or read apart
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #[test]
+    fn option_request_prefix_and_tails_make_the_encoding(parts in option_parts()) {
+        let queries: Vec<&[u8]> = parts.queries.iter().map(Vec::as_slice).collect();
+        let request = build_option(&parts, &queries);
+        let whole = encode_to_vec(request.encoded_len(), |out| request.encode(out));
+        let prefix_len = request.prefix_len();
+        let mut joined = encode_checked(prefix_len, |out| request.encode_prefix(out));
+        joined.truncate(prefix_len);
+        match request {
+            OptionRequest::Info(info) | OptionRequest::Go(info) => {
+                joined.extend_from_slice(info.name);
+                let len = 2 + 2 * info.requests.len();
+                joined.extend(encode_checked(len, |out| {
+                    InfoRequest::encode_requests(info.requests.iter(), out)
+                }).drain(..len));
+            }
+            OptionRequest::ListMetaContext(meta) | OptionRequest::SetMetaContext(meta) => {
+                joined.extend_from_slice(meta.export_name);
+                let len = MetaContextRequest::queries_len(meta.queries.iter());
+                joined.extend(encode_checked(len, |out| {
+                    MetaContextRequest::encode_queries(meta.queries.iter(), out)
+                }).drain(..len));
+            }
+            OptionRequest::ExportName { name } | OptionRequest::Unknown { data: name, .. } => {
+                joined.extend_from_slice(name);
+            }
+            _ => {}
+        }
+        prop_assert_eq!(joined, whole);
+    }
+
+    #[test]
+    fn option_reply_prefix_and_tails_make_the_encoding(parts in reply_parts(), option in any::<u32>()) {
+        let reply = build_reply(&parts);
+        let option = OptionCode::from_wire(option);
+        let whole = encode_to_vec(reply.encoded_len(), |out| reply.encode(option, out));
+        let prefix_len = reply.prefix_len();
+        let mut joined = encode_checked(prefix_len, |out| reply.encode_prefix(option, out));
+        joined.truncate(prefix_len);
+        for tail in reply.tails() {
+            joined.extend_from_slice(tail);
+        }
+        prop_assert_eq!(joined, whole);
+    }
+
+    #[test]
+    fn info_prefix_and_tail_make_the_encoding(parts in info_parts()) {
+        let info = build_info(&parts);
+        let prefix_len = info.prefix_len();
+        let mut joined = encode_checked(prefix_len, |out| info.encode_prefix(out));
+        joined.truncate(prefix_len);
+        joined.extend_from_slice(info.tail());
+        prop_assert_eq!(joined, info_bytes(&info));
+    }
+
+    #[test]
+    fn chunk_prefix_round_trips(
+        parts in chunk_parts(),
+        style in style(),
+        flags in any::<u16>(),
+        cookie in any::<u64>(),
+        offset in any::<u64>(),
+    ) {
+        let chunk = build_chunk(&parts);
+        let Some(prefix) = chunk.prefix() else {
+            // Unknown types have no known layout.
+            let unknown = matches!(chunk, Chunk::Unknown { .. });
+            prop_assert!(unknown);
+            return Ok(());
+        };
+        prop_assert_eq!(prefix.chunk_type(), chunk.chunk_type());
+        prop_assert_eq!(prefix.payload_len(), chunk.payload_len() as u64);
+        let flags = ReplyFlags(flags);
+        // The prefix with its header is how the whole chunk starts.
+        let head_len = prefix.encoded_len_with_header(style);
+        let head = encode_checked(head_len, |out| prefix.encode_with_header(flags, cookie, offset, style, out));
+        let whole = encode_to_vec(chunk.encoded_len_with_header(style), |out| {
+            chunk.encode_with_header(flags, cookie, offset, style, out)
+        });
+        prop_assert_eq!(&head[..head_len], &whole[..head_len]);
+        // Parsed as fields arrive, from the payload's front.
+        let payload = chunk_bytes(&chunk);
+        let fixed = prefix.encoded_len();
+        prop_assert_eq!(ChunkPrefix::fixed_len(chunk.chunk_type()), Some(fixed));
+        prop_assert_eq!(ChunkPrefix::check_length(chunk.chunk_type(), prefix.payload_len()), Ok(()));
+        let mut buf = payload[..fixed].to_vec();
+        buf.extend_from_slice(TRAILER);
+        check_stream(&buf, fixed, &prefix, true, |input| {
+            ChunkPrefix::parse(chunk.chunk_type(), prefix.payload_len(), input)
+        });
+        if let Chunk::ErrorOffset { offset, message, .. } = chunk {
+            let trailer = &payload[fixed + message.len()..];
+            let mut buf = trailer.to_vec();
+            buf.extend_from_slice(TRAILER);
+            check_stream(&buf, ERROR_OFFSET_TRAILER_LEN, &offset, true, ChunkPrefix::parse_error_offset);
+        }
+        // A length one byte past what the fields announce is refused
+        // (read data alone takes whatever length the header gives).
+        if !matches!(prefix, ChunkPrefix::OffsetData { .. }) {
+            let parsed = ChunkPrefix::parse(chunk.chunk_type(), prefix.payload_len() + 1, &payload);
+            prop_assert!(parsed.is_err(), "{:?}", parsed);
+        }
+    }
+
+    #[test]
+    fn block_status_payload_fields_parse_as_they_arrive(effect_length in any::<u64>(), ids in prop::collection::vec(any::<u32>(), 0..8)) {
+        let payload = BlockStatusPayload { effect_length, context_ids: WireList::Items(&ids) };
+        let buf = encode_to_vec(payload.encoded_len(), |out| payload.encode(out));
+        let mut field = buf[..STATUS_EFFECT_LEN].to_vec();
+        field.extend_from_slice(TRAILER);
+        check_stream(&field, STATUS_EFFECT_LEN, &effect_length, true, BlockStatusPayload::parse_effect_length);
+        for (i, id) in ids.iter().enumerate() {
+            let at = STATUS_EFFECT_LEN + i * STATUS_CONTEXT_ID_LEN;
+            let mut field = buf[at..at + STATUS_CONTEXT_ID_LEN].to_vec();
+            field.extend_from_slice(TRAILER);
+            check_stream(&field, STATUS_CONTEXT_ID_LEN, id, true, BlockStatusPayload::parse_context_id);
+        }
+    }
+
+    #[test]
+    fn reply_kind_is_told_by_the_magic((style, header) in styled_chunk_header(), error in any::<u32>(), cookie in any::<u64>()) {
+        let simple = SimpleReply { error, cookie };
+        let chunk = match style {
+            HeaderStyle::Compact => ReplyHeader::Structured(header),
+            HeaderStyle::Extended => ReplyHeader::Extended(header),
+        };
+        for (any, kind) in [
+            (ReplyHeader::Simple(simple), ReplyKind::Simple),
+            (chunk, if style == HeaderStyle::Compact { ReplyKind::Structured } else { ReplyKind::Extended }),
+        ] {
+            let whole = encode_to_vec(any.encoded_len(), |out| any.encode(out));
+            prop_assert_eq!(kind.header_len(), any.encoded_len());
+            let mut buf = whole[..REPLY_MAGIC_LEN].to_vec();
+            buf.extend_from_slice(TRAILER);
+            check_stream(&buf, REPLY_MAGIC_LEN, &kind, true, ReplyHeader::parse_kind);
+        }
+    }
+}
+
+#[test]
+fn hello_style_is_told_by_the_magics() {
+    let newstyle = Greeting {
+        flags: HandshakeFlags(3),
+    };
+    let oldstyle = OldstyleGreeting { size: 1, flags: 0 };
+    let new = encode_to_vec(18, |out| newstyle.encode(out));
+    let old = encode_to_vec(152, |out| oldstyle.encode(out));
+    for (bytes, style) in [(&new, HelloStyle::Newstyle), (&old, HelloStyle::Oldstyle)] {
+        let (rest, found) = ServerHello::parse_style(bytes).expect("style");
+        assert_eq!(found, style);
+        assert_eq!(rest, &bytes[HELLO_MAGICS_LEN..]);
+        for cut in 0..HELLO_MAGICS_LEN {
+            assert_eq!(
+                ServerHello::parse_style(&bytes[..cut]),
+                Err(WireError::Incomplete {
+                    needed: HELLO_MAGICS_LEN - cut
+                })
+            );
+        }
+    }
+    let mut other = new.clone();
+    other[15] ^= 1;
+    assert!(matches!(
+        ServerHello::parse_style(&other),
+        Err(WireError::BadMagic { .. })
+    ));
+    assert_eq!(
+        ReplyHeader::parse_kind(&hex("25609513")),
+        Err(WireError::BadMagic { found: 0x2560_9513 })
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -130,7 +130,7 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
                     info!("client selected export {} ({} bytes)", index, size);
                 }
                 Event::StartTls => return Err(Error::Tls),
-                Event::Close(reason) => return Ok((consumed, Some(reason))),
+                Event::Closed(reason) => return Ok((consumed, Some(reason))),
                 _ => {}
             }
         }

@@ -23,12 +23,12 @@
 //! costs two atomic additions, a histogram update (its own lock, one per
 //! export and command) and a small map entry for its start time.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbd_core::server::{Request, RequestId};
+use nbd_core::shape::RequestMap;
 use nbd_core::wire::ErrorCode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -272,7 +272,7 @@ impl Metrics {
         ConnectionMetrics {
             metrics: Arc::clone(self),
             export: None,
-            started: HashMap::new(),
+            started: RequestMap::new(),
         }
     }
 
@@ -333,7 +333,7 @@ fn error_name(code: ErrorCode) -> &'static str {
 pub struct ConnectionMetrics {
     metrics: Arc<Metrics>,
     export: Option<Arc<ExportCounters>>,
-    started: HashMap<RequestId, (Command, Instant)>,
+    started: RequestMap<(Command, Instant)>,
 }
 
 impl ConnectionMetrics {
@@ -368,7 +368,7 @@ impl ConnectionMetrics {
     /// The storage answered request `id`, with `error` if it failed.
     /// Unknown ids (answered already) are ignored.
     pub fn answered(&mut self, id: RequestId, error: Option<ErrorCode>) {
-        let (Some(export), Some((command, started))) = (&self.export, self.started.remove(&id))
+        let (Some(export), Some((command, started))) = (&self.export, self.started.remove(id))
         else {
             return;
         };

@@ -4,11 +4,11 @@ use js_sys::Array;
 use nbd_core::client::{
     BASE_ALLOCATION, Config, Connection, Event, ExportInfo, Mode, Payload, RequestId, UsageError,
 };
+use nbd_core::shape::RequestMap;
 use nbd_core::wire::{BlockSizeConstraints, CommandFlags, Info};
 use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen::{JsError, JsValue};
 
-use crate::idmap::IdMap;
 use crate::js::{Obj, array, error_name, extents_to_js, get, get_bool, get_string, number, to_u64};
 
 type Conn = Connection<128, 16384>;
@@ -27,7 +27,7 @@ pub struct NbdClient {
     conn: Conn,
     input: Vec<u8>,
     output: Vec<u8>,
-    writes: IdMap<Vec<u8>>,
+    writes: RequestMap<Vec<u8>>,
     closed: bool,
 }
 
@@ -81,7 +81,7 @@ impl NbdClient {
             conn,
             input: Vec::new(),
             output: Vec::new(),
-            writes: IdMap::new(),
+            writes: RequestMap::new(),
             closed: false,
         })
     }
@@ -139,11 +139,12 @@ impl NbdClient {
     /// `NBD_CMD_WRITE` of `data` at `offset` (the data is kept until sent).
     pub fn write(&mut self, offset: f64, data: Vec<u8>, fua: Option<bool>) -> Result<u32, JsError> {
         let offset = to_u64(offset, "offset")?;
-        let id = id(self
+        let id = self
             .conn
-            .write(offset, data.len() as u64, fua.unwrap_or(false)))?;
+            .write(offset, data.len() as u64, fua.unwrap_or(false))
+            .map_err(usage_error)?;
         self.writes.insert(id, data);
-        Ok(id)
+        Ok(id.to_bits())
     }
 
     /// `NBD_CMD_FLUSH`.
@@ -274,7 +275,7 @@ impl NbdClient {
             }
             if let Some(Payload::Data { id, .. }) = transmit.payload {
                 // The core hands out each write's payload once, whole.
-                if let Some(data) = self.writes.remove(id.to_bits()) {
+                if let Some(data) = self.writes.remove(id) {
                     self.output.extend_from_slice(&data);
                 }
             }
@@ -323,7 +324,7 @@ fn export_to_js(obj: Obj, info: &ExportInfo) -> JsValue {
 fn event_to_js(event: Event<'_>) -> (JsValue, bool) {
     let event = match event {
         Event::Greeted { flags } => Obj::new("greeted").set("flags", flags.bits()),
-        Event::TlsStart => Obj::new("tlsStart"),
+        Event::StartTls => Obj::new("tlsStart"),
         Event::ListEntry { name, description } => Obj::new("listEntry")
             .text("name", name)
             .text("description", description),

@@ -22,7 +22,6 @@
 
 mod catalog;
 mod client;
-mod idmap;
 mod js;
 mod server;
 

@@ -4,11 +4,11 @@ use js_sys::Array;
 use nbd_core::server::{
     CloseReason, Config, Connection, Event, Payload, ReadOutcome, Request, RequestId,
 };
+use nbd_core::shape::RequestMap;
 use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen::{JsError, JsValue};
 
 use crate::catalog::OwnedCatalog;
-use crate::idmap::IdMap;
 use crate::js::{Obj, extents_from_js, get_bool, get_u64, parse_error};
 
 type Conn = Connection<OwnedCatalog, 128, 16384>;
@@ -28,9 +28,9 @@ pub struct NbdServer {
     input: Vec<u8>,
     output: Vec<u8>,
     /// Length of every read the shell has not answered yet.
-    reads: IdMap<u64>,
+    reads: RequestMap<u64>,
     /// Read data supplied by `completeRead`, until its reply is encoded.
-    read_data: IdMap<Vec<u8>>,
+    read_data: RequestMap<Vec<u8>>,
     closed: bool,
 }
 
@@ -55,8 +55,8 @@ impl NbdServer {
             conn: Connection::new(catalog, config),
             input: Vec::new(),
             output: Vec::new(),
-            reads: IdMap::new(),
-            read_data: IdMap::new(),
+            reads: RequestMap::new(),
+            read_data: RequestMap::new(),
             closed: false,
         })
     }
@@ -92,7 +92,7 @@ impl NbdServer {
     pub fn complete_read(&mut self, id: u32, data: Vec<u8>) -> Result<(), JsError> {
         let length = *self
             .reads
-            .get(id)
+            .get(RequestId::from_bits(id))
             .ok_or_else(|| JsError::new(&format!("no read {id} awaits data")))?;
         if data.len() as u64 != length {
             return Err(JsError::new(&format!(
@@ -103,8 +103,8 @@ impl NbdServer {
         self.conn
             .complete_read(RequestId::from_bits(id), ReadOutcome::Data)
             .map_err(completion_error)?;
-        self.reads.remove(id);
-        self.read_data.insert(id, data);
+        self.reads.remove(RequestId::from_bits(id));
+        self.read_data.insert(RequestId::from_bits(id), data);
         Ok(())
     }
 
@@ -115,7 +115,7 @@ impl NbdServer {
         self.conn
             .complete_read(RequestId::from_bits(id), ReadOutcome::Zeroes)
             .map_err(completion_error)?;
-        self.reads.remove(id);
+        self.reads.remove(RequestId::from_bits(id));
         Ok(())
     }
 
@@ -126,7 +126,7 @@ impl NbdServer {
     pub fn complete(&mut self, id: u32, error: Option<String>) -> Result<(), JsError> {
         let result = match error {
             None => {
-                if self.reads.get(id).is_some() {
+                if self.reads.contains(RequestId::from_bits(id)) {
                     return Err(JsError::new(
                         "a successful read is answered with completeRead or completeReadZeroes",
                     ));
@@ -138,7 +138,7 @@ impl NbdServer {
         self.conn
             .complete(RequestId::from_bits(id), result)
             .map_err(completion_error)?;
-        self.reads.remove(id);
+        self.reads.remove(RequestId::from_bits(id));
         Ok(())
     }
 
@@ -222,7 +222,7 @@ impl NbdServer {
             match transmit.payload {
                 None => {}
                 Some(Payload::Data { id, length, .. }) => {
-                    let data = self.read_data.remove(id.to_bits());
+                    let data = self.read_data.remove(id);
                     match data {
                         Some(data) if data.len() as u64 == length => {
                             self.output.extend_from_slice(&data);
@@ -245,7 +245,7 @@ fn completion_error(error: nbd_core::server::CompletionError) -> JsError {
 }
 
 /// The event as a plain object, and whether it ends the session.
-fn event_to_js(conn: &Conn, reads: &mut IdMap<u64>, event: Event<'_>) -> (JsValue, bool) {
+fn event_to_js(conn: &Conn, reads: &mut RequestMap<u64>, event: Event<'_>) -> (JsValue, bool) {
     let event = match event {
         Event::ExportSelected {
             index,
@@ -279,7 +279,7 @@ fn event_to_js(conn: &Conn, reads: &mut IdMap<u64>, event: Event<'_>) -> (JsValu
             .num("offset", offset)
             .bytes("data", data)
             .num("remaining", remaining),
-        Event::Close(reason) => {
+        Event::Closed(reason) => {
             let reason = match reason {
                 CloseReason::Abort => "abort",
                 CloseReason::Disconnect => "disconnect",
@@ -292,11 +292,11 @@ fn event_to_js(conn: &Conn, reads: &mut IdMap<u64>, event: Event<'_>) -> (JsValu
     (event.build(), false)
 }
 
-fn request_to_js(reads: &mut IdMap<u64>, request: Request) -> Obj {
+fn request_to_js(reads: &mut RequestMap<u64>, request: Request) -> Obj {
     let id = request.id().to_bits();
     match request {
         Request::Read { offset, length, .. } => {
-            reads.insert(id, length);
+            reads.insert(request.id(), length);
             Obj::new("read").num("offset", offset).num("length", length)
         }
         Request::Write {

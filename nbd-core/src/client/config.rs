@@ -1,20 +1,7 @@
 //! What the client asks for: the [`Config`] a shell chooses, and the
 //! settings kept from it for the whole negotiation.
 
-use super::BASE_ALLOCATION;
-
-/// Whether to start TLS (spec: "TLS support", client-side requirements).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum TlsPolicy {
-    /// Never send `NBD_OPT_STARTTLS`.
-    #[default]
-    Disabled,
-    /// Send `NBD_OPT_STARTTLS` first; go on in clear if the server refuses.
-    Optional,
-    /// Send `NBD_OPT_STARTTLS` first; end the session if the server refuses.
-    Required,
-}
+use super::{BASE_ALLOCATION, TlsPolicy};
 
 /// What the negotiation is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -13,8 +13,8 @@ use super::{
 };
 use crate::export::Features;
 use crate::wire::{
-    BlockSizeConstraints, ErrorCode, HandshakeFlags, HeaderStyle, Info, MAX_STRING_LEN, OptionCode,
-    OptionReplyType, TransmissionFlags, encode_u32,
+    BlockSizeConstraints, ErrorCode, HandshakeFlags, HeaderStyle, Info, MAX_STRING_LEN,
+    MetaContextRequest, OptionCode, OptionReplyType, TransmissionFlags,
 };
 
 /// Bytes of partial headers and small fixed fields kept between `process`
@@ -74,12 +74,6 @@ impl Accumulator {
     }
 }
 
-/// The big-endian number in `bytes` (at most 8 of them: fields collected
-/// in the accumulator).
-pub(super) fn be(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-}
-
 /// Bytes an event borrows: from the caller's input, the connection's
 /// buffer, or the accumulator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +97,7 @@ pub(super) enum RawInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Raw {
     Greeted(HandshakeFlags),
-    TlsStart,
+    StartTls,
     ListEntry {
         name: Span,
         description: Span,
@@ -242,21 +236,17 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         {
             return Err(ConfigError::StringTooLong);
         }
-        let queries: usize = config.meta_contexts.iter().map(|q| 4 + q.len()).sum();
-        let queries_end = name.len() + 4 + queries;
+        let queries = || config.meta_contexts.iter().map(|q| q.as_bytes());
+        let queries_end = name.len() + MetaContextRequest::queries_len(queries());
         let needed = queries_end + MIN_REPLY_SPACE;
         if needed > BUFFER {
             return Err(ConfigError::BufferTooSmall { needed });
         }
         let mut buffer = [0; BUFFER];
         buffer[..name.len()].copy_from_slice(name);
-        let mut at = name.len();
-        at += encode_u32(&mut buffer[at..], config.meta_contexts.len() as u32);
-        for query in config.meta_contexts {
-            at += encode_u32(&mut buffer[at..], query.len() as u32);
-            buffer[at..at + query.len()].copy_from_slice(query.as_bytes());
-            at += query.len();
-        }
+        // The room was checked above and each query's length bounded.
+        let encoded = MetaContextRequest::encode_queries(queries(), &mut buffer[name.len()..]);
+        debug_assert_eq!(encoded, Ok(queries_end - name.len()));
         Ok(Self {
             phase: Phase::Greeting,
             settings: Settings::new(&config, name.len(), queries_end),
@@ -493,7 +483,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         let span = |span| self.span(input, span);
         match raw {
             Raw::Greeted(flags) => Event::Greeted { flags },
-            Raw::TlsStart => Event::TlsStart,
+            Raw::StartTls => Event::StartTls,
             Raw::ListEntry { name, description } => Event::ListEntry {
                 name: span(name),
                 description: span(description),

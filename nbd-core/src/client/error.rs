@@ -3,7 +3,7 @@
 
 use crate::wire::{
     BlockSizeConstraints, ChunkType, Command, CommandFlags, OptionCode, OptionReplyType,
-    TransmissionFlags,
+    TransmissionFlags, WireError,
 };
 
 /// Why a command was refused locally; nothing was sent.
@@ -89,6 +89,9 @@ pub enum ProtocolError {
         /// What was found (widened).
         found: u64,
     },
+    /// A message that parses as no valid one (other than by its magic):
+    /// the wire layer's reason, such as the field it refuses.
+    Malformed(WireError),
     /// The server sent bytes when no reply was due (before the client's
     /// option went out, or after negotiation ended).
     UnsolicitedData,
@@ -193,6 +196,7 @@ impl core::fmt::Display for ProtocolError {
             Self::Oldstyle => f.write_str("server uses oldstyle negotiation"),
             Self::NotFixedNewstyle => f.write_str("server does not support fixed newstyle"),
             Self::BadMagic { found } => write!(f, "bad magic number {found:#x} from server"),
+            Self::Malformed(error) => write!(f, "malformed message from server: {error}"),
             Self::UnsolicitedData => f.write_str("server sent data when no reply was due"),
             Self::UnexpectedOptionReply { option } => {
                 write!(f, "unexpected reply to option {option:?}")

@@ -9,13 +9,7 @@ use crate::wire::{
 };
 
 /// The result of one [`Connection::process`](super::Connection::process) call.
-#[derive(Debug)]
-pub struct Step<'a> {
-    /// Bytes of the input consumed; the shell drops them.
-    pub consumed: usize,
-    /// What the shell must act on, if anything.
-    pub event: Option<Event<'a>>,
-}
+pub type Step<'a> = crate::shape::Step<Event<'a>>;
 
 /// What the export offers, as negotiated. Block sizes are the server's
 /// (`NBD_INFO_BLOCK_SIZE`) or the spec's defaults (1, 4096, 32 MiB).
@@ -159,7 +153,7 @@ pub enum Event<'a> {
     /// decrypted bytes and encrypts what `poll_transmit` returns. Bytes
     /// after the acknowledgement in the same input were not consumed.
     /// Negotiation starts afresh, as the spec requires.
-    TlsStart,
+    StartTls,
     /// One `NBD_REP_SERVER` reply to `NBD_OPT_LIST`.
     ListEntry {
         /// Export name.

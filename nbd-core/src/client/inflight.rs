@@ -9,45 +9,8 @@
 use heapless::Deque;
 
 use super::coverage::Coverage;
+pub(super) use crate::shape::RequestId;
 use crate::wire::{Command, CommandFlags, ErrorCode};
-
-/// Identifies a request in flight on one connection; also its cookie on
-/// the wire. Ids are reused once a request is done; a stale id never
-/// matches a later request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct RequestId(u32);
-
-impl RequestId {
-    fn new(index: usize, generation: u16) -> Self {
-        // Tables hold at most u16::MAX slots (checked in `InFlight::new`).
-        Self((u32::from(generation) << 16) | (index as u32 & 0xffff))
-    }
-
-    fn index(self) -> usize {
-        (self.0 & 0xffff) as usize
-    }
-
-    fn generation(self) -> u16 {
-        (self.0 >> 16) as u16
-    }
-
-    /// The id as a number, for shells that must pass it through a foreign
-    /// interface (JavaScript, a queue).
-    pub fn to_bits(self) -> u32 {
-        self.0
-    }
-
-    /// An id from [`to_bits`](Self::to_bits).
-    pub fn from_bits(bits: u32) -> Self {
-        Self(bits)
-    }
-
-    /// The cookie the request carries on the wire.
-    pub fn cookie(self) -> u64 {
-        u64::from(self.0)
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum SlotState {

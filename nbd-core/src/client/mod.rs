@@ -63,7 +63,7 @@
 //! Negotiation follows the [`Config`]: fixed newstyle only (oldstyle and
 //! non-fixed servers are refused with a [`ProtocolError`]), `NO_ZEROES`
 //! when offered, `NBD_OPT_STARTTLS` first when asked for (the shell starts
-//! TLS on [`Event::TlsStart`]), `NBD_OPT_EXTENDED_HEADERS` (falling back to
+//! TLS on [`Event::StartTls`]), `NBD_OPT_EXTENDED_HEADERS` (falling back to
 //! `NBD_OPT_STRUCTURED_REPLY` when refused), `NBD_OPT_SET_META_CONTEXT`,
 //! then `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` when the server
 //! does not know it). [`Mode::Info`] and [`Mode::List`] query the server
@@ -111,11 +111,11 @@ mod output;
 mod replies;
 mod requests;
 
-pub use config::{Config, ConfigError, Mode, TlsPolicy};
+pub use crate::shape::{RequestId, TlsPolicy};
+pub use config::{Config, ConfigError, Mode};
 pub use connection::Connection;
 pub use error::{ProtocolError, UsageError};
 pub use event::{Descriptors, Event, ExportInfo, Step};
-pub use inflight::RequestId;
 pub use output::{Payload, Transmit};
 
 /// A connection sized for an operating system: 128 requests in flight and

@@ -7,13 +7,13 @@
 //! from the server's answers: STARTTLS, extended headers (or structured
 //! replies), metadata contexts, then GO (or EXPORT_NAME), INFO or LIST.
 
-use super::connection::{Connection, Phase, Raw, RawInfo, Span, be};
+use super::connection::{Connection, Phase, Raw, RawInfo, Span};
 use super::{ExportInfo, Mode, ProtocolError, TlsPolicy};
 use crate::export::{DEFAULT_BLOCK_SIZES, Features, validate_block_sizes};
 use crate::wire::{
-    BlockSizeConstraints, ExportNameReply, GREETING_LEN, Greeting, HandshakeFlags, IHAVEOPT, Info,
-    NBD_MAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_HEADER_LEN, OptionCode, OptionReply, OptionReplyHeader,
-    OptionReplyType, TransmissionFlags, WireError,
+    BlockSizeConstraints, ExportNameReply, GREETING_LEN, Greeting, HELLO_MAGICS_LEN,
+    HandshakeFlags, HelloStyle, Info, OPTION_REPLY_HEADER_LEN, OptionCode, OptionReply,
+    OptionReplyHeader, OptionReplyType, ServerHello, TransmissionFlags, WireError,
 };
 
 /// An option the client sends.
@@ -123,10 +123,10 @@ enum Reply {
     Unknown,
 }
 
-fn wire_error(error: WireError) -> ProtocolError {
+pub(super) fn wire_error(error: WireError) -> ProtocolError {
     match error {
         WireError::BadMagic { found } => ProtocolError::BadMagic { found },
-        _ => ProtocolError::BadMagic { found: 0 },
+        other => ProtocolError::Malformed(other),
     }
 }
 
@@ -137,24 +137,21 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         input: &[u8],
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
         let mut used = 0;
-        if self.accumulator.len() < 16 {
-            let (taken, ready) = self.accumulator.fill(input, 16);
+        if self.accumulator.len() < HELLO_MAGICS_LEN {
+            let (taken, ready) = self.accumulator.fill(input, HELLO_MAGICS_LEN);
             used += taken;
             if !ready {
                 return Ok((used, None));
             }
-            let bytes = self.accumulator.bytes();
-            let (magic, second) = (be(&bytes[..8]), be(&bytes[8..16]));
-            if magic != NBD_MAGIC {
-                return Err(ProtocolError::BadMagic { found: magic });
-            }
-            match second {
-                IHAVEOPT => {}
-                OLDSTYLE_MAGIC => {
+            match ServerHello::parse_style(self.accumulator.bytes())
+                .map_err(wire_error)?
+                .1
+            {
+                HelloStyle::Newstyle => {}
+                HelloStyle::Oldstyle => {
                     warn!("server uses oldstyle negotiation: refused");
                     return Err(ProtocolError::Oldstyle);
                 }
-                found => return Err(ProtocolError::BadMagic { found }),
             }
         }
         let (taken, ready) = self.accumulator.fill(&input[used..], GREETING_LEN);
@@ -385,7 +382,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 self.features = Features::default();
                 self.contexts.clear();
                 self.advance(self.after_tls());
-                Raw::TlsStart
+                Raw::StartTls
             }
             OptionStep::ExtendedHeaders => {
                 self.features = Features {
@@ -588,5 +585,26 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         {
             self.advance(OptionStep::Abort);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_errors_keep_their_reason() {
+        assert_eq!(
+            wire_error(WireError::BadMagic { found: 7 }),
+            ProtocolError::BadMagic { found: 7 }
+        );
+        assert_eq!(
+            wire_error(WireError::BadLength),
+            ProtocolError::Malformed(WireError::BadLength)
+        );
+        assert_eq!(
+            wire_error(WireError::InvalidValue("chunk type")),
+            ProtocolError::Malformed(WireError::InvalidValue("chunk type"))
+        );
     }
 }

@@ -10,26 +10,13 @@ use super::RequestId;
 use super::connection::{Connection, Ending, Phase, SECOND_PART};
 use super::negotiation::OptionStep;
 use crate::wire::{
-    ClientFlags, Command, CommandFlags, InfoType, OptionHeader, RequestHeader, WireError,
-    encode_u16, encode_u32,
+    ClientFlags, Command, CommandFlags, InfoRequest, InfoType, MetaContextRequest, OptionRequest,
+    RequestHeader, WireError, WireList,
 };
 
-/// One message to send: `parts` in order (empty ones skipped), then the
-/// shell-owned `payload`, if any. The core counts it as sent once returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Transmit<'a> {
-    /// Bytes the core encoded, and strings copied from the [`Config`](super::Config).
-    pub parts: [&'a [u8]; 3],
-    /// What the shell appends after the parts.
-    pub payload: Option<Payload>,
-}
-
-impl Transmit<'_> {
-    /// Total bytes of `parts`.
-    pub fn parts_len(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).sum()
-    }
-}
+/// One message to send: bytes the core encoded and strings copied from
+/// the [`Config`](super::Config), then the shell's [`Payload`].
+pub type Transmit<'a> = crate::shape::Transmit<'a, Payload>;
 
 /// Shell-owned bytes that follow a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +50,21 @@ struct Out {
     head: usize,
     tails: [Tail; 2],
     payload: Option<Payload>,
+}
+
+/// Encodes a header and fixed fields into `scratch`, which fits every one
+/// the client sends, so `encode` cannot run short.
+fn encode_head(
+    scratch: &mut [u8],
+    encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
+) -> Out {
+    let head = encode(scratch);
+    debug_assert!(head.is_ok(), "scratch too small: {head:?}");
+    Out {
+        head: head.unwrap_or(0),
+        tails: [Tail::Empty; 2],
+        payload: None,
+    }
 }
 
 /// Cookie of `NBD_CMD_DISC`, which gets no reply: above every request's.
@@ -115,13 +117,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     /// Encodes a header into the scratch, which fits every header the
     /// client sends.
     fn head(&mut self, encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>) -> Out {
-        let head = encode(&mut self.scratch[..SECOND_PART]);
-        debug_assert!(head.is_ok(), "scratch too small: {head:?}");
-        Out {
-            head: head.unwrap_or(0),
-            tails: [Tail::Empty; 2],
-            payload: None,
-        }
+        encode_head(&mut self.scratch[..SECOND_PART], encode)
     }
 
     /// The client flags, then the current option once.
@@ -137,64 +133,80 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
             return None;
         }
         self.negotiation.sent = true;
-        let code = step.code();
-        info!("sending option {:?}", code);
-        let name_len = self.settings.name_len;
-        let name = Tail::Buffer(0, name_len);
-        let out = match step {
-            OptionStep::StartTls
-            | OptionStep::ExtendedHeaders
-            | OptionStep::StructuredReply
-            | OptionStep::List
-            | OptionStep::Abort => self.option_header(code, 0),
-            OptionStep::ExportName => {
-                let mut out = self.option_header(code, name_len);
-                out.tails[0] = name;
-                out
-            }
-            OptionStep::Info | OptionStep::Go => {
-                let requests = self.encode_info_requests();
-                let mut out = self.option_header(code, 4 + name_len + requests);
-                out.head += encode_u32(&mut self.scratch[out.head..], name_len as u32);
-                out.tails = [name, Tail::Scratch(SECOND_PART, SECOND_PART + requests)];
-                out
-            }
-            OptionStep::SetMetaContext | OptionStep::ListMetaContext => {
-                let queries_end = self.settings.queries_end;
-                let mut out = self.option_header(code, 4 + queries_end);
-                out.head += encode_u32(&mut self.scratch[out.head..], name_len as u32);
-                out.tails = [name, Tail::Buffer(name_len, queries_end)];
-                out
-            }
-        };
-        Some(out)
-    }
-
-    fn option_header(&mut self, code: crate::wire::OptionCode, length: usize) -> Out {
-        let header = OptionHeader {
-            code,
-            // Strings are at most 4096 bytes each (checked in `new`).
-            length: length as u32,
-        };
-        self.head(|out| header.encode(out))
-    }
-
-    /// Writes the count and types of `NBD_INFO_*` wanted at the scratch's
-    /// second part; returns their length.
-    fn encode_info_requests(&mut self) -> usize {
+        info!("sending option {:?}", step.code());
+        let settings = self.settings;
+        let name_len = settings.name_len;
+        let name = &self.buffer[..name_len];
+        let name_tail = Tail::Buffer(0, name_len);
+        let (head, second) = self.scratch.split_at_mut(SECOND_PART);
         let wanted = [
-            (self.settings.request_name, InfoType::Name),
-            (self.settings.request_description, InfoType::Description),
-            (self.settings.request_block_size, InfoType::BlockSize),
+            (settings.request_name, InfoType::Name),
+            (settings.request_description, InfoType::Description),
+            (settings.request_block_size, InfoType::BlockSize),
         ];
-        let mut at = SECOND_PART + 2;
-        let mut count = 0u16;
+        let mut types = [0u16; 3];
+        let mut count = 0;
         for (_, info_type) in wanted.iter().filter(|(on, _)| *on) {
-            at += encode_u16(&mut self.scratch[at..], info_type.to_wire());
+            types[count] = info_type.to_wire();
             count += 1;
         }
-        encode_u16(&mut self.scratch[SECOND_PART..], count);
-        at - SECOND_PART
+        let info = InfoRequest {
+            name,
+            requests: WireList::Items(&types[..count]),
+        };
+        let meta = MetaContextRequest {
+            export_name: name,
+            // The query count and queries `new` encoded after the name.
+            queries: WireList::Encoded {
+                count: settings.query_count,
+                bytes: self
+                    .buffer
+                    .get(name_len + 4..settings.queries_end)
+                    .unwrap_or(&[]),
+            },
+        };
+        let (request, tails) = match step {
+            OptionStep::StartTls => (OptionRequest::StartTls, [Tail::Empty; 2]),
+            OptionStep::ExtendedHeaders => (OptionRequest::ExtendedHeaders, [Tail::Empty; 2]),
+            OptionStep::StructuredReply => (OptionRequest::StructuredReply, [Tail::Empty; 2]),
+            OptionStep::List => (OptionRequest::List, [Tail::Empty; 2]),
+            OptionStep::Abort => (OptionRequest::Abort, [Tail::Empty; 2]),
+            OptionStep::ExportName => {
+                (OptionRequest::ExportName { name }, [name_tail, Tail::Empty])
+            }
+            OptionStep::Info | OptionStep::Go => {
+                // The count and types go after the name, from the scratch's
+                // second part; three types fit.
+                let len = InfoRequest::encode_requests(info.requests.iter(), second);
+                debug_assert!(len.is_ok(), "info requests: {len:?}");
+                let len = len.unwrap_or(0);
+                let request = if step == OptionStep::Go {
+                    OptionRequest::Go(info)
+                } else {
+                    OptionRequest::Info(info)
+                };
+                (
+                    request,
+                    [name_tail, Tail::Scratch(SECOND_PART, SECOND_PART + len)],
+                )
+            }
+            OptionStep::SetMetaContext | OptionStep::ListMetaContext => {
+                let request = if step == OptionStep::SetMetaContext {
+                    OptionRequest::SetMetaContext(meta)
+                } else {
+                    OptionRequest::ListMetaContext(meta)
+                };
+                (
+                    request,
+                    [name_tail, Tail::Buffer(name_len, settings.queries_end)],
+                )
+            }
+        };
+        // Strings are at most 4096 bytes each (checked in `new`), so the
+        // option's length fits its field.
+        let mut out = encode_head(head, |out| request.encode_prefix(out));
+        out.tails = tails;
+        Some(out)
     }
 
     /// Whether `NBD_CMD_DISC` goes out now: asked for, every header sent,

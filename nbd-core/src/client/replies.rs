@@ -9,13 +9,13 @@
 //! skipped.
 
 use super::ProtocolError;
-use super::connection::{Connection, Ending, Raw, Span, be};
+use super::connection::{Connection, Ending, Raw, Span};
 use super::event::parse_descriptor;
 use super::inflight::{Progress, RequestId, Slot};
+use super::negotiation::wire_error;
 use crate::wire::{
-    ChunkHeader, ChunkType, Command, CommandFlags, EXTENDED_REPLY_HEADER_LEN, EXTENDED_REPLY_MAGIC,
-    ErrorCode, HeaderStyle, ReplyFlags, ReplyHeader, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC, SimpleReply,
+    ChunkHeader, ChunkPrefix, ChunkType, Command, CommandFlags, ERROR_OFFSET_TRAILER_LEN,
+    ErrorCode, HeaderStyle, REPLY_MAGIC_LEN, ReplyFlags, ReplyHeader, ReplyKind, SimpleReply,
 };
 
 /// What the next input bytes are.
@@ -47,20 +47,14 @@ pub(super) struct ChunkRead {
 /// Which field of the payload comes next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Part {
-    /// The 8-byte offset of `NBD_REPLY_TYPE_OFFSET_DATA`.
-    DataOffset,
+    /// The type's fixed fields ([`ChunkPrefix`]).
+    Prefix,
     /// The data, for export offset `offset`.
     Data { offset: u64 },
-    /// Offset and size of `NBD_REPLY_TYPE_OFFSET_HOLE`.
-    Hole,
-    /// Error value and message length of an error chunk.
-    ErrorHead,
     /// The message, skipped; then the offset of `ERROR_OFFSET`, or the rest.
     ErrorMessage { left: u16, then_offset: bool },
     /// The offset of `NBD_REPLY_TYPE_ERROR_OFFSET`.
     ErrorOffset,
-    /// Context id (and, extended, descriptor count) of a block status chunk.
-    StatusHead,
     /// Descriptors, the next one starting at export offset `offset`.
     Descriptors { context_id: u32, offset: u64 },
     /// The rest of an unknown error chunk.
@@ -108,28 +102,23 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     /// A reply header, checked against the negotiated style.
     fn read_header(&mut self, input: &[u8]) -> Result<(usize, Option<Raw>), ProtocolError> {
         let mut used = 0;
-        if self.accumulator.len() < 4 {
-            let (taken, ready) = self.accumulator.fill(input, 4);
+        if self.accumulator.len() < REPLY_MAGIC_LEN {
+            let (taken, ready) = self.accumulator.fill(input, REPLY_MAGIC_LEN);
             used += taken;
             if !ready {
                 return Ok((used, None));
             }
         }
-        let magic = be(&self.accumulator.bytes()[..4]) as u32;
+        let kind = ReplyHeader::parse_kind(self.accumulator.bytes())
+            .map_err(wire_error)?
+            .1;
         let features = self.features;
-        let (len, allowed) = match magic {
-            SIMPLE_REPLY_MAGIC => (SIMPLE_REPLY_LEN, !features.extended_headers),
-            STRUCTURED_REPLY_MAGIC => (
-                STRUCTURED_REPLY_HEADER_LEN,
-                features.structured_replies && !features.extended_headers,
-            ),
-            EXTENDED_REPLY_MAGIC => (EXTENDED_REPLY_HEADER_LEN, features.extended_headers),
-            found => {
-                return Err(ProtocolError::BadMagic {
-                    found: found.into(),
-                });
-            }
+        let allowed = match kind {
+            ReplyKind::Simple => !features.extended_headers,
+            ReplyKind::Structured => features.structured_replies && !features.extended_headers,
+            ReplyKind::Extended => features.extended_headers,
         };
+        let len = kind.header_len();
         if !allowed {
             return Err(ProtocolError::WrongHeaderStyle);
         }
@@ -139,9 +128,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
             return Ok((used, None));
         }
         let header = ReplyHeader::parse(self.accumulator.bytes())
-            .map_err(|_| ProtocolError::BadMagic {
-                found: magic.into(),
-            })?
+            .map_err(wire_error)?
             .1;
         self.accumulator.clear();
         let raw = match header {
@@ -218,48 +205,42 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 })
             }
         };
-        let req_one = slot.flags.contains(CommandFlags::REQ_ONE);
-        let part = match chunk_type {
+        // What the length alone tells; the fields are checked as they come.
+        let shape = ChunkPrefix::check_length(chunk_type, length).is_ok();
+        match chunk_type {
             ChunkType::None => {
-                check(length == 0 && done)?;
+                check(shape && done)?;
                 return self.finish(id).map(Some);
             }
             ChunkType::OffsetData => {
                 allowed(command == Command::Read)?;
-                check(length > 8 && length - 8 <= slot.length)?;
-                Part::DataOffset
+                check(shape && length - 8 <= slot.length)?;
             }
             ChunkType::OffsetHole => {
                 allowed(command == Command::Read)?;
-                check(length == 12)?;
-                Part::Hole
+                check(shape)?;
             }
             ChunkType::BlockStatus => {
                 allowed(command == Command::BlockStatus && !extended)?;
-                check(length >= 12 && (length - 4) % 8 == 0 && (!req_one || length == 12))?;
-                Part::StatusHead
+                check(shape)?;
             }
             ChunkType::BlockStatusExt => {
                 allowed(command == Command::BlockStatus && extended)?;
-                check(length >= 24 && (length - 8) % 16 == 0 && (!req_one || length == 24))?;
-                Part::StatusHead
+                check(shape)?;
             }
             ChunkType::ErrorOffset => {
                 allowed(slot.length > 0)?;
-                check(length >= 14)?;
-                Part::ErrorHead
+                check(shape)?;
             }
-            other if other.is_error() => {
-                check(length >= 6)?;
-                Part::ErrorHead
-            }
+            other if other.is_error() => check(shape)?,
             _ => {
                 return Err(ProtocolError::UnexpectedChunk {
                     chunk_type,
                     command,
                 });
             }
-        };
+        }
+        let part = Part::Prefix;
         self.receive = Receive::Chunk(ChunkRead {
             id,
             chunk_type,
@@ -296,14 +277,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         input: &[u8],
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
         let (used, event) = match chunk.part {
-            Part::DataOffset => match self.fields(&mut chunk, input, 8, be) {
-                (used, Some(offset)) => {
-                    self.cover(chunk.id, offset, chunk.remaining)?;
-                    chunk.part = Part::Data { offset };
-                    (used, None)
-                }
-                (used, None) => (used, None),
-            },
+            Part::Prefix => self.read_prefix(&mut chunk, input)?,
             Part::Data { offset } => {
                 let take = chunk.remaining.min(input.len() as u64);
                 chunk.remaining -= take;
@@ -317,8 +291,6 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 };
                 (take as usize, Some(data))
             }
-            Part::Hole => self.read_hole(&mut chunk, input)?,
-            Part::ErrorHead => self.read_error_head(&mut chunk, input)?,
             Part::ErrorMessage { left, then_offset } => {
                 let take = usize::from(left).min(input.len());
                 let left = left - take as u16;
@@ -330,21 +302,28 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
                 };
                 (take, None)
             }
-            Part::ErrorOffset => match self.fields(&mut chunk, input, 8, be) {
-                (used, Some(offset)) => {
-                    let in_range = self
-                        .inflight
-                        .get(chunk.id)
-                        .is_some_and(|slot| slot.contains(offset, 1));
-                    if !in_range {
-                        return Err(ProtocolError::ChunkOutOfRange);
+            Part::ErrorOffset => {
+                match self.fields(&mut chunk, input, ERROR_OFFSET_TRAILER_LEN, |bytes| {
+                    ChunkPrefix::parse_error_offset(bytes).map(|(_, offset)| offset)
+                }) {
+                    (used, Some(offset)) => {
+                        // The accumulator held all the bytes the parse needs.
+                        let offset = offset.map_err(|_| ProtocolError::BadChunk {
+                            chunk_type: chunk.chunk_type,
+                        })?;
+                        let in_range = self
+                            .inflight
+                            .get(chunk.id)
+                            .is_some_and(|slot| slot.contains(offset, 1));
+                        if !in_range {
+                            return Err(ProtocolError::ChunkOutOfRange);
+                        }
+                        debug!("error at offset {}", offset);
+                        (used, None)
                     }
-                    debug!("error at offset {}", offset);
-                    (used, None)
+                    (used, None) => (used, None),
                 }
-                (used, None) => (used, None),
-            },
-            Part::StatusHead => self.read_status_head(&mut chunk, input)?,
+            }
             Part::Descriptors { context_id, offset } => {
                 self.read_descriptors(&mut chunk, input, context_id, offset)?
             }
@@ -374,83 +353,73 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         })
     }
 
-    fn read_hole(
+    /// The fixed fields of a chunk, checked against the length its header
+    /// announced; what follows them decides the next part.
+    fn read_prefix(
         &mut self,
         chunk: &mut ChunkRead,
         input: &[u8],
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
-        let (used, fields) = self.fields(chunk, input, 12, |b| (be(&b[..8]), be(&b[8..12])));
-        let Some((offset, size)) = fields else {
+        let chunk_type = chunk.chunk_type;
+        let bad = ProtocolError::BadChunk { chunk_type };
+        // `on_chunk` let only types of known layout through.
+        let need = ChunkPrefix::fixed_len(chunk_type).ok_or(bad)?;
+        let payload_len = chunk.remaining + self.accumulator.len() as u64;
+        let (used, prefix) = self.fields(chunk, input, need, |bytes| {
+            ChunkPrefix::parse(chunk_type, payload_len, bytes).map(|(_, prefix)| prefix)
+        });
+        let Some(prefix) = prefix else {
             return Ok((used, None));
         };
-        if size == 0 {
-            return Err(ProtocolError::BadChunk {
-                chunk_type: ChunkType::OffsetHole,
-            });
+        match prefix.map_err(|_| bad)? {
+            ChunkPrefix::OffsetData { offset, data_len } => {
+                self.cover(chunk.id, offset, data_len)?;
+                chunk.part = Part::Data { offset };
+                Ok((used, None))
+            }
+            ChunkPrefix::OffsetHole { offset, size } => {
+                let size = u64::from(size);
+                self.cover(chunk.id, offset, size)?;
+                let hole = Raw::ReadHole {
+                    id: chunk.id,
+                    offset,
+                    length: size,
+                };
+                Ok((used, Some(hole)))
+            }
+            ChunkPrefix::BlockStatus { context_id, count }
+            | ChunkPrefix::BlockStatusExt { context_id, count } => {
+                self.status_head(chunk, context_id, count)?;
+                Ok((used, None))
+            }
+            ChunkPrefix::Error {
+                error, message_len, ..
+            } => {
+                let code = ErrorCode::from_wire(error).ok_or(bad)?;
+                self.record_error(chunk.id, code);
+                chunk.part = match (message_len, chunk_type) {
+                    (0, ChunkType::ErrorOffset) => Part::ErrorOffset,
+                    (0, _) => Part::Skip,
+                    (left, chunk_type) => Part::ErrorMessage {
+                        left,
+                        then_offset: chunk_type == ChunkType::ErrorOffset,
+                    },
+                };
+                Ok((used, None))
+            }
+            ChunkPrefix::None => Err(bad),
         }
-        self.cover(chunk.id, offset, size)?;
-        let hole = Raw::ReadHole {
-            id: chunk.id,
-            offset,
-            length: size,
-        };
-        Ok((used, Some(hole)))
     }
 
-    fn read_error_head(
+    /// A block status chunk for `context_id` with `count` descriptors:
+    /// one per selected context per request, one descriptor under
+    /// `REQ_ONE`.
+    fn status_head(
         &mut self,
         chunk: &mut ChunkRead,
-        input: &[u8],
-    ) -> Result<(usize, Option<Raw>), ProtocolError> {
-        let (used, fields) = self.fields(chunk, input, 6, |b| {
-            (be(&b[..4]) as u32, be(&b[4..6]) as u16)
-        });
-        let Some((error, message)) = fields else {
-            return Ok((used, None));
-        };
-        let rest = chunk.remaining;
-        let message_len = u64::from(message);
-        // The header's length covers the message and the type's fields.
-        let fits = match chunk.chunk_type {
-            ChunkType::Error => rest == message_len,
-            ChunkType::ErrorOffset => rest == message_len + 8,
-            _ => message_len <= rest,
-        };
-        let Some(code) = ErrorCode::from_wire(error).filter(|_| fits) else {
-            return Err(ProtocolError::BadChunk {
-                chunk_type: chunk.chunk_type,
-            });
-        };
-        self.record_error(chunk.id, code);
-        chunk.part = match (message, chunk.chunk_type) {
-            (0, ChunkType::ErrorOffset) => Part::ErrorOffset,
-            (0, _) => Part::Skip,
-            (left, chunk_type) => Part::ErrorMessage {
-                left,
-                then_offset: chunk_type == ChunkType::ErrorOffset,
-            },
-        };
-        Ok((used, None))
-    }
-
-    fn read_status_head(
-        &mut self,
-        chunk: &mut ChunkRead,
-        input: &[u8],
-    ) -> Result<(usize, Option<Raw>), ProtocolError> {
-        let extended = self.features.extended_headers;
-        let need = if extended { 8 } else { 4 };
-        let (used, fields) = self.fields(chunk, input, need, |b| {
-            (be(&b[..4]) as u32, extended.then(|| be(&b[4..8])))
-        });
-        let Some((context_id, count)) = fields else {
-            return Ok((used, None));
-        };
-        if count.is_some_and(|count| count.checked_mul(16) != Some(chunk.remaining)) {
-            return Err(ProtocolError::BadChunk {
-                chunk_type: chunk.chunk_type,
-            });
-        }
+        context_id: u32,
+        count: u32,
+    ) -> Result<(), ProtocolError> {
         let index = self
             .contexts
             .iter()
@@ -460,6 +429,11 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
             .inflight
             .get_mut(chunk.id)
             .ok_or(ProtocolError::MissingBlockStatus)?;
+        if slot.flags.contains(CommandFlags::REQ_ONE) && count != 1 {
+            return Err(ProtocolError::BadChunk {
+                chunk_type: chunk.chunk_type,
+            });
+        }
         let Progress::Status { seen } = &mut slot.progress else {
             return Err(ProtocolError::MissingBlockStatus);
         };
@@ -471,7 +445,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
             context_id,
             offset: slot.offset,
         };
-        Ok((used, None))
+        Ok(())
     }
 
     /// Hands out whole descriptors from the input; one split across inputs

@@ -192,14 +192,32 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.inflight.len()
     }
 
-    /// Whether the session ended (a `Close` event was returned).
+    /// Whether the session ended (a `Closed` event was returned).
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
     }
 
+    /// Tells the core the client closed its side: no more input comes.
+    /// `Ok` when the client had ended the session itself (`NBD_OPT_ABORT`,
+    /// or `NBD_CMD_DISC` with no message cut short) or it was over; the
+    /// replies still due may be sent, as a client may half-close after
+    /// `NBD_CMD_DISC`. Otherwise the client went away mid-session:
+    /// [`ProtocolError::UnexpectedEof`], which the shell reports. The same
+    /// call as the client side's, which is told the server closed.
+    pub fn end_of_input(&self) -> Result<(), ProtocolError> {
+        let whole = self.header.len == 0 && self.receiving.is_none();
+        let ended = self.phase == Phase::Closed || self.abort_acked || self.draining;
+        if ended && whole {
+            Ok(())
+        } else {
+            warn!("client closed the connection with the session unfinished");
+            Err(ProtocolError::UnexpectedEof)
+        }
+    }
+
     /// Starts a graceful stop (spec: "Terminating the transmission phase").
     /// During negotiation the session ends at once: `process` returns
-    /// [`Event::Close`]`(`[`CloseReason::Shutdown`]`)` once the current
+    /// [`Event::Closed`]`(`[`CloseReason::Shutdown`]`)` once the current
     /// option's replies are out. During transmission, new requests get
     /// `NBD_ESHUTDOWN` and the close comes once nothing is in flight.
     pub fn shutdown(&mut self) {
@@ -280,7 +298,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         if let Some(reason) = self.close_due() {
             info!("session over: {:?}", reason);
             self.phase = Phase::Closed;
-            return Some(Event::Close(reason));
+            return Some(Event::Closed(reason));
         }
         if self.deferred > 0 {
             return self.release_deferred().map(Event::Request);
@@ -519,10 +537,31 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 }
 
-/// A wire failure on bytes the core framed itself can only be a bad magic.
+/// The protocol error for a message the wire layer refused.
 pub(super) fn framing_error(error: WireError) -> ProtocolError {
     match error {
         WireError::BadMagic { found } => ProtocolError::BadMagic { found },
-        _ => ProtocolError::BadMagic { found: 0 },
+        other => ProtocolError::Malformed(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_errors_keep_the_wire_reason() {
+        assert_eq!(
+            framing_error(WireError::BadMagic { found: 7 }),
+            ProtocolError::BadMagic { found: 7 }
+        );
+        assert_eq!(
+            framing_error(WireError::InvalidValue("length")),
+            ProtocolError::Malformed(WireError::InvalidValue("length"))
+        );
+        assert_eq!(
+            framing_error(WireError::BadLength),
+            ProtocolError::Malformed(WireError::BadLength)
+        );
     }
 }

@@ -29,11 +29,11 @@ mod negotiation;
 mod output;
 mod transmission;
 
+pub use crate::shape::{RequestId, TlsPolicy};
 pub use connection::Connection;
-pub use inflight::RequestId;
 
 use crate::export::Features;
-use crate::wire::{ErrorCode, TransmissionFlags};
+use crate::wire::{ErrorCode, TransmissionFlags, WireError};
 
 /// A connection sized for a server on an operating system: 128 requests in
 /// flight, 16 KiB for options and block status.
@@ -43,20 +43,6 @@ pub type StdConnection<C> = Connection<C, 128, 16384>;
 /// bytes for options (longer options get `NBD_REP_ERR_TOO_BIG`) and block
 /// status.
 pub type SmallConnection<C> = Connection<C, 16, 320>;
-
-/// How the shell handles `NBD_OPT_STARTTLS` (spec: "TLS support").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum TlsPolicy {
-    /// No TLS: `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY` (NOTLS mode).
-    #[default]
-    Disabled,
-    /// TLS on the client's request (SELECTIVETLS with no TLS-only export).
-    Optional,
-    /// TLS before anything else: other options get `NBD_REP_ERR_TLS_REQD`
-    /// (FORCEDTLS mode).
-    Required,
-}
 
 /// Settings of one connection, chosen by the shell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,13 +90,7 @@ impl Default for Config {
 }
 
 /// The result of one [`Connection::process`] call.
-#[derive(Debug)]
-pub struct Step<'a> {
-    /// Bytes of the input consumed; the shell drops them.
-    pub consumed: usize,
-    /// What the shell must act on, if anything.
-    pub event: Option<Event<'a>>,
-}
+pub type Step<'a> = crate::shape::Step<Event<'a>>;
 
 /// What the shell must act on.
 #[derive(Debug, PartialEq, Eq)]
@@ -151,7 +131,7 @@ pub enum Event<'a> {
     /// The session is over (soft disconnect: `NBD_OPT_ABORT` or
     /// `NBD_CMD_DISC`, after every reply was handed to the shell). The shell
     /// sends what it still holds, shuts TLS down if running, and closes.
-    Close(CloseReason),
+    Closed(CloseReason),
 }
 
 /// Why a connection ends cleanly.
@@ -292,22 +272,9 @@ pub enum ReadOutcome {
     Error(ErrorCode),
 }
 
-/// One message to send: `parts` in order (empty ones skipped), then the
-/// shell-owned `payload`, if any. The core counts it as sent once returned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Transmit<'a> {
-    /// Header bytes the core encoded and strings borrowed from the catalog.
-    pub parts: [&'a [u8]; 3],
-    /// What the shell appends after the parts.
-    pub payload: Option<Payload>,
-}
-
-impl Transmit<'_> {
-    /// Total bytes of `parts`.
-    pub fn parts_len(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).sum()
-    }
-}
+/// One message to send: header bytes the core encoded and strings
+/// borrowed from the catalog, then the shell's [`Payload`].
+pub type Transmit<'a> = crate::shape::Transmit<'a, Payload>;
 
 /// Shell-owned bytes that follow a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -340,6 +307,9 @@ pub enum ProtocolError {
         /// What was found (widened).
         found: u64,
     },
+    /// A message that parses as no valid one (other than by its magic):
+    /// the wire layer's reason, such as the field it refuses.
+    Malformed(WireError),
     /// The client set client flags the server does not know or did not offer.
     UnknownClientFlags(u32),
     /// `NBD_OPT_EXPORT_NAME` named no export; the option cannot fail any other way.
@@ -365,12 +335,16 @@ pub enum ProtocolError {
     TooManyRequests,
     /// `process` was called after the connection ended.
     Closed,
+    /// The client closed the connection before ending the session (see
+    /// [`Connection::end_of_input`]).
+    UnexpectedEof,
 }
 
 impl core::fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::BadMagic { found } => write!(f, "bad magic number {found:#x} from client"),
+            Self::Malformed(error) => write!(f, "malformed message from client: {error}"),
             Self::UnknownClientFlags(bits) => {
                 write!(f, "client sent unknown client flags {bits:#x}")
             }
@@ -392,6 +366,9 @@ impl core::fmt::Display for ProtocolError {
             }
             Self::TooManyRequests => f.write_str("too many requests in flight"),
             Self::Closed => f.write_str("connection already closed"),
+            Self::UnexpectedEof => {
+                f.write_str("client closed the connection with the session unfinished")
+            }
         }
     }
 }

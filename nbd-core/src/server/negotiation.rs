@@ -7,14 +7,13 @@
 //! produced one by one by `poll_transmit` while input waits.
 
 use super::connection::{Connection, Phase, framing_error};
-use super::output::{Out, Tail};
+use super::output::{Out, Tail, encode_head};
 use super::transmission::ActiveExport;
 use super::{Event, ProtocolError, TlsPolicy};
 use crate::export::Catalog;
 use crate::wire::{
     BlockSizeConstraints, ClientFlags, ExportNameReply, Greeting, HandshakeFlags, Info, InfoType,
-    OPTION_HEADER_LEN, OptionCode, OptionHeader, OptionReplyHeader, OptionReplyType, OptionRequest,
-    encode_u16, encode_u32,
+    OPTION_HEADER_LEN, OptionCode, OptionHeader, OptionReply, OptionReplyType, OptionRequest,
 };
 
 /// The only metadata context the core serves.
@@ -541,13 +540,18 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 message,
                 then,
             } => {
-                let out = self.option_reply(
-                    option,
-                    reply_type,
-                    0,
-                    message.len(),
-                    Tail::Static(message.as_bytes()),
-                );
+                let reply = if reply_type.is_error() {
+                    OptionReply::Error {
+                        reply_type,
+                        message: message.as_bytes(),
+                    }
+                } else {
+                    // The only non-error reply sent this way carries no data.
+                    debug_assert!(reply_type == OptionReplyType::Ack && message.is_empty());
+                    OptionReply::Ack
+                };
+                let tails = [Tail::Static(message.as_bytes()), Tail::Empty];
+                let out = option_reply(&mut self.scratch, option, &reply, tails);
                 match then {
                     AfterReply::Continue => {}
                     AfterReply::Close => self.abort_acked = true,
@@ -557,16 +561,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             }
             NegotiationOutput::List { next } => match self.catalog.get(next) {
                 Some(export) => {
-                    let (name, description) = (export.name.len(), export.description.len());
-                    let mut out = self.option_reply(
-                        OptionCode::List,
-                        OptionReplyType::Server,
-                        4,
-                        name + description,
-                        Tail::ExportName(next),
-                    );
-                    out.head += encode_u32(&mut self.scratch[out.head..], name as u32);
-                    out.tails[1] = Tail::ExportDescription(next);
+                    let reply = OptionReply::Server {
+                        name: export.name.as_bytes(),
+                        details: export.description.as_bytes(),
+                    };
+                    let tails = [Tail::ExportName(next), Tail::ExportDescription(next)];
+                    let out = option_reply(&mut self.scratch, OptionCode::List, &reply, tails);
                     (out, NegotiationOutput::List { next: next + 1 })
                 }
                 None => (self.ack(OptionCode::List), NegotiationOutput::Idle),
@@ -587,50 +587,30 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     want_description,
                     refuse,
                 };
+                let entry = self.catalog.get(export);
                 match step {
                     InfoStep::Export => {
-                        let (size, flags) = self
-                            .catalog
-                            .get(export)
+                        let (size, flags) = entry
                             .map(|e| (e.size, e.transmission_flags(self.features)))
                             .unwrap_or_default();
-                        (
-                            self.info(option, Info::Export { size, flags }),
-                            next_step(InfoStep::Name),
-                        )
+                        let reply = OptionReply::Info(Info::Export { size, flags });
+                        let out = option_reply(&mut self.scratch, option, &reply, [Tail::Empty; 2]);
+                        (out, next_step(InfoStep::Name))
                     }
                     InfoStep::Name if want_name => {
-                        let len = self.catalog.get(export).map_or(0, |e| e.name.len());
-                        let mut out = self.option_reply(
-                            option,
-                            OptionReplyType::Info,
-                            2,
-                            len,
-                            Tail::ExportName(export),
-                        );
-                        out.head +=
-                            encode_u16(&mut self.scratch[out.head..], InfoType::Name.to_wire());
+                        let name = entry.map_or(&[][..], |e| e.name.as_bytes());
+                        let reply = OptionReply::Info(Info::Name(name));
+                        let tails = [Tail::ExportName(export), Tail::Empty];
+                        let out = option_reply(&mut self.scratch, option, &reply, tails);
                         (out, next_step(InfoStep::Description))
                     }
                     InfoStep::Description
-                        if want_description
-                            && self
-                                .catalog
-                                .get(export)
-                                .is_some_and(|e| !e.description.is_empty()) =>
+                        if want_description && entry.is_some_and(|e| !e.description.is_empty()) =>
                     {
-                        let len = self.catalog.get(export).map_or(0, |e| e.description.len());
-                        let mut out = self.option_reply(
-                            option,
-                            OptionReplyType::Info,
-                            2,
-                            len,
-                            Tail::ExportDescription(export),
-                        );
-                        out.head += encode_u16(
-                            &mut self.scratch[out.head..],
-                            InfoType::Description.to_wire(),
-                        );
+                        let description = entry.map_or(&[][..], |e| e.description.as_bytes());
+                        let reply = OptionReply::Info(Info::Description(description));
+                        let tails = [Tail::ExportDescription(export), Tail::Empty];
+                        let out = option_reply(&mut self.scratch, option, &reply, tails);
                         (out, next_step(InfoStep::BlockSize))
                     }
                     InfoStep::Name => return self.advance_info(next_step(InfoStep::Description)),
@@ -640,25 +620,21 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     InfoStep::BlockSize => {
                         // Always sent: it costs 34 bytes and tells every client
                         // the constraints this server enforces.
-                        let sizes: BlockSizeConstraints = self
-                            .catalog
-                            .get(export)
-                            .map_or(crate::export::DEFAULT_BLOCK_SIZES, |e| e.block_sizes);
-                        (
-                            self.info(option, Info::BlockSize(sizes)),
-                            next_step(InfoStep::Final),
-                        )
+                        let sizes: BlockSizeConstraints =
+                            entry.map_or(crate::export::DEFAULT_BLOCK_SIZES, |e| e.block_sizes);
+                        let reply = OptionReply::Info(Info::BlockSize(sizes));
+                        let out = option_reply(&mut self.scratch, option, &reply, [Tail::Empty; 2]);
+                        (out, next_step(InfoStep::Final))
                     }
                     InfoStep::Final if refuse => {
                         let message =
                             "request NBD_INFO_BLOCK_SIZE: this export needs aligned requests";
-                        let out = self.option_reply(
-                            option,
-                            OptionReplyType::ErrBlockSizeRequired,
-                            0,
-                            message.len(),
-                            Tail::Static(message.as_bytes()),
-                        );
+                        let reply = OptionReply::Error {
+                            reply_type: OptionReplyType::ErrBlockSizeRequired,
+                            message: message.as_bytes(),
+                        };
+                        let tails = [Tail::Static(message.as_bytes()), Tail::Empty];
+                        let out = option_reply(&mut self.scratch, option, &reply, tails);
                         (out, NegotiationOutput::Idle)
                     }
                     InfoStep::Final => (self.ack(option), NegotiationOutput::Idle),
@@ -668,14 +644,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 option,
                 context: Some(id),
             } => {
-                let mut out = self.option_reply(
-                    option,
-                    OptionReplyType::MetaContext,
-                    4,
-                    BASE_ALLOCATION.len(),
-                    Tail::Static(BASE_ALLOCATION),
-                );
-                out.head += encode_u32(&mut self.scratch[out.head..], id);
+                let reply = OptionReply::MetaContext {
+                    id,
+                    name: BASE_ALLOCATION,
+                };
+                let tails = [Tail::Static(BASE_ALLOCATION), Tail::Empty];
+                let out = option_reply(&mut self.scratch, option, &reply, tails);
                 (
                     out,
                     NegotiationOutput::MetaContext {
@@ -714,39 +688,25 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.next_negotiation_output()
     }
 
-    /// An option reply header announcing `fixed` bytes to be encoded after
-    /// it into the scratch and `variable` bytes sent as `tail`.
-    fn option_reply(
-        &mut self,
-        option: OptionCode,
-        reply_type: OptionReplyType,
-        fixed: usize,
-        variable: usize,
-        tail: Tail,
-    ) -> Out {
-        let header = OptionReplyHeader {
-            option,
-            reply_type,
-            length: (fixed + variable) as u32,
-        };
-        let mut out = self.head(|out| header.encode(out));
-        out.tails[0] = tail;
-        out
-    }
-
     fn ack(&mut self, option: OptionCode) -> Out {
-        self.option_reply(option, OptionReplyType::Ack, 0, 0, Tail::Empty)
-    }
-
-    fn info(&mut self, option: OptionCode, info: Info<'_>) -> Out {
-        let header = OptionReplyHeader {
+        option_reply(
+            &mut self.scratch,
             option,
-            reply_type: OptionReplyType::Info,
-            length: info.encoded_len() as u32,
-        };
-        self.head(|out| {
-            let at = header.encode(out)?;
-            Ok(at + info.encode(&mut out[at..])?)
-        })
+            &OptionReply::Ack,
+            [Tail::Empty; 2],
+        )
     }
+}
+
+/// Encodes the header and fixed fields of `reply` into the scratch; `tails`
+/// name where the strings of [`OptionReply::tails`] stay until sent.
+fn option_reply(
+    scratch: &mut [u8],
+    option: OptionCode,
+    reply: &OptionReply<'_>,
+    tails: [Tail; 2],
+) -> Out {
+    let mut out = encode_head(scratch, |out| reply.encode_prefix(option, out));
+    out.tails = tails;
+    out
 }

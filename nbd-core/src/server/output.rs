@@ -12,8 +12,7 @@ use super::negotiation::BASE_ALLOCATION_ID;
 use super::{Payload, Transmit};
 use crate::export::Catalog;
 use crate::wire::{
-    ChunkHeader, ChunkType, Command, ErrorCode, HeaderStyle, ReplyFlags, SimpleReply, WireError,
-    encode_u16, encode_u32, encode_u64,
+    Chunk, ChunkPrefix, ChunkType, Command, ErrorCode, ReplyFlags, SimpleReply, WireError,
 };
 
 /// Bytes sent after the scratch header that the core does not copy.
@@ -79,19 +78,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         }
     }
 
-    /// Encodes a header into the scratch. The scratch fits every header
-    /// the core sends, so `encode` cannot run short.
+    /// Encodes a header into the scratch.
     pub(super) fn head(
         &mut self,
         encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
     ) -> Out {
-        let head = encode(&mut self.scratch);
-        debug_assert!(head.is_ok(), "scratch too small: {head:?}");
-        Out {
-            head: head.unwrap_or(0),
-            tails: [Tail::Empty; 2],
-            payload: None,
-        }
+        encode_head(&mut self.scratch, encode)
     }
 
     /// The next transmission reply, freeing its slot when it is the last.
@@ -107,16 +99,19 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             Reply::Done { error: None }
                 if structured && (slot.command == Command::Read || self.extended()) =>
             {
-                self.chunk(&slot, ReplyFlags::DONE, ChunkType::None, 0)
+                self.chunk(&slot, ReplyFlags::DONE, ChunkPrefix::None)
             }
             Reply::Done {
                 error: Some((error, reason)),
             } if structured => {
                 let message = reason.message().as_bytes();
-                let mut out =
-                    self.chunk(&slot, ReplyFlags::DONE, ChunkType::Error, 6 + message.len());
-                out.head += encode_u32(&mut self.scratch[out.head..], error.to_wire());
-                out.head += encode_u16(&mut self.scratch[out.head..], message.len() as u16);
+                let prefix = ChunkPrefix::Error {
+                    chunk_type: ChunkType::Error,
+                    error: error.to_wire(),
+                    // Reasons are short constant sentences.
+                    message_len: message.len() as u16,
+                };
+                let mut out = self.chunk(&slot, ReplyFlags::DONE, prefix);
                 out.tails[0] = Tail::Static(message);
                 out
             }
@@ -129,14 +124,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     } else {
                         ReplyFlags::empty()
                     };
-                    let mut out = self.chunk(
-                        &slot,
-                        flags,
-                        ChunkType::OffsetData,
-                        8 + slot.length as usize,
-                    );
-                    out.head += encode_u64(&mut self.scratch[out.head..], slot.offset);
-                    out
+                    let prefix = ChunkPrefix::OffsetData {
+                        offset: slot.offset,
+                        data_len: slot.length,
+                    };
+                    self.chunk(&slot, flags, prefix)
                 } else {
                     self.simple(&slot, None)
                 };
@@ -148,11 +140,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 out
             }
             Reply::Zeroes if structured => {
-                let mut out = self.chunk(&slot, ReplyFlags::DONE, ChunkType::OffsetHole, 12);
-                out.head += encode_u64(&mut self.scratch[out.head..], slot.offset);
-                // Reads never exceed the maximum block size, a 32-bit value.
-                out.head += encode_u32(&mut self.scratch[out.head..], slot.length as u32);
-                out
+                let prefix = ChunkPrefix::OffsetHole {
+                    offset: slot.offset,
+                    // Reads never exceed the maximum block size, a 32-bit value.
+                    size: slot.length as u32,
+                };
+                self.chunk(&slot, ReplyFlags::DONE, prefix)
             }
             Reply::Zeroes => {
                 let mut out = self.simple(&slot, None);
@@ -162,16 +155,19 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 out
             }
             Reply::BlockStatus { bytes, count } => {
-                let (chunk_type, prefix) = if self.extended() {
-                    (ChunkType::BlockStatusExt, 8)
+                let prefix = if self.extended() {
+                    ChunkPrefix::BlockStatusExt {
+                        context_id: BASE_ALLOCATION_ID,
+                        count,
+                    }
                 } else {
-                    (ChunkType::BlockStatus, 4)
+                    ChunkPrefix::BlockStatus {
+                        context_id: BASE_ALLOCATION_ID,
+                        count,
+                    }
                 };
-                let mut out = self.chunk(&slot, ReplyFlags::DONE, chunk_type, prefix + bytes);
-                out.head += encode_u32(&mut self.scratch[out.head..], BASE_ALLOCATION_ID);
-                if self.extended() {
-                    out.head += encode_u32(&mut self.scratch[out.head..], count);
-                }
+                debug_assert_eq!(prefix.tail_len(), bytes as u64);
+                let mut out = self.chunk(&slot, ReplyFlags::DONE, prefix);
                 let start = self.buffer_start;
                 out.tails[0] = Tail::Buffer(start, start + bytes);
                 // The bytes stay in place until the next append, after this
@@ -180,11 +176,15 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 out
             }
             Reply::ErrorAt { error, offset } => {
-                let mut out = self.chunk(&slot, ReplyFlags::DONE, ChunkType::ErrorOffset, 14);
-                out.head += encode_u32(&mut self.scratch[out.head..], error.to_wire());
-                out.head += encode_u16(&mut self.scratch[out.head..], 0);
-                out.head += encode_u64(&mut self.scratch[out.head..], offset);
-                out
+                let chunk = Chunk::ErrorOffset {
+                    error: error.to_wire(),
+                    message: &[],
+                    offset,
+                };
+                let style = self.header_style();
+                self.head(|out| {
+                    chunk.encode_with_header(ReplyFlags::DONE, slot.cookie, slot.offset, style, out)
+                })
             }
         };
         self.after_reply(id, last);
@@ -212,23 +212,25 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.head(|out| reply.encode(out))
     }
 
-    /// A structured or extended chunk header for `payload` bytes.
-    fn chunk(
-        &mut self,
-        slot: &Slot,
-        flags: ReplyFlags,
-        chunk_type: ChunkType,
-        payload: usize,
-    ) -> Out {
+    /// A structured or extended chunk header and the fixed fields of
+    /// `prefix`; the caller adds its tail.
+    fn chunk(&mut self, slot: &Slot, flags: ReplyFlags, prefix: ChunkPrefix) -> Out {
         let style = self.header_style();
-        let header = ChunkHeader {
-            flags,
-            chunk_type,
-            cookie: slot.cookie,
-            offset: slot.offset,
-            length: payload as u64,
-        };
-        debug_assert!(style == HeaderStyle::Extended || payload <= u32::MAX as usize);
-        self.head(|out| header.encode(style, out))
+        self.head(|out| prefix.encode_with_header(flags, slot.cookie, slot.offset, style, out))
+    }
+}
+
+/// Encodes a header into `scratch`, which fits every header and fixed
+/// fields the core sends, so `encode` cannot run short.
+pub(super) fn encode_head(
+    scratch: &mut [u8],
+    encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
+) -> Out {
+    let head = encode(scratch);
+    debug_assert!(head.is_ok(), "scratch too small: {head:?}");
+    Out {
+        head: head.unwrap_or(0),
+        tails: [Tail::Empty; 2],
+        payload: None,
     }
 }

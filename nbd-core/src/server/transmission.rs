@@ -8,8 +8,9 @@ use super::negotiation::BASE_ALLOCATION_ID;
 use super::{CompletionError, Event, ProtocolError, Request};
 use crate::export::Catalog;
 use crate::wire::{
-    BlockSizeConstraints, Command, CommandFlags, Descriptor, ErrorCode, ExtDescriptor, HeaderStyle,
-    ListItem, RequestHeader, TransmissionFlags,
+    BlockSizeConstraints, BlockStatusPayload, Command, CommandFlags, Descriptor, ErrorCode,
+    ExtDescriptor, HeaderStyle, ListItem, RequestHeader, STATUS_CONTEXT_ID_LEN, STATUS_EFFECT_LEN,
+    TransmissionFlags,
 };
 
 /// Most context ids accepted in a block-status payload.
@@ -405,11 +406,24 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         else {
             return (0, None);
         };
-        let need = if effect_length.is_none() { 8 } else { 4 };
+        let need = if effect_length.is_none() {
+            STATUS_EFFECT_LEN
+        } else {
+            STATUS_CONTEXT_ID_LEN
+        };
         let (used, field) = match self.header.fill(input, need) {
+            // The accumulator holds the `need` bytes each parse reads.
+            (used, Some(bytes)) if need == STATUS_EFFECT_LEN => (
+                used,
+                BlockStatusPayload::parse_effect_length(bytes)
+                    .ok()
+                    .map(|(_, length)| length),
+            ),
             (used, Some(bytes)) => (
                 used,
-                Some(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))),
+                BlockStatusPayload::parse_context_id(bytes)
+                    .ok()
+                    .map(|(_, id)| u64::from(id)),
             ),
             (used, None) => (used, None),
         };

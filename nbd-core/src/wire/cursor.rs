@@ -210,28 +210,6 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// Writes `value` big-endian to the front of `out` (at least 2 bytes), for
-/// the state machines that add fields after an encoded header in their
-/// scratch; returns the bytes written.
-pub(crate) fn encode_u16(out: &mut [u8], value: u16) -> usize {
-    out[..2].copy_from_slice(&value.to_be_bytes());
-    2
-}
-
-/// Writes `value` big-endian to the front of `out` (at least 4 bytes);
-/// returns the bytes written.
-pub(crate) fn encode_u32(out: &mut [u8], value: u32) -> usize {
-    out[..4].copy_from_slice(&value.to_be_bytes());
-    4
-}
-
-/// Writes `value` big-endian to the front of `out` (at least 8 bytes);
-/// returns the bytes written.
-pub(crate) fn encode_u64(out: &mut [u8], value: u64) -> usize {
-    out[..8].copy_from_slice(&value.to_be_bytes());
-    8
-}
-
 /// A length as a 16-bit wire field, or `InvalidValue(field)`.
 pub(super) fn len_u16(len: usize, field: &'static str) -> Result<u16, WireError> {
     u16::try_from(len).map_err(|_| WireError::InvalidValue(field))

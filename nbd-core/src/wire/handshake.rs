@@ -105,7 +105,35 @@ impl OldstyleGreeting {
     }
 }
 
+/// Which greeting a server opens with, known from its two magics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum HelloStyle {
+    /// `NBDMAGIC`, `IHAVEOPT`: a newstyle [`Greeting`] follows.
+    Newstyle,
+    /// `NBDMAGIC`, `cliserv_magic`: an [`OldstyleGreeting`].
+    Oldstyle,
+}
+
+/// Bytes of the two magics that open either greeting.
+pub const HELLO_MAGICS_LEN: usize = 16;
+
 impl ServerHello {
+    /// Reads the two magics at the front of `input` (a streaming read of
+    /// [`HELLO_MAGICS_LEN`] bytes), for a receiver that tells the styles
+    /// apart before the rest arrives; any other magic is
+    /// [`WireError::BadMagic`].
+    pub fn parse_style(input: &[u8]) -> Result<(&[u8], HelloStyle), WireError> {
+        let mut r = Reader::streaming(input, HELLO_MAGICS_LEN);
+        r.magic_u64(NBD_MAGIC)?;
+        let style = match r.u64()? {
+            IHAVEOPT => HelloStyle::Newstyle,
+            OLDSTYLE_MAGIC => HelloStyle::Oldstyle,
+            found => return Err(WireError::BadMagic { found }),
+        };
+        Ok((r.rest(), style))
+    }
+
     /// Parses whichever greeting the server opens with, told apart by the
     /// magic after `NBDMAGIC`; any other magic is [`WireError::BadMagic`].
     pub fn parse(input: &[u8]) -> Result<(&[u8], Self), WireError> {

@@ -100,15 +100,38 @@ impl<'a> Info<'a> {
     /// Writes the payload, type included, to the front of `out`.
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
         let mut w = Writer::new(out, self.encoded_len())?;
+        self.encode_prefix(w.slot(self.prefix_len())?)?;
+        w.bytes(self.tail())?;
+        Ok(w.finish())
+    }
+
+    /// The string sent after the fixed fields as it is: a name,
+    /// description or unknown data; empty for fixed-size types.
+    pub fn tail(&self) -> &'a [u8] {
+        match *self {
+            Self::Name(bytes) | Self::Description(bytes) | Self::Unknown { data: bytes, .. } => {
+                bytes
+            }
+            Self::Export { .. } | Self::BlockSize(_) => &[],
+        }
+    }
+
+    /// Bytes of the type and fixed fields before [`tail`](Self::tail).
+    pub fn prefix_len(&self) -> usize {
+        self.encoded_len() - self.tail().len()
+    }
+
+    /// Writes the type and fixed fields (all but [`tail`](Self::tail)) to
+    /// the front of `out`.
+    pub fn encode_prefix(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out, self.prefix_len())?;
         w.u16(self.info_type().to_wire())?;
         match self {
             Self::Export { size, flags } => {
                 w.u64(*size)?;
                 w.u16(flags.bits())?;
             }
-            Self::Name(bytes) | Self::Description(bytes) | Self::Unknown { data: bytes, .. } => {
-                w.bytes(bytes)?;
-            }
+            Self::Name(_) | Self::Description(_) | Self::Unknown { .. } => {}
             Self::BlockSize(constraints) => {
                 w.u32(constraints.minimum)?;
                 w.u32(constraints.preferred)?;

@@ -25,23 +25,26 @@ mod option;
 mod reply;
 mod request;
 
-pub use chunk::{Chunk, Descriptor, ExtDescriptor};
+pub use chunk::{Chunk, ChunkPrefix, Descriptor, ERROR_OFFSET_TRAILER_LEN, ExtDescriptor};
 pub use codes::{
     CHUNK_ERROR_BIT, ChunkType, Command, ErrorCode, InfoType, OPTION_REPLY_ERROR_BIT, OptionCode,
     OptionReplyType,
 };
-pub(crate) use cursor::{encode_u16, encode_u32, encode_u64};
 pub use flags::{
     AllocationFlags, ClientFlags, CommandFlags, HandshakeFlags, ReplyFlags, TransmissionFlags,
 };
-pub use handshake::{ExportNameReply, Greeting, OldstyleGreeting, ServerHello};
+pub use handshake::{
+    ExportNameReply, Greeting, HELLO_MAGICS_LEN, HelloStyle, OldstyleGreeting, ServerHello,
+};
 pub use info::{BlockSizeConstraints, Info};
 pub use list::{ListItem, WireList, WireListIter};
 pub use option::{
     InfoRequest, MetaContextRequest, OptionHeader, OptionReply, OptionReplyHeader, OptionRequest,
 };
-pub use reply::{ChunkHeader, ReplyHeader, SimpleReply};
-pub use request::{BlockStatusPayload, HeaderStyle, RequestHeader};
+pub use reply::{ChunkHeader, REPLY_MAGIC_LEN, ReplyHeader, ReplyKind, SimpleReply};
+pub use request::{
+    BlockStatusPayload, HeaderStyle, RequestHeader, STATUS_CONTEXT_ID_LEN, STATUS_EFFECT_LEN,
+};
 
 /// `NBDMAGIC`, first 8 bytes the server sends.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;

@@ -179,13 +179,24 @@ impl<'a> InfoRequest<'a> {
             .saturating_add(self.requests.encoded_len())
     }
 
-    fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
-        w.u32(len_u32(self.name.len(), "name length")?)?;
-        w.bytes(self.name)?;
-        w.u16(len_u16(self.requests.len(), "info request count")?)?;
-        self.requests
-            .encode_into(w.slot(self.requests.encoded_len())?);
-        Ok(())
+    /// Bytes of the count and types after the name.
+    fn after_name_len(&self) -> usize {
+        2usize.saturating_add(self.requests.encoded_len())
+    }
+
+    /// Writes what follows the name, the 16-bit count and the types, to the
+    /// front of `out`: for a sender that sends the name from where it is.
+    pub fn encode_requests(
+        types: impl Iterator<Item = u16> + Clone,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        let count = len_u16(types.clone().count(), "info request count")?;
+        let mut w = Writer::new(out, 2usize.saturating_add(usize::from(count) * 2))?;
+        w.u16(count)?;
+        for info_type in types {
+            w.u16(info_type)?;
+        }
+        Ok(w.finish())
     }
 }
 
@@ -220,16 +231,28 @@ impl<'a> MetaContextRequest<'a> {
             .saturating_add(self.queries.encoded_len())
     }
 
-    fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
-        w.u32(len_u32(self.export_name.len(), "name length")?)?;
-        w.bytes(self.export_name)?;
-        w.u32(len_u32(self.queries.len(), "query count")?)?;
-        for query in self.queries.iter() {
-            len_u32(query.len(), "query length")?;
+    /// Bytes of the count and queries after the export name.
+    pub fn queries_len<'q>(queries: impl Iterator<Item = &'q [u8]>) -> usize {
+        queries.fold(4usize, |len, query| {
+            len.saturating_add(4).saturating_add(query.len())
+        })
+    }
+
+    /// Writes what follows the export name, the 32-bit query count and the
+    /// queries (each a 32-bit length and the string), to the front of
+    /// `out`: for a sender that keeps them apart from the name.
+    pub fn encode_queries<'q>(
+        queries: impl Iterator<Item = &'q [u8]> + Clone,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        let count = len_u32(queries.clone().count(), "query count")?;
+        let mut w = Writer::new(out, Self::queries_len(queries.clone()))?;
+        w.u32(count)?;
+        for query in queries {
+            w.u32(len_u32(query.len(), "query length")?)?;
+            w.bytes(query)?;
         }
-        self.queries
-            .encode_into(w.slot(self.queries.encoded_len())?);
-        Ok(())
+        Ok(w.finish())
     }
 }
 
@@ -316,13 +339,9 @@ impl<'a> OptionRequest<'a> {
     /// for its length field is [`WireError::InvalidValue`]. `Unknown` is
     /// written as given, whatever its code.
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, WireError> {
-        let length = len_u32(self.payload_len(), "option length")?;
         let mut w = Writer::new(out, self.encoded_len())?;
-        OptionHeader {
-            code: self.code(),
-            length,
-        }
-        .write(&mut w)?;
+        let prefix = self.prefix_len();
+        self.encode_prefix(w.slot(prefix)?)?;
         match self {
             Self::ExportName { name: data } | Self::Unknown { data, .. } => w.bytes(data)?,
             Self::Abort
@@ -330,10 +349,53 @@ impl<'a> OptionRequest<'a> {
             | Self::StartTls
             | Self::StructuredReply
             | Self::ExtendedHeaders => {}
-            Self::Info(request) | Self::Go(request) => request.write(&mut w)?,
-            Self::ListMetaContext(request) | Self::SetMetaContext(request) => {
-                request.write(&mut w)?
+            Self::Info(request) | Self::Go(request) => {
+                w.bytes(request.name)?;
+                let len = request.after_name_len();
+                InfoRequest::encode_requests(request.requests.iter(), w.slot(len)?)?;
             }
+            Self::ListMetaContext(request) | Self::SetMetaContext(request) => {
+                w.bytes(request.export_name)?;
+                let len = 4usize.saturating_add(request.queries.encoded_len());
+                MetaContextRequest::encode_queries(request.queries.iter(), w.slot(len)?)?;
+            }
+        }
+        Ok(w.finish())
+    }
+
+    /// Bytes of the header and, for options that carry an export name
+    /// with more after it, the name's length field.
+    pub fn prefix_len(&self) -> usize {
+        match self {
+            Self::Info(_) | Self::Go(_) | Self::ListMetaContext(_) | Self::SetMetaContext(_) => {
+                OPTION_HEADER_LEN + 4
+            }
+            _ => OPTION_HEADER_LEN,
+        }
+    }
+
+    /// Writes the header (its length covers the whole data) and, for
+    /// `INFO`, `GO` and the meta context options, the export name's
+    /// length to the front of `out`: for a sender that sends the name from
+    /// where it is, then what follows it
+    /// ([`InfoRequest::encode_requests`],
+    /// [`MetaContextRequest::encode_queries`]).
+    pub fn encode_prefix(&self, out: &mut [u8]) -> Result<usize, WireError> {
+        let length = len_u32(self.payload_len(), "option length")?;
+        let mut w = Writer::new(out, self.prefix_len())?;
+        OptionHeader {
+            code: self.code(),
+            length,
+        }
+        .write(&mut w)?;
+        match self {
+            Self::Info(request) | Self::Go(request) => {
+                w.u32(len_u32(request.name.len(), "name length")?)?;
+            }
+            Self::ListMetaContext(request) | Self::SetMetaContext(request) => {
+                w.u32(len_u32(request.export_name.len(), "name length")?)?;
+            }
+            _ => {}
         }
         Ok(w.finish())
     }
@@ -460,13 +522,46 @@ impl<'a> OptionReply<'a> {
     /// length field, is [`WireError::InvalidValue`]. `Unknown` is written as
     /// given, whatever its type.
     pub fn encode(&self, option: OptionCode, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out, self.encoded_len())?;
+        let prefix = self.prefix_len();
+        self.encode_prefix(option, w.slot(prefix)?)?;
+        for tail in self.tails() {
+            w.bytes(tail)?;
+        }
+        Ok(w.finish())
+    }
+
+    /// Bytes of the header and the fixed fields before [`tails`](Self::tails).
+    pub fn prefix_len(&self) -> usize {
+        let tails: usize = self.tails().iter().map(|tail| tail.len()).sum();
+        self.encoded_len().saturating_sub(tails)
+    }
+
+    /// The strings sent after the prefix as they are, borrowed: name and
+    /// details of `Server`, the string of an `Info` name or description,
+    /// the context name, an error message or unknown data.
+    pub fn tails(&self) -> [&'a [u8]; 2] {
+        match *self {
+            Self::Ack => [&[], &[]],
+            Self::Server { name, details } => [name, details],
+            Self::Info(info) => [info.tail(), &[]],
+            Self::MetaContext { name, .. } => [name, &[]],
+            Self::Error { message: data, .. } | Self::Unknown { data, .. } => [data, &[]],
+        }
+    }
+
+    /// Writes the header (its length covers the tails) and the fixed
+    /// fields to the front of `out`, for a sender that sends the
+    /// [`tails`](Self::tails) from where they are. Errors as
+    /// [`encode`](Self::encode).
+    pub fn encode_prefix(&self, option: OptionCode, out: &mut [u8]) -> Result<usize, WireError> {
         if let Self::Error { reply_type, .. } = self {
             if !reply_type.is_error() {
                 return Err(WireError::InvalidValue("reply type"));
             }
         }
         let length = len_u32(self.payload_len(), "option reply length")?;
-        let mut w = Writer::new(out, self.encoded_len())?;
+        let mut w = Writer::new(out, self.prefix_len())?;
         OptionReplyHeader {
             option,
             reply_type: self.reply_type(),
@@ -474,21 +569,13 @@ impl<'a> OptionReply<'a> {
         }
         .write(&mut w)?;
         match self {
-            Self::Ack => {}
-            Self::Server { name, details } => {
-                w.u32(len_u32(name.len(), "name length")?)?;
-                w.bytes(name)?;
-                w.bytes(details)?;
-            }
+            Self::Ack | Self::Error { .. } | Self::Unknown { .. } => {}
+            Self::Server { name, .. } => w.u32(len_u32(name.len(), "name length")?)?,
             Self::Info(info) => {
-                let len = info.encoded_len();
-                info.encode(w.slot(len)?)?;
+                let len = info.prefix_len();
+                info.encode_prefix(w.slot(len)?)?;
             }
-            Self::MetaContext { id, name } => {
-                w.u32(*id)?;
-                w.bytes(name)?;
-            }
-            Self::Error { message: data, .. } | Self::Unknown { data, .. } => w.bytes(data)?,
+            Self::MetaContext { id, .. } => w.u32(*id)?,
         }
         Ok(w.finish())
     }

@@ -139,7 +139,52 @@ impl ChunkHeader {
     }
 }
 
+/// Which reply header a magic opens, known from its first 4 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ReplyKind {
+    /// Simple reply (16 bytes).
+    Simple,
+    /// Structured reply chunk header (20 bytes).
+    Structured,
+    /// Extended reply chunk header (32 bytes).
+    Extended,
+}
+
+impl ReplyKind {
+    /// Bytes of the whole header of this kind.
+    pub fn header_len(self) -> usize {
+        match self {
+            Self::Simple => SIMPLE_REPLY_LEN,
+            Self::Structured => STRUCTURED_REPLY_HEADER_LEN,
+            Self::Extended => EXTENDED_REPLY_HEADER_LEN,
+        }
+    }
+}
+
+/// Bytes of the magic that opens every reply header.
+pub const REPLY_MAGIC_LEN: usize = 4;
+
 impl ReplyHeader {
+    /// Reads the magic at the front of `input` (a streaming read of
+    /// [`REPLY_MAGIC_LEN`] bytes), for a receiver that learns from it how
+    /// many header bytes to wait for; any other magic is
+    /// [`WireError::BadMagic`].
+    pub fn parse_kind(input: &[u8]) -> Result<(&[u8], ReplyKind), WireError> {
+        let mut r = Reader::streaming(input, REPLY_MAGIC_LEN);
+        let kind = match r.u32()? {
+            SIMPLE_REPLY_MAGIC => ReplyKind::Simple,
+            STRUCTURED_REPLY_MAGIC => ReplyKind::Structured,
+            EXTENDED_REPLY_MAGIC => ReplyKind::Extended,
+            found => {
+                return Err(WireError::BadMagic {
+                    found: found.into(),
+                });
+            }
+        };
+        Ok((r.rest(), kind))
+    }
+
     /// Parses any reply header from the front of `input`, told apart by its
     /// magic; any other magic is [`WireError::BadMagic`].
     pub fn parse(input: &[u8]) -> Result<(&[u8], Self), WireError> {

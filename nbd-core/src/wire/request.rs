@@ -128,6 +128,11 @@ impl RequestHeader {
     }
 }
 
+/// Bytes of the effect length that opens a [`BlockStatusPayload`].
+pub const STATUS_EFFECT_LEN: usize = 8;
+/// Bytes of each context id of a [`BlockStatusPayload`].
+pub const STATUS_CONTEXT_ID_LEN: usize = 4;
+
 impl<'a> BlockStatusPayload<'a> {
     /// Parses the complete payload: 64-bit effect length, then 32-bit
     /// context ids filling the rest exactly.
@@ -139,6 +144,23 @@ impl<'a> BlockStatusPayload<'a> {
             effect_length,
             context_ids,
         })
+    }
+
+    /// Parses the effect length at the front of `input` (a streaming read
+    /// of [`STATUS_EFFECT_LEN`] bytes), for a receiver that reads the
+    /// payload as it arrives.
+    pub fn parse_effect_length(input: &[u8]) -> Result<(&[u8], u64), WireError> {
+        let mut r = Reader::streaming(input, STATUS_EFFECT_LEN);
+        let effect_length = r.u64()?;
+        Ok((r.rest(), effect_length))
+    }
+
+    /// Parses one context id at the front of `input` (a streaming read of
+    /// [`STATUS_CONTEXT_ID_LEN`] bytes), after the effect length.
+    pub fn parse_context_id(input: &[u8]) -> Result<(&[u8], u32), WireError> {
+        let mut r = Reader::streaming(input, STATUS_CONTEXT_ID_LEN);
+        let id = r.u32()?;
+        Ok((r.rest(), id))
     }
 
     /// Bytes the payload takes.

@@ -478,7 +478,7 @@ fn on_event(
             }
         }
         Event::MetaContext { id, .. } if last_option == 10 => contexts.push(id),
-        Event::TlsStart => contexts.clear(),
+        Event::StartTls => contexts.clear(),
         _ => {}
     }
 }

@@ -29,7 +29,7 @@ use nbd_core::wire::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ev {
     Greeted(u16),
-    TlsStart,
+    StartTls,
     ListEntry {
         name: Vec<u8>,
         description: Vec<u8>,
@@ -80,7 +80,7 @@ impl Ev {
     pub fn from_event(event: Event<'_>) -> Self {
         match event {
             Event::Greeted { flags } => Self::Greeted(flags.bits()),
-            Event::TlsStart => Self::TlsStart,
+            Event::StartTls => Self::StartTls,
             Event::ListEntry { name, description } => Self::ListEntry {
                 name: name.to_vec(),
                 description: description.to_vec(),
@@ -346,7 +346,7 @@ impl<const R: usize, const B: usize> Pair<R, B> {
                         self.server.complete(id, result).expect("complete write");
                     }
                 }
-                Some(server::Event::Close(_)) => self.server_closed = true,
+                Some(server::Event::Closed(_)) => self.server_closed = true,
                 Some(_) => {}
                 None => had_event = false,
             }

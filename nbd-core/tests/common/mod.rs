@@ -81,7 +81,7 @@ pub enum Ev {
         data: Vec<u8>,
         remaining: u64,
     },
-    /// `Event::Close`
+    /// `Event::Closed`
     Close(CloseReason),
 }
 
@@ -112,7 +112,7 @@ impl Ev {
                 data: data.to_vec(),
                 remaining,
             },
-            Event::Close(reason) => Self::Close(reason),
+            Event::Closed(reason) => Self::Close(reason),
             other => panic!("event the harness does not know: {other:?}"),
         }
     }

@@ -358,7 +358,7 @@ impl<const R: usize, const B: usize> Driver<R, B> {
                     );
                 }
             }
-            Event::Close(_) => self.closed = true,
+            Event::Closed(_) => self.closed = true,
             Event::StartTls => {
                 // No TLS engine here: the stream goes on in clear, which is
                 // what a shell that forgot TLS would do.

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use nbd_core::client::{
     Event, ExportInfo, Mode, Payload, ProtocolError, RequestId, StdConnection, UsageError,
 };
+use nbd_core::shape::RequestMap;
 use nbd_core::wire::{Command, CommandFlags, ErrorCode, OptionReplyType};
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
@@ -304,7 +305,7 @@ struct State {
     pending: HashMap<u64, Pending>,
     /// Requests not yet accepted by the core (it was full).
     queue: VecDeque<Part>,
-    inflight: HashMap<RequestId, Part>,
+    inflight: RequestMap<Part>,
     out: Vec<u8>,
     segments: VecDeque<Segment>,
     /// Bytes of the first segment already written.
@@ -339,7 +340,7 @@ pub(crate) async fn run(
             next_op: 0,
             pending: HashMap::new(),
             queue: VecDeque::new(),
-            inflight: HashMap::new(),
+            inflight: RequestMap::new(),
             out: Vec::new(),
             segments: VecDeque::new(),
             written: 0,
@@ -792,7 +793,7 @@ impl Driver {
                 _ => state.segments.push_back(Segment::Head { start, end }),
             }
             if let Some(Payload::Data { id, offset, length }) = transmit.payload {
-                let Some(part) = state.inflight.get(&id) else {
+                let Some(part) = state.inflight.get(id) else {
                     state.fatal = Some(Error::io(io::Error::other(
                         "internal error: payload for an unknown request",
                     )));
@@ -944,7 +945,7 @@ impl State {
                 }
             }
             Event::Done { id, result } => {
-                let Some(part) = self.inflight.remove(&id) else {
+                let Some(part) = self.inflight.remove(id) else {
                     return;
                 };
                 if result == Err(ErrorCode::Shutdown) && self.resend_refused {
@@ -1002,7 +1003,7 @@ impl State {
     }
 
     fn pending_of(&mut self, id: RequestId) -> Option<(&mut Pending, Part)> {
-        let part = *self.inflight.get(&id)?;
+        let part = *self.inflight.get(id)?;
         Some((self.pending.get_mut(&part.op)?, part))
     }
 

@@ -257,7 +257,7 @@ fn handle(event: Event<'_>, got: &mut Negotiated, uri: &NbdUri) {
         }
         Event::Export(export) => got.export = Some(export),
         Event::Ready => got.ready = true,
-        Event::TlsStart => got.start_tls = true,
+        Event::StartTls => got.start_tls = true,
         Event::Closed => got.closed = true,
         Event::OptionRefused {
             option,

@@ -3,13 +3,14 @@
 //! every reply ready sent in one vectored write, read data straight from
 //! the buffer it was read into.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
 use nbd_core::server::{
     CloseReason, Config, Event, Payload, ReadOutcome, Request, RequestId, StdConnection,
 };
+use nbd_core::shape::RequestMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
@@ -285,9 +286,9 @@ struct Driver {
     /// Jobs on the blocking pool.
     pending: usize,
     /// Read data waiting for its reply header.
-    read_data: HashMap<RequestId, ReadData>,
-    writes: HashMap<RequestId, PendingWrite>,
-    streams: HashMap<RequestId, StreamingWrite>,
+    read_data: RequestMap<ReadData>,
+    writes: RequestMap<PendingWrite>,
+    streams: RequestMap<StreamingWrite>,
     /// Reads waiting for budget, in arrival order; while any wait, no
     /// input is fed to the core.
     waiting_reads: VecDeque<(RequestId, u64, u64)>,
@@ -325,9 +326,9 @@ impl Driver {
             done_tx,
             done_rx,
             pending: 0,
-            read_data: HashMap::new(),
-            writes: HashMap::new(),
-            streams: HashMap::new(),
+            read_data: RequestMap::new(),
+            writes: RequestMap::new(),
+            streams: RequestMap::new(),
             waiting_reads: VecDeque::new(),
             budget,
             retry: Vec::new(),
@@ -458,7 +459,10 @@ impl Driver {
                 }
                 read = stream.read(&mut input[end..]), if room => match read? {
                     0 => {
-                        debug!("client closed its side");
+                        match self.conn.end_of_input() {
+                            Ok(()) => debug!("client closed its side"),
+                            Err(error) => debug!("client closed its side: {error}"),
+                        }
                         eof = true;
                     }
                     n => {
@@ -527,10 +531,10 @@ impl Driver {
             .streams
             .iter()
             .filter(|(_, w)| !w.piece.is_empty())
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in partial {
-            if let Some(mut write) = self.streams.remove(&id) {
+            if let Some(mut write) = self.streams.remove(id) {
                 self.store_piece(id, &mut write);
                 self.streams.insert(id, write);
             }
@@ -622,7 +626,7 @@ impl Driver {
                     data,
                     remaining,
                 } => self.write_data(id, offset, data, remaining),
-                Event::Close(reason) => {
+                Event::Closed(reason) => {
                     if reason == CloseReason::Shutdown {
                         info!("closing for server shutdown");
                     }
@@ -772,7 +776,7 @@ impl Driver {
         };
         if let Err(error) = backend.write_at(data, offset) {
             // The core drops the rest of this write's payload from now on.
-            self.writes.remove(&id);
+            self.writes.remove(id);
             self.apply(Done::Other {
                 id,
                 result: Err(error),
@@ -780,7 +784,7 @@ impl Driver {
             return;
         }
         if remaining == 0 {
-            let result = match self.writes.remove(&id) {
+            let result = match self.writes.remove(id) {
                 Some(write) => {
                     backend.flush_range(write.offset, offset + data.len() as u64 - write.offset)
                 }
@@ -793,7 +797,7 @@ impl Driver {
     /// Gathers write payload into pieces of at most [`WRITE_PIECE`]
     /// bytes and sends each full piece to storage.
     fn stream_write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
-        let Some(mut write) = self.streams.remove(&id) else {
+        let Some(mut write) = self.streams.remove(id) else {
             return;
         };
         let (mut data, mut offset) = (data, offset);
@@ -926,7 +930,7 @@ impl Driver {
             },
             Done::Write { id, data, result } => {
                 self.budget.release(data.len());
-                if let Some(mut write) = self.streams.remove(&id) {
+                if let Some(mut write) = self.streams.remove(id) {
                     write.outstanding -= 1;
                     if let Err(error) = result
                         && write.failed.is_none()
@@ -980,7 +984,7 @@ impl Driver {
                     // honest answer is to end the connection.
                     let data = self
                         .read_data
-                        .remove(&id)
+                        .remove(id)
                         .filter(|data| data.len() as u64 == length);
                     let Some(data) = data else {
                         error!(
