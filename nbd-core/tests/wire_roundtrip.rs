@@ -773,6 +773,8 @@ proptest! {
             let mut buf = trailer.to_vec();
             buf.extend_from_slice(TRAILER);
             check_stream(&buf, ERROR_OFFSET_TRAILER_LEN, &offset, true, ChunkPrefix::parse_error_offset);
+            let encoded = encode_checked(ERROR_OFFSET_TRAILER_LEN, |out| ChunkPrefix::encode_error_offset(offset, out));
+            prop_assert_eq!(&encoded[..ERROR_OFFSET_TRAILER_LEN], trailer);
         }
         // A length one byte past what the fields announce is refused
         // (read data alone takes whatever length the header gives).

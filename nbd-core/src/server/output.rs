@@ -11,9 +11,7 @@ use super::inflight::{Reply, RequestId, Slot};
 use super::negotiation::BASE_ALLOCATION_ID;
 use super::{Payload, Transmit};
 use crate::export::Catalog;
-use crate::wire::{
-    Chunk, ChunkPrefix, ChunkType, Command, ErrorCode, ReplyFlags, SimpleReply, WireError,
-};
+use crate::wire::{ChunkPrefix, ChunkType, Command, ErrorCode, ReplyFlags, SimpleReply, WireError};
 
 /// Bytes sent after the scratch header that the core does not copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,14 +174,26 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 out
             }
             Reply::ErrorAt { error, offset } => {
-                let chunk = Chunk::ErrorOffset {
+                // No message: the trailing offset follows the fixed fields.
+                let prefix = ChunkPrefix::Error {
+                    chunk_type: ChunkType::ErrorOffset,
                     error: error.to_wire(),
-                    message: &[],
-                    offset,
+                    message_len: 0,
                 };
                 let style = self.header_style();
                 self.head(|out| {
-                    chunk.encode_with_header(ReplyFlags::DONE, slot.cookie, slot.offset, style, out)
+                    let head = prefix.encode_with_header(
+                        ReplyFlags::DONE,
+                        slot.cookie,
+                        slot.offset,
+                        style,
+                        out,
+                    )?;
+                    let trailer = ChunkPrefix::encode_error_offset(
+                        offset,
+                        out.get_mut(head..).unwrap_or_default(),
+                    )?;
+                    Ok(head + trailer)
                 })
             }
         };

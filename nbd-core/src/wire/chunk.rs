@@ -230,6 +230,14 @@ impl ChunkPrefix {
         Ok((r.rest(), offset))
     }
 
+    /// Writes the offset that ends an `NBD_REPLY_TYPE_ERROR_OFFSET`
+    /// payload, after its message, to the front of `out`.
+    pub fn encode_error_offset(offset: u64, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out, ERROR_OFFSET_TRAILER_LEN)?;
+        w.u64(offset)?;
+        Ok(w.finish())
+    }
+
     /// Checks what the fields cannot express, so that whatever encodes also
     /// parses back.
     fn validate(&self) -> Result<(), WireError> {
