@@ -1,5 +1,5 @@
 //! The connection's memory footprint, a number the project tracks
-//! (README "Memory"). Run with `--nocapture` to see it.
+//! (docs/CORE.md "Memory"). Run with `--nocapture` to see it.
 
 use core::mem::size_of;
 
