@@ -405,3 +405,187 @@ fn size_mismatch_and_missing_disk_are_one_line_errors() {
         "credentials in the output"
     );
 }
+
+/// Whether `path` is a mount point now (`/proc/mounts`).
+fn is_mounted(path: &std::path::Path) -> bool {
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.split(' ').nth(1) == Some(wanted.as_str()))
+}
+
+fn can_use_fuse() -> bool {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok();
+    usable || common::missing("/dev/fuse (readable and writable by this user, e.g. root)")
+}
+
+/// `nbd-std mount URI FILE`, running until [`unmount`]; killed (and the
+/// mount detached) if the test fails first.
+struct Mount {
+    file: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Mount {
+    fn start(uri: &str, file: &std::path::Path) -> Mount {
+        let child = Command::new(common::server_binary())
+            .arg("mount")
+            .arg(uri)
+            .arg(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start nbd-std mount");
+        let mut mount = Mount {
+            file: file.to_owned(),
+            child: Some(child),
+        };
+        let up = common::wait_until(Duration::from_secs(15), || {
+            is_mounted(file)
+                || mount
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+        });
+        assert!(up && is_mounted(file), "{} not mounted", file.display());
+        mount
+    }
+
+    /// `fusermount3 -u`, which ends `nbd-std mount` with status 0.
+    fn unmount(mut self) {
+        run_ok(tool("fusermount3").arg("-u").arg(&self.file), TIMEOUT);
+        let mut child = self.child.take().expect("mount process");
+        let ended = common::wait_until(Duration::from_secs(15), || {
+            child.try_wait().ok().flatten().is_some()
+        });
+        assert!(ended, "nbd-std mount still running after the unmount");
+        let status = child.wait().expect("wait for nbd-std mount");
+        assert!(status.success(), "nbd-std mount exited {status}");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.file) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.file)
+                .status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn ext4_through_nbd_std_mount() {
+    if !have_tools(&["fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "nbdcopy"])
+        || !can_use_fuse()
+    {
+        return;
+    }
+    let Some(store) = Seaweed::start() else {
+        return;
+    };
+    let dir = temp_dir();
+    let image = dir.path().join("disk.img");
+    let options = ",size=256M";
+    let mut server = serve(&store, "vm1", "ext4", options);
+    let uri = server.uri_for("vm1");
+    let mount = Mount::start(&uri, &image);
+    // mkfs.ext4 discards the whole device first (a whole-disk TRIM).
+    let started = Instant::now();
+    run_ok(tool("mkfs.ext4").args(["-F", "-q"]).arg(&image), TIMEOUT);
+    let mkfs = started.elapsed();
+    // Files, written into the filesystem on the mounted export.
+    let files = [
+        ("hello.txt", b"hello through S3\n".to_vec()),
+        ("random.bin", common::random_bytes(11, (3 * MIB) as usize)),
+    ];
+    for (name, content) in &files {
+        let source = dir.path().join(name);
+        std::fs::write(&source, content).expect("write source file");
+        let request = format!("write {} {name}", source.display());
+        run_ok(
+            tool("debugfs").args(["-w", "-R", &request]).arg(&image),
+            TIMEOUT,
+        );
+    }
+    let fsck = run(tool("e2fsck").arg("-fn").arg(&image), TIMEOUT);
+    assert_eq!(fsck.code(), Some(0), "not clean\n{}", fsck.describe());
+    mount.unmount();
+    server.stop();
+    drop(server);
+    // From the store, through a new server: a clean ext4 with the files.
+    let server = serve(&store, "vm1", "ext4", options);
+    let copy = dir.path().join("copy.img");
+    run_ok(
+        tool("nbdcopy").args([&server.uri_for("vm1"), copy.to_str().expect("path")]),
+        TIMEOUT,
+    );
+    let fsck = run(tool("e2fsck").arg("-fn").arg(&copy), TIMEOUT);
+    assert_eq!(fsck.code(), Some(0), "copy not clean\n{}", fsck.describe());
+    for (name, content) in &files {
+        let back = dir.path().join(format!("{name}.back"));
+        let request = format!("dump {name} {}", back.display());
+        run_ok(tool("debugfs").args(["-R", &request]).arg(&copy), TIMEOUT);
+        assert!(
+            std::fs::read(&back).expect("dumped file") == *content,
+            "{name} differs"
+        );
+    }
+    eprintln!(
+        "mkfs.ext4 of a 256 MiB S3 export through nbd-std mount: {:.1} s",
+        mkfs.as_secs_f64()
+    );
+}
+
+#[test]
+fn read_only_export_serves_reads_and_refuses_writes() {
+    if !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let Some(store) = Seaweed::start() else {
+        return;
+    };
+    let options = ",size=1M,object-size=64K";
+    let server = serve(&store, "vm1", "ro", options);
+    qemu_io(
+        &server.uri_for("vm1"),
+        &["write -P 9 60k 8k".to_owned(), "flush".to_owned()],
+    );
+    drop(server);
+    // A read-only server takes no lease: it may run beside a writer.
+    let writer = serve(&store, "vm1", "ro", options);
+    let reader = serve(&store, "vm1", "ro", ",ro");
+    let uri = reader.uri_for("vm1");
+    qemu_io(
+        &uri,
+        &["read -P 9 60k 8k".to_owned(), "read -P 0 0 60k".to_owned()],
+    );
+    let mut command = tool("qemu-io");
+    command.args(["-f", "raw", "-c", "write -P 1 0 4k"]).arg(&uri);
+    let refused = run(&mut command, TIMEOUT);
+    assert!(
+        refused.stdout.contains("failed") || refused.stderr.contains("failed")
+            || !refused.success(),
+        "a write to a read-only export was accepted\n{}",
+        refused.describe()
+    );
+    qemu_io(&uri, &["read -P 0 0 4k".to_owned()]);
+    drop(writer);
+    // And a read-only export never creates a disk.
+    let absent = serve_refused(&store, "vm1", "ro-absent", ",size=1M,ro");
+    assert!(
+        absent.stderr.contains("read-only export does not create one")
+            && absent.stderr.lines().count() == 1,
+        "{}",
+        absent.describe()
+    );
+}

@@ -147,7 +147,9 @@ impl Seaweed {
             if let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.ports[0])) {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                 let request =
-                    format!("GET /{BUCKET}?list-type=2 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+                    format!(
+                    "GET /{BUCKET}?list-type=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                );
                 let mut answer = Vec::new();
                 if stream.write_all(request.as_bytes()).is_ok()
                     && stream.read_to_end(&mut answer).is_ok()

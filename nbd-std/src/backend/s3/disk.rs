@@ -46,6 +46,10 @@ pub(super) const STORE_CALL_BOUND: Duration = Duration::from_secs(30);
 /// store is down or slow) before its request gets `EIO`.
 const ROOM_WAIT_BOUND: Duration = Duration::from_secs(60);
 
+/// Most objects one background upload pass takes (its zero objects go in
+/// batched deletes of up to 1,000 keys).
+const UPLOAD_BATCH: usize = 4096;
+
 /// Objects fetched ahead of a sequential reader.
 const READ_AHEAD_OBJECTS: u64 = 8;
 
@@ -53,7 +57,7 @@ const READ_AHEAD_OBJECTS: u64 = 8;
 #[derive(Default)]
 struct Slot {
     state: Arc<tokio::sync::Mutex<SlotState>>,
-    upload: tokio::sync::Mutex<()>,
+    upload: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -516,22 +520,133 @@ impl Disk {
             flag.store(!zeroes, Ordering::Release);
         }
         let mut state = slot.state.lock().await;
+        self.stored(index, &mut state, generation, zeroes);
+        Ok(())
+    }
+
+    /// Records that the store has generation `generation` of a locked slot.
+    fn stored(&self, index: u64, state: &mut SlotState, generation: u64, zeroes: bool) {
         state.stored = state.stored.max(generation);
-        if !state.dirty() {
+        if state.dirty() {
+            // Changed while it was uploaded: `changed` queued nothing (it
+            // was dirty), so queue it here or only a FLUSH would store it.
+            let _ = self.queue.send(index);
+        } else {
             state.room = None;
             if zeroes {
                 // Nothing worth keeping: the store's answer is zeroes now.
-                self.set_content(&mut state, Some(Arc::new(Vec::new())));
+                self.set_content(state, Some(Arc::new(Vec::new())));
             }
         }
-        Ok(())
+    }
+
+    /// Stores the dirty zero objects of `indices` with batched deletes
+    /// (`DeleteObjects`, 1,000 keys a request): a whole-disk `TRIM` costs
+    /// a few requests, not one per object. Objects that got data meanwhile
+    /// are uploaded one by one.
+    async fn delete_all(&self, mut indices: Vec<u64>) -> io::Result<()> {
+        use futures_util::StreamExt;
+        indices.sort_unstable();
+        indices.dedup();
+        // Upload locks taken in index order: two batches never deadlock.
+        let mut held = Vec::new();
+        let mut with_data = Vec::new();
+        for index in indices {
+            let slot = self.table().get(&index).cloned();
+            let Some(slot) = slot else { continue };
+            let guard = Arc::clone(&slot.upload).lock_owned().await;
+            let state = slot.state.lock().await;
+            if !state.dirty() || state.retired {
+                continue;
+            }
+            if state.content.as_ref().is_some_and(|c| c.is_empty()) {
+                let generation = state.generation;
+                drop(state);
+                held.push((index, slot, guard, generation));
+            } else {
+                with_data.push(index);
+            }
+        }
+        let mut outcome = Ok(());
+        if !held.is_empty() {
+            self.check_lease()?;
+            let keys: Vec<Path> = held
+                .iter()
+                .map(|(index, ..)| data_key(&self.prefix, *index))
+                .collect();
+            let stream = futures_util::stream::iter(keys.into_iter().map(Ok)).boxed();
+            let results: Vec<_> = match tokio::time::timeout(
+                STORE_CALL_BOUND,
+                self.store.delete_stream(stream).collect::<Vec<_>>(),
+            )
+            .await
+            {
+                Ok(results) => results,
+                Err(_) => {
+                    return Err(io::Error::other(format!(
+                        "object store: deletes not done within {} s",
+                        STORE_CALL_BOUND.as_secs()
+                    )));
+                }
+            };
+            let mut deleted = std::collections::HashSet::new();
+            for result in results {
+                match result {
+                    Ok(path) => {
+                        deleted.insert(path);
+                    }
+                    Err(object_store::Error::NotFound { path, .. }) => {
+                        deleted.insert(Path::from(path));
+                    }
+                    Err(error) => {
+                        if outcome.is_ok() {
+                            outcome = Err(store_error(error));
+                        }
+                    }
+                }
+            }
+            for (index, slot, _guard, generation) in held {
+                if !deleted.contains(&data_key(&self.prefix, index)) {
+                    continue;
+                }
+                if let Some(flag) = self.existence.get(index as usize) {
+                    flag.store(false, Ordering::Release);
+                }
+                let mut state = slot.state.lock().await;
+                self.stored(index, &mut state, generation, true);
+            }
+        }
+        let uploads = join_all(with_data.into_iter().map(|index| self.upload(index))).await;
+        outcome.and(uploads.into_iter().collect::<io::Result<Vec<()>>>().map(drop))
     }
 
     /// Stores every object of `indices` that is dirty now; the first
     /// failure is the answer, and failed objects stay dirty.
     async fn store_all(&self, indices: Vec<u64>) -> io::Result<()> {
-        let results = join_all(indices.into_iter().map(|index| self.upload(index))).await;
-        let outcome = results.into_iter().collect::<io::Result<Vec<()>>>().map(drop);
+        let mut zeroes = Vec::new();
+        let mut data = Vec::new();
+        for index in indices {
+            let slot = self.table().get(&index).cloned();
+            let Some(slot) = slot else { continue };
+            let zero = slot
+                .state
+                .lock()
+                .await
+                .content
+                .as_ref()
+                .is_some_and(|c| c.is_empty());
+            if zero {
+                zeroes.push(index);
+            } else {
+                data.push(index);
+            }
+        }
+        let (deleted, uploaded) = futures_util::future::join(
+            self.delete_all(zeroes),
+            join_all(data.into_iter().map(|index| self.upload(index))),
+        )
+        .await;
+        let outcome = deleted.and(uploaded.into_iter().collect::<io::Result<Vec<()>>>().map(drop));
         self.forget_zero_slots();
         outcome
     }
@@ -589,16 +704,27 @@ impl Disk {
         self: Arc<Self>,
         mut dirtied: mpsc::UnboundedReceiver<u64>,
     ) {
-        while let Some(index) = dirtied.recv().await {
+        while let Some(first) = dirtied.recv().await {
+            // Everything queued by now goes in one pass, so a whole-disk
+            // trim's objects are deleted in batches.
+            let mut batch = vec![first];
+            while batch.len() < UPLOAD_BATCH {
+                match dirtied.try_recv() {
+                    Ok(index) => batch.push(index),
+                    Err(_) => break,
+                }
+            }
             let disk = Arc::clone(&self);
             tokio::spawn(async move {
                 tokio::time::sleep(WRITE_BACK_DELAY).await;
                 loop {
-                    match disk.upload(index).await {
+                    match disk.store_all(batch.clone()).await {
                         Ok(()) => break,
                         Err(error) => {
                             tracing::warn!(
-                                "object {index:016x}: upload failed ({error}); retrying in {} s",
+                                "{} objects from {:016x}: upload failed ({error}); retrying in {} s",
+                                batch.len(),
+                                batch[0],
                                 RETRY_DELAY.as_secs()
                             );
                             tokio::time::sleep(RETRY_DELAY).await;

@@ -35,6 +35,12 @@ pub const DEFAULT_CACHE: u64 = 256 << 20;
 /// Default lease duration (`lease=`).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// Longest any request waits on the store before its reply is an error
+/// (`EIO`): store calls time out after 10 s and are retried within 15 s,
+/// and one request may need a few in a row (room in the cache, a
+/// read-modify-write, the upload).
+pub const REQUEST_BOUND: Duration = Duration::from_secs(60);
+
 /// Most objects one disk may have (the existence map is a byte each).
 const MAX_OBJECTS: u64 = 1 << 26;
 
@@ -293,19 +299,35 @@ impl S3Backend {
         );
         Ok((disk, dirtied, lease))
     }
-
 }
 
 impl Opened {
     /// Runs `work` on the export's runtime; the future resolves wherever
-    /// it is awaited.
+    /// it is awaited. A request not done within [`REQUEST_BOUND`] (the
+    /// store down or stalled) is dropped and answered with `on_error`
+    /// (`EIO` for the client): its data stays dirty, nothing half-done is
+    /// acknowledged.
     fn spawn<T: Send + 'static>(
         &self,
         work: impl Future<Output = T> + Send + 'static,
-        on_panic: impl FnOnce() -> T + Send + 'static,
+        on_error: impl FnOnce(io::Error) -> T + Send + 'static,
     ) -> StorageFuture<T> {
-        let task = self.handle.spawn(work);
-        Box::pin(async move { task.await.unwrap_or_else(|_| on_panic()) })
+        let task = self
+            .handle
+            .spawn(tokio::time::timeout(REQUEST_BOUND, work));
+        Box::pin(async move {
+            match task.await {
+                Ok(Ok(done)) => done,
+                Ok(Err(_elapsed)) => on_error(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "object store: request not done within {} s",
+                        REQUEST_BOUND.as_secs()
+                    ),
+                )),
+                Err(_) => on_error(panicked()),
+            }
+        })
     }
 
     /// Waits for `work` on the export's runtime from a thread that may
@@ -474,13 +496,13 @@ impl AsyncBackend for Opened {
     fn read(&self, mut buffer: Vec<u8>, offset: u64) -> StorageFuture<(Vec<u8>, io::Result<()>)> {
         let disk = Arc::clone(&self.disk);
         let length = buffer.len();
-        disk.read_ahead(offset, length as u64);
         self.spawn(
             async move {
+                disk.read_ahead(offset, length as u64);
                 let result = disk.read(&mut buffer, offset).await;
                 (buffer, result)
             },
-            move || (vec![0; length], Err(panicked())),
+            move |error| (vec![0; length], Err(error)),
         )
     }
 
@@ -495,20 +517,20 @@ impl AsyncBackend for Opened {
                 let result = disk.write(&data, offset).await;
                 (data, result)
             },
-            move || (vec![0; length], Err(panicked())),
+            move |error| (vec![0; length], Err(error)),
         )
     }
 
     fn flush(&self) -> StorageFuture<io::Result<()>> {
         let disk = Arc::clone(&self.disk);
-        self.spawn(async move { disk.flush().await }, || Err(panicked()))
+        self.spawn(async move { disk.flush().await }, Err)
     }
 
     fn flush_range(&self, offset: u64, length: u64) -> StorageFuture<io::Result<()>> {
         let disk = Arc::clone(&self.disk);
         self.spawn(
             async move { disk.flush_range(offset, length).await },
-            || Err(panicked()),
+            Err,
         )
     }
 
@@ -528,7 +550,7 @@ impl AsyncBackend for Opened {
         let disk = Arc::clone(&self.disk);
         self.spawn(
             async move { disk.write_zeroes(offset, length, flags).await },
-            || Err(panicked()),
+            Err,
         )
     }
 
@@ -536,7 +558,7 @@ impl AsyncBackend for Opened {
         let disk = Arc::clone(&self.disk);
         self.spawn(
             async move { disk.prefetch(offset, length).await },
-            || Err(panicked()),
+            Err,
         )
     }
 
@@ -552,7 +574,7 @@ impl AsyncBackend for Opened {
                 let result = disk.block_status(offset, length, &mut extents).await;
                 (extents, result)
             },
-            || (Vec::new(), Err(panicked())),
+            |error| (Vec::new(), Err(error)),
         )
     }
 }
