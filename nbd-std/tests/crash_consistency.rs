@@ -120,7 +120,7 @@ const MAX_KILL_DELAY: Duration = Duration::from_millis(400);
 /// Rounds in CI (overridden by `NBD_CRASH_ROUNDS`).
 const DEFAULT_ROUNDS: u64 = 30;
 /// Rounds against the S3 export in CI (overridden by `NBD_S3_CRASH_ROUNDS`).
-const DEFAULT_S3_ROUNDS: u64 = 20;
+const DEFAULT_S3_ROUNDS: u64 = 30;
 /// How long the workers may take to notice the dead server.
 const WIND_DOWN: Duration = Duration::from_secs(20);
 /// "Never acked".
