@@ -292,12 +292,7 @@ impl Tally {
 /// description of every sector (up to a few) that breaks the model.
 /// `page_cache`: also check the stricter model (every acked write is
 /// there), which holds for the file export only.
-fn check_round(
-    base: &[u8],
-    actual: &[u8],
-    log: &Log,
-    page_cache: bool,
-) -> Result<Tally, String> {
+fn check_round(base: &[u8], actual: &[u8], log: &Log, page_cache: bool) -> Result<Tally, String> {
     let latest_flush = log.flushes_done.iter().copied().max().unwrap_or(0);
     let durable = |w: &WriteRecord| w.acked != NEVER && (w.fua || w.acked < latest_flush);
     let acked = |w: &WriteRecord| w.acked != NEVER;

@@ -278,7 +278,11 @@ fn second_server_refused_until_the_first_lease_expires() {
         &["write -P 7 0 4k".to_owned(), "flush".to_owned()],
     );
     let refused = serve_refused(&store, "vm1", "fenced", options);
-    assert!(!refused.success(), "second server started\n{}", refused.describe());
+    assert!(
+        !refused.success(),
+        "second server started\n{}",
+        refused.describe()
+    );
     assert!(
         refused.stderr.contains("is in use by") && refused.stderr.lines().count() == 1,
         "one line naming the holder\n{}",
@@ -298,7 +302,7 @@ fn second_server_refused_until_the_first_lease_expires() {
         for (key, value) in store.env() {
             command.env(key, value);
         }
-        let out = run(&mut command.arg("--run").arg("true"), TIMEOUT);
+        let out = run(command.arg("--run").arg("true"), TIMEOUT);
         if out.success() {
             break serve(&store, "vm1", "fenced", options);
         }
@@ -326,7 +330,12 @@ fn store_down_during_a_copy_then_back() {
     let source = dir.path().join("source.img");
     let copy = dir.path().join("copy.img");
     write_urandom_file(&source, 64 * MIB);
-    let server = serve(&store, "vm1", "outage", ",size=64M,object-size=256K,cache=32M");
+    let server = serve(
+        &store,
+        "vm1",
+        "outage",
+        ",size=64M,object-size=256K,cache=32M",
+    );
     let uri = server.uri_for("vm1");
     let source_path = source.to_str().expect("path");
     let mut copying = tool("nbdcopy")
@@ -371,7 +380,10 @@ fn store_down_during_a_copy_then_back() {
     );
     // Serving goes on without a restart of nbd-std: copy again, then read
     // back from a fresh server (from the store).
-    run_ok(tool("nbdcopy").args(["--flush", source_path, &uri]), TIMEOUT);
+    run_ok(
+        tool("nbdcopy").args(["--flush", source_path, &uri]),
+        TIMEOUT,
+    );
     drop(server);
     let server = serve(&store, "vm1", "outage", "");
     run_ok(
@@ -445,7 +457,9 @@ fn size_mismatch_and_missing_disk_are_one_line_errors() {
     drop(serve(&store, "vm1", "sized", ",size=2M"));
     let mismatch = serve_refused(&store, "vm1", "sized", ",size=4M");
     assert!(
-        mismatch.stderr.contains("size=4194304 but the disk's manifest says 2097152")
+        mismatch
+            .stderr
+            .contains("size=4194304 but the disk's manifest says 2097152")
             && mismatch.stderr.lines().count() == 1,
         "{}",
         mismatch.describe()
@@ -535,8 +549,7 @@ impl Drop for Mount {
 
 #[test]
 fn ext4_through_nbd_std_mount() {
-    if !have_tools(&["fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "nbdcopy"])
-        || !can_use_fuse()
+    if !have_tools(&["fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "nbdcopy"]) || !can_use_fuse()
     {
         return;
     }
@@ -627,7 +640,9 @@ fn read_only_export_serves_reads_and_refuses_writes() {
     read(&["read -P 9 60k 8k", "read -P 0 0 60k"]);
     // qemu-io opens read-write by default: the read-only export refuses.
     let mut command = tool("qemu-io");
-    command.args(["-f", "raw", "-c", "write -P 1 0 4k"]).arg(&uri);
+    command
+        .args(["-f", "raw", "-c", "write -P 1 0 4k"])
+        .arg(&uri);
     let refused = run(&mut command, TIMEOUT);
     assert!(
         !refused.success() && refused.stderr.contains("Permission denied"),
@@ -639,7 +654,9 @@ fn read_only_export_serves_reads_and_refuses_writes() {
     // And a read-only export never creates a disk.
     let absent = serve_refused(&store, "vm1", "ro-absent", ",size=1M,ro");
     assert!(
-        absent.stderr.contains("read-only export does not create one")
+        absent
+            .stderr
+            .contains("read-only export does not create one")
             && absent.stderr.lines().count() == 1,
         "{}",
         absent.describe()

@@ -176,11 +176,8 @@ impl Job {
 impl Job {
     /// Carries the job out on storage with an asynchronous form: the
     /// returned future owns everything, so it runs as a task of its own.
-    pub(super) fn run_async(
-        self,
-        backend: Arc<dyn AsyncBackend>,
-    ) -> impl Future<Output = Done> + Send + 'static {
-        async move {
+    pub(super) async fn run_async(self, backend: Arc<dyn AsyncBackend>) -> Done {
+        {
             let durable = async |fua: bool, offset: u64, length: u64| {
                 if fua {
                     backend.flush_range(offset, length).await

@@ -146,8 +146,7 @@ impl Seaweed {
             }
             if let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.ports[0])) {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let request =
-                    format!(
+                let request = format!(
                     "GET /{BUCKET}?list-type=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
                 );
                 let mut answer = Vec::new();

@@ -393,7 +393,8 @@ impl Disk {
     ) -> io::Result<()> {
         self.check_lease()?;
         let pieces: Vec<_> = self.pieces(offset, length).collect();
-        let whole = |&(_, start, n): &(u64, usize, usize)| start == 0 && n as u64 == self.object_size;
+        let whole =
+            |&(_, start, n): &(u64, usize, usize)| start == 0 && n as u64 == self.object_size;
         if flags.fast && !pieces.iter().all(whole) {
             return Err(io::ErrorKind::Unsupported.into());
         }
@@ -447,23 +448,31 @@ impl Disk {
         }
         let results = join_all(parts).await;
         self.evict();
-        results.into_iter().collect::<io::Result<Vec<()>>>().map(drop)
+        results
+            .into_iter()
+            .collect::<io::Result<Vec<()>>>()
+            .map(drop)
     }
 
     /// Fetches the objects of the range into the read cache (`CACHE`,
     /// read-ahead), as far as the cache holds.
     pub(super) async fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
         let most = self.cached_limit as u64 * self.object_size / 2;
-        let loads = self.pieces(offset, length.min(most)).map(|(index, _, _)| async move {
-            if !self.exists(index) {
-                return Ok(());
-            }
-            let (_slot, mut state) = self.lock(index).await;
-            self.load(index, &mut state).await
-        });
+        let loads = self
+            .pieces(offset, length.min(most))
+            .map(|(index, _, _)| async move {
+                if !self.exists(index) {
+                    return Ok(());
+                }
+                let (_slot, mut state) = self.lock(index).await;
+                self.load(index, &mut state).await
+            });
         let results = join_all(loads).await;
         self.evict();
-        results.into_iter().collect::<io::Result<Vec<()>>>().map(drop)
+        results
+            .into_iter()
+            .collect::<io::Result<Vec<()>>>()
+            .map(drop)
     }
 
     /// Starts fetching what a sequential reader will want next.
@@ -617,7 +626,12 @@ impl Disk {
             }
         }
         let uploads = join_all(with_data.into_iter().map(|index| self.upload(index))).await;
-        outcome.and(uploads.into_iter().collect::<io::Result<Vec<()>>>().map(drop))
+        outcome.and(
+            uploads
+                .into_iter()
+                .collect::<io::Result<Vec<()>>>()
+                .map(drop),
+        )
     }
 
     /// Stores every object of `indices` that is dirty now; the first
@@ -646,7 +660,12 @@ impl Disk {
             join_all(data.into_iter().map(|index| self.upload(index))),
         )
         .await;
-        let outcome = deleted.and(uploaded.into_iter().collect::<io::Result<Vec<()>>>().map(drop));
+        let outcome = deleted.and(
+            uploaded
+                .into_iter()
+                .collect::<io::Result<Vec<()>>>()
+                .map(drop),
+        );
         self.forget_zero_slots();
         outcome
     }
@@ -777,5 +796,134 @@ struct ArcBytes(Arc<Vec<u8>>);
 impl AsRef<[u8]> for ArcBytes {
     fn as_ref(&self) -> &[u8] {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    const OBJECT: u64 = 64 << 10;
+    const SIZE: u64 = 16 * OBJECT;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A disk on `store` as a server opening it would see it.
+    async fn open(store: &Arc<InMemory>) -> Arc<Disk> {
+        let store: Arc<dyn ObjectStore> = Arc::clone(store) as Arc<dyn ObjectStore>;
+        let prefix = Path::from("disks/vm1");
+        let existing = super::super::list_objects(&*store, &prefix)
+            .await
+            .expect("list");
+        Disk::new(store, prefix, SIZE, OBJECT, 1 << 20, &existing, None).0
+    }
+
+    async fn data_objects(store: &InMemory) -> usize {
+        use futures_util::StreamExt;
+        store
+            .list(Some(&Path::from("disks/vm1/data")))
+            .collect::<Vec<_>>()
+            .await
+            .len()
+    }
+
+    #[test]
+    fn concurrent_writes_into_one_object_lose_nothing() {
+        let rt = runtime();
+        let store = Arc::new(InMemory::new());
+        rt.block_on(async {
+            let disk = open(&store).await;
+            // 128 writes of 512 bytes into object 1 at once, each a
+            // read-modify-write of the same object.
+            let writes = (0..128u64).map(|sector| {
+                let disk = Arc::clone(&disk);
+                tokio::spawn(async move {
+                    let data = vec![sector as u8 + 1; 512];
+                    disk.write(&data, OBJECT + sector * 512).await
+                })
+            });
+            for done in join_all(writes).await {
+                done.expect("task").expect("write");
+            }
+            disk.flush().await.expect("flush");
+        });
+        assert_eq!(rt.block_on(data_objects(&store)), 1, "one object stored");
+        rt.block_on(async {
+            let disk = open(&store).await;
+            let mut back = vec![0u8; OBJECT as usize];
+            disk.read(&mut back, OBJECT).await.expect("read");
+            for (sector, bytes) in back.chunks(512).enumerate() {
+                assert!(
+                    bytes.iter().all(|&b| b == sector as u8 + 1),
+                    "sector {sector} lost its write"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn zeroed_objects_are_deleted_and_read_as_holes() {
+        let rt = runtime();
+        let store = Arc::new(InMemory::new());
+        rt.block_on(async {
+            let disk = open(&store).await;
+            disk.write(&vec![7u8; SIZE as usize], 0)
+                .await
+                .expect("write");
+            disk.flush().await.expect("flush");
+        });
+        assert_eq!(rt.block_on(data_objects(&store)), 16);
+        rt.block_on(async {
+            let disk = open(&store).await;
+            // A partial zeroing keeps the object; whole ones go.
+            disk.write_zeroes(100, SIZE - 100, ZeroFlags::default())
+                .await
+                .expect("zeroes");
+            disk.flush().await.expect("flush");
+            let mut extents = Vec::new();
+            disk.block_status(0, SIZE, &mut extents)
+                .await
+                .expect("block status");
+            assert_eq!(extents.len(), 2, "{extents:?}");
+            assert_eq!((extents[0].length, extents[0].status), (OBJECT, 0));
+            assert_eq!((extents[1].length, extents[1].status), (SIZE - OBJECT, 3));
+        });
+        assert_eq!(
+            rt.block_on(data_objects(&store)),
+            1,
+            "whole zero objects deleted"
+        );
+        rt.block_on(async {
+            let disk = open(&store).await;
+            let mut back = vec![1u8; SIZE as usize];
+            disk.read(&mut back, 0).await.expect("read");
+            assert!(back[..100].iter().all(|&b| b == 7));
+            assert!(back[100..].iter().all(|&b| b == 0));
+        });
+    }
+
+    #[test]
+    fn fua_stores_its_range_and_flush_the_rest() {
+        let rt = runtime();
+        let store = Arc::new(InMemory::new());
+        rt.block_on(async {
+            let disk = open(&store).await;
+            disk.write(&[1; 4096], 0).await.expect("write");
+            disk.write(&[2; 4096], 5 * OBJECT).await.expect("write");
+            disk.flush_range(5 * OBJECT, 4096).await.expect("fua");
+            // The background uploader is not running: only the FUA range
+            // is in the store.
+            assert_eq!(data_objects(&store).await, 1);
+            disk.flush().await.expect("flush");
+            assert_eq!(data_objects(&store).await, 2);
+        });
     }
 }

@@ -103,8 +103,7 @@ pub(super) const MAX_OBJECT_SIZE: u64 = 16 << 20;
 
 /// Object sizes are powers of two from 64 KiB to 16 MiB.
 pub(super) fn check_object_size(object_size: u64) -> Result<(), String> {
-    if object_size.is_power_of_two() && (MIN_OBJECT_SIZE..=MAX_OBJECT_SIZE).contains(&object_size)
-    {
+    if object_size.is_power_of_two() && (MIN_OBJECT_SIZE..=MAX_OBJECT_SIZE).contains(&object_size) {
         Ok(())
     } else {
         Err(format!(
@@ -153,7 +152,7 @@ mod tests {
         assert!(Manifest::decode(b"{}").is_err());
         assert!(
             Manifest::decode(br#"{"format":2,"size":1,"object_size":65536}"#)
-                .unwrap_err()
+                .expect_err("format 2 refused")
                 .contains("format 2")
         );
         assert!(Manifest::decode(br#"{"format":1,"size":1,"object_size":1000}"#).is_err());

@@ -60,10 +60,7 @@ impl Lease {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        let version = match store
-            .put_opts(&key, body(&holder, duration), create)
-            .await
-        {
+        let version = match store.put_opts(&key, body(&holder, duration), create).await {
             Ok(result) => UpdateVersion {
                 e_tag: result.e_tag,
                 version: result.version,
@@ -243,4 +240,66 @@ pub(super) async fn store_enforces_conditions(
     let _ = first;
     store.delete(probe).await?;
     Ok(create_enforced && match_enforced)
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn second_holder_refused_until_expiry_then_takes_over() {
+        runtime().block_on(async {
+            let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+            let key = Path::from("disks/vm1/lease.json");
+            let lease = |holder: &str, seconds| {
+                Lease::acquire(
+                    Arc::clone(&store),
+                    key.clone(),
+                    holder.to_owned(),
+                    Duration::from_secs(seconds),
+                    "s3://disks/vm1",
+                )
+            };
+            let first = lease("first:1", 1).await.expect("first lease");
+            assert!(first.valid());
+            let refused = lease("second:2", 1).await.err().expect("refused");
+            assert!(refused.contains("in use by first:1"), "{refused}");
+            assert!(!refused.contains('\n'));
+            // The first holder dies (no renewal); once expired, taken over.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let second = lease("second:2", 30).await.expect("takeover");
+            assert!(second.valid());
+            // The first one's renewal now fails its If-Match: it stops.
+            assert!(!first.valid(), "the old holder's safe window is over");
+            let keep = tokio::spawn(Arc::clone(&first).keep());
+            tokio::time::timeout(Duration::from_secs(5), keep)
+                .await
+                .expect("renewal gave up")
+                .expect("task");
+            assert!(first.lost.load(Ordering::Acquire));
+        });
+    }
+
+    #[test]
+    fn in_memory_store_enforces_conditions() {
+        runtime().block_on(async {
+            let store = InMemory::new();
+            let probe = Path::from("disks/vm1/probe-x");
+            assert!(
+                store_enforces_conditions(&store, &probe)
+                    .await
+                    .expect("probe")
+            );
+            assert!(store.head(&probe).await.is_err(), "probe left behind");
+        });
+    }
 }

@@ -312,9 +312,7 @@ impl Opened {
         work: impl Future<Output = T> + Send + 'static,
         on_error: impl FnOnce(io::Error) -> T + Send + 'static,
     ) -> StorageFuture<T> {
-        let task = self
-            .handle
-            .spawn(tokio::time::timeout(REQUEST_BOUND, work));
+        let task = self.handle.spawn(tokio::time::timeout(REQUEST_BOUND, work));
         Box::pin(async move {
             match task.await {
                 Ok(Ok(done)) => done,
@@ -528,10 +526,7 @@ impl AsyncBackend for Opened {
 
     fn flush_range(&self, offset: u64, length: u64) -> StorageFuture<io::Result<()>> {
         let disk = Arc::clone(&self.disk);
-        self.spawn(
-            async move { disk.flush_range(offset, length).await },
-            Err,
-        )
+        self.spawn(async move { disk.flush_range(offset, length).await }, Err)
     }
 
     fn trim(&self, offset: u64, length: u64) -> StorageFuture<io::Result<()>> {
@@ -556,10 +551,7 @@ impl AsyncBackend for Opened {
 
     fn cache(&self, offset: u64, length: u64) -> StorageFuture<io::Result<()>> {
         let disk = Arc::clone(&self.disk);
-        self.spawn(
-            async move { disk.prefetch(offset, length).await },
-            Err,
-        )
+        self.spawn(async move { disk.prefetch(offset, length).await }, Err)
     }
 
     fn block_status(
@@ -608,39 +600,55 @@ impl Backend for S3Backend {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let (data, result) = self
             .shared
-            .wait(AsyncBackend::read(&*self.shared, vec![0; buf.len()], offset))
+            .wait(AsyncBackend::read(
+                &*self.shared,
+                vec![0; buf.len()],
+                offset,
+            ))
             .ok_or_else(panicked)?;
         buf.copy_from_slice(&data);
         result
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.shared.wait(AsyncBackend::write(&*self.shared, data.to_vec(), offset))
+        self.shared
+            .wait(AsyncBackend::write(&*self.shared, data.to_vec(), offset))
             .ok_or_else(panicked)?
             .1
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.shared.wait(AsyncBackend::flush(&*self.shared)).ok_or_else(panicked)?
+        self.shared
+            .wait(AsyncBackend::flush(&*self.shared))
+            .ok_or_else(panicked)?
     }
 
     fn flush_range(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.shared.wait(AsyncBackend::flush_range(&*self.shared, offset, length))
+        self.shared
+            .wait(AsyncBackend::flush_range(&*self.shared, offset, length))
             .ok_or_else(panicked)?
     }
 
     fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.shared.wait(AsyncBackend::trim(&*self.shared, offset, length))
+        self.shared
+            .wait(AsyncBackend::trim(&*self.shared, offset, length))
             .ok_or_else(panicked)?
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
-        self.shared.wait(AsyncBackend::write_zeroes(&*self.shared, offset, length, flags))
+        self.shared
+            .wait(AsyncBackend::write_zeroes(
+                &*self.shared,
+                offset,
+                length,
+                flags,
+            ))
             .ok_or_else(panicked)?
     }
 
     fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.shared.wait(AsyncBackend::cache(&*self.shared, offset, length))
+        self.shared
+            .wait(AsyncBackend::cache(&*self.shared, offset, length))
             .ok_or_else(panicked)?
     }
 
@@ -652,7 +660,12 @@ impl Backend for S3Backend {
     ) -> io::Result<()> {
         let (found, result) = self
             .shared
-            .wait(AsyncBackend::block_status(&*self.shared, offset, length, Vec::new()))
+            .wait(AsyncBackend::block_status(
+                &*self.shared,
+                offset,
+                length,
+                Vec::new(),
+            ))
             .ok_or_else(panicked)?;
         extents.extend(found);
         result
