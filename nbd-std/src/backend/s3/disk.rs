@@ -816,14 +816,24 @@ mod tests {
             .expect("runtime")
     }
 
-    /// A disk on `store` as a server opening it would see it.
-    async fn open(store: &Arc<InMemory>) -> Arc<Disk> {
+    /// A disk on `store` as a server opening it would see it, with a
+    /// cache of 16 objects (8 dirty at most), and with background uploads
+    /// when `background`.
+    async fn open_with(store: &Arc<InMemory>, background: bool) -> Arc<Disk> {
         let store: Arc<dyn ObjectStore> = Arc::clone(store) as Arc<dyn ObjectStore>;
         let prefix = Path::from("disks/vm1");
         let existing = super::super::list_objects(&*store, &prefix)
             .await
             .expect("list");
-        Disk::new(store, prefix, SIZE, OBJECT, 1 << 20, &existing, None).0
+        let (disk, dirtied) = Disk::new(store, prefix, SIZE, OBJECT, 1 << 20, &existing, None);
+        if background {
+            tokio::spawn(Arc::clone(&disk).upload_in_background(dirtied));
+        }
+        disk
+    }
+
+    async fn open(store: &Arc<InMemory>) -> Arc<Disk> {
+        open_with(store, false).await
     }
 
     async fn data_objects(store: &InMemory) -> usize {
@@ -874,7 +884,9 @@ mod tests {
         let rt = runtime();
         let store = Arc::new(InMemory::new());
         rt.block_on(async {
-            let disk = open(&store).await;
+            // Twice the dirty room: the write waits for background
+            // uploads to make room.
+            let disk = open_with(&store, true).await;
             disk.write(&vec![7u8; SIZE as usize], 0)
                 .await
                 .expect("write");
