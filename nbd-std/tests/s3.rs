@@ -288,6 +288,17 @@ fn second_server_refused_until_the_first_lease_expires() {
         "one line naming the holder\n{}",
         refused.describe()
     );
+    // Past its first lease period the holder still writes: renewals work.
+    std::thread::sleep(Duration::from_secs(4));
+    qemu_io(
+        &first.uri_for("vm1"),
+        &["write -P 7 4k 4k".to_owned(), "flush".to_owned()],
+    );
+    assert!(
+        !first.stderr().contains("renewal failed") && !first.stderr().contains("taken by another"),
+        "{}",
+        first.describe()
+    );
     first.signal_and_wait("KILL", common::STOP_TIMEOUT);
     drop(first);
     // Refused at once (the lease is fresh), accepted once it expired.
@@ -315,7 +326,7 @@ fn second_server_refused_until_the_first_lease_expires() {
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(attempts > 1, "the killed server's lease was not honoured");
-    qemu_io(&second.uri_for("vm1"), &["read -P 7 0 4k".to_owned()]);
+    qemu_io(&second.uri_for("vm1"), &["read -P 7 0 8k".to_owned()]);
 }
 
 #[test]
@@ -436,6 +447,12 @@ fn store_down_during_a_copy_then_back() {
         wrong.len(),
         expected.len() / 4096,
         wrong.iter().take(8).map(|i| i * 4096).collect::<Vec<_>>()
+    );
+    // Its errors were logged, and its secret never.
+    assert!(
+        server.stderr().contains("object store") && !server.stderr().contains("nbd-test-secret"),
+        "{}",
+        server.describe()
     );
     eprintln!(
         "store down: read and flush failed with EIO after {:.1} s",

@@ -92,15 +92,11 @@ impl Lease {
                         (expires - now) as f64 / 1000.0
                     ));
                 }
-                let update = PutOptions {
-                    mode: PutMode::Update(UpdateVersion {
-                        e_tag: meta.e_tag,
-                        version: meta.version,
-                    }),
-                    ..PutOptions::default()
+                let version = UpdateVersion {
+                    e_tag: meta.e_tag,
+                    version: meta.version,
                 };
-                let result = store
-                    .put_opts(&key, body(&holder, duration), update)
+                let result = put_if_match(&*store, &key, body(&holder, duration), version)
                     .await
                     .map_err(|e| match e {
                         object_store::Error::Precondition { .. } => format!(
@@ -160,13 +156,12 @@ impl Lease {
                 .version
                 .clone();
             let started = Instant::now();
-            let update = PutOptions {
-                mode: PutMode::Update(version),
-                ..PutOptions::default()
-            };
-            let put = self
-                .store
-                .put_opts(&self.key, body(&self.holder, self.duration), update);
+            let put = put_if_match(
+                &*self.store,
+                &self.key,
+                body(&self.holder, self.duration),
+                version,
+            );
             match tokio::time::timeout(period, put).await {
                 Ok(Ok(result)) => {
                     let mut held = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -201,6 +196,43 @@ impl Lease {
                 tracing::warn!("lease {}: cannot release it: {error}", self.key);
             }
         }
+    }
+}
+
+/// A PUT that replaces `key` only if it is still at `version`. Ceph RGW
+/// matches `If-Match` only against an ETag without its quotes: a refused
+/// quoted ETag is tried once more unquoted. That cannot let a stale holder
+/// through: either form matches only the object this holder wrote.
+async fn put_if_match(
+    store: &dyn ObjectStore,
+    key: &Path,
+    payload: PutPayload,
+    version: UpdateVersion,
+) -> object_store::Result<object_store::PutResult> {
+    let put = |version: UpdateVersion| {
+        store.put_opts(
+            key,
+            payload.clone(),
+            PutOptions {
+                mode: PutMode::Update(version),
+                ..PutOptions::default()
+            },
+        )
+    };
+    let unquoted = version
+        .e_tag
+        .as_deref()
+        .and_then(|tag| tag.strip_prefix('"')?.strip_suffix('"'))
+        .map(str::to_owned);
+    match put(version.clone()).await {
+        Err(object_store::Error::Precondition { .. }) if unquoted.is_some() => {
+            put(UpdateVersion {
+                e_tag: unquoted,
+                version: version.version,
+            })
+            .await
+        }
+        result => result,
     }
 }
 
