@@ -1,9 +1,9 @@
 //! Disks on S3-compatible object storage (`s3://BUCKET/PREFIX`).
 //!
-//! The disk is cut into fixed-size objects (see [`layout`]); writes go to a
+//! The disk is cut into fixed-size objects (module `layout`); writes go to a
 //! write-back cache shared by every connection of the export and are
-//! uploaded in the background (see [`disk`]); one server at a time writes,
-//! holding a lease object (see [`lease`]). The S3 calls run on a small
+//! uploaded in the background (module `disk`); one server at a time writes,
+//! holding a lease object (module `lease`). The S3 calls run on a small
 //! runtime of the export's own, so the export can be opened before the
 //! server's runtime exists and outlives none of it.
 //!
