@@ -485,6 +485,8 @@ fn size_mismatch_and_missing_disk_are_one_line_errors() {
         !mismatch.stderr.contains("nbd-test-secret"),
         "credentials in the output"
     );
+    // The refused server gave its lease back: a corrected one opens now.
+    drop(serve(&store, "vm1", "sized", ""));
 }
 
 /// Whether `path` is a mount point now (`/proc/mounts`).

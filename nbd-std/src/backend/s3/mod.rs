@@ -232,13 +232,6 @@ impl S3Backend {
     > {
         let location = options.location();
         let prefix = Path::from(options.prefix.as_str());
-        let manifest = manifest(options, &*store, &prefix, read_only).await?;
-        let objects = manifest.size.div_ceil(manifest.object_size);
-        if objects > MAX_OBJECTS {
-            return Err(format!(
-                "{location}: {objects} objects is more than the {MAX_OBJECTS} a disk may have: use a larger object-size="
-            ));
-        }
         let lease = if read_only {
             None
         } else {
@@ -278,9 +271,30 @@ impl S3Backend {
                 }
             }
         };
-        let existing = list_objects(&*store, &prefix)
-            .await
-            .map_err(|e| format!("{location}: cannot list the disk's objects: {e}"))?;
+        // After the lease: a refused server creates nothing. A failure
+        // from here gives the lease back, so a corrected retry may open.
+        let found = async {
+            let manifest = manifest(options, &*store, &prefix, read_only).await?;
+            let objects = manifest.size.div_ceil(manifest.object_size);
+            if objects > MAX_OBJECTS {
+                return Err(format!(
+                    "{location}: {objects} objects is more than the {MAX_OBJECTS} a disk may have: use a larger object-size="
+                ));
+            }
+            let existing = list_objects(&*store, &prefix)
+                .await
+                .map_err(|e| format!("{location}: cannot list the disk's objects: {e}"))?;
+            Ok((manifest, existing))
+        };
+        let (manifest, existing) = match found.await {
+            Ok(found) => found,
+            Err(error) => {
+                if let Some(lease) = &lease {
+                    lease.release().await;
+                }
+                return Err(error);
+            }
+        };
         tracing::info!(
             "{location}: {} bytes in objects of {} bytes, {} stored, disk {}",
             manifest.size,
@@ -669,5 +683,137 @@ impl Backend for S3Backend {
             .ok_or_else(panicked)?;
         extents.extend(found);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
+        PutMultipartOptions, PutResult,
+    };
+
+    use super::*;
+
+    /// A store that ignores conditional writes, as Garage does.
+    #[derive(Debug, Default)]
+    struct Unconditional(InMemory);
+
+    impl std::fmt::Display for Unconditional {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Unconditional")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Unconditional {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            _: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.0.put(location, payload).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.0.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.0.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, object_store::Result<Path>>,
+        ) -> BoxStream<'static, object_store::Result<Path>> {
+            self.0.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.0.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.0.copy_opts(from, to, options).await
+        }
+    }
+
+    #[test]
+    fn store_ignoring_conditional_writes_refused_unless_no_fencing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let store: Arc<dyn ObjectStore> = Arc::new(Unconditional::default());
+        let mut options = S3Options::new("disks/vm1").expect("options");
+        assert!(options.option("size=1M").expect("size"));
+        let refused = rt
+            .block_on(S3Backend::open_disk(&options, Arc::clone(&store), false))
+            .err()
+            .expect("refused");
+        assert!(
+            refused.contains("ignores conditional writes") && refused.contains("no-fencing"),
+            "{refused}"
+        );
+        assert!(!refused.contains('\n'));
+        let manifest = layout::manifest_key(&Path::from("disks/vm1"));
+        assert!(
+            rt.block_on(store.head(&manifest)).is_err(),
+            "a refused server created the disk"
+        );
+        // no-fencing is the user's word; read-only needs no lease.
+        assert!(options.option("no-fencing").expect("no-fencing"));
+        let (_, _, lease) = rt
+            .block_on(S3Backend::open_disk(&options, Arc::clone(&store), false))
+            .expect("opened with no-fencing");
+        assert!(lease.is_none());
+        options.no_fencing = false;
+        assert!(
+            rt.block_on(S3Backend::open_disk(&options, store, true))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn spec_options() {
+        let mut options = S3Options::new("disks/a/b/").expect("options");
+        assert_eq!(
+            (options.bucket.as_str(), options.prefix.as_str()),
+            ("disks", "a/b")
+        );
+        assert!(options.option("object-size=4M").expect("object-size"));
+        assert!(options.option("object-size=3M").is_err());
+        assert!(options.option("lease=2").is_err());
+        assert!(options.option("lease=10").expect("lease"));
+        assert_eq!(options.lease, Duration::from_secs(10));
+        assert!(!options.option("fail=read").expect("not ours"));
+        assert!(S3Options::new("/x").is_err());
     }
 }
