@@ -802,6 +802,7 @@ impl AsRef<[u8]> for ArcBytes {
 #[cfg(test)]
 mod tests {
     use object_store::memory::InMemory;
+    use tokio::time::Instant;
 
     use super::*;
 
@@ -919,6 +920,52 @@ mod tests {
             disk.read(&mut back, 0).await.expect("read");
             assert!(back[..100].iter().all(|&b| b == 7));
             assert!(back[100..].iter().all(|&b| b == 0));
+        });
+    }
+
+    #[test]
+    fn cache_and_read_ahead_fetch_into_the_cache() {
+        let rt = runtime();
+        let store = Arc::new(InMemory::new());
+        rt.block_on(async {
+            let disk = open_with(&store, true).await;
+            for index in 0..SIZE / OBJECT {
+                let data = vec![index as u8 + 1; OBJECT as usize];
+                disk.write(&data, index * OBJECT).await.expect("write");
+            }
+            disk.flush().await.expect("flush");
+            let disk = open(&store).await;
+            // CACHE of object 1; a sequential reader of objects 4 and 5
+            // (read-ahead: the 8 objects after them).
+            disk.prefetch(OBJECT, OBJECT).await.expect("cache");
+            disk.read_ahead(4 * OBJECT, OBJECT);
+            disk.read_ahead(5 * OBJECT, OBJECT);
+            let fetched = |index: u64| {
+                let disk = Arc::clone(&disk);
+                async move {
+                    let slot = disk.table().get(&index).cloned();
+                    match slot {
+                        Some(slot) => slot.state.lock().await.content.is_some(),
+                        None => false,
+                    }
+                }
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !fetched(13).await {
+                assert!(Instant::now() < deadline, "read-ahead fetched nothing");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // Gone from the store, still read: they came from the cache.
+            for index in [1, 6, 13] {
+                store
+                    .delete(&data_key(&Path::from("disks/vm1"), index))
+                    .await
+                    .expect("delete");
+                let mut back = vec![0u8; 512];
+                disk.read(&mut back, index * OBJECT).await.expect("read");
+                assert!(back.iter().all(|&b| b == index as u8 + 1), "object {index}");
+            }
+            assert!(!fetched(14).await && !fetched(0).await, "fetched beyond");
         });
     }
 
