@@ -554,7 +554,9 @@ async fn close_provider(stream: ProviderStream, code: CloseCode, reason: &'stati
                 let _ = stream.shutdown().await;
             }
             ProviderStream::WebSocket(mut stream) => {
-                let _ = stream.close(Some(close_frame(code, reason))).await;
+                // Deref first: with futures' `alloc` (object_store turns it
+                // on) the Box is itself a Sink whose `close` takes no frame.
+                let _ = (*stream).close(Some(close_frame(code, reason))).await;
             }
         }
     };

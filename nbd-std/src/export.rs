@@ -2,7 +2,8 @@
 //! protocol core serves from.
 //!
 //! A specification is `NAME=KIND[,OPTION]...` with `KIND` one of
-//! `memory:SIZE` or `file:PATH`, and options `ro` (read-only),
+//! `memory:SIZE`, `file:PATH` or `s3://BUCKET/PREFIX` (with its own options,
+//! see [`S3Options`]), and options `ro` (read-only),
 //! `fail=RULE` (fault injection, repeatable; see [`crate::backend::fault`]),
 //! `fail-seed=N` (its random seed), `writers=shared|exclusive` (see
 //! [`WriterPolicy`]) and `desc=TEXT` (a description; it runs to the end,
@@ -14,7 +15,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use nbd_core::export::{Capabilities, Catalog, Export};
 
 use crate::backend::fault::{FaultRule, parse_seed};
-use crate::backend::{Backend, FaultBackend, FileBackend, MemoryBackend};
+use crate::backend::s3::S3Options;
+use crate::backend::{Backend, FaultBackend, FileBackend, MemoryBackend, S3Backend};
 use crate::size::parse_size;
 
 /// Where an export's data lives.
@@ -24,6 +26,8 @@ pub enum StorageSpec {
     Memory(u64),
     /// A raw image file or block device.
     File(PathBuf),
+    /// Objects in an S3-compatible store.
+    S3(S3Options),
 }
 
 /// One `--export NAME=SPEC`.
@@ -71,14 +75,17 @@ impl ExportSpec {
             Some((storage, options)) => (storage, Some(options)),
             None => (spec, None),
         };
-        let storage = match storage.split_once(':') {
+        let mut storage = match storage.split_once(':') {
+            Some(("s3", location)) if location.starts_with("//") => {
+                StorageSpec::S3(S3Options::new(&location[2..])?)
+            }
             Some(("memory", size)) => {
                 StorageSpec::Memory(parse_size(size).map_err(|e| e.to_string())?)
             }
             Some(("file", path)) if !path.is_empty() => StorageSpec::File(PathBuf::from(path)),
             _ => {
                 return Err(format!(
-                    "`{spec}`: unknown storage (expected memory:SIZE or file:PATH)"
+                    "`{spec}`: unknown storage (expected memory:SIZE, file:PATH or s3://BUCKET/PREFIX)"
                 ));
             }
         };
@@ -106,9 +113,13 @@ impl ExportSpec {
                 _ if option.starts_with("fail-seed=") => {
                     fault_seed = Some(parse_seed(&option[10..]).map_err(|e| e.to_string())?);
                 }
+                _ if match &mut storage {
+                    StorageSpec::S3(s3) => s3.option(option)?,
+                    _ => false,
+                } => {}
                 other => {
                     return Err(format!(
-                        "`{other}`: unknown export option (expected ro, writers=shared|exclusive, fail=RULE, fail-seed=N or desc=TEXT)"
+                        "`{other}`: unknown export option (S3 exports also take size=, object-size=, cache=, endpoint=, region=, lease=SECONDS, no-fencing) (expected ro, writers=shared|exclusive, fail=RULE, fail-seed=N or desc=TEXT)"
                     ));
                 }
             }
@@ -140,6 +151,10 @@ impl ExportSpec {
     pub fn open(&self) -> Result<ServedExport, String> {
         let backend: Arc<dyn Backend> = match &self.storage {
             StorageSpec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
+            StorageSpec::S3(s3) => Arc::new(
+                S3Backend::open(s3, self.read_only)
+                    .map_err(|e| format!("export `{}`: {e}", self.name))?,
+            ),
             StorageSpec::File(path) => {
                 Arc::new(FileBackend::open(path, self.read_only).map_err(|e| {
                     format!(

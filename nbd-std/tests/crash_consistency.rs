@@ -73,6 +73,15 @@
 //!
 //! Rounds: [`DEFAULT_ROUNDS`] (bounded for CI), or `NBD_CRASH_ROUNDS=N`.
 //! Each round's seed is printed; `NBD_CRASH_SEED=S` changes the base seed.
+//!
+//! # The same against an S3 export
+//!
+//! [`sigkill_s3_export_loses_no_acknowledged_flush_or_fua_write`] runs the
+//! workload against an `s3://` export on a SeaweedFS the test starts. There
+//! SIGKILL loses the write-back cache (nothing like a page cache survives
+//! it), so only the contract model is checked: acknowledged FLUSH and FUA
+//! writes must come back from the store after the restart. Rounds:
+//! [`DEFAULT_S3_ROUNDS`], or `NBD_S3_CRASH_ROUNDS=N`.
 
 mod common;
 
@@ -85,6 +94,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use common::seaweed::{BUCKET, Seaweed};
 use common::{
     Random, Server, env_u64, find_tool, missing, runtime, signal_child_and_wait, stop_child,
     temp_dir, wait_until,
@@ -109,6 +119,8 @@ const MIN_KILL_DELAY: Duration = Duration::from_millis(5);
 const MAX_KILL_DELAY: Duration = Duration::from_millis(400);
 /// Rounds in CI (overridden by `NBD_CRASH_ROUNDS`).
 const DEFAULT_ROUNDS: u64 = 30;
+/// Rounds against the S3 export in CI (overridden by `NBD_S3_CRASH_ROUNDS`).
+const DEFAULT_S3_ROUNDS: u64 = 30;
 /// How long the workers may take to notice the dead server.
 const WIND_DOWN: Duration = Duration::from_secs(20);
 /// "Never acked".
@@ -278,7 +290,9 @@ impl Tally {
 /// Checks `actual` (the whole export after the crash) against the round's
 /// log and its starting content `base`. Returns the tally, or a
 /// description of every sector (up to a few) that breaks the model.
-fn check_round(base: &[u8], actual: &[u8], log: &Log) -> Result<Tally, String> {
+/// `page_cache`: also check the stricter model (every acked write is
+/// there), which holds for the file export only.
+fn check_round(base: &[u8], actual: &[u8], log: &Log, page_cache: bool) -> Result<Tally, String> {
     let latest_flush = log.flushes_done.iter().copied().max().unwrap_or(0);
     let durable = |w: &WriteRecord| w.acked != NEVER && (w.fua || w.acked < latest_flush);
     let acked = |w: &WriteRecord| w.acked != NEVER;
@@ -322,10 +336,11 @@ fn check_round(base: &[u8], actual: &[u8], log: &Log) -> Result<Tally, String> {
                 .map(Some)
         };
         let mut verdicts = Vec::new();
-        for (model, is_durable) in [
+        let models = [
             ("contract", &durable as &dyn Fn(&WriteRecord) -> bool),
             ("page cache", &acked as &dyn Fn(&WriteRecord) -> bool),
-        ] {
+        ];
+        for (model, is_durable) in models.into_iter().take(if page_cache { 2 } else { 1 }) {
             let max_durable = covering
                 .iter()
                 .filter(|w| is_durable(w))
@@ -409,9 +424,30 @@ fn read_export(rt: &tokio::runtime::Runtime, server: &Server) -> Vec<u8> {
     })
 }
 
-fn start(path: &Path) -> Server {
-    let export = format!("crash=file:{}", path.display());
-    Server::start(["--export", export.as_str()])
+/// Where the crashing server keeps the export.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    File(&'a Path),
+    /// An `s3://` export on this store; `no-fencing`, since the killed
+    /// server's lease would otherwise hold the next one off until it
+    /// expires (fencing has its own test in `s3.rs`).
+    S3(&'a Seaweed),
+}
+
+fn start(target: Target<'_>) -> Server {
+    match target {
+        Target::File(path) => {
+            let export = format!("crash=file:{}", path.display());
+            Server::start(["--export", export.as_str()])
+        }
+        Target::S3(store) => {
+            let export =
+                format!("crash=s3://{BUCKET}/crash,size={DISK},object-size=64K,no-fencing");
+            let env = store.env();
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Server::start_with_env(&env, ["--export", export.as_str()])
+        }
+    }
 }
 
 /// Runs one round's workload against `server` and kills it. Returns the
@@ -431,10 +467,10 @@ fn crash_round(rt: &tokio::runtime::Runtime, server: &mut Server, seed: u64) -> 
         for _ in 0..CLIENTS {
             let client = Client::connect_many(&uri, CONNECTIONS)
                 .await
-                .expect("connect to the file export");
+                .expect("connect to the export");
             assert!(
                 client.info().export.can_multi_conn(),
-                "the file export must advertise CAN_MULTI_CONN (the model relies on it)"
+                "the export must advertise CAN_MULTI_CONN (the model relies on it)"
             );
             assert_eq!(client.connections(), CONNECTIONS);
             clients.push(client);
@@ -477,44 +513,60 @@ fn crash_round(rt: &tokio::runtime::Runtime, server: &mut Server, seed: u64) -> 
 #[test]
 fn sigkill_loses_no_acknowledged_flush_or_fua_write() {
     let rounds = env_u64("NBD_CRASH_ROUNDS", DEFAULT_ROUNDS);
-    let base_seed = env_u64("NBD_CRASH_SEED", 0x5eed);
     let dir = temp_dir();
     let path = dir.path().join("disk.img");
     common::write_urandom_file(&path, DISK);
     File::open(&path)
         .and_then(|f| f.sync_all())
         .expect("sync the starting image");
+    let last = crash_rounds(Target::File(&path), rounds, "file export");
+    // Also straight from the file, bypassing the server: the same bytes.
+    let on_disk = std::fs::read(&path).expect("read the image");
+    assert!(
+        on_disk == last,
+        "the file differs from what the server reads from it"
+    );
+}
+
+#[test]
+fn sigkill_s3_export_loses_no_acknowledged_flush_or_fua_write() {
+    let Some(store) = Seaweed::start() else {
+        return;
+    };
+    let rounds = env_u64("NBD_S3_CRASH_ROUNDS", DEFAULT_S3_ROUNDS);
+    crash_rounds(Target::S3(&store), rounds, "S3 export on SeaweedFS");
+}
+
+/// Runs `rounds` crash rounds against `target`, checking each; returns the
+/// export's content after the last.
+fn crash_rounds(target: Target<'_>, rounds: u64, what: &str) -> Vec<u8> {
+    let base_seed = env_u64("NBD_CRASH_SEED", 0x5eed);
+    let page_cache = matches!(target, Target::File(_));
     let rt = runtime();
     let started = Instant::now();
-    let mut base = std::fs::read(&path).expect("read the starting image");
     let mut total = Tally::default();
-    let mut server = start(&path);
+    let mut server = start(target);
+    let mut base = read_export(&rt, &server);
     for round in 0..rounds {
         let seed = base_seed.wrapping_mul(1_000_003).wrapping_add(round);
         let log = crash_round(&rt, &mut server, seed);
         assert!(
             log.early_errors.is_empty(),
-            "round {round} (seed {seed}): requests failed before the kill:\n{}",
+            "{what}, round {round} (seed {seed}): requests failed before the kill:\n{}",
             log.early_errors.join("\n")
         );
         drop(server);
-        server = start(&path);
+        server = start(target);
         let actual = read_export(&rt, &server);
-        match check_round(&base, &actual, &log) {
+        match check_round(&base, &actual, &log, page_cache) {
             Ok(tally) => total.add(&tally),
             Err(problems) => panic!(
-                "round {round} (seed {seed}, NBD_CRASH_SEED={base_seed}): the file after SIGKILL breaks the durability model:\n{problems}"
+                "{what}, round {round} (seed {seed}, NBD_CRASH_SEED={base_seed}): the export after SIGKILL breaks the durability model:\n{problems}"
             ),
         }
         base = actual;
     }
     server.stop();
-    // Also straight from the file, bypassing the server: the same bytes.
-    let on_disk = std::fs::read(&path).expect("read the image");
-    assert!(
-        on_disk == base,
-        "the file differs from what the server reads from it"
-    );
     assert!(
         total.writes_durable > 0,
         "no write became durable: the test proved nothing"
@@ -524,7 +576,7 @@ fn sigkill_loses_no_acknowledged_flush_or_fua_write() {
         "no sector was pinned by a durable write"
     );
     eprintln!(
-        "crash consistency: {rounds} rounds survived in {:.1} s; writes: {} issued, {} acked ({} FUA), {} durable by contract, {} in flight at a kill; flushes: {} issued, {} replied; sectors pinned by durable writes: {}, holding in-flight writes: {}, holding acked unflushed writes: {}",
+        "crash consistency ({what}): {rounds} rounds survived in {:.1} s; writes: {} issued, {} acked ({} FUA), {} durable by contract, {} in flight at a kill; flushes: {} issued, {} replied; sectors pinned by durable writes: {}, holding in-flight writes: {}, holding acked unflushed writes: {}",
         started.elapsed().as_secs_f64(),
         total.writes_issued,
         total.writes_acked,
@@ -537,6 +589,7 @@ fn sigkill_loses_no_acknowledged_flush_or_fua_write() {
         total.sectors_from_unacked,
         total.sectors_beyond_contract,
     );
+    base
 }
 
 /// How long `strace` holds each `fdatasync` in the delay phase.
@@ -627,7 +680,7 @@ fn flush_and_fua_replies_wait_for_fdatasync() {
     let dir = temp_dir();
     let path = dir.path().join("disk.img");
     common::create_sparse_file(&path, 1 << 20);
-    let mut server = start(&path);
+    let mut server = start(Target::File(&path));
     let rt = runtime();
     let client = rt
         .block_on(Client::connect(&server.uri_for("crash")))

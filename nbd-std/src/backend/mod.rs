@@ -6,8 +6,10 @@
 //! own interior state safe. Offsets and lengths are already validated by
 //! the protocol core: in range, aligned to the export's block sizes.
 
+use std::future::Future;
 use std::io;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use nbd_core::export::{Capabilities, DEFAULT_BLOCK_SIZES};
@@ -16,10 +18,12 @@ use nbd_core::wire::{BlockSizeConstraints, ErrorCode, ExtDescriptor};
 pub mod fault;
 pub mod file;
 pub mod memory;
+pub mod s3;
 
 pub use fault::FaultBackend;
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+pub use s3::S3Backend;
 
 /// How `write_zeroes` must behave (`NBD_CMD_WRITE_ZEROES` flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -98,6 +102,14 @@ pub trait Backend: Send + Sync + 'static {
     /// run inline on the connection's task.
     fn may_block(&self) -> bool {
         true
+    }
+
+    /// The asynchronous form of this storage, for network storage whose
+    /// calls wait on round trips rather than on a CPU or a disk: the server
+    /// then runs each request as a task instead of a blocking call on the
+    /// thread pool. `None` (the default) means "use the blocking calls".
+    fn async_form(&self) -> Option<Arc<dyn AsyncBackend>> {
+        None
     }
 
     /// Fills `buf` from `offset`.
@@ -180,6 +192,49 @@ pub trait Backend: Send + Sync + 'static {
         let _ = size;
         Err(io::ErrorKind::Unsupported.into())
     }
+}
+
+/// A storage operation in flight: owns what it needs, so it can run as a
+/// task of its own.
+pub type StorageFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The asynchronous calls of a [`Backend`] whose storage is a network
+/// service (see [`Backend::async_form`]). Same contract as the blocking
+/// calls of the same name; buffers travel in and back out.
+pub trait AsyncBackend: Send + Sync + 'static {
+    /// Fills `buffer` from `offset`.
+    fn read(&self, buffer: Vec<u8>, offset: u64) -> StorageFuture<(Vec<u8>, io::Result<()>)>;
+
+    /// Stores `data` at `offset`.
+    fn write(&self, data: Vec<u8>, offset: u64) -> StorageFuture<(Vec<u8>, io::Result<()>)>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> StorageFuture<io::Result<()>>;
+
+    /// Makes the range durable.
+    fn flush_range(&self, offset: u64, length: u64) -> StorageFuture<io::Result<()>>;
+
+    /// Discards the range.
+    fn trim(&self, offset: u64, length: u64) -> StorageFuture<io::Result<()>>;
+
+    /// Zeroes the range.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        flags: ZeroFlags,
+    ) -> StorageFuture<io::Result<()>>;
+
+    /// Hints that the range will be read soon.
+    fn cache(&self, offset: u64, length: u64) -> StorageFuture<io::Result<()>>;
+
+    /// Appends the `base:allocation` extents of the range to `extents`.
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        extents: Vec<ExtDescriptor>,
+    ) -> StorageFuture<(Vec<ExtDescriptor>, io::Result<()>)>;
 }
 
 /// At most this many extents per `block_status` call (the protocol lets a

@@ -894,7 +894,16 @@ impl Driver {
         let Some(backend) = self.backend.clone() else {
             return;
         };
-        if backend.may_block() {
+        if let Some(storage) = backend.async_form() {
+            // Network storage: a task per request, no pool thread held
+            // while it waits on round trips.
+            let done_tx = self.done_tx.clone();
+            self.pending += 1;
+            let work = job.run_async(storage);
+            tokio::spawn(async move {
+                let _ = done_tx.send(work.await);
+            });
+        } else if backend.may_block() {
             let done_tx = self.done_tx.clone();
             self.pending += 1;
             tokio::task::spawn_blocking(move || {

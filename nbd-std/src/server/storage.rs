@@ -2,11 +2,12 @@
 //! its outcome.
 
 use std::io;
+use std::sync::Arc;
 
 use nbd_core::server::RequestId;
 use nbd_core::wire::ExtDescriptor;
 
-use crate::backend::{Backend, ZeroFlags};
+use crate::backend::{AsyncBackend, Backend, ZeroFlags};
 
 /// One storage operation.
 #[derive(Debug)]
@@ -167,6 +168,94 @@ impl Job {
             Self::Resize { id, size } => Done::Other {
                 id,
                 result: backend.resize(size),
+            },
+        }
+    }
+}
+
+impl Job {
+    /// Carries the job out on storage with an asynchronous form: the
+    /// returned future owns everything, so it runs as a task of its own.
+    pub(super) async fn run_async(self, backend: Arc<dyn AsyncBackend>) -> Done {
+        let durable = async |fua: bool, offset: u64, length: u64| {
+            if fua {
+                backend.flush_range(offset, length).await
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Self::Read { id, offset, buffer } => {
+                let (buffer, result) = backend.read(buffer, offset).await;
+                Done::Read { id, buffer, result }
+            }
+            Self::Write {
+                id,
+                offset,
+                data,
+                fua,
+            } => {
+                let length = data.len() as u64;
+                let (data, mut result) = backend.write(data, offset).await;
+                if result.is_ok() {
+                    result = durable(fua, offset, length).await;
+                }
+                Done::Write { id, data, result }
+            }
+            Self::Durable { id, offset, length } => Done::Other {
+                id,
+                result: backend.flush_range(offset, length).await,
+            },
+            Self::Flush { id } => Done::Other {
+                id,
+                result: backend.flush().await,
+            },
+            Self::Trim {
+                id,
+                offset,
+                length,
+                fua,
+            } => {
+                let mut result = backend.trim(offset, length).await;
+                if result.is_ok() {
+                    result = durable(fua, offset, length).await;
+                }
+                Done::Other { id, result }
+            }
+            Self::Zero {
+                id,
+                offset,
+                length,
+                fua,
+                flags,
+            } => {
+                let mut result = backend.write_zeroes(offset, length, flags).await;
+                if result.is_ok() {
+                    result = durable(fua, offset, length).await;
+                }
+                Done::Other { id, result }
+            }
+            Self::Cache { id, offset, length } => Done::Other {
+                id,
+                result: backend.cache(offset, length).await,
+            },
+            Self::BlockStatus {
+                id,
+                offset,
+                length,
+                mut extents,
+            } => {
+                extents.clear();
+                let (extents, result) = backend.block_status(offset, length, extents).await;
+                Done::BlockStatus {
+                    id,
+                    extents,
+                    result,
+                }
+            }
+            Self::Resize { id, .. } => Done::Other {
+                id,
+                result: Err(io::ErrorKind::Unsupported.into()),
             },
         }
     }

@@ -23,6 +23,7 @@ use tempfile::TempDir;
 
 pub mod guest;
 pub mod pki;
+pub mod seaweed;
 
 /// How long a server may take to accept connections after it starts.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,6 +90,16 @@ impl Server {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Server::start_with_env(&[], args)
+    }
+
+    /// [`Server::start`] with extra environment variables (an object
+    /// store's address and credentials).
+    pub fn start_with_env<I, S>(env: &[(&str, &str)], args: I) -> Server
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
@@ -96,7 +107,7 @@ impl Server {
             let endpoint = Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
             let mut full = vec![OsString::from("--port"), OsString::from(port.to_string())];
             full.extend(args.iter().cloned());
-            let mut server = Server::spawn(&full, endpoint);
+            let mut server = Server::spawn_with_env(&full, endpoint, env);
             match server.wait_ready() {
                 Started::Ready => return server,
                 Started::Exited(status) => {
@@ -165,11 +176,16 @@ impl Server {
     }
 
     fn spawn(args: &[OsString], endpoint: Endpoint) -> Server {
+        Server::spawn_with_env(args, endpoint, &[])
+    }
+
+    fn spawn_with_env(args: &[OsString], endpoint: Endpoint, env: &[(&str, &str)]) -> Server {
         let logs = temp_dir();
         let stdout = File::create(logs.path().join("stdout")).expect("create server stdout log");
         let stderr = File::create(logs.path().join("stderr")).expect("create server stderr log");
         let mut command = Command::new(server_binary());
         command.arg("serve").args(args);
+        command.envs(env.iter().copied());
         command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
         let command_line = format!("{command:?}");
         let child = command
