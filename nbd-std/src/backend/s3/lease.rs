@@ -46,6 +46,17 @@ fn body(holder: &str, duration: Duration) -> PutPayload {
     PutPayload::from(value.to_string().into_bytes())
 }
 
+/// The version a renewal PUT must match. `object_store` sends the ETag in
+/// `If-Match` as the store returned it, quoted; Ceph's radosgw compares it
+/// with its ETag unquoted and answers 412 to the quoted form, which would
+/// read as the lease being lost. SeaweedFS takes both forms.
+fn if_match(e_tag: Option<String>, version: Option<String>) -> UpdateVersion {
+    UpdateVersion {
+        e_tag: e_tag.map(|tag| tag.trim_matches('"').to_owned()),
+        version,
+    }
+}
+
 impl Lease {
     /// Takes the lease at `key`, or says who holds it.
     pub(super) async fn acquire(
@@ -60,14 +71,8 @@ impl Lease {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        let version = match store
-            .put_opts(&key, body(&holder, duration), create)
-            .await
-        {
-            Ok(result) => UpdateVersion {
-                e_tag: result.e_tag,
-                version: result.version,
-            },
+        let version = match store.put_opts(&key, body(&holder, duration), create).await {
+            Ok(result) => if_match(result.e_tag, result.version),
             Err(object_store::Error::AlreadyExists { .. }) => {
                 let current = store
                     .get(&key)
@@ -96,10 +101,7 @@ impl Lease {
                     ));
                 }
                 let update = PutOptions {
-                    mode: PutMode::Update(UpdateVersion {
-                        e_tag: meta.e_tag,
-                        version: meta.version,
-                    }),
+                    mode: PutMode::Update(if_match(meta.e_tag, meta.version)),
                     ..PutOptions::default()
                 };
                 let result = store
@@ -112,10 +114,7 @@ impl Lease {
                         e => format!("{location}: cannot take over the lease of {other}: {e}"),
                     })?;
                 tracing::warn!("{location}: took over the expired lease of {other}");
-                UpdateVersion {
-                    e_tag: result.e_tag,
-                    version: result.version,
-                }
+                if_match(result.e_tag, result.version)
             }
             Err(e) => return Err(format!("{location}: cannot write the lease: {e}")),
         };
@@ -173,10 +172,7 @@ impl Lease {
             match tokio::time::timeout(period, put).await {
                 Ok(Ok(result)) => {
                     let mut held = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    held.version = UpdateVersion {
-                        e_tag: result.e_tag,
-                        version: result.version,
-                    };
+                    held.version = if_match(result.e_tag, result.version);
                     held.safe_until =
                         started + self.duration - self.duration / SAFETY_MARGIN_DIVISOR;
                 }
