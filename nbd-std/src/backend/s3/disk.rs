@@ -389,7 +389,8 @@ impl Disk {
     ) -> io::Result<()> {
         self.check_lease()?;
         let pieces: Vec<_> = self.pieces(offset, length).collect();
-        let whole = |&(_, start, n): &(u64, usize, usize)| start == 0 && n as u64 == self.object_size;
+        let whole =
+            |&(_, start, n): &(u64, usize, usize)| start == 0 && n as u64 == self.object_size;
         if flags.fast && !pieces.iter().all(whole) {
             return Err(io::ErrorKind::Unsupported.into());
         }
@@ -443,23 +444,31 @@ impl Disk {
         }
         let results = join_all(parts).await;
         self.evict();
-        results.into_iter().collect::<io::Result<Vec<()>>>().map(drop)
+        results
+            .into_iter()
+            .collect::<io::Result<Vec<()>>>()
+            .map(drop)
     }
 
     /// Fetches the objects of the range into the read cache (`CACHE`,
     /// read-ahead), as far as the cache holds.
     pub(super) async fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
         let most = self.cached_limit as u64 * self.object_size / 2;
-        let loads = self.pieces(offset, length.min(most)).map(|(index, _, _)| async move {
-            if !self.exists(index) {
-                return Ok(());
-            }
-            let (_slot, mut state) = self.lock(index).await;
-            self.load(index, &mut state).await
-        });
+        let loads = self
+            .pieces(offset, length.min(most))
+            .map(|(index, _, _)| async move {
+                if !self.exists(index) {
+                    return Ok(());
+                }
+                let (_slot, mut state) = self.lock(index).await;
+                self.load(index, &mut state).await
+            });
         let results = join_all(loads).await;
         self.evict();
-        results.into_iter().collect::<io::Result<Vec<()>>>().map(drop)
+        results
+            .into_iter()
+            .collect::<io::Result<Vec<()>>>()
+            .map(drop)
     }
 
     /// Starts fetching what a sequential reader will want next.
@@ -531,9 +540,20 @@ impl Disk {
     /// failure is the answer, and failed objects stay dirty.
     async fn store_all(&self, indices: Vec<u64>) -> io::Result<()> {
         let results = join_all(indices.into_iter().map(|index| self.upload(index))).await;
-        let outcome = results.into_iter().collect::<io::Result<Vec<()>>>().map(drop);
+        let outcome = results
+            .into_iter()
+            .collect::<io::Result<Vec<()>>>()
+            .map(drop);
         self.forget_zero_slots();
         outcome
+    }
+
+    async fn is_dirty(&self, index: u64) -> bool {
+        let slot = self.table().get(&index).cloned();
+        match slot {
+            Some(slot) => slot.state.lock().await.dirty(),
+            None => false,
+        }
     }
 
     /// Dirty object indices among the slots `filter` accepts.
@@ -595,6 +615,12 @@ impl Disk {
                 tokio::time::sleep(WRITE_BACK_DELAY).await;
                 loop {
                     match disk.upload(index).await {
+                        // Written again during the upload: `changed` did
+                        // not queue it (it was dirty), so store it again
+                        // here, or it would hold its room until a FLUSH.
+                        Ok(()) if disk.is_dirty(index).await => {
+                            tokio::time::sleep(WRITE_BACK_DELAY).await;
+                        }
                         Ok(()) => break,
                         Err(error) => {
                             tracing::warn!(
@@ -651,5 +677,58 @@ struct ArcBytes(Arc<Vec<u8>>);
 impl AsRef<[u8]> for ArcBytes {
     fn as_ref(&self) -> &[u8] {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::memory::InMemory;
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+
+    use super::*;
+
+    const OBJECT: u64 = 64 << 10;
+
+    /// A disk of four objects on a store whose PUTs take `put`.
+    fn disk(put: Duration) -> (Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
+        let config = ThrottleConfig {
+            wait_put_per_call: put,
+            ..ThrottleConfig::default()
+        };
+        let store = Arc::new(ThrottledStore::new(InMemory::new(), config));
+        Disk::new(
+            store,
+            Path::from("d"),
+            4 * OBJECT,
+            OBJECT,
+            1 << 20,
+            &[],
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn rewritten_during_its_upload_is_stored_again_without_a_flush() {
+        let (disk, dirtied) = disk(Duration::from_millis(300));
+        tokio::spawn(Arc::clone(&disk).upload_in_background(dirtied));
+        disk.write(&[1; 4096], 0).await.expect("write");
+        // The first upload is in flight (queued after 20 ms, PUT 300 ms).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        disk.write(&[2; 4096], 0).await.expect("write");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while disk.is_dirty(0).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an object written during its upload stayed dirty"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stored = disk.store.get(&data_key(&disk.prefix, 0)).await;
+        let stored = stored
+            .expect("object 0 stored")
+            .bytes()
+            .await
+            .expect("bytes");
+        assert_eq!(&stored[..4096], &[2; 4096][..]);
     }
 }
