@@ -475,6 +475,9 @@ impl AsyncBackend for Opened {
         let disk = Arc::clone(&self.disk);
         let length = buffer.len();
         disk.read_ahead(offset, length as u64);
+        if disk.read_cached(&mut buffer, offset) {
+            return Box::pin(async move { (buffer, Ok(())) });
+        }
         self.spawn(
             async move {
                 let result = disk.read(&mut buffer, offset).await;
