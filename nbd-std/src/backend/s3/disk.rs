@@ -35,6 +35,10 @@ const PARALLEL_FETCHES: usize = 32;
 /// burst of small writes into one object costs one PUT, not many.
 const WRITE_BACK_DELAY: Duration = Duration::from_millis(20);
 
+/// The longest a background upload waits for an object that keeps being
+/// written to go quiet (see [`Disk::settle`]).
+const WRITE_BACK_SETTLE_BOUND: Duration = Duration::from_secs(1);
+
 /// Wait before a failed background upload is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -580,6 +584,29 @@ impl Disk {
         outcome
     }
 
+    /// Waits until object `index` has gone [`WRITE_BACK_DELAY`] without a
+    /// write, or [`WRITE_BACK_SETTLE_BOUND`] at most: a writer filling it
+    /// in pieces (nbdcopy's 256K requests, from several connections) is
+    /// done before the PUT, so the object is stored once, not once per
+    /// piece.
+    async fn settle(&self, index: u64) {
+        let started = tokio::time::Instant::now();
+        let mut seen = self.generation(index).await;
+        loop {
+            tokio::time::sleep(WRITE_BACK_DELAY).await;
+            let now = self.generation(index).await;
+            if now == seen || started.elapsed() >= WRITE_BACK_SETTLE_BOUND {
+                return;
+            }
+            seen = now;
+        }
+    }
+
+    async fn generation(&self, index: u64) -> Option<u64> {
+        let slot = self.table().get(&index).cloned()?;
+        Some(slot.state.lock().await.generation)
+    }
+
     async fn is_dirty(&self, index: u64) -> bool {
         let slot = self.table().get(&index).cloned();
         match slot {
@@ -644,15 +671,13 @@ impl Disk {
         while let Some(index) = dirtied.recv().await {
             let disk = Arc::clone(&self);
             tokio::spawn(async move {
-                tokio::time::sleep(WRITE_BACK_DELAY).await;
+                disk.settle(index).await;
                 loop {
                     match disk.upload(index).await {
                         // Written again during the upload: `changed` did
                         // not queue it (it was dirty), so store it again
                         // here, or it would hold its room until a FLUSH.
-                        Ok(()) if disk.is_dirty(index).await => {
-                            tokio::time::sleep(WRITE_BACK_DELAY).await;
-                        }
+                        Ok(()) if disk.is_dirty(index).await => disk.settle(index).await,
                         Ok(()) => break,
                         Err(error) => {
                             tracing::warn!(
