@@ -492,6 +492,9 @@ impl AsyncBackend for Opened {
             return Box::pin(async move { (data, Err(error)) });
         }
         let disk = Arc::clone(&self.disk);
+        if disk.write_cached(&data, offset) {
+            return Box::pin(async move { (data, Ok(())) });
+        }
         let length = data.len();
         self.spawn(
             async move {
