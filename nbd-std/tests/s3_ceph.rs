@@ -39,16 +39,19 @@ fn osd_killed_during_nbdcopy_copy_finishes_and_reads_back_equal() {
         return;
     };
     let bootstrap = started.elapsed();
-    let size = common::env_u64("NBD_CEPH_COPY_MIB", 128) * MIB;
+    let size = common::env_u64("NBD_CEPH_COPY_MIB", 256) * MIB;
     let dir = temp_dir();
     let source = dir.path().join("source.img");
     let copy = dir.path().join("copy.img");
     common::write_urandom_file(&source, size);
 
-    // A 6 s lease is renewed every 2 s: the copy renews it several times,
-    // with radosgw's If-Match, also while the OSD is lost. A renewal
-    // refused (412) would stop the export's writes and fail the copy.
-    let mut server = serve(&ceph, &format!(",size={size},lease=6"));
+    // A 15 s lease is renewed every 5 s: the copy renews it with radosgw's
+    // If-Match, also while the OSD is lost. A renewal refused (412) would
+    // stop the export's writes and fail the copy. (6 s was too short: a
+    // renewal queued behind 32 uploads on the busy store took over 2 s,
+    // and the lease ran out.)
+    let server_started = Instant::now();
+    let mut server = serve(&ceph, &format!(",size={size},lease=15"));
     let uri = server.uri_for("vm1");
     let copy_started = Instant::now();
     let mut nbdcopy = tool("nbdcopy")
@@ -58,7 +61,7 @@ fn osd_killed_during_nbdcopy_copy_finishes_and_reads_back_equal() {
         .spawn()
         .expect("start nbdcopy");
     // Let the copy get going: data in the cache and uploads in flight.
-    thread::sleep(Duration::from_secs(2));
+    thread::sleep(Duration::from_secs(1));
     assert!(
         nbdcopy.try_wait().expect("poll nbdcopy").is_none(),
         "nbdcopy finished before the OSD was killed: nothing was tested \
@@ -92,6 +95,15 @@ fn osd_killed_during_nbdcopy_copy_finishes_and_reads_back_equal() {
         tree.lines()
             .any(|line| line.contains("osd.1") && line.contains("down")),
         "osd.1 is not down after SIGKILL:\n{tree}"
+    );
+
+    // Still one OSD short, past two lease renewals (5 s apart): the export
+    // still takes writes; the same data again, so the check below holds.
+    let since_start = server_started.elapsed();
+    thread::sleep(Duration::from_secs(11).saturating_sub(since_start));
+    run_ok(
+        tool("nbdcopy").args(["--flush", source.to_str().expect("path"), &uri]),
+        COPY_TIMEOUT,
     );
 
     // SIGKILL: only what FLUSH made durable may count. Read-only takes no
