@@ -6,6 +6,7 @@
 //! bucket. Every daemon runs in the foreground as a child of the test and
 //! is killed by PID on drop.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,21 +49,31 @@ pub struct Ceph {
     rgw_port: u16,
     /// `(name, process)` of every daemon: `mon.a`, `mgr.x`, `osd.N`, `rgw`.
     daemons: Vec<(String, Child)>,
+    /// Where each of [`TOOLS`] is (`find_tool` also looks outside `PATH`).
+    tools: HashMap<&'static str, PathBuf>,
 }
 
-/// Whether every Ceph tool is installed; otherwise prints SKIPPED (or
-/// fails under `NBD_REQUIRE_TOOLS=1`, as in CI where they are installed).
-pub fn available() -> bool {
+/// Where every Ceph tool is; `None` when one is missing, after printing
+/// SKIPPED (or failing under `NBD_REQUIRE_TOOLS=1`, as in CI where they
+/// are installed).
+fn find_tools() -> Option<HashMap<&'static str, PathBuf>> {
+    let found: HashMap<&'static str, PathBuf> = TOOLS
+        .iter()
+        .filter_map(|&tool| find_tool(tool).map(|path| (tool, path)))
+        .collect();
+    if found.len() == TOOLS.len() {
+        return Some(found);
+    }
     let absent: Vec<&str> = TOOLS
         .iter()
         .copied()
-        .filter(|tool| find_tool(tool).is_none())
+        .filter(|tool| !found.contains_key(tool))
         .collect();
-    absent.is_empty()
-        || missing(&format!(
-            "Ceph ({}; apt-get install radosgw ceph-mon ceph-osd ceph-mgr curl)",
-            absent.join(", ")
-        ))
+    missing(&format!(
+        "Ceph ({}; apt-get install radosgw ceph-mon ceph-osd ceph-mgr curl)",
+        absent.join(", ")
+    ));
+    None
 }
 
 fn free_port() -> u16 {
@@ -84,13 +95,12 @@ impl Ceph {
     /// bucket [`BUCKET`]; `None` (after a visible SKIPPED) when Ceph is not
     /// installed.
     pub fn start() -> Option<Ceph> {
-        if !available() {
-            return None;
-        }
+        let tools = find_tools()?;
         let mut ceph = Ceph {
             dir: temp_dir(),
             rgw_port: free_port(),
             daemons: Vec::new(),
+            tools,
         };
         ceph.bootstrap();
         Some(ceph)
@@ -166,10 +176,18 @@ rgw frontends = beast endpoint=127.0.0.1:{rgw}
         std::fs::write(self.conf(), conf).expect("write ceph.conf");
     }
 
+    fn command(&self, tool: &str) -> Command {
+        Command::new(
+            self.tools
+                .get(tool)
+                .map_or(Path::new(tool), PathBuf::as_path),
+        )
+    }
+
     /// Runs a Ceph tool with this cluster's configuration; panics with its
     /// output if it fails.
     fn tool(&self, name: &str, args: &[&str]) -> String {
-        let mut command = Command::new(name);
+        let mut command = self.command(name);
         command.arg("-c").arg(self.conf()).args(args);
         let out = run(&mut command, COMMAND_TIMEOUT);
         assert!(
@@ -185,7 +203,8 @@ rgw frontends = beast endpoint=127.0.0.1:{rgw}
     fn spawn(&mut self, name: &str, program: &str, args: &[&str]) {
         let log = std::fs::File::create(self.path("log").join(format!("{name}.out")))
             .expect("create a daemon log");
-        let child = Command::new(program)
+        let child = self
+            .command(program)
             .arg("-c")
             .arg(self.conf())
             .args(args)
@@ -266,7 +285,7 @@ rgw frontends = beast endpoint=127.0.0.1:{rgw}
         while Instant::now() < deadline {
             self.assert_daemons_running();
             if !clean {
-                let mut command = Command::new("ceph");
+                let mut command = self.command("ceph");
                 command.arg("-c").arg(self.conf()).args(["pg", "stat"]);
                 let out = run(&mut command, COMMAND_TIMEOUT);
                 // "33 pgs: 33 active+clean; ..." once every PG is clean.
@@ -295,7 +314,7 @@ rgw frontends = beast endpoint=127.0.0.1:{rgw}
 
     /// One signed S3 request with an empty body; whether it got a 2xx.
     fn s3_request(&self, method: &str, path: &str) -> bool {
-        let mut command = Command::new("curl");
+        let mut command = self.command("curl");
         command
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
             .args(["--max-time", "10", "--aws-sigv4", "aws:amz:us-east-1:s3"])
