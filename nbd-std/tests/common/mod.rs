@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod ceph;
 pub mod guest;
 pub mod pki;
 pub mod seaweed;

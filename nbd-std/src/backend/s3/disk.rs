@@ -35,6 +35,10 @@ const PARALLEL_FETCHES: usize = 32;
 /// burst of small writes into one object costs one PUT, not many.
 const WRITE_BACK_DELAY: Duration = Duration::from_millis(20);
 
+/// The longest a background upload waits for an object that keeps being
+/// written to go quiet (see [`Disk::settle`]).
+const WRITE_BACK_SETTLE_BOUND: Duration = Duration::from_secs(1);
+
 /// Wait before a failed background upload is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -384,6 +388,36 @@ impl Disk {
         Ok(())
     }
 
+    /// Writes in place, waiting on nothing, when the range lies in one
+    /// object that is dirty and cached (it holds its cache room already);
+    /// `false`, having changed nothing, otherwise. Random writes into hot
+    /// objects then cost a copy, not a trip to the export's runtime.
+    pub(super) fn write_cached(&self, data: &[u8], offset: u64) -> bool {
+        let mut pieces = self.pieces(offset, data.len() as u64);
+        let (Some((index, start, n)), None) = (pieces.next(), pieces.next()) else {
+            return false;
+        };
+        if self.check_lease().is_err() {
+            return false;
+        }
+        let slot = self.table().get(&index).cloned();
+        let Some(slot) = slot else {
+            return false;
+        };
+        let Ok(mut state) = slot.state.try_lock() else {
+            return false;
+        };
+        if state.retired || state.room.is_none() {
+            return false;
+        }
+        let Some(content) = state.content.as_mut().filter(|c| !c.is_empty()) else {
+            return false;
+        };
+        Arc::make_mut(content)[start..start + n].copy_from_slice(data);
+        self.changed(index, &mut state);
+        true
+    }
+
     /// Zeroes the range: whole objects deleted, partial ones rewritten.
     pub(super) async fn write_zeroes(
         &self,
@@ -435,6 +469,38 @@ impl Disk {
             _ => into.fill(0),
         }
         Ok(())
+    }
+
+    /// Serves a read from the cache alone, waiting on nothing: `false`
+    /// (the buffer partly filled, to be filled again) as soon as one of its
+    /// objects is not cached or is locked. A cached read then costs a copy,
+    /// not a trip to the export's runtime and back, which at QD1 costs
+    /// more than the copy.
+    pub(super) fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        let length = buf.len() as u64;
+        let mut rest = buf;
+        for (index, start, n) in self.pieces(offset, length) {
+            let (part, tail) = rest.split_at_mut(n);
+            rest = tail;
+            let slot = self.table().get(&index).cloned();
+            let Some(slot) = slot else {
+                if self.exists(index) {
+                    return false;
+                }
+                part.fill(0);
+                continue;
+            };
+            let Ok(state) = slot.state.try_lock() else {
+                return false;
+            };
+            match state.content.as_deref() {
+                _ if state.retired => return false,
+                Some(bytes) if bytes.is_empty() => part.fill(0),
+                Some(bytes) => part.copy_from_slice(&bytes[start..start + n]),
+                None => return false,
+            }
+        }
+        true
     }
 
     pub(super) async fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -670,6 +736,46 @@ impl Disk {
         outcome
     }
 
+    /// Waits until the batch's objects have gone [`WRITE_BACK_DELAY`]
+    /// without a write, or [`WRITE_BACK_SETTLE_BOUND`] at most: a writer filling one
+    /// in pieces (nbdcopy's 256K requests, from several connections) is
+    /// done before the PUT, so the object is stored once, not once per
+    /// piece.
+    async fn settle(&self, batch: &[u64]) {
+        let started = tokio::time::Instant::now();
+        let mut seen = self.generations(batch).await;
+        loop {
+            tokio::time::sleep(WRITE_BACK_DELAY).await;
+            let now = self.generations(batch).await;
+            if now == seen || started.elapsed() >= WRITE_BACK_SETTLE_BOUND {
+                return;
+            }
+            seen = now;
+        }
+    }
+
+    async fn generations(&self, batch: &[u64]) -> Vec<Option<u64>> {
+        let mut generations = Vec::with_capacity(batch.len());
+        for &index in batch {
+            generations.push(self.generation(index).await);
+        }
+        generations
+    }
+
+    async fn generation(&self, index: u64) -> Option<u64> {
+        let slot = self.table().get(&index).cloned()?;
+        Some(slot.state.lock().await.generation)
+    }
+
+    #[cfg(test)]
+    async fn is_dirty(&self, index: u64) -> bool {
+        let slot = self.table().get(&index).cloned();
+        match slot {
+            Some(slot) => slot.state.lock().await.dirty(),
+            None => false,
+        }
+    }
+
     /// Dirty object indices among the slots `filter` accepts.
     async fn dirty(&self, filter: impl Fn(u64) -> bool) -> Vec<u64> {
         let slots: Vec<(u64, Arc<Slot>)> = self
@@ -735,7 +841,7 @@ impl Disk {
             }
             let disk = Arc::clone(&self);
             tokio::spawn(async move {
-                tokio::time::sleep(WRITE_BACK_DELAY).await;
+                disk.settle(&batch).await;
                 loop {
                     match disk.store_all(batch.clone()).await {
                         Ok(()) => break,
@@ -802,6 +908,7 @@ impl AsRef<[u8]> for ArcBytes {
 #[cfg(test)]
 mod tests {
     use object_store::memory::InMemory;
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
     use tokio::time::Instant;
 
     use super::*;
@@ -984,5 +1091,75 @@ mod tests {
             disk.flush().await.expect("flush");
             assert_eq!(data_objects(&store).await, 2);
         });
+    }
+
+    /// A disk of four objects on a store whose PUTs take `put`.
+    fn disk(put: Duration) -> (Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
+        let config = ThrottleConfig {
+            wait_put_per_call: put,
+            ..ThrottleConfig::default()
+        };
+        let store = Arc::new(ThrottledStore::new(InMemory::new(), config));
+        Disk::new(
+            store,
+            Path::from("d"),
+            4 * OBJECT,
+            OBJECT,
+            1 << 20,
+            &[],
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn rewritten_during_its_upload_is_stored_again_without_a_flush() {
+        let (disk, dirtied) = disk(Duration::from_millis(300));
+        tokio::spawn(Arc::clone(&disk).upload_in_background(dirtied));
+        disk.write(&[1; 4096], 0).await.expect("write");
+        // The first upload is in flight (queued after 20 ms, PUT 300 ms).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        disk.write(&[2; 4096], 0).await.expect("write");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while disk.is_dirty(0).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an object written during its upload stayed dirty"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stored = disk.store.get(&data_key(&disk.prefix, 0)).await;
+        let stored = stored
+            .expect("object 0 stored")
+            .bytes()
+            .await
+            .expect("bytes");
+        assert_eq!(&stored[..4096], &[2; 4096][..]);
+    }
+
+    #[tokio::test]
+    async fn cached_reads_and_writes_are_done_in_place_as_the_slow_path_does() {
+        let (disk, _dirtied) = disk(Duration::ZERO);
+        let mut buffer = vec![0xff; 3 * OBJECT as usize];
+        // Nothing stored, nothing cached: zeroes, in place.
+        assert!(disk.read_cached(&mut buffer, 1000));
+        assert!(buffer.iter().all(|&b| b == 0));
+        let data: Vec<u8> = (0..OBJECT + 100).map(|i| (i % 251) as u8).collect();
+        disk.write(&data, OBJECT - 50).await.expect("write");
+        let mut fast = vec![0; data.len() + 100];
+        assert!(disk.read_cached(&mut fast, OBJECT - 100));
+        let mut slow = vec![0; fast.len()];
+        disk.read(&mut slow, OBJECT - 100).await.expect("read");
+        assert_eq!(fast, slow);
+        assert_eq!(&fast[50..50 + data.len()], &data[..]);
+        // Written (dirty, cached): a write into it is done in place.
+        assert!(disk.write_cached(&[7; 100], OBJECT + 10));
+        assert!(disk.read_cached(&mut fast[..100], OBJECT + 10));
+        assert_eq!(&fast[..100], &[7; 100][..]);
+        // Across two objects, or into one never written: the slow path.
+        assert!(!disk.write_cached(&[7; 100], 2 * OBJECT - 50));
+        assert!(!disk.write_cached(&[7; 100], 3 * OBJECT));
+        // An object in the store but not in the cache needs the slow path.
+        disk.existence[3].store(true, Ordering::Release);
+        assert!(!disk.read_cached(&mut buffer[..10], 3 * OBJECT));
     }
 }

@@ -46,6 +46,17 @@ fn body(holder: &str, duration: Duration) -> PutPayload {
     PutPayload::from(value.to_string().into_bytes())
 }
 
+/// The version a renewal PUT must match. `object_store` sends the ETag in
+/// `If-Match` as the store returned it, quoted; Ceph's radosgw compares it
+/// with its ETag unquoted and answers 412 to the quoted form, which would
+/// read as the lease being lost. SeaweedFS takes both forms.
+fn if_match(e_tag: Option<String>, version: Option<String>) -> UpdateVersion {
+    UpdateVersion {
+        e_tag: e_tag.map(|tag| tag.trim_matches('"').to_owned()),
+        version,
+    }
+}
+
 impl Lease {
     /// Takes the lease at `key`, or says who holds it.
     pub(super) async fn acquire(
@@ -61,10 +72,7 @@ impl Lease {
             ..PutOptions::default()
         };
         let version = match store.put_opts(&key, body(&holder, duration), create).await {
-            Ok(result) => UpdateVersion {
-                e_tag: result.e_tag,
-                version: result.version,
-            },
+            Ok(result) => if_match(result.e_tag, result.version),
             Err(object_store::Error::AlreadyExists { .. }) => {
                 let current = store
                     .get(&key)
@@ -92,10 +100,7 @@ impl Lease {
                         (expires - now) as f64 / 1000.0
                     ));
                 }
-                let version = UpdateVersion {
-                    e_tag: meta.e_tag,
-                    version: meta.version,
-                };
+                let version = if_match(meta.e_tag, meta.version);
                 let result = put_if_match(&*store, &key, body(&holder, duration), version)
                     .await
                     .map_err(|e| match e {
@@ -105,10 +110,7 @@ impl Lease {
                         e => format!("{location}: cannot take over the lease of {other}: {e}"),
                     })?;
                 tracing::warn!("{location}: took over the expired lease of {other}");
-                UpdateVersion {
-                    e_tag: result.e_tag,
-                    version: result.version,
-                }
+                if_match(result.e_tag, result.version)
             }
             Err(e) => return Err(format!("{location}: cannot write the lease: {e}")),
         };
@@ -165,10 +167,7 @@ impl Lease {
             match tokio::time::timeout(period, put).await {
                 Ok(Ok(result)) => {
                     let mut held = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    held.version = UpdateVersion {
-                        e_tag: result.e_tag,
-                        version: result.version,
-                    };
+                    held.version = if_match(result.e_tag, result.version);
                     held.safe_until =
                         started + self.duration - self.duration / SAFETY_MARGIN_DIVISOR;
                 }
@@ -199,41 +198,24 @@ impl Lease {
     }
 }
 
-/// A PUT that replaces `key` only if it is still at `version`. Ceph RGW
-/// matches `If-Match` only against an ETag without its quotes: a refused
-/// quoted ETag is tried once more unquoted. That cannot let a stale holder
-/// through: either form matches only the object this holder wrote.
+/// A PUT that replaces `key` only if it is still at `version` (an ETag
+/// without quotes, from [`if_match`]).
 async fn put_if_match(
     store: &dyn ObjectStore,
     key: &Path,
     payload: PutPayload,
     version: UpdateVersion,
 ) -> object_store::Result<object_store::PutResult> {
-    let put = |version: UpdateVersion| {
-        store.put_opts(
+    store
+        .put_opts(
             key,
-            payload.clone(),
+            payload,
             PutOptions {
                 mode: PutMode::Update(version),
                 ..PutOptions::default()
             },
         )
-    };
-    let unquoted = version
-        .e_tag
-        .as_deref()
-        .and_then(|tag| tag.strip_prefix('"')?.strip_suffix('"'))
-        .map(str::to_owned);
-    match put(version.clone()).await {
-        Err(object_store::Error::Precondition { .. }) if unquoted.is_some() => {
-            put(UpdateVersion {
-                e_tag: unquoted,
-                version: version.version,
-            })
-            .await
-        }
-        result => result,
-    }
+        .await
 }
 
 /// Whether the store really refuses a create-if-absent PUT over an existing

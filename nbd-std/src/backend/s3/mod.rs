@@ -508,6 +508,13 @@ impl AsyncBackend for Opened {
     fn read(&self, mut buffer: Vec<u8>, offset: u64) -> StorageFuture<(Vec<u8>, io::Result<()>)> {
         let disk = Arc::clone(&self.disk);
         let length = buffer.len();
+        if disk.read_cached(&mut buffer, offset) {
+            // Read-ahead's task must run on the export's runtime: the
+            // caller may be on another one, or on none.
+            let _export_runtime = self.handle.enter();
+            disk.read_ahead(offset, length as u64);
+            return Box::pin(async move { (buffer, Ok(())) });
+        }
         self.spawn(
             async move {
                 disk.read_ahead(offset, length as u64);
@@ -523,6 +530,9 @@ impl AsyncBackend for Opened {
             return Box::pin(async move { (data, Err(error)) });
         }
         let disk = Arc::clone(&self.disk);
+        if disk.write_cached(&data, offset) {
+            return Box::pin(async move { (data, Ok(())) });
+        }
         let length = data.len();
         self.spawn(
             async move {
