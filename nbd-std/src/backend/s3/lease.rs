@@ -46,17 +46,6 @@ fn body(holder: &str, duration: Duration) -> PutPayload {
     PutPayload::from(value.to_string().into_bytes())
 }
 
-/// The version a renewal PUT must match. `object_store` sends the ETag in
-/// `If-Match` as the store returned it, quoted; Ceph's radosgw compares it
-/// with its ETag unquoted and answers 412 to the quoted form, which would
-/// read as the lease being lost. SeaweedFS takes both forms.
-fn if_match(e_tag: Option<String>, version: Option<String>) -> UpdateVersion {
-    UpdateVersion {
-        e_tag: e_tag.map(|tag| tag.trim_matches('"').to_owned()),
-        version,
-    }
-}
-
 impl Lease {
     /// Takes the lease at `key`, or says who holds it.
     pub(super) async fn acquire(
@@ -72,7 +61,10 @@ impl Lease {
             ..PutOptions::default()
         };
         let version = match store.put_opts(&key, body(&holder, duration), create).await {
-            Ok(result) => if_match(result.e_tag, result.version),
+            Ok(result) => UpdateVersion {
+                e_tag: result.e_tag,
+                version: result.version,
+            },
             Err(object_store::Error::AlreadyExists { .. }) => {
                 let current = store
                     .get(&key)
@@ -100,7 +92,10 @@ impl Lease {
                         (expires - now) as f64 / 1000.0
                     ));
                 }
-                let version = if_match(meta.e_tag, meta.version);
+                let version = UpdateVersion {
+                    e_tag: meta.e_tag,
+                    version: meta.version,
+                };
                 let result = put_if_match(&*store, &key, body(&holder, duration), version)
                     .await
                     .map_err(|e| match e {
@@ -110,7 +105,10 @@ impl Lease {
                         e => format!("{location}: cannot take over the lease of {other}: {e}"),
                     })?;
                 tracing::warn!("{location}: took over the expired lease of {other}");
-                if_match(result.e_tag, result.version)
+                UpdateVersion {
+                    e_tag: result.e_tag,
+                    version: result.version,
+                }
             }
             Err(e) => return Err(format!("{location}: cannot write the lease: {e}")),
         };
@@ -167,7 +165,10 @@ impl Lease {
             match tokio::time::timeout(period, put).await {
                 Ok(Ok(result)) => {
                     let mut held = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    held.version = if_match(result.e_tag, result.version);
+                    held.version = UpdateVersion {
+                        e_tag: result.e_tag,
+                        version: result.version,
+                    };
                     held.safe_until =
                         started + self.duration - self.duration / SAFETY_MARGIN_DIVISOR;
                 }
@@ -198,24 +199,41 @@ impl Lease {
     }
 }
 
-/// A PUT that replaces `key` only if it is still at `version` (an ETag
-/// without quotes, from [`if_match`]).
+/// A PUT that replaces `key` only if it is still at `version`. Ceph RGW
+/// matches `If-Match` only against an ETag without its quotes: a refused
+/// quoted ETag is tried once more unquoted. That cannot let a stale holder
+/// through: either form matches only the object this holder wrote.
 async fn put_if_match(
     store: &dyn ObjectStore,
     key: &Path,
     payload: PutPayload,
     version: UpdateVersion,
 ) -> object_store::Result<object_store::PutResult> {
-    store
-        .put_opts(
+    let put = |version: UpdateVersion| {
+        store.put_opts(
             key,
-            payload,
+            payload.clone(),
             PutOptions {
                 mode: PutMode::Update(version),
                 ..PutOptions::default()
             },
         )
-        .await
+    };
+    let unquoted = version
+        .e_tag
+        .as_deref()
+        .and_then(|tag| tag.strip_prefix('"')?.strip_suffix('"'))
+        .map(str::to_owned);
+    match put(version.clone()).await {
+        Err(object_store::Error::Precondition { .. }) if unquoted.is_some() => {
+            put(UpdateVersion {
+                e_tag: unquoted,
+                version: version.version,
+            })
+            .await
+        }
+        result => result,
+    }
 }
 
 /// Whether the store really refuses a create-if-absent PUT over an existing
