@@ -14,9 +14,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use nbd_core::export::{Capabilities, Catalog, Export};
 
+#[cfg(feature = "s3")]
+use crate::backend::S3Backend;
 use crate::backend::fault::{FaultRule, parse_seed};
+#[cfg(feature = "s3")]
 use crate::backend::s3::S3Options;
-use crate::backend::{Backend, FaultBackend, FileBackend, MemoryBackend, S3Backend};
+use crate::backend::{Backend, FaultBackend, FileBackend, MemoryBackend};
 use crate::size::parse_size;
 
 /// Where an export's data lives.
@@ -27,7 +30,21 @@ pub enum StorageSpec {
     /// A raw image file or block device.
     File(PathBuf),
     /// Objects in an S3-compatible store.
+    #[cfg(feature = "s3")]
     S3(S3Options),
+}
+
+impl StorageSpec {
+    /// Takes an export option that only this kind of storage knows
+    /// (`size=`, `cache=`, … for S3); `false` if it is not one of them.
+    #[cfg_attr(not(feature = "s3"), allow(unused_variables))]
+    fn takes_option(&mut self, option: &str) -> Result<bool, String> {
+        match self {
+            #[cfg(feature = "s3")]
+            StorageSpec::S3(s3) => s3.option(option),
+            _ => Ok(false),
+        }
+    }
 }
 
 /// One `--export NAME=SPEC`.
@@ -76,8 +93,15 @@ impl ExportSpec {
             None => (spec, None),
         };
         let mut storage = match storage.split_once(':') {
+            #[cfg(feature = "s3")]
             Some(("s3", location)) if location.starts_with("//") => {
                 StorageSpec::S3(S3Options::new(&location[2..])?)
+            }
+            #[cfg(not(feature = "s3"))]
+            Some(("s3", _)) => {
+                return Err(format!(
+                    "`{spec}`: this nbd-std was built without S3 exports (cargo feature `s3`)"
+                ));
             }
             Some(("memory", size)) => {
                 StorageSpec::Memory(parse_size(size).map_err(|e| e.to_string())?)
@@ -113,10 +137,7 @@ impl ExportSpec {
                 _ if option.starts_with("fail-seed=") => {
                     fault_seed = Some(parse_seed(&option[10..]).map_err(|e| e.to_string())?);
                 }
-                _ if match &mut storage {
-                    StorageSpec::S3(s3) => s3.option(option)?,
-                    _ => false,
-                } => {}
+                _ if storage.takes_option(option)? => {}
                 other => {
                     return Err(format!(
                         "`{other}`: unknown export option (S3 exports also take size=, object-size=, cache=, endpoint=, region=, lease=SECONDS, no-fencing) (expected ro, writers=shared|exclusive, fail=RULE, fail-seed=N or desc=TEXT)"
@@ -151,6 +172,7 @@ impl ExportSpec {
     pub fn open(&self) -> Result<ServedExport, String> {
         let backend: Arc<dyn Backend> = match &self.storage {
             StorageSpec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
+            #[cfg(feature = "s3")]
             StorageSpec::S3(s3) => Arc::new(
                 S3Backend::open(s3, self.read_only)
                     .map_err(|e| format!("export `{}`: {e}", self.name))?,

@@ -18,11 +18,13 @@ use nbd_core::wire::{BlockSizeConstraints, ErrorCode, ExtDescriptor};
 pub mod fault;
 pub mod file;
 pub mod memory;
+#[cfg(feature = "s3")]
 pub mod s3;
 
 pub use fault::FaultBackend;
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+#[cfg(feature = "s3")]
 pub use s3::S3Backend;
 
 /// How `write_zeroes` must behave (`NBD_CMD_WRITE_ZEROES` flags).
