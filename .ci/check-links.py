@@ -26,8 +26,8 @@ def documents():
     yield from sorted(ROOT.glob("*/README.md"))
 
 
-def prose(text):
-    """The lines outside fenced code blocks, inline code blanked out."""
+def outside_fences(text):
+    """The numbered lines outside fenced code blocks."""
     fence = None
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.lstrip()
@@ -38,26 +38,20 @@ def prose(text):
             if stripped.startswith(fence):
                 fence = None
             continue
+        yield number, line
+
+
+def prose(text):
+    """The lines outside fenced code blocks, inline code blanked out."""
+    for number, line in outside_fences(text):
         yield number, re.sub(r"`[^`]*`", "``", line)
 
 
 def raw_headings_text(path):
     """The text outside fenced code blocks, inline code kept: headings
     keep its words in their anchors."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = []
-    fence = None
-    for line in lines:
-        stripped = line.lstrip()
-        if fence is None and stripped.startswith(("```", "~~~")):
-            fence = stripped[:3]
-            continue
-        if fence is not None:
-            if stripped.startswith(fence):
-                fence = None
-            continue
-        kept.append(line)
-    return "\n".join(kept)
+    text = path.read_text(encoding="utf-8")
+    return "\n".join(line for _, line in outside_fences(text))
 
 
 def heading_anchors(path):
