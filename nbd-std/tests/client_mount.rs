@@ -11,124 +11,23 @@ mod common;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use common::fuse::{Mounted, can_use_fuse, is_mounted, mount_export};
 use common::{Server, have_tools, run, run_ok, server_binary, temp_dir, tool, wait_until};
 
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(60);
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Whether `path` is a mount point now (`/proc/mounts`).
-fn is_mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|line| line.split(' ').nth(1) == Some(wanted.as_str()))
-}
-
-/// A FUSE process serving `path`; on drop (a failed test) the mount is
-/// detached and the process killed, so nothing stays mounted.
-struct Mounted {
-    path: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Mounted {
-    fn start(mut command: Command, path: &Path, log: PathBuf) -> Mounted {
-        let out = File::create(&log).expect("create log");
-        command
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("clone log"))
-            .stderr(out);
-        let child = command.spawn().expect("start FUSE process");
-        let mut mounted = Mounted {
-            path: path.to_owned(),
-            child: Some(child),
-            log,
-        };
-        let up = wait_until(MOUNT_TIMEOUT, || {
-            is_mounted(path) || mounted.try_exit().is_some()
-        });
-        assert!(
-            up && is_mounted(path),
-            "{} not mounted: {}",
-            path.display(),
-            mounted.log()
-        );
-        mounted
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn try_exit(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut()?.try_wait().ok().flatten()
-    }
-
-    /// Waits for the process to exit (after an unmount or a signal).
-    fn wait_exit(mut self) -> ExitStatus {
-        let deadline = Instant::now() + MOUNT_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Some(status) = self.try_exit() {
-                self.child = None;
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("FUSE process still running: {}", self.log());
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("child").id()
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if is_mounted(&self.path) {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.path)
-                .status();
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- log of {} ---\n{}", self.path.display(), self.log());
-        }
-    }
-}
 
 fn unmount(path: &Path) {
     run_ok(tool("fusermount3").arg("-u").arg(path), TIMEOUT);
-}
-
-fn mount_export(uri: &str, file: &Path, log: PathBuf) -> Mounted {
-    let mut command = Command::new(server_binary());
-    command.arg("mount").arg(uri).arg(file);
-    Mounted::start(command, file, log)
 }
 
 fn fuse2fs(image: &Path, dir: &Path, options: &str, log: PathBuf) -> Mounted {
     let mut command = tool("fuse2fs");
     command.arg("-f").arg("-o").arg(options).arg(image).arg(dir);
     Mounted::start(command, dir, log)
-}
-
-fn can_use_fuse() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .is_ok();
-    usable || common::missing("/dev/fuse (readable and writable by this user, e.g. root)")
 }
 
 fn files() -> Vec<(&'static str, Vec<u8>)> {

@@ -8,6 +8,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fuse::{can_use_fuse, mount_export};
 use common::seaweed::{BUCKET, Seaweed};
 use common::{
     Output, Server, have_tools, nbdinfo_json, run, run_ok, sha256, temp_dir, tool,
@@ -489,83 +490,6 @@ fn size_mismatch_and_missing_disk_are_one_line_errors() {
     drop(serve(&store, "vm1", "sized", ""));
 }
 
-/// Whether `path` is a mount point now (`/proc/mounts`).
-fn is_mounted(path: &std::path::Path) -> bool {
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|line| line.split(' ').nth(1) == Some(wanted.as_str()))
-}
-
-fn can_use_fuse() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .is_ok();
-    usable || common::missing("/dev/fuse (readable and writable by this user, e.g. root)")
-}
-
-/// `nbd-std mount URI FILE`, running until [`unmount`]; killed (and the
-/// mount detached) if the test fails first.
-struct Mount {
-    file: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl Mount {
-    fn start(uri: &str, file: &std::path::Path) -> Mount {
-        let child = Command::new(common::server_binary())
-            .arg("mount")
-            .arg(uri)
-            .arg(file)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nbd-std mount");
-        let mut mount = Mount {
-            file: file.to_owned(),
-            child: Some(child),
-        };
-        let up = common::wait_until(Duration::from_secs(15), || {
-            is_mounted(file)
-                || mount
-                    .child
-                    .as_mut()
-                    .is_some_and(|c| c.try_wait().ok().flatten().is_some())
-        });
-        assert!(up && is_mounted(file), "{} not mounted", file.display());
-        mount
-    }
-
-    /// `fusermount3 -u`, which ends `nbd-std mount` with status 0.
-    fn unmount(mut self) {
-        run_ok(tool("fusermount3").arg("-u").arg(&self.file), TIMEOUT);
-        let mut child = self.child.take().expect("mount process");
-        let ended = common::wait_until(Duration::from_secs(15), || {
-            child.try_wait().ok().flatten().is_some()
-        });
-        assert!(ended, "nbd-std mount still running after the unmount");
-        let status = child.wait().expect("wait for nbd-std mount");
-        assert!(status.success(), "nbd-std mount exited {status}");
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if is_mounted(&self.file) {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.file)
-                .status();
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn ext4_through_nbd_std_mount() {
     if !have_tools(&["fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "nbdcopy"]) || !can_use_fuse()
@@ -580,7 +504,7 @@ fn ext4_through_nbd_std_mount() {
     let options = ",size=256M";
     let mut server = serve(&store, "vm1", "ext4", options);
     let uri = server.uri_for("vm1");
-    let mount = Mount::start(&uri, &image);
+    let mount = mount_export(&uri, &image, dir.path().join("mount.log"));
     // mkfs.ext4 discards the whole device first (a whole-disk TRIM).
     let started = Instant::now();
     run_ok(tool("mkfs.ext4").args(["-F", "-q"]).arg(&image), TIMEOUT);
@@ -601,7 +525,10 @@ fn ext4_through_nbd_std_mount() {
     }
     let fsck = run(tool("e2fsck").arg("-fn").arg(&image), TIMEOUT);
     assert_eq!(fsck.code(), Some(0), "not clean\n{}", fsck.describe());
-    mount.unmount();
+    // `fusermount3 -u` ends `nbd-std mount` with status 0.
+    run_ok(tool("fusermount3").arg("-u").arg(&image), TIMEOUT);
+    let status = mount.wait_exit();
+    assert!(status.success(), "nbd-std mount exited {status}");
     server.stop();
     drop(server);
     // From the store, through a new server: a clean ext4 with the files.

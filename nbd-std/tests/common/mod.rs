@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod ceph;
+pub mod fuse;
 pub mod guest;
 pub mod pki;
 pub mod seaweed;
