@@ -6,7 +6,7 @@ use embedded_sdmmc::BlockDevice;
 use nbd_core::export::Catalog;
 use nbd_core::server::{CloseReason, Config, Connection, SmallConnection};
 
-use crate::driver::{Driver, Error};
+use crate::driver::{Driver, Error, make_room};
 use crate::storage::BlockStorage;
 
 /// Serves one client on `io` with a [`SmallConnection`] until it
@@ -59,17 +59,7 @@ where
         if used > 0 || sent {
             continue;
         }
-        if start == end {
-            (start, end) = (0, 0);
-        } else if end == buffer.len() {
-            buffer.copy_within(start..end, 0);
-            (start, end) = (0, end - start);
-        }
-        if end == buffer.len() {
-            // The core holds back input only while replies wait to be
-            // sent, and they were all sent above.
-            return Err(Error::Protocol(nbd_core::server::ProtocolError::Closed));
-        }
+        (start, end) = make_room(buffer, start, end)?;
         io.flush().map_err(Error::Transport)?;
         let n = io.read(&mut buffer[end..]).map_err(Error::Transport)?;
         if n == 0 {
