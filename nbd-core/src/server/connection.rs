@@ -2,13 +2,13 @@
 //! events that wait on ordering rules.
 
 use super::inflight::{InFlight, Reason, Reply, RequestId, SlotState};
-use super::negotiation::NegotiationOutput;
-use super::transmission::{ActiveExport, ReceiveMode, Receiving};
+use super::negotiation::{Negotiation, NegotiationOutput};
+use super::transmission::{ActiveExport, Transmission};
 use super::{
     CloseReason, CompletionError, Config, Event, ProtocolError, ReadOutcome, Request, Step,
 };
 use crate::export::{Catalog, Features};
-use crate::wire::{ClientFlags, Command, ErrorCode, ExtDescriptor, HeaderStyle, WireError};
+use crate::wire::{Command, ErrorCode, ExtDescriptor, HeaderStyle, WireError};
 
 /// Bytes of partial headers kept between `process` calls (the longest
 /// header is the 32-byte extended request).
@@ -61,26 +61,20 @@ impl Accumulator {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the session is. Each phase's own state lives in its variant and
+/// is changed only by the file of that phase: negotiation.rs for
+/// [`Negotiation`], transmission.rs for [`Transmission`].
+#[derive(Clone, Copy, Debug)]
 pub(super) enum Phase {
-    /// Waiting for the client flags.
-    ClientFlags,
-    /// Waiting for an option header.
-    OptionHeader,
-    /// Buffering `length` bytes of option data.
-    OptionData {
-        code: crate::wire::OptionCode,
-        length: usize,
-    },
-    /// Reading past option data that will not be buffered.
-    OptionSkip {
-        code: crate::wire::OptionCode,
-        remaining: u32,
-        refusal: super::negotiation::Refusal,
-    },
-    /// Requests and replies.
-    Transmission,
-    /// The session ended.
+    /// Option haggling (spec: "Fixed newstyle negotiation").
+    Negotiation(Negotiation),
+    /// Requests and replies, from the export's selection on.
+    Transmission(Transmission),
+    /// The session ends once the replies still due are handed out:
+    /// `NBD_OPT_ABORT` was acknowledged, or [`Connection::shutdown`] came
+    /// during negotiation. No input is read any more.
+    Closing(CloseReason),
+    /// The session ended: a `Closed` event was returned.
     Closed,
 }
 
@@ -95,36 +89,21 @@ pub struct Connection<C, const REQUESTS: usize = 64, const BUFFER: usize = 4352>
     pub(super) catalog: C,
     pub(super) config: Config,
     pub(super) phase: Phase,
-    pub(super) client_flags: ClientFlags,
+    /// Features negotiated (reset by `NBD_OPT_STARTTLS`).
     pub(super) features: Features,
     pub(super) tls_active: bool,
-    /// Export for which `base:allocation` was selected by the last
-    /// `NBD_OPT_SET_META_CONTEXT`.
-    pub(super) meta_export: Option<usize>,
+    /// Replies of the last option still to hand out; they may outlast
+    /// negotiation (the replies to `NBD_OPT_GO`). Changed by negotiation.rs.
     pub(super) output: NegotiationOutput,
+    /// The export negotiation selected; its size changes with a resize.
     pub(super) export: Option<ActiveExport>,
     pub(super) inflight: InFlight<REQUESTS>,
-    pub(super) receiving: Option<Receiving>,
+    /// A header split across inputs (option, request, block-status field).
     pub(super) header: Accumulator,
     /// Option data during negotiation; a FIFO of encoded block-status
-    /// descriptors (`buffer_start..buffer_end`) during transmission.
+    /// descriptors during transmission (each phase keeps its own indices).
     pub(super) buffer: [u8; BUFFER],
-    pub(super) buffer_start: usize,
-    pub(super) buffer_end: usize,
     pub(super) scratch: [u8; SCRATCH_BYTES],
-    /// `ExportSelected` waiting to be returned by `process`.
-    pub(super) selected_event: bool,
-    /// The STARTTLS acknowledgement was handed out; hand over next.
-    pub(super) tls_handover: bool,
-    /// An `NBD_OPT_ABORT` acknowledgement was handed out.
-    pub(super) abort_acked: bool,
-    /// `NBD_CMD_DISC` arrived: finish what is in flight, then close.
-    pub(super) draining: bool,
-    pub(super) shutting_down: bool,
-    /// A resize is in flight: no request is read until it completes.
-    pub(super) resize_barrier: Option<RequestId>,
-    /// Requests waiting for an ordering barrier.
-    pub(super) deferred: usize,
 }
 
 impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
@@ -133,27 +112,15 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         Self {
             catalog,
             config,
-            phase: Phase::ClientFlags,
-            client_flags: ClientFlags::empty(),
+            phase: Phase::Negotiation(Negotiation::new()),
             features: Features::default(),
             tls_active: false,
-            meta_export: None,
             output: NegotiationOutput::Greeting,
             export: None,
             inflight: InFlight::new(),
-            receiving: None,
             header: Accumulator::new(),
             buffer: [0; BUFFER],
-            buffer_start: 0,
-            buffer_end: 0,
             scratch: [0; SCRATCH_BYTES],
-            selected_event: false,
-            tls_handover: false,
-            abort_acked: false,
-            draining: false,
-            shutting_down: false,
-            resize_barrier: None,
-            deferred: 0,
         }
     }
 
@@ -194,7 +161,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// Whether the session ended (a `Closed` event was returned).
     pub fn is_closed(&self) -> bool {
-        self.phase == Phase::Closed
+        matches!(self.phase, Phase::Closed)
     }
 
     /// Tells the core the client closed its side: no more input comes.
@@ -205,8 +172,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// [`ProtocolError::UnexpectedEof`], which the shell reports. The same
     /// call as the client side's, which is told the server closed.
     pub fn end_of_input(&self) -> Result<(), ProtocolError> {
-        let whole = self.header.len == 0 && self.receiving.is_none();
-        let ended = self.phase == Phase::Closed || self.abort_acked || self.draining;
+        let whole = self.header.len == 0 && !self.receiving_payload();
+        let ended = match &self.phase {
+            Phase::Closed | Phase::Closing(CloseReason::Abort) => true,
+            Phase::Transmission(transmission) => transmission.is_draining(),
+            Phase::Negotiation(_) | Phase::Closing(_) => false,
+        };
         if ended && whole {
             Ok(())
         } else {
@@ -221,10 +192,14 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// option's replies are out. During transmission, new requests get
     /// `NBD_ESHUTDOWN` and the close comes once nothing is in flight.
     pub fn shutdown(&mut self) {
-        if !self.shutting_down {
-            info!("shutting down: refusing new options and requests");
+        match &mut self.phase {
+            Phase::Negotiation(_) => {
+                info!("shutting down: no further option is read");
+                self.phase = Phase::Closing(CloseReason::Shutdown);
+            }
+            Phase::Transmission(transmission) => transmission.shut_down(),
+            Phase::Closing(_) | Phase::Closed => {}
         }
-        self.shutting_down = true;
     }
 
     /// Consumes bytes the client sent; see the [module docs](super).
@@ -232,7 +207,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// Returns an error when the connection must end at once (hard
     /// disconnect); the shell then closes the transport.
     pub fn process<'a>(&mut self, input: &'a [u8]) -> Result<Step<'a>, ProtocolError> {
-        if self.phase == Phase::Closed {
+        if matches!(self.phase, Phase::Closed) {
             return Err(ProtocolError::Closed);
         }
         if let Some(event) = self.take_event() {
@@ -244,10 +219,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let mut consumed = 0;
         while !self.input_paused() {
             let rest = &input[consumed..];
-            let (used, event) = if self.phase == Phase::Transmission {
-                self.process_transmission(rest)?
-            } else {
-                self.process_negotiation(rest)?
+            let (used, event) = match self.phase {
+                Phase::Transmission(_) => self.process_transmission(rest)?,
+                Phase::Negotiation(negotiation) => self.process_negotiation(negotiation, rest)?,
+                Phase::Closing(_) | Phase::Closed => break,
             };
             consumed += used;
             if event.is_some() {
@@ -264,61 +239,44 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     /// Whether input must wait: replies of the current option are still to
-    /// be sent, a TLS hand-over or close is due, or the session ended.
+    /// be sent (or the TLS hand-over is due), the shell has not been told
+    /// of the selected export yet, or the session is ending.
     fn input_paused(&self) -> bool {
-        !matches!(self.output, NegotiationOutput::Idle)
-            || self.tls_handover
-            || self.abort_acked
-            || self.selected_event
-            || self.phase == Phase::Closed
+        !self.output.is_idle()
+            || match &self.phase {
+                Phase::Negotiation(_) => false,
+                Phase::Transmission(transmission) => transmission.is_announcing(),
+                Phase::Closing(_) | Phase::Closed => true,
+            }
     }
 
     /// Events that do not come from input: negotiation milestones, the end
     /// of the session, requests released by an ordering barrier.
     fn take_event(&mut self) -> Option<Event<'static>> {
-        if self.tls_handover {
-            self.tls_handover = false;
-            self.tls_active = true;
-            // Spec (NBD_OPT_STARTTLS): no negotiation state survives.
-            self.features = Features::default();
-            self.meta_export = None;
-            info!("TLS hand-over: negotiation state reset");
-            return Some(Event::StartTls);
+        if self.output == NegotiationOutput::TlsHandover {
+            return Some(self.hand_over_tls());
         }
-        if self.selected_event {
-            self.selected_event = false;
-            let export = self.export?;
-            return Some(Event::ExportSelected {
-                index: export.index,
-                size: export.size,
-                flags: export.flags,
-                features: self.features,
-            });
+        if let Some(event) = self.announce_export() {
+            return Some(event);
         }
         if let Some(reason) = self.close_due() {
             info!("session over: {:?}", reason);
             self.phase = Phase::Closed;
             return Some(Event::Closed(reason));
         }
-        if self.deferred > 0 {
+        if self.inflight.has_deferred() {
             return self.release_deferred().map(Event::Request);
         }
         None
     }
 
     fn close_due(&self) -> Option<CloseReason> {
-        let idle = self.inflight.is_empty() && self.receiving.is_none();
-        if self.abort_acked {
-            Some(CloseReason::Abort)
-        } else if self.draining && idle {
-            Some(CloseReason::Disconnect)
-        } else if self.shutting_down
-            && matches!(self.output, NegotiationOutput::Idle)
-            && (self.phase != Phase::Transmission || idle)
-        {
-            Some(CloseReason::Shutdown)
-        } else {
-            None
+        match &self.phase {
+            Phase::Closing(reason) if self.output.is_idle() => Some(*reason),
+            Phase::Transmission(transmission) => {
+                transmission.close_due(self.inflight.is_empty(), self.output.is_idle())
+            }
+            _ => None,
         }
     }
 
@@ -339,10 +297,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 size: slot.offset,
             },
         };
-        if let Some(slot) = self.inflight.get_mut(id) {
-            slot.state = SlotState::Issued;
-        }
-        self.deferred -= 1;
+        self.inflight.release_deferred(id);
         debug!("releasing deferred request {}", id.to_bits());
         Some(request)
     }
@@ -370,26 +325,13 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 if result.is_ok() {
                     return Err(CompletionError::PayloadIncomplete);
                 }
-                if let Some(receiving) = self.receiving.as_mut().filter(|r| r.id == id) {
-                    receiving.mode = ReceiveMode::Discard;
-                }
+                self.discard_rest_of_payload(id);
                 self.log_completion(id, result);
                 let error = result.err().map(|e| (e, Reason::Storage));
                 self.inflight.reply_after_payload(id, Reply::Done { error });
                 return Ok(());
             }
-            Command::Resize => {
-                if result.is_ok()
-                    && let Some(export) = self.export.as_mut()
-                {
-                    info!(
-                        "export resized from {} to {} bytes",
-                        export.size, slot.offset
-                    );
-                    export.size = slot.offset;
-                }
-                self.resize_barrier = None;
-            }
+            Command::Resize => self.finish_resize(result.is_ok().then_some(slot.offset)),
             _ => {}
         }
         self.log_completion(id, result);
@@ -513,27 +455,6 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             Ok(()) => debug!("request {} completed", id.to_bits()),
             Err(error) => warn!("request {} failed: {}", id.to_bits(), error),
         }
-    }
-
-    /// Client flags, the first thing the client sends.
-    pub(super) fn accept_client_flags(&mut self, flags: ClientFlags) -> Result<(), ProtocolError> {
-        if flags.unknown_bits() != 0 {
-            warn!(
-                "client sent unknown client flags {:#x}",
-                flags.unknown_bits()
-            );
-            return Err(ProtocolError::UnknownClientFlags(flags.unknown_bits()));
-        }
-        if !flags.contains(ClientFlags::FIXED_NEWSTYLE)
-            && self.config.tls == super::TlsPolicy::Required
-        {
-            // Spec: TLS needs fixed newstyle; without it this server cannot serve.
-            return Err(ProtocolError::TlsRequired);
-        }
-        debug!("client flags {:#x}", flags.bits());
-        self.client_flags = flags;
-        self.phase = Phase::OptionHeader;
-        Ok(())
     }
 }
 

@@ -129,6 +129,8 @@ pub(crate) struct InFlight<const N: usize> {
     slots: [Slot; N],
     ready: Deque<u16, N>,
     used: usize,
+    /// Slots in [`SlotState::Deferred`].
+    deferred: usize,
     next_sequence: u32,
 }
 
@@ -142,6 +144,7 @@ impl<const N: usize> InFlight<N> {
             slots: [Slot::FREE; N],
             ready: Deque::new(),
             used: 0,
+            deferred: 0,
             next_sequence: 0,
         }
     }
@@ -235,6 +238,13 @@ impl<const N: usize> InFlight<N> {
         Some((RequestId::new(index, slot.generation), *slot, reply))
     }
 
+    /// A streamed read's data chunk was handed out; its ending is owed.
+    pub(crate) fn start_streaming(&mut self, id: RequestId) {
+        if let Some(slot) = self.get_mut(id) {
+            slot.state = SlotState::Streaming;
+        }
+    }
+
     pub(crate) fn free(&mut self, id: RequestId) {
         if let Some(slot) = self.get_mut(id) {
             slot.state = SlotState::Free;
@@ -258,6 +268,31 @@ impl<const N: usize> InFlight<N> {
             .iter()
             .enumerate()
             .any(|(i, s)| s.state != SlotState::Free && i != id.index())
+    }
+
+    /// Holds the request back until an ordering barrier clears.
+    pub(crate) fn defer(&mut self, id: RequestId) {
+        if let Some(slot) = self.get_mut(id)
+            && slot.state == SlotState::Issued
+        {
+            slot.state = SlotState::Deferred;
+            self.deferred += 1;
+        }
+    }
+
+    /// The deferred request goes to the shell.
+    pub(crate) fn release_deferred(&mut self, id: RequestId) {
+        if let Some(slot) = self.get_mut(id)
+            && slot.state == SlotState::Deferred
+        {
+            slot.state = SlotState::Issued;
+            self.deferred -= 1;
+        }
+    }
+
+    /// Whether a request waits for an ordering barrier.
+    pub(crate) fn has_deferred(&self) -> bool {
+        self.deferred > 0
     }
 
     /// Deferred requests, in table order.

@@ -8,9 +8,9 @@
 
 use super::connection::{Connection, Phase, framing_error};
 use super::output::{Out, Tail, encode_head};
-use super::transmission::ActiveExport;
-use super::{Event, ProtocolError, TlsPolicy};
-use crate::export::Catalog;
+use super::transmission::{ActiveExport, Transmission};
+use super::{CloseReason, Event, ProtocolError, TlsPolicy};
+use crate::export::{Catalog, Features};
 use crate::wire::{
     BlockSizeConstraints, ClientFlags, ExportNameReply, Greeting, HandshakeFlags, Info, InfoType,
     OPTION_HEADER_LEN, OptionCode, OptionHeader, OptionReply, OptionReplyType, OptionRequest,
@@ -24,6 +24,48 @@ pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 /// The zero bytes after an `NBD_OPT_EXPORT_NAME` reply.
 static EXPORT_NAME_ZEROES: [u8; crate::wire::EXPORT_NAME_ZEROES] =
     [0; crate::wire::EXPORT_NAME_ZEROES];
+
+/// The negotiation phase's own state; only this file changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Negotiation {
+    input: OptionInput,
+    client_flags: ClientFlags,
+    /// Export for which `base:allocation` was selected by the last
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    meta_export: Option<usize>,
+}
+
+impl Negotiation {
+    /// A session that just started: the client flags come first.
+    pub(super) const fn new() -> Self {
+        Self {
+            input: OptionInput::ClientFlags,
+            client_flags: ClientFlags::empty(),
+            meta_export: None,
+        }
+    }
+}
+
+/// What the next input bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OptionInput {
+    /// The client flags.
+    ClientFlags,
+    /// An option header.
+    OptionHeader,
+    /// `length` bytes of option data, `received` of them in the buffer.
+    OptionData {
+        code: OptionCode,
+        length: usize,
+        received: usize,
+    },
+    /// Option data read past, not buffered; `refusal` answers it.
+    OptionSkip {
+        code: OptionCode,
+        remaining: u32,
+        refusal: Refusal,
+    },
+}
 
 /// How to answer an option whose data is skipped rather than buffered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +101,9 @@ pub(super) enum InfoStep {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum NegotiationOutput {
     Idle,
+    /// The `NBD_OPT_STARTTLS` acknowledgement was handed out: nothing more
+    /// is sent or read before `process` returns `StartTls`.
+    TlsHandover,
     Greeting,
     Reply {
         option: OptionCode,
@@ -81,7 +126,23 @@ pub(super) enum NegotiationOutput {
         option: OptionCode,
         context: Option<u32>,
     },
-    ExportName,
+    /// The `NBD_OPT_EXPORT_NAME` reply, with its 124 zero bytes unless the
+    /// client set `NBD_FLAG_C_NO_ZEROES`.
+    ExportName {
+        zeroes: bool,
+    },
+}
+
+impl NegotiationOutput {
+    /// Whether the replies of the last option are all out.
+    pub(super) fn is_idle(&self) -> bool {
+        *self == Self::Idle
+    }
+
+    /// Whether a reply is ready for `poll_transmit`.
+    pub(super) fn has_message(&self) -> bool {
+        !matches!(self, Self::Idle | Self::TlsHandover)
+    }
 }
 
 /// What an option asks for, decided from its data.
@@ -122,12 +183,36 @@ const fn reply(reply_type: OptionReplyType, message: &'static str) -> Action {
 }
 
 impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
+    fn negotiation_mut(&mut self) -> Option<&mut Negotiation> {
+        match &mut self.phase {
+            Phase::Negotiation(negotiation) => Some(negotiation),
+            _ => None,
+        }
+    }
+
+    fn set_option_input(&mut self, input: OptionInput) {
+        if let Some(negotiation) = self.negotiation_mut() {
+            negotiation.input = input;
+        }
+    }
+
+    /// Forgets the metadata context selection (spec: it is replaced even
+    /// when `NBD_OPT_SET_META_CONTEXT` fails).
+    fn clear_meta_context(&mut self, code: OptionCode) {
+        if code == OptionCode::SetMetaContext
+            && let Some(negotiation) = self.negotiation_mut()
+        {
+            negotiation.meta_export = None;
+        }
+    }
+
     pub(super) fn process_negotiation<'a>(
         &mut self,
+        negotiation: Negotiation,
         input: &'a [u8],
     ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
-        match self.phase {
-            Phase::ClientFlags => {
+        match negotiation.input {
+            OptionInput::ClientFlags => {
                 let (used, flags) = match self.header.fill(input, 4) {
                     (used, Some(bytes)) => (used, Some(ClientFlags::parse(bytes).map(|(_, f)| f))),
                     (used, None) => (used, None),
@@ -137,7 +222,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 }
                 Ok((used, None))
             }
-            Phase::OptionHeader => {
+            OptionInput::OptionHeader => {
                 let (used, header) = match self.header.fill(input, OPTION_HEADER_LEN) {
                     (used, Some(bytes)) => (used, Some(OptionHeader::parse(bytes).map(|(_, h)| h))),
                     (used, None) => (used, None),
@@ -147,18 +232,27 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 }
                 Ok((used, None))
             }
-            Phase::OptionData { code, length } => {
-                let take = (length - self.buffer_end).min(input.len());
-                self.buffer[self.buffer_end..self.buffer_end + take]
-                    .copy_from_slice(&input[..take]);
-                self.buffer_end += take;
-                if self.buffer_end == length {
-                    self.phase = Phase::OptionHeader;
+            OptionInput::OptionData {
+                code,
+                length,
+                received,
+            } => {
+                let take = (length - received).min(input.len());
+                self.buffer[received..received + take].copy_from_slice(&input[..take]);
+                let received = received + take;
+                if received == length {
+                    self.set_option_input(OptionInput::OptionHeader);
                     self.handle_option(code, length)?;
+                } else {
+                    self.set_option_input(OptionInput::OptionData {
+                        code,
+                        length,
+                        received,
+                    });
                 }
                 Ok((take, None))
             }
-            Phase::OptionSkip {
+            OptionInput::OptionSkip {
                 code,
                 remaining,
                 refusal,
@@ -166,19 +260,52 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 let take = (remaining as usize).min(input.len());
                 let remaining = remaining - take as u32;
                 if remaining == 0 {
-                    self.phase = Phase::OptionHeader;
+                    self.set_option_input(OptionInput::OptionHeader);
                     self.refuse(code, refusal);
                 } else {
-                    self.phase = Phase::OptionSkip {
+                    self.set_option_input(OptionInput::OptionSkip {
                         code,
                         remaining,
                         refusal,
-                    };
+                    });
                 }
                 Ok((take, None))
             }
-            Phase::Transmission | Phase::Closed => Ok((0, None)),
         }
+    }
+
+    /// Client flags, the first thing the client sends.
+    fn accept_client_flags(&mut self, flags: ClientFlags) -> Result<(), ProtocolError> {
+        if flags.unknown_bits() != 0 {
+            warn!(
+                "client sent unknown client flags {:#x}",
+                flags.unknown_bits()
+            );
+            return Err(ProtocolError::UnknownClientFlags(flags.unknown_bits()));
+        }
+        if !flags.contains(ClientFlags::FIXED_NEWSTYLE) && self.config.tls == TlsPolicy::Required {
+            // Spec: TLS needs fixed newstyle; without it this server cannot serve.
+            return Err(ProtocolError::TlsRequired);
+        }
+        debug!("client flags {:#x}", flags.bits());
+        if let Some(negotiation) = self.negotiation_mut() {
+            negotiation.client_flags = flags;
+            negotiation.input = OptionInput::OptionHeader;
+        }
+        Ok(())
+    }
+
+    /// The STARTTLS acknowledgement is out: TLS starts, and no negotiation
+    /// state survives (spec: `NBD_OPT_STARTTLS`).
+    pub(super) fn hand_over_tls(&mut self) -> Event<'static> {
+        self.output = NegotiationOutput::Idle;
+        self.tls_active = true;
+        self.features = Features::default();
+        if let Some(negotiation) = self.negotiation_mut() {
+            negotiation.meta_export = None;
+        }
+        info!("TLS hand-over: negotiation state reset");
+        Event::StartTls
     }
 
     /// An option header arrived: decide whether its data is buffered,
@@ -208,24 +335,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         let refusal = refusal.or_else(|| self.refusal_without_data(code, length));
         match refusal {
             Some(refusal) if length == 0 => self.refuse(code, refusal),
-            Some(refusal) => {
-                self.phase = Phase::OptionSkip {
-                    code,
-                    remaining: length,
-                    refusal,
-                }
-            }
-            None => {
-                self.buffer_end = 0;
-                self.phase = Phase::OptionData {
-                    code,
-                    length: length as usize,
-                };
-                if length == 0 {
-                    self.phase = Phase::OptionHeader;
-                    self.handle_option(code, 0)?;
-                }
-            }
+            Some(refusal) => self.set_option_input(OptionInput::OptionSkip {
+                code,
+                remaining: length,
+                refusal,
+            }),
+            None if length == 0 => self.handle_option(code, 0)?,
+            None => self.set_option_input(OptionInput::OptionData {
+                code,
+                length: length as usize,
+                received: 0,
+            }),
         }
         Ok(())
     }
@@ -256,10 +376,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     fn refuse(&mut self, code: OptionCode, refusal: Refusal) {
-        if code == OptionCode::SetMetaContext {
-            // Spec: the selection is replaced even when the option fails.
-            self.meta_export = None;
-        }
+        self.clear_meta_context(code);
         self.output = match refusal {
             Refusal::Reply {
                 reply_type,
@@ -284,16 +401,21 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// The option's data (`length` bytes at the front of the buffer) is in.
     fn handle_option(&mut self, code: OptionCode, length: usize) -> Result<(), ProtocolError> {
-        if code == OptionCode::SetMetaContext {
-            // Spec: the selection is replaced even when the option fails.
-            self.meta_export = None;
-        }
-        let action = self.decide(code, length)?;
-        self.apply(code, action);
+        self.clear_meta_context(code);
+        let Phase::Negotiation(negotiation) = self.phase else {
+            return Ok(());
+        };
+        let action = self.decide(negotiation.client_flags, code, length)?;
+        self.apply(negotiation, code, action);
         Ok(())
     }
 
-    fn decide(&self, code: OptionCode, length: usize) -> Result<Action, ProtocolError> {
+    fn decide(
+        &self,
+        client_flags: ClientFlags,
+        code: OptionCode,
+        length: usize,
+    ) -> Result<Action, ProtocolError> {
         use OptionReplyType as R;
         let data = &self.buffer[..length];
         let Ok(request) = OptionRequest::parse_payload(code, data) else {
@@ -328,7 +450,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             }
             OptionRequest::StartTls
                 if self.config.tls == TlsPolicy::Disabled
-                    || !self.client_flags.contains(ClientFlags::FIXED_NEWSTYLE) =>
+                    || !client_flags.contains(ClientFlags::FIXED_NEWSTYLE) =>
             {
                 reply(R::ErrPolicy, "TLS is not available on this server")
             }
@@ -398,7 +520,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         })
     }
 
-    fn apply(&mut self, option: OptionCode, action: Action) {
+    fn apply(&mut self, negotiation: Negotiation, option: OptionCode, action: Action) {
         info!("option {:?}: {:?}", option, action);
         self.output = match action {
             Action::Reply {
@@ -417,8 +539,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 }
             }
             Action::ExportName { export } => {
-                self.select_export(export, false);
-                NegotiationOutput::ExportName
+                self.select_export(negotiation, export, false);
+                NegotiationOutput::ExportName {
+                    zeroes: !negotiation.client_flags.contains(ClientFlags::NO_ZEROES),
+                }
             }
             Action::List => NegotiationOutput::List { next: 0 },
             Action::Info {
@@ -437,7 +561,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     && minimum_above_one
                     && !want_block_size;
                 if go && !refuse {
-                    self.select_export(export, want_block_size);
+                    self.select_export(negotiation, export, want_block_size);
                 }
                 NegotiationOutput::Info {
                     option,
@@ -474,8 +598,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 set,
                 matched,
             } => {
-                if set && matched {
-                    self.meta_export = Some(export);
+                if set
+                    && matched
+                    && let Some(negotiation) = self.negotiation_mut()
+                {
+                    negotiation.meta_export = Some(export);
                     debug!("metadata context base:allocation selected");
                 }
                 NegotiationOutput::MetaContext {
@@ -489,7 +616,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// Enters transmission on `export` once the current replies are out.
     /// `block_sizes_requested`: the client asked for `NBD_INFO_BLOCK_SIZE`,
     /// so it knows the advertised maximum and is held to it.
-    fn select_export(&mut self, index: usize, block_sizes_requested: bool) {
+    fn select_export(
+        &mut self,
+        negotiation: Negotiation,
+        index: usize,
+        block_sizes_requested: bool,
+    ) {
         let Some(export) = self.catalog.get(index) else {
             return;
         };
@@ -512,19 +644,17 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     .max(self.config.max_request_length)
             },
             read_only: export.read_only,
-            meta_selected: self.features.structured_replies && self.meta_export == Some(index),
+            meta_selected: self.features.structured_replies
+                && negotiation.meta_export == Some(index),
         });
-        self.phase = Phase::Transmission;
-        self.selected_event = true;
-        self.buffer_start = 0;
-        self.buffer_end = 0;
+        self.phase = Phase::Transmission(Transmission::new());
         self.header.clear();
     }
 
     /// The next negotiation message, if any.
     pub(super) fn next_negotiation_output(&mut self) -> Option<Out> {
         let (out, next) = match self.output {
-            NegotiationOutput::Idle => return None,
+            NegotiationOutput::Idle | NegotiationOutput::TlsHandover => return None,
             NegotiationOutput::Greeting => {
                 let greeting = Greeting {
                     flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
@@ -552,12 +682,15 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 };
                 let tails = [Tail::Static(message.as_bytes()), Tail::Empty];
                 let out = option_reply(&mut self.scratch, option, &reply, tails);
-                match then {
-                    AfterReply::Continue => {}
-                    AfterReply::Close => self.abort_acked = true,
-                    AfterReply::StartTls => self.tls_handover = true,
-                }
-                (out, NegotiationOutput::Idle)
+                let next = match then {
+                    AfterReply::Continue => NegotiationOutput::Idle,
+                    AfterReply::Close => {
+                        self.phase = Phase::Closing(CloseReason::Abort);
+                        NegotiationOutput::Idle
+                    }
+                    AfterReply::StartTls => NegotiationOutput::TlsHandover,
+                };
+                (out, next)
             }
             NegotiationOutput::List { next } => match self.catalog.get(next) {
                 Some(export) => {
@@ -662,7 +795,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 option,
                 context: None,
             } => (self.ack(option), NegotiationOutput::Idle),
-            NegotiationOutput::ExportName => {
+            NegotiationOutput::ExportName { zeroes } => {
                 let size = self.export.map_or(0, |e| e.size);
                 let flags = self
                     .export
@@ -673,7 +806,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     zeroes: false,
                 };
                 let mut out = self.head(|out| reply.encode(out));
-                if !self.client_flags.contains(ClientFlags::NO_ZEROES) {
+                if zeroes {
                     out.tails[0] = Tail::Static(&EXPORT_NAME_ZEROES);
                 }
                 (out, NegotiationOutput::Idle)

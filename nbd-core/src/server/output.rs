@@ -46,8 +46,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// Whether `poll_transmit` would return a message.
     pub fn wants_transmit(&self) -> bool {
-        !matches!(self.output, super::negotiation::NegotiationOutput::Idle)
-            || self.inflight.has_ready()
+        self.output.has_message() || self.inflight.has_ready()
     }
 
     fn resolve(&self, out: Out) -> Transmit<'_> {
@@ -166,11 +165,8 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 };
                 debug_assert_eq!(prefix.tail_len(), bytes as u64);
                 let mut out = self.chunk(&slot, ReplyFlags::DONE, prefix);
-                let start = self.buffer_start;
-                out.tails[0] = Tail::Buffer(start, start + bytes);
-                // The bytes stay in place until the next append, after this
-                // message was sent.
-                self.buffer_start += bytes;
+                let (start, end) = self.take_status_descriptors(bytes);
+                out.tails[0] = Tail::Buffer(start, end);
                 out
             }
             Reply::ErrorAt { error, offset } => {
@@ -204,8 +200,8 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     fn after_reply(&mut self, id: RequestId, last: bool) {
         if last {
             self.inflight.free(id);
-        } else if let Some(slot) = self.inflight.get_mut(id) {
-            slot.state = super::inflight::SlotState::Streaming;
+        } else {
+            self.inflight.start_streaming(id);
         }
     }
 

@@ -2,10 +2,10 @@
 //! write payloads, block status (spec: "Transmission", "Request types",
 //! "Block size constraints", "Error values", extended headers).
 
-use super::connection::{Connection, framing_error};
+use super::connection::{Connection, Phase, framing_error};
 use super::inflight::{NewRequest, Reason, Reply, RequestId, Slot, SlotState};
 use super::negotiation::BASE_ALLOCATION_ID;
-use super::{CompletionError, Event, ProtocolError, Request};
+use super::{CloseReason, CompletionError, Event, ProtocolError, Request};
 use crate::export::Catalog;
 use crate::wire::{
     BlockSizeConstraints, BlockStatusPayload, Command, CommandFlags, Descriptor, ErrorCode,
@@ -32,6 +32,80 @@ pub(super) struct ActiveExport {
     pub(super) meta_selected: bool,
 }
 
+/// The transmission phase's own state; only this file changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Transmission {
+    input: RequestInput,
+    /// [`Connection::shutdown`] was called: new requests get
+    /// `NBD_ESHUTDOWN`, and the session closes once nothing is in flight.
+    shutting_down: bool,
+    /// The block-status descriptors queued in the connection's buffer and
+    /// not yet handed out: `status_start..status_end`.
+    status_start: usize,
+    status_end: usize,
+}
+
+/// What the next input bytes are, or why none is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestInput {
+    /// `ExportSelected` is due: no request is read before the shell has it.
+    Announcing,
+    /// Request headers.
+    Headers,
+    /// A request's payload.
+    Payload(Receiving),
+    /// A resize is in flight: no request is read until it completes.
+    ResizeBarrier,
+    /// `NBD_CMD_DISC` arrived: input is dropped, what is in flight is
+    /// finished, then the session closes.
+    Draining,
+}
+
+impl Transmission {
+    /// Transmission on a just-selected export.
+    pub(super) const fn new() -> Self {
+        Self {
+            input: RequestInput::Announcing,
+            shutting_down: false,
+            status_start: 0,
+            status_end: 0,
+        }
+    }
+
+    pub(super) fn is_announcing(&self) -> bool {
+        self.input == RequestInput::Announcing
+    }
+
+    pub(super) fn is_draining(&self) -> bool {
+        self.input == RequestInput::Draining
+    }
+
+    pub(super) fn shut_down(&mut self) {
+        if !self.shutting_down {
+            info!("shutting down: refusing new requests");
+        }
+        self.shutting_down = true;
+    }
+
+    /// How the session ends now, if it does: after `NBD_CMD_DISC` once
+    /// nothing is in flight; after a shutdown once, in addition, no payload
+    /// is being read and the negotiation replies are out.
+    pub(super) fn close_due(
+        &self,
+        nothing_in_flight: bool,
+        replies_out: bool,
+    ) -> Option<CloseReason> {
+        let receiving = matches!(self.input, RequestInput::Payload(_));
+        if self.input == RequestInput::Draining && nothing_in_flight {
+            Some(CloseReason::Disconnect)
+        } else if self.shutting_down && replies_out && nothing_in_flight && !receiving {
+            Some(CloseReason::Shutdown)
+        } else {
+            None
+        }
+    }
+}
+
 /// A request payload being read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Receiving {
@@ -56,21 +130,109 @@ pub(super) enum ReceiveMode {
 }
 
 impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
+    fn transmission(&self) -> Option<&Transmission> {
+        match &self.phase {
+            Phase::Transmission(transmission) => Some(transmission),
+            _ => None,
+        }
+    }
+
+    fn transmission_mut(&mut self) -> Option<&mut Transmission> {
+        match &mut self.phase {
+            Phase::Transmission(transmission) => Some(transmission),
+            _ => None,
+        }
+    }
+
+    fn request_input(&self) -> Option<RequestInput> {
+        self.transmission().map(|t| t.input)
+    }
+
+    fn set_request_input(&mut self, input: RequestInput) {
+        if let Some(transmission) = self.transmission_mut() {
+            transmission.input = input;
+        }
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.transmission().is_some_and(|t| t.shutting_down)
+    }
+
+    /// Whether a request's payload is partly read.
+    pub(super) fn receiving_payload(&self) -> bool {
+        matches!(self.request_input(), Some(RequestInput::Payload(_)))
+    }
+
+    /// `ExportSelected`, once, before any request is read.
+    pub(super) fn announce_export(&mut self) -> Option<Event<'static>> {
+        if self.request_input() != Some(RequestInput::Announcing) {
+            return None;
+        }
+        self.set_request_input(RequestInput::Headers);
+        let export = self.export?;
+        Some(Event::ExportSelected {
+            index: export.index,
+            size: export.size,
+            flags: export.flags,
+            features: self.features,
+        })
+    }
+
+    /// A write failed before its payload was whole: read the rest and
+    /// drop it.
+    pub(super) fn discard_rest_of_payload(&mut self, id: RequestId) {
+        if let Some(RequestInput::Payload(mut receiving)) = self.request_input()
+            && receiving.id == id
+        {
+            receiving.mode = ReceiveMode::Discard;
+            self.set_request_input(RequestInput::Payload(receiving));
+        }
+    }
+
+    /// The resize in flight completed, with the new size if it succeeded:
+    /// requests are read again.
+    pub(super) fn finish_resize(&mut self, new_size: Option<u64>) {
+        if let Some(size) = new_size
+            && let Some(export) = self.export.as_mut()
+        {
+            info!("export resized from {} to {} bytes", export.size, size);
+            export.size = size;
+        }
+        if self.request_input() == Some(RequestInput::ResizeBarrier) {
+            self.set_request_input(RequestInput::Headers);
+        }
+    }
+
+    /// Hands out the first `bytes` of the queued block-status descriptors:
+    /// their place in the buffer, where they stay until the next append
+    /// (after this message was sent).
+    pub(super) fn take_status_descriptors(&mut self, bytes: usize) -> (usize, usize) {
+        match self.transmission_mut() {
+            Some(transmission) => {
+                let start = transmission.status_start;
+                transmission.status_start += bytes;
+                (start, start + bytes)
+            }
+            None => (0, 0),
+        }
+    }
+
     pub(super) fn process_transmission<'a>(
         &mut self,
         input: &'a [u8],
     ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
-        if self.receiving.is_some() {
-            return Ok(self.receive_payload(input));
-        }
-        if self.draining {
+        match self.request_input() {
+            Some(RequestInput::Payload(receiving)) => {
+                return Ok(self.receive_payload(receiving, input));
+            }
             // The client must send nothing after NBD_CMD_DISC; drop it.
-            return Ok((input.len(), None));
+            Some(RequestInput::Draining) => return Ok((input.len(), None)),
+            Some(RequestInput::Headers) => {}
+            Some(RequestInput::Announcing | RequestInput::ResizeBarrier) | None => {
+                return Ok((0, None));
+            }
         }
-        if input.is_empty()
-            || self.resize_barrier.is_some()
-            || self.inflight.is_full(self.config.max_in_flight)
-        {
+        if input.is_empty() || self.inflight.is_full(self.config.max_in_flight) {
             return Ok((0, None));
         }
         let style = self.header_style();
@@ -111,7 +273,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 "client sent NBD_CMD_DISC: finishing {} requests in flight",
                 self.inflight.len()
             );
-            self.draining = true;
+            self.set_request_input(RequestInput::Draining);
             return Ok(None);
         }
         let extended = self.header_style() == HeaderStyle::Extended;
@@ -165,12 +327,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         Ok(match command {
             Command::Read => Some(Request::Read { id, offset, length }),
             Command::Write => {
-                self.receiving = Some(Receiving {
+                self.set_request_input(RequestInput::Payload(Receiving {
                     id,
                     offset,
                     remaining: length,
                     mode: ReceiveMode::Store,
-                });
+                }));
                 Some(Request::Write {
                     id,
                     offset,
@@ -207,12 +369,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                     effect_length: None,
                     bad_id: false,
                 };
-                self.receiving = Some(Receiving {
+                self.set_request_input(RequestInput::Payload(Receiving {
                     id,
                     offset,
                     remaining: payload,
                     mode,
-                });
+                }));
                 None
             }
             Command::BlockStatus => Some(Request::BlockStatus {
@@ -222,7 +384,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 req_one: flags.contains(CommandFlags::REQ_ONE),
             }),
             Command::Resize => {
-                self.resize_barrier = Some(id);
+                self.set_request_input(RequestInput::ResizeBarrier);
                 if self.inflight.others_in_flight(id) {
                     self.defer(id);
                     None
@@ -235,10 +397,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     fn defer(&mut self, id: RequestId) {
-        if let Some(slot) = self.inflight.get_mut(id) {
-            slot.state = SlotState::Deferred;
-            self.deferred += 1;
-        }
+        self.inflight.defer(id);
     }
 
     /// Reads and drops a rejected request's payload so the stream stays in sync.
@@ -255,12 +414,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             );
             return Err(ProtocolError::PayloadTooLong { length: payload });
         }
-        self.receiving = Some(Receiving {
+        self.set_request_input(RequestInput::Payload(Receiving {
             id,
             offset,
             remaining: payload,
             mode: ReceiveMode::Discard,
-        });
+        }));
         Ok(())
     }
 
@@ -297,7 +456,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         if flags.without(allowed) != CommandFlags::empty() {
             return Err((Invalid, Reason::BadFlags));
         }
-        if self.shutting_down {
+        if self.shutting_down() {
             return Err((Shutdown, Reason::ShuttingDown));
         }
         if command.changes_data() && export.read_only {
@@ -354,12 +513,13 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     }
 
     /// Takes payload bytes of the request being received.
-    fn receive_payload<'a>(&mut self, input: &'a [u8]) -> (usize, Option<Event<'a>>) {
-        let Some(mut receiving) = self.receiving else {
-            return (0, None);
-        };
+    fn receive_payload<'a>(
+        &mut self,
+        mut receiving: Receiving,
+        input: &'a [u8],
+    ) -> (usize, Option<Event<'a>>) {
         if let ReceiveMode::StatusPayload { .. } = receiving.mode {
-            return self.receive_status_payload(input);
+            return self.receive_status_payload(receiving, input);
         }
         let take = receiving.remaining.min(input.len() as u64) as usize;
         if take == 0 {
@@ -371,10 +531,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         receiving.remaining -= take as u64;
         let id = receiving.id;
         if receiving.remaining == 0 {
-            self.receiving = None;
+            self.set_request_input(RequestInput::Headers);
             self.inflight.finish_payload(id);
         } else {
-            self.receiving = Some(receiving);
+            self.set_request_input(RequestInput::Payload(receiving));
         }
         match receiving.mode {
             ReceiveMode::Store => {
@@ -395,10 +555,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// Reads a block-status payload (effect length, then the context ids
     /// wanted) and issues or refuses the request once it is whole.
-    fn receive_status_payload<'a>(&mut self, input: &'a [u8]) -> (usize, Option<Event<'a>>) {
-        let Some(mut receiving) = self.receiving else {
-            return (0, None);
-        };
+    fn receive_status_payload<'a>(
+        &mut self,
+        mut receiving: Receiving,
+        input: &'a [u8],
+    ) -> (usize, Option<Event<'a>>) {
         let ReceiveMode::StatusPayload {
             mut effect_length,
             mut bad_id,
@@ -438,10 +599,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             bad_id,
         };
         if receiving.remaining > 0 {
-            self.receiving = Some(receiving);
+            self.set_request_input(RequestInput::Payload(receiving));
             return (used, None);
         }
-        self.receiving = None;
+        self.set_request_input(RequestInput::Headers);
         let id = receiving.id;
         let length = effect_length.unwrap_or(0);
         let Some(slot) = self.inflight.get_mut(id) else {
@@ -488,17 +649,28 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     ) -> Result<(usize, u32), CompletionError> {
         let extended = self.header_style() == HeaderStyle::Extended;
         let item_len = if extended { 16 } else { 8 };
-        if self.buffer_start == self.buffer_end {
-            self.buffer_start = 0;
-            self.buffer_end = 0;
+        let Some(&Transmission {
+            status_start: mut start,
+            status_end: mut end,
+            ..
+        }) = self.transmission()
+        else {
+            return Err(CompletionError::UnknownRequest);
+        };
+        if start == end {
+            start = 0;
+            end = 0;
         }
-        if BUFFER - self.buffer_end < item_len && self.buffer_start > 0 {
-            self.buffer
-                .copy_within(self.buffer_start..self.buffer_end, 0);
-            self.buffer_end -= self.buffer_start;
-            self.buffer_start = 0;
+        if BUFFER - end < item_len && start > 0 {
+            self.buffer.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
         }
-        let room = (BUFFER - self.buffer_end) / item_len;
+        if let Some(transmission) = self.transmission_mut() {
+            transmission.status_start = start;
+            transmission.status_end = end;
+        }
+        let room = (BUFFER - end) / item_len;
         if room == 0 {
             return Err(CompletionError::Busy);
         }
@@ -522,7 +694,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             if req_one {
                 length = length.min(slot.length);
             }
-            let at = self.buffer_end + count * item_len;
+            let at = end + count * item_len;
             let out = &mut self.buffer[at..at + item_len];
             if extended {
                 ExtDescriptor {
@@ -548,7 +720,9 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return Err(CompletionError::EmptyExtents);
         }
         let bytes = count * item_len;
-        self.buffer_end += bytes;
+        if let Some(transmission) = self.transmission_mut() {
+            transmission.status_end += bytes;
+        }
         Ok((bytes, count as u32))
     }
 }
