@@ -1,6 +1,6 @@
 //! The shape both state machines share: what `process` returns, what
-//! `poll_transmit` hands out, the id of a request in flight and the TLS
-//! policy. [`server`](crate::server) and [`client`](crate::client)
+//! `poll_transmit` hands out, the table of requests in flight and the ids
+//! it hands out, and the TLS policy. [`server`](crate::server) and [`client`](crate::client)
 //! re-export them under the same names, so a shell written against one
 //! side reads the same on the other.
 
@@ -76,6 +76,228 @@ impl RequestId {
     /// An id from [`to_bits`](Self::to_bits).
     pub fn from_bits(bits: u32) -> Self {
         Self(bits)
+    }
+}
+
+/// The bounded table of requests in flight both sides keep: `N` slots,
+/// each free or holding one request's `T`. The table hands out the ids:
+/// a request's [`RequestId`] is its slot's dense [`index`](RequestId::index)
+/// and the slot's generation, bumped at each reuse, so an id of a request
+/// already answered never reaches the one that took its slot over.
+#[derive(Debug)]
+pub struct SlotTable<T, const N: usize> {
+    slots: [Option<T>; N],
+    /// Each slot's generation, apart from the slots so that it does not
+    /// round every slot up to its alignment.
+    generations: [u16; N],
+    used: usize,
+}
+
+impl<T: Copy, const N: usize> SlotTable<T, N> {
+    /// An empty table.
+    pub const fn new() -> Self {
+        assert!(
+            N > 0 && N <= u16::MAX as usize,
+            "REQUESTS must be between 1 and 65535"
+        );
+        Self {
+            slots: [None; N],
+            generations: [0; N],
+            used: 0,
+        }
+    }
+}
+
+impl<T: Copy, const N: usize> Default for SlotTable<T, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T, const N: usize> SlotTable<T, N> {
+    /// Requests held.
+    pub fn len(&self) -> usize {
+        self.used
+    }
+
+    /// Whether no request is held.
+    pub fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// Whether every slot is taken.
+    pub fn is_full(&self) -> bool {
+        self.used >= N
+    }
+
+    /// Stores `value` in the first free slot, under a new id; `None` when
+    /// the table is full.
+    pub fn insert(&mut self, value: T) -> Option<RequestId> {
+        let index = self.slots.iter().position(Option::is_none)?;
+        let generation = self.generations[index].wrapping_add(1);
+        self.generations[index] = generation;
+        self.slots[index] = Some(value);
+        self.used += 1;
+        Some(RequestId::new(index, generation))
+    }
+
+    /// The slot `id` names, if its generation is `id`'s.
+    fn index_of(&self, id: RequestId) -> Option<usize> {
+        let index = id.index();
+        (self.generations.get(index) == Some(&id.generation())).then_some(index)
+    }
+
+    /// The request `id` names, if it is still held.
+    pub fn get(&self, id: RequestId) -> Option<&T> {
+        self.slots[self.index_of(id)?].as_ref()
+    }
+
+    /// The request `id` names, mutably.
+    pub fn get_mut(&mut self, id: RequestId) -> Option<&mut T> {
+        let index = self.index_of(id)?;
+        self.slots[index].as_mut()
+    }
+
+    /// The request held at a dense index (as kept in a queue), with its id.
+    pub fn at_mut(&mut self, index: usize) -> Option<(RequestId, &mut T)> {
+        let id = RequestId::new(index, *self.generations.get(index)?);
+        self.slots[index].as_mut().map(|value| (id, value))
+    }
+
+    /// Frees the slot of `id`; returns what it held.
+    pub fn remove(&mut self, id: RequestId) -> Option<T> {
+        let index = self.index_of(id)?;
+        let value = self.slots[index].take()?;
+        self.used -= 1;
+        Some(value)
+    }
+
+    /// The requests held, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (RequestId, &T)> {
+        self.slots
+            .iter()
+            .zip(self.generations.iter().copied())
+            .enumerate()
+            .filter_map(|(index, (slot, generation))| {
+                let id = RequestId::new(index, generation);
+                slot.as_ref().map(|value| (id, value))
+            })
+    }
+}
+
+/// Bytes either side keeps of a header or fixed field split across
+/// inputs: the longest is a 32-byte extended request or reply header.
+pub(crate) const ACCUMULATOR_BYTES: usize = 32;
+
+/// Collects a fixed-size header or field that may arrive split across
+/// `process` calls, for both sides. Two ways to use it:
+///
+/// - [`take_field`](Self::take_field) for a field parsed as soon as it is
+///   whole: no copy when it arrives in one piece, and forgotten once
+///   returned (the server's option and request headers).
+/// - [`fill`](Self::fill) for a field parsed in steps (a magic number, then
+///   the header it announces): the bytes stay until [`clear`](Self::clear)
+///   (the client's replies).
+#[derive(Debug)]
+pub(crate) struct Accumulator {
+    bytes: [u8; ACCUMULATOR_BYTES],
+    len: usize,
+}
+
+impl Accumulator {
+    pub(crate) const fn new() -> Self {
+        Self {
+            bytes: [0; ACCUMULATOR_BYTES],
+            len: 0,
+        }
+    }
+
+    /// Takes bytes from `input` towards a `need`-byte field. Returns the
+    /// bytes consumed and, once the field is whole, its bytes: borrowed
+    /// from `input` when none were held before, else from the accumulator,
+    /// which is then empty again.
+    pub(crate) fn take_field<'s>(
+        &'s mut self,
+        input: &'s [u8],
+        need: usize,
+    ) -> (usize, Option<&'s [u8]>) {
+        let need = need.min(ACCUMULATOR_BYTES);
+        if self.len == 0 && input.len() >= need {
+            return (need, Some(&input[..need]));
+        }
+        let (take, whole) = self.fill(input, need);
+        if whole {
+            self.len = 0;
+            (take, Some(&self.bytes[..need]))
+        } else {
+            (take, None)
+        }
+    }
+
+    /// Takes bytes from `input` until `need` bytes are held (capped at the
+    /// accumulator's size). Returns the bytes consumed and whether they are.
+    pub(crate) fn fill(&mut self, input: &[u8], need: usize) -> (usize, bool) {
+        let need = need.min(ACCUMULATOR_BYTES);
+        let take = need.saturating_sub(self.len).min(input.len());
+        self.bytes[self.len..self.len + take].copy_from_slice(&input[..take]);
+        self.len += take;
+        (take, self.len == need)
+    }
+
+    /// The bytes held.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// How many bytes are held.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no byte is held: no field is cut short.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first `len` bytes last collected, still readable after `clear`
+    /// until the next `fill`.
+    pub(crate) fn held(&self, len: usize) -> &[u8] {
+        &self.bytes[..len.min(ACCUMULATOR_BYTES)]
+    }
+
+    /// Forgets the bytes held.
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod accumulator_tests {
+    use super::Accumulator;
+
+    #[test]
+    fn a_whole_field_is_borrowed_and_a_split_one_is_joined() {
+        let mut accumulator = Accumulator::new();
+        let (used, field) = accumulator.take_field(&[1, 2, 3, 4, 5], 4);
+        assert_eq!((used, field), (4, Some(&[1, 2, 3, 4][..])));
+        assert!(accumulator.is_empty(), "a whole field was copied");
+        assert_eq!(accumulator.take_field(&[1, 2], 4), (2, None));
+        assert_eq!(accumulator.len(), 2);
+        let (used, field) = accumulator.take_field(&[3, 4, 5], 4);
+        assert_eq!((used, field), (2, Some(&[1, 2, 3, 4][..])));
+        assert!(accumulator.is_empty());
+    }
+
+    #[test]
+    fn filled_bytes_stay_until_cleared() {
+        let mut accumulator = Accumulator::new();
+        assert_eq!(accumulator.fill(&[1, 2], 3), (2, false));
+        assert_eq!(accumulator.fill(&[3, 4], 3), (1, true));
+        assert_eq!(accumulator.bytes(), [1, 2, 3]);
+        assert_eq!(accumulator.fill(&[9], 2), (0, false), "past `need`");
+        accumulator.clear();
+        assert_eq!(accumulator.held(3), [1, 2, 3]);
+        assert_eq!(accumulator.fill(&[7; 40], 40), (32, true), "capped");
     }
 }
 
@@ -193,6 +415,39 @@ impl<T> RequestMap<T> {
         self.slots
             .iter()
             .filter_map(|slot| slot.as_ref().map(|(id, value)| (*id, value)))
+    }
+}
+
+#[cfg(test)]
+mod slot_table_tests {
+    use super::{RequestId, SlotTable};
+
+    #[test]
+    fn ids_are_dense_and_stale_ids_are_refused() {
+        let mut table = SlotTable::<u8, 2>::new();
+        let a = table.insert(1).expect("free slot");
+        let b = table.insert(2).expect("free slot");
+        assert_eq!((a.index(), b.index()), (0, 1));
+        assert!(table.is_full());
+        assert_eq!(table.insert(3), None);
+        assert_eq!(table.remove(a), Some(1));
+        assert_eq!(table.remove(a), None, "freed twice");
+        let c = table.insert(4).expect("freed slot");
+        assert_eq!(c.index(), a.index());
+        assert_ne!(c, a, "a reused slot must get a new generation");
+        assert_eq!(table.get(a), None, "a stale id reached the new request");
+        assert_eq!(table.get(c), Some(&4));
+        *table.get_mut(b).expect("held") = 5;
+        assert_eq!(table.at_mut(1).map(|(id, v)| (id, *v)), Some((b, 5)));
+        assert_eq!(
+            table
+                .iter()
+                .map(|(id, v)| (id, *v))
+                .collect::<heapless::Vec<_, 2>>(),
+            [(c, 4), (b, 5)]
+        );
+        assert_eq!(table.get(RequestId::from_bits(u32::MAX)), None);
+        assert_eq!(table.len(), 2);
     }
 }
 

@@ -12,14 +12,11 @@ use super::{
     ProtocolError, Step,
 };
 use crate::export::Features;
+use crate::shape::Accumulator;
 use crate::wire::{
     BlockSizeConstraints, ErrorCode, HandshakeFlags, HeaderStyle, Info, MAX_STRING_LEN,
     MetaContextRequest, OptionCode, OptionReplyType, TransmissionFlags,
 };
-
-/// Bytes of partial headers and small fixed fields kept between `process`
-/// calls (the longest is the 32-byte extended reply header).
-const ACCUMULATOR_BYTES: usize = 32;
 
 /// Bytes of encoded headers handed out by `poll_transmit`: an option header
 /// and name length (20) and, from [`SECOND_PART`], the info request list
@@ -28,51 +25,6 @@ pub(super) const SCRATCH_BYTES: usize = 40;
 
 /// Where the second encoded part of a message starts in the scratch.
 pub(super) const SECOND_PART: usize = 32;
-
-/// Collects a fixed-size field that may arrive split across inputs.
-#[derive(Debug)]
-pub(super) struct Accumulator {
-    bytes: [u8; ACCUMULATOR_BYTES],
-    len: usize,
-}
-
-impl Accumulator {
-    const fn new() -> Self {
-        Self {
-            bytes: [0; ACCUMULATOR_BYTES],
-            len: 0,
-        }
-    }
-
-    /// Takes bytes from `input` until `need` bytes are held (capped at the
-    /// accumulator's size). Returns the bytes consumed and whether they are.
-    pub(super) fn fill(&mut self, input: &[u8], need: usize) -> (usize, bool) {
-        let need = need.min(ACCUMULATOR_BYTES);
-        let take = need.saturating_sub(self.len).min(input.len());
-        self.bytes[self.len..self.len + take].copy_from_slice(&input[..take]);
-        self.len += take;
-        (take, self.len == need)
-    }
-
-    /// The bytes held.
-    pub(super) fn bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.len
-    }
-
-    /// The first `len` bytes last collected, still readable after `clear`
-    /// until the next `fill`.
-    pub(super) fn held(&self, len: usize) -> &[u8] {
-        &self.bytes[..len.min(ACCUMULATOR_BYTES)]
-    }
-
-    pub(super) fn clear(&mut self) {
-        self.len = 0;
-    }
-}
 
 /// Bytes an event borrows: from the caller's input, the connection's
 /// buffer, or the accumulator.

@@ -10,11 +10,11 @@ use heapless::Deque;
 
 use super::coverage::Coverage;
 pub(super) use crate::shape::RequestId;
+use crate::shape::SlotTable;
 use crate::wire::{Command, CommandFlags, ErrorCode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum SlotState {
-    Free,
     /// Issued; its header waits for `poll_transmit`.
     Queued,
     /// Sent; replies may come.
@@ -32,10 +32,10 @@ pub(super) enum Progress {
     Status { seen: u8 },
 }
 
+/// A request in flight.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Slot {
     pub(super) state: SlotState,
-    pub(super) generation: u16,
     pub(super) command: Command,
     pub(super) flags: CommandFlags,
     pub(super) offset: u64,
@@ -46,17 +46,6 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    const FREE: Self = Self {
-        state: SlotState::Free,
-        generation: 0,
-        command: Command::Read,
-        flags: CommandFlags::empty(),
-        offset: 0,
-        length: 0,
-        error: None,
-        progress: Progress::Nothing,
-    };
-
     /// Export offset one past the request's range (saturating: ranges were
     /// checked when issued).
     pub(super) fn end(&self) -> u64 {
@@ -83,35 +72,29 @@ pub(super) struct NewRequest {
 
 #[derive(Debug)]
 pub(super) struct InFlight<const N: usize> {
-    slots: [Slot; N],
+    slots: SlotTable<Slot, N>,
     /// Slots whose headers wait to be sent, in issue order.
     queue: Deque<u16, N>,
-    used: usize,
 }
 
 impl<const N: usize> InFlight<N> {
     pub(super) const fn new() -> Self {
-        assert!(
-            N > 0 && N <= u16::MAX as usize,
-            "REQUESTS must be between 1 and 65535"
-        );
         Self {
-            slots: [Slot::FREE; N],
+            slots: SlotTable::new(),
             queue: Deque::new(),
-            used: 0,
         }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.used
+        self.slots.len()
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.used == 0
+        self.slots.is_empty()
     }
 
     pub(super) fn is_full(&self) -> bool {
-        self.used >= N
+        self.slots.is_full()
     }
 
     /// Whether a header waits to be sent.
@@ -121,37 +104,32 @@ impl<const N: usize> InFlight<N> {
 
     /// Takes a free slot and queues its header; `None` when full.
     pub(super) fn insert(&mut self, request: NewRequest) -> Option<RequestId> {
-        let index = self.slots.iter().position(|s| s.state == SlotState::Free)?;
-        let slot = &mut self.slots[index];
-        let generation = slot.generation.wrapping_add(1);
         let progress = match request.command {
             // Reads never exceed the maximum block size, a 32-bit value.
             Command::Read => Progress::Read(Coverage::new()),
             Command::BlockStatus => Progress::Status { seen: 0 },
             _ => Progress::Nothing,
         };
-        *slot = Slot {
+        let id = self.slots.insert(Slot {
             state: SlotState::Queued,
-            generation,
             command: request.command,
             flags: request.flags,
             offset: request.offset,
             length: request.length,
             error: None,
             progress,
-        };
+        })?;
         // Cannot overflow: each live slot is queued at most once.
-        let _ = self.queue.push_back(index as u16);
-        self.used += 1;
-        Some(RequestId::new(index, generation))
+        let _ = self.queue.push_back(id.index() as u16);
+        Some(id)
     }
 
     /// The next header to send; the slot becomes `Sent`.
     pub(super) fn pop_queued(&mut self) -> Option<(RequestId, Slot)> {
         let index = usize::from(self.queue.pop_front()?);
-        let slot = self.slots.get_mut(index)?;
+        let (id, slot) = self.slots.at_mut(index)?;
         slot.state = SlotState::Sent;
-        Some((RequestId::new(index, slot.generation), *slot))
+        Some((id, *slot))
     }
 
     /// The request a reply's cookie names, and its slot, if it was sent
@@ -164,22 +142,15 @@ impl<const N: usize> InFlight<N> {
 
     /// The live slot `id` names.
     pub(super) fn get(&self, id: RequestId) -> Option<&Slot> {
-        self.slots
-            .get(id.index())
-            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+        self.slots.get(id)
     }
 
     pub(super) fn get_mut(&mut self, id: RequestId) -> Option<&mut Slot> {
-        self.slots
-            .get_mut(id.index())
-            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+        self.slots.get_mut(id)
     }
 
     pub(super) fn free(&mut self, id: RequestId) {
-        if let Some(slot) = self.get_mut(id) {
-            slot.state = SlotState::Free;
-            self.used -= 1;
-        }
+        self.slots.remove(id);
     }
 }
 

@@ -459,7 +459,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     ) -> Result<(usize, Option<Raw>), ProtocolError> {
         let extended = self.features.extended_headers;
         let item = if extended { 16 } else { 8 };
-        let (used, span, bytes) = if self.accumulator.len() > 0 || input.len() < item {
+        let (used, span, bytes) = if !self.accumulator.is_empty() || input.len() < item {
             let (used, ready) = self.accumulator.fill(input, item);
             chunk.remaining -= used as u64;
             if !ready {

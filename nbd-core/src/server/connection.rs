@@ -8,58 +8,12 @@ use super::{
     CloseReason, CompletionError, Config, Event, ProtocolError, ReadOutcome, Request, Step,
 };
 use crate::export::{Catalog, Features};
+use crate::shape::Accumulator;
 use crate::wire::{Command, ErrorCode, ExtDescriptor, HeaderStyle, WireError};
-
-/// Bytes of partial headers kept between `process` calls (the longest
-/// header is the 32-byte extended request).
-const HEADER_BYTES: usize = 32;
 
 /// Bytes of encoded reply headers handed out by `poll_transmit` (the
 /// longest is an extended ERROR_OFFSET chunk: 32 + 4 + 2 + 8).
 pub(super) const SCRATCH_BYTES: usize = 48;
-
-/// Collects a fixed-size header that may arrive split across inputs,
-/// without copying when it arrives whole.
-#[derive(Debug)]
-pub(super) struct Accumulator {
-    bytes: [u8; HEADER_BYTES],
-    len: usize,
-}
-
-impl Accumulator {
-    const fn new() -> Self {
-        Self {
-            bytes: [0; HEADER_BYTES],
-            len: 0,
-        }
-    }
-
-    /// Takes bytes from `input` towards a `need`-byte header. Returns the
-    /// bytes consumed and, once complete, the header bytes.
-    pub(super) fn fill<'s>(
-        &'s mut self,
-        input: &'s [u8],
-        need: usize,
-    ) -> (usize, Option<&'s [u8]>) {
-        let need = need.min(HEADER_BYTES);
-        if self.len == 0 && input.len() >= need {
-            return (need, Some(&input[..need]));
-        }
-        let take = (need - self.len).min(input.len());
-        self.bytes[self.len..self.len + take].copy_from_slice(&input[..take]);
-        self.len += take;
-        if self.len == need {
-            self.len = 0;
-            (take, Some(&self.bytes[..need]))
-        } else {
-            (take, None)
-        }
-    }
-
-    pub(super) fn clear(&mut self) {
-        self.len = 0;
-    }
-}
 
 /// Where the session is. Each phase's own state lives in its variant and
 /// is changed only by the file of that phase: negotiation.rs for
@@ -172,7 +126,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// [`ProtocolError::UnexpectedEof`], which the shell reports. The same
     /// call as the client side's, which is told the server closed.
     pub fn end_of_input(&self) -> Result<(), ProtocolError> {
-        let whole = self.header.len == 0 && !self.receiving_payload();
+        let whole = self.header.is_empty() && !self.receiving_payload();
         let ended = match &self.phase {
             Phase::Closed | Phase::Closing(CloseReason::Abort) => true,
             Phase::Transmission(transmission) => transmission.is_draining(),
@@ -446,7 +400,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             SlotState::Issued => Ok(slot),
             SlotState::Replying(_) | SlotState::AwaitingPayload(_) => Err(CompletionError::Busy),
             SlotState::Streaming => Err(CompletionError::WrongKind),
-            SlotState::Deferred | SlotState::Free => Err(CompletionError::UnknownRequest),
+            SlotState::Deferred => Err(CompletionError::UnknownRequest),
         }
     }
 

@@ -9,6 +9,7 @@
 use heapless::Deque;
 
 pub(super) use crate::shape::RequestId;
+use crate::shape::SlotTable;
 use crate::wire::{Command, CommandFlags, ErrorCode};
 
 /// Why the core answered a request with an error itself; gives the human
@@ -70,7 +71,6 @@ pub(crate) enum Reply {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SlotState {
-    Free,
     /// Waiting for an ordering barrier before its event goes out.
     Deferred,
     /// The shell has the request.
@@ -85,10 +85,10 @@ pub(crate) enum SlotState {
     Streaming,
 }
 
+/// A request in flight.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Slot {
     pub(crate) state: SlotState,
-    pub(crate) generation: u16,
     pub(crate) command: Command,
     pub(crate) flags: CommandFlags,
     /// Write payload fully received (always true for other commands).
@@ -98,20 +98,6 @@ pub(crate) struct Slot {
     pub(crate) cookie: u64,
     pub(crate) offset: u64,
     pub(crate) length: u64,
-}
-
-impl Slot {
-    const FREE: Self = Self {
-        state: SlotState::Free,
-        generation: 0,
-        command: Command::Read,
-        flags: CommandFlags::empty(),
-        payload_complete: true,
-        sequence: 0,
-        cookie: 0,
-        offset: 0,
-        length: 0,
-    };
 }
 
 /// Fields of a new request.
@@ -126,9 +112,8 @@ pub(crate) struct NewRequest {
 
 #[derive(Debug)]
 pub(crate) struct InFlight<const N: usize> {
-    slots: [Slot; N],
+    slots: SlotTable<Slot, N>,
     ready: Deque<u16, N>,
-    used: usize,
     /// Slots in [`SlotState::Deferred`].
     deferred: usize,
     next_sequence: u32,
@@ -136,25 +121,20 @@ pub(crate) struct InFlight<const N: usize> {
 
 impl<const N: usize> InFlight<N> {
     pub(crate) const fn new() -> Self {
-        assert!(
-            N > 0 && N <= u16::MAX as usize,
-            "REQUESTS must be between 1 and 65535"
-        );
         Self {
-            slots: [Slot::FREE; N],
+            slots: SlotTable::new(),
             ready: Deque::new(),
-            used: 0,
             deferred: 0,
             next_sequence: 0,
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.used
+        self.slots.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.used == 0
+        self.slots.is_empty()
     }
 
     /// Whether a reply is queued.
@@ -163,17 +143,13 @@ impl<const N: usize> InFlight<N> {
     }
 
     pub(crate) fn is_full(&self, limit: usize) -> bool {
-        self.used >= limit.min(N)
+        self.slots.len() >= limit.min(N)
     }
 
     /// Takes a free slot; `None` when the table is full.
     pub(crate) fn insert(&mut self, request: NewRequest, state: SlotState) -> Option<RequestId> {
-        let index = self.slots.iter().position(|s| s.state == SlotState::Free)?;
-        let slot = &mut self.slots[index];
-        let generation = slot.generation.wrapping_add(1);
-        *slot = Slot {
+        let id = self.slots.insert(Slot {
             state,
-            generation,
             command: request.command,
             flags: request.flags,
             payload_complete: request.command != Command::Write || request.length == 0,
@@ -181,23 +157,18 @@ impl<const N: usize> InFlight<N> {
             cookie: request.cookie,
             offset: request.offset,
             length: request.length,
-        };
+        })?;
         self.next_sequence = self.next_sequence.wrapping_add(1);
-        self.used += 1;
-        Some(RequestId::new(index, generation))
+        Some(id)
     }
 
     /// The live slot `id` names.
     pub(crate) fn get(&self, id: RequestId) -> Option<&Slot> {
-        self.slots
-            .get(id.index())
-            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+        self.slots.get(id)
     }
 
     pub(crate) fn get_mut(&mut self, id: RequestId) -> Option<&mut Slot> {
-        self.slots
-            .get_mut(id.index())
-            .filter(|s| s.generation == id.generation() && s.state != SlotState::Free)
+        self.slots.get_mut(id)
     }
 
     /// Queues `reply` for the slot; the slot must not have one queued.
@@ -230,12 +201,12 @@ impl<const N: usize> InFlight<N> {
     /// the caller to free or move on.
     pub(crate) fn pop_ready(&mut self) -> Option<(RequestId, Slot, Reply)> {
         let index = usize::from(self.ready.pop_front()?);
-        let slot = &mut self.slots[index];
+        let (id, slot) = self.slots.at_mut(index)?;
         let SlotState::Replying(reply) = slot.state else {
             return None;
         };
         slot.state = SlotState::Issued;
-        Some((RequestId::new(index, slot.generation), *slot, reply))
+        Some((id, *slot, reply))
     }
 
     /// A streamed read's data chunk was handed out; its ending is owed.
@@ -246,16 +217,13 @@ impl<const N: usize> InFlight<N> {
     }
 
     pub(crate) fn free(&mut self, id: RequestId) {
-        if let Some(slot) = self.get_mut(id) {
-            slot.state = SlotState::Free;
-            self.used -= 1;
-        }
+        self.slots.remove(id);
     }
 
     /// Whether any data-changing request that arrived before `sequence`
     /// is still waiting for the shell.
     pub(crate) fn writes_pending_before(&self, sequence: u32) -> bool {
-        self.slots.iter().any(|s| {
+        self.slots.iter().any(|(_, s)| {
             matches!(s.state, SlotState::Issued | SlotState::Deferred)
                 && s.command.changes_data()
                 && (sequence.wrapping_sub(s.sequence) as i32) > 0
@@ -266,8 +234,7 @@ impl<const N: usize> InFlight<N> {
     pub(crate) fn others_in_flight(&self, id: RequestId) -> bool {
         self.slots
             .iter()
-            .enumerate()
-            .any(|(i, s)| s.state != SlotState::Free && i != id.index())
+            .any(|(other, _)| other.index() != id.index())
     }
 
     /// Holds the request back until an ordering barrier clears.
@@ -299,8 +266,6 @@ impl<const N: usize> InFlight<N> {
     pub(crate) fn deferred(&self) -> impl Iterator<Item = (RequestId, &Slot)> {
         self.slots
             .iter()
-            .enumerate()
             .filter(|(_, s)| s.state == SlotState::Deferred)
-            .map(|(i, s)| (RequestId::new(i, s.generation), s))
     }
 }

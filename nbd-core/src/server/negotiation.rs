@@ -213,7 +213,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
         match negotiation.input {
             OptionInput::ClientFlags => {
-                let (used, flags) = match self.header.fill(input, 4) {
+                let (used, flags) = match self.header.take_field(input, 4) {
                     (used, Some(bytes)) => (used, Some(ClientFlags::parse(bytes).map(|(_, f)| f))),
                     (used, None) => (used, None),
                 };
@@ -223,7 +223,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 Ok((used, None))
             }
             OptionInput::OptionHeader => {
-                let (used, header) = match self.header.fill(input, OPTION_HEADER_LEN) {
+                let (used, header) = match self.header.take_field(input, OPTION_HEADER_LEN) {
                     (used, Some(bytes)) => (used, Some(OptionHeader::parse(bytes).map(|(_, h)| h))),
                     (used, None) => (used, None),
                 };

@@ -236,7 +236,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return Ok((0, None));
         }
         let style = self.header_style();
-        let (used, header) = match self.header.fill(input, RequestHeader::encoded_len(style)) {
+        let (used, header) = match self
+            .header
+            .take_field(input, RequestHeader::encoded_len(style))
+        {
             (used, Some(bytes)) => (
                 used,
                 Some(RequestHeader::parse(bytes, style).map(|(_, h)| h)),
@@ -572,7 +575,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         } else {
             STATUS_CONTEXT_ID_LEN
         };
-        let (used, field) = match self.header.fill(input, need) {
+        let (used, field) = match self.header.take_field(input, need) {
             // The accumulator holds the `need` bytes each parse reads.
             (used, Some(bytes)) if need == STATUS_EFFECT_LEN => (
                 used,
