@@ -89,6 +89,16 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
         }
     }
 
+    /// The client closed its side (a read gave 0 bytes): tells the core,
+    /// as the std shells do. The core warns when the session was unfinished;
+    /// either way nothing more comes, so the shell stops serving.
+    pub(crate) fn end_of_input(&self) {
+        match self.conn.end_of_input() {
+            Ok(()) => info!("client closed the stream after ending the session"),
+            Err(_) => info!("client closed the stream"),
+        }
+    }
+
     /// Feeds `input` to the core and acts on every event. Returns the bytes
     /// consumed and, when the session ended, why.
     pub(crate) fn input<T>(

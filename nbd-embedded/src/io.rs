@@ -63,7 +63,7 @@ where
         io.flush().map_err(Error::Transport)?;
         let n = io.read(&mut buffer[end..]).map_err(Error::Transport)?;
         if n == 0 {
-            info!("client closed the stream");
+            driver.end_of_input();
             return Ok(None);
         }
         end += n;

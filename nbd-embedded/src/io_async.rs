@@ -71,7 +71,7 @@ where
             .await
             .map_err(Error::Transport)?;
         if n == 0 {
-            info!("client closed the stream");
+            driver.end_of_input();
             return Ok(None);
         }
         end += n;

@@ -278,7 +278,7 @@ where
                 (used, close) = result?;
             } else if !socket.may_recv() && driver.out.is_none() {
                 // The client closed its side without a goodbye.
-                info!("client closed the connection");
+                driver.end_of_input();
                 socket.close();
                 self.session = None;
                 self.end(SessionEnd::Dropped);

@@ -117,6 +117,14 @@ class Session {
     if (this.state === "closed") return;
     const was = this.state;
     this.state = "closed";
+    if (was === "active" && this.server && !this.server.isClosed) {
+      try {
+        this.server.end();
+      } catch (error) {
+        // The client went away without NBD_OPT_ABORT or NBD_CMD_DISC.
+        this.closeReason ??= `client left mid-session: ${error.message ?? error}`;
+      }
+    }
     this.server?.free();
     this.server = null;
     const reason = this.closeReason ?? (event?.reason || `WebSocket closed (${event?.code ?? "?"})`);

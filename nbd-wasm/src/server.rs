@@ -87,6 +87,17 @@ impl NbdServer {
         Ok(std::mem::take(&mut self.output))
     }
 
+    /// Tells the server the client closed the connection: nothing more is
+    /// pushed. Throws when the client had not ended the session
+    /// (`NBD_OPT_ABORT`, `NBD_CMD_DISC`), as `NbdClient.end` does for the
+    /// other side.
+    pub fn end(&mut self) -> Result<(), JsError> {
+        self.closed = true;
+        self.conn
+            .end_of_input()
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
     /// Answers a read with its data (exactly the requested length).
     #[wasm_bindgen(js_name = completeRead)]
     pub fn complete_read(&mut self, id: u32, data: Vec<u8>) -> Result<(), JsError> {
