@@ -24,7 +24,7 @@
 //! operation waits, attempts go on (so a restart of an idle client's
 //! server goes unnoticed) until the client is dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -257,10 +257,100 @@ struct Pending {
     error: Option<Error>,
 }
 
+/// Where an operation is kept in [`Operations`]: its slot, and its number,
+/// which orders operations and tells a reused slot apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OpKey {
+    slot: usize,
+    number: u64,
+}
+
+/// The operations being served, by slot: a request's [`Part`] (found by
+/// the request's dense id) leads to its operation without hashing. Slots
+/// of answered operations are reused; the table grows to the most
+/// operations served at once.
+#[derive(Debug, Default)]
+struct Operations {
+    slots: Vec<Option<(u64, Pending)>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl Operations {
+    fn insert(&mut self, number: u64, pending: Pending) -> OpKey {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[slot] = Some((number, pending));
+        self.len += 1;
+        OpKey { slot, number }
+    }
+
+    fn get(&self, key: OpKey) -> Option<&Pending> {
+        match self.slots.get(key.slot) {
+            Some(Some((number, pending))) if *number == key.number => Some(pending),
+            _ => None,
+        }
+    }
+
+    fn get_mut(&mut self, key: OpKey) -> Option<&mut Pending> {
+        match self.slots.get_mut(key.slot) {
+            Some(Some((number, pending))) if *number == key.number => Some(pending),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, key: OpKey) -> Option<Pending> {
+        let slot = self.slots.get_mut(key.slot)?;
+        if !matches!(slot, Some((number, _)) if *number == key.number) {
+            return None;
+        }
+        self.len -= 1;
+        self.free.push(key.slot);
+        slot.take().map(|(_, pending)| pending)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The operations' keys in the order the operations came.
+    fn keys_in_order(&self) -> Vec<OpKey> {
+        let mut keys: Vec<OpKey> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, entry)| {
+                entry.as_ref().map(|(number, _)| OpKey {
+                    slot,
+                    number: *number,
+                })
+            })
+            .collect();
+        keys.sort_unstable_by_key(|key| key.number);
+        keys
+    }
+
+    /// Takes every operation out.
+    fn drain(&mut self) -> impl Iterator<Item = Pending> + '_ {
+        self.free.clear();
+        self.len = 0;
+        self.slots.drain(..).flatten().map(|(_, pending)| pending)
+    }
+}
+
 /// One NBD request of an operation.
 #[derive(Clone, Copy, Debug)]
 struct Part {
-    op: u64,
+    op: OpKey,
     command: Command,
     flags: CommandFlags,
     offset: u64,
@@ -285,7 +375,7 @@ fn command_name(command: Command) -> &'static str {
 #[derive(Clone, Copy, Debug)]
 enum Segment {
     Head { start: usize, end: usize },
-    Payload { op: u64, start: usize, end: usize },
+    Payload { op: OpKey, start: usize, end: usize },
 }
 
 impl Segment {
@@ -302,7 +392,7 @@ impl Segment {
 struct State {
     limits: Limits,
     next_op: u64,
-    pending: HashMap<u64, Pending>,
+    pending: Operations,
     /// Requests not yet accepted by the core (it was full).
     queue: VecDeque<Part>,
     inflight: RequestMap<Part>,
@@ -338,7 +428,7 @@ pub(crate) async fn run(
         state: State {
             limits,
             next_op: 0,
-            pending: HashMap::new(),
+            pending: Operations::default(),
             queue: VecDeque::new(),
             inflight: RequestMap::new(),
             out: Vec::new(),
@@ -385,7 +475,7 @@ pub(crate) async fn run(
         }
     };
     *fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
-    for (_, pending) in driver.state.pending.drain() {
+    for pending in driver.state.pending.drain() {
         pending.waiter.fail(error.clone());
     }
     let outcome = match error {
@@ -561,7 +651,7 @@ impl Driver {
             waiter.succeed();
             return;
         }
-        state.pending.insert(
+        let key = state.pending.insert(
             id,
             Pending {
                 waiter,
@@ -574,7 +664,7 @@ impl Driver {
                 error: None,
             },
         );
-        state.enqueue(id);
+        state.enqueue(key);
     }
 
     /// Whether `error` ended the connection in a way a new connection
@@ -724,10 +814,8 @@ impl Driver {
         state.written = 0;
         state.closed = false;
         state.fatal = None;
-        let mut ids: Vec<u64> = state.pending.keys().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
-            state.enqueue(id);
+        for key in state.pending.keys_in_order() {
+            state.enqueue(key);
         }
         Ok(())
     }
@@ -800,7 +888,7 @@ impl Driver {
                     return;
                 };
                 let op = part.op;
-                let Some(pending) = state.pending.get_mut(&op) else {
+                let Some(pending) = state.pending.get_mut(op) else {
                     continue;
                 };
                 pending.unsent += 1;
@@ -823,7 +911,7 @@ impl Driver {
                 let skip = if i == 0 { state.written } else { 0 };
                 let bytes: &[u8] = match *segment {
                     Segment::Head { start, end } => &state.out[start..end],
-                    Segment::Payload { op, start, end } => match state.pending.get(&op) {
+                    Segment::Payload { op, start, end } => match state.pending.get(op) {
                         Some(Pending {
                             waiter: Waiter::Write { data, .. },
                             ..
@@ -966,10 +1054,10 @@ impl State {
         }
     }
 
-    /// Splits operation `id` into requests no larger than the maximum
+    /// Splits operation `key` into requests no larger than the maximum
     /// and queues them.
-    fn enqueue(&mut self, id: u64) {
-        let Some(pending) = self.pending.get_mut(&id) else {
+    fn enqueue(&mut self, key: OpKey) {
+        let Some(pending) = self.pending.get_mut(key) else {
             return;
         };
         if let Waiter::Status { extents, .. } = &mut pending.waiter {
@@ -979,7 +1067,7 @@ impl State {
         pending.error = None;
         let (command, flags) = (pending.command, pending.flags);
         let part = |offset, length| Part {
-            op: id,
+            op: key,
             command,
             flags,
             offset,
@@ -1004,12 +1092,12 @@ impl State {
 
     fn pending_of(&mut self, id: RequestId) -> Option<(&mut Pending, Part)> {
         let part = *self.inflight.get(id)?;
-        Some((self.pending.get_mut(&part.op)?, part))
+        Some((self.pending.get_mut(part.op)?, part))
     }
 
     /// One request of an operation ended; answers the caller after the last.
     fn part_done(&mut self, part: Part, error: Option<Error>) {
-        let Some(pending) = self.pending.get_mut(&part.op) else {
+        let Some(pending) = self.pending.get_mut(part.op) else {
             return;
         };
         if pending.error.is_none() {
@@ -1024,7 +1112,7 @@ impl State {
             self.fatal = Some(Error::Protocol(ProtocolError::UnsolicitedData));
             return;
         }
-        if let Some(pending) = self.pending.remove(&part.op) {
+        if let Some(pending) = self.pending.remove(part.op) {
             match pending.error {
                 Some(error) => pending.waiter.fail(error),
                 None => pending.waiter.succeed(),
@@ -1047,7 +1135,7 @@ impl State {
             self.written = 0;
             self.segments.pop_front();
             if let Segment::Payload { op, .. } = first
-                && let Some(pending) = self.pending.get_mut(&op)
+                && let Some(pending) = self.pending.get_mut(op)
             {
                 pending.unsent -= 1;
             }
@@ -1104,5 +1192,39 @@ mod tests {
             );
         }
         assert_eq!(found.len(), 5, "{found:?}");
+    }
+
+    fn unit_operation() -> Pending {
+        let (reply, _) = oneshot::channel();
+        Pending {
+            waiter: Waiter::Unit { reply },
+            command: Command::Flush,
+            flags: CommandFlags::empty(),
+            offset: 0,
+            length: 0,
+            parts_left: 0,
+            unsent: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn operations_reuse_slots_without_reaching_old_keys() {
+        let mut operations = Operations::default();
+        let first = operations.insert(0, unit_operation());
+        let second = operations.insert(1, unit_operation());
+        assert!(operations.remove(first).is_some());
+        assert!(operations.remove(first).is_none(), "removed twice");
+        let third = operations.insert(2, unit_operation());
+        assert_eq!(third.slot, first.slot, "the freed slot is reused");
+        assert!(
+            operations.get(first).is_none(),
+            "an old key reached a new operation"
+        );
+        assert!(operations.get_mut(third).is_some());
+        assert_eq!(operations.len(), 2);
+        assert_eq!(operations.keys_in_order(), [second, third]);
+        assert_eq!(operations.drain().count(), 2);
+        assert!(operations.is_empty());
     }
 }
