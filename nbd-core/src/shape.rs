@@ -36,6 +36,35 @@ impl<P> Transmit<'_, P> {
     }
 }
 
+/// A message as a side describes it before lending it out as a
+/// [`Transmit`]: `head` bytes encoded at the front of the side's scratch,
+/// two tails whose origin `T` each side names (its buffer, its catalog),
+/// then the shell's payload `P`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Out<T, P> {
+    pub(crate) head: usize,
+    pub(crate) tails: [T; 2],
+    pub(crate) payload: Option<P>,
+}
+
+impl<T: Copy + Default, P> Out<T, P> {
+    /// Encodes a header and fixed fields into `scratch`, which each side
+    /// sizes for every one it sends, so `encode` cannot run short. The
+    /// tails start empty (`T::default()`).
+    pub(crate) fn encode_head(
+        scratch: &mut [u8],
+        encode: impl FnOnce(&mut [u8]) -> Result<usize, crate::wire::WireError>,
+    ) -> Self {
+        let head = encode(scratch);
+        debug_assert!(head.is_ok(), "scratch too small: {head:?}");
+        Self {
+            head: head.unwrap_or(0),
+            tails: [T::default(); 2],
+            payload: None,
+        }
+    }
+}
+
 /// Identifies a request in flight on one connection. Ids are reused once a
 /// request is answered; a stale id is refused, not misapplied. On the
 /// client it is also the request's cookie on the wire.

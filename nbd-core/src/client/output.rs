@@ -35,8 +35,9 @@ pub enum Payload {
 }
 
 /// Bytes sent after the scratch header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum Tail {
+    #[default]
     Empty,
     /// `start..end` of the buffer (export name, queries).
     Buffer(usize, usize),
@@ -45,27 +46,7 @@ enum Tail {
 }
 
 /// One message: `head` bytes of scratch, then the tails, then the payload.
-#[derive(Clone, Copy, Debug)]
-struct Out {
-    head: usize,
-    tails: [Tail; 2],
-    payload: Option<Payload>,
-}
-
-/// Encodes a header and fixed fields into `scratch`, which fits every one
-/// the client sends, so `encode` cannot run short.
-fn encode_head(
-    scratch: &mut [u8],
-    encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
-) -> Out {
-    let head = encode(scratch);
-    debug_assert!(head.is_ok(), "scratch too small: {head:?}");
-    Out {
-        head: head.unwrap_or(0),
-        tails: [Tail::Empty; 2],
-        payload: None,
-    }
-}
+type Out = crate::shape::Out<Tail, Payload>;
 
 /// Cookie of `NBD_CMD_DISC`, which gets no reply: above every request's.
 const DISCONNECT_COOKIE: u64 = u64::MAX;
@@ -117,7 +98,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
     /// Encodes a header into the scratch, which fits every header the
     /// client sends.
     fn head(&mut self, encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>) -> Out {
-        encode_head(&mut self.scratch[..SECOND_PART], encode)
+        Out::encode_head(&mut self.scratch[..SECOND_PART], encode)
     }
 
     /// The client flags, then the current option once.
@@ -204,7 +185,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         };
         // Strings are at most 4096 bytes each (checked in `new`), so the
         // option's length fits its field.
-        let mut out = encode_head(head, |out| request.encode_prefix(out));
+        let mut out = Out::encode_head(head, |out| request.encode_prefix(out));
         out.tails = tails;
         Some(out)
     }

@@ -7,7 +7,7 @@
 //! produced one by one by `poll_transmit` while input waits.
 
 use super::connection::{Connection, Phase, framing_error};
-use super::output::{Out, Tail, encode_head};
+use super::output::{Out, Tail};
 use super::transmission::{ActiveExport, Transmission};
 use super::{CloseReason, Event, ProtocolError, TlsPolicy};
 use crate::export::{Catalog, Features};
@@ -839,7 +839,7 @@ fn option_reply(
     reply: &OptionReply<'_>,
     tails: [Tail; 2],
 ) -> Out {
-    let mut out = encode_head(scratch, |out| reply.encode_prefix(option, out));
+    let mut out = Out::encode_head(scratch, |out| reply.encode_prefix(option, out));
     out.tails = tails;
     out
 }

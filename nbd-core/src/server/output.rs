@@ -14,8 +14,9 @@ use crate::export::Catalog;
 use crate::wire::{ChunkPrefix, ChunkType, Command, ErrorCode, ReplyFlags, SimpleReply, WireError};
 
 /// Bytes sent after the scratch header that the core does not copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) enum Tail {
+    #[default]
     Empty,
     Static(&'static [u8]),
     ExportName(usize),
@@ -25,12 +26,7 @@ pub(super) enum Tail {
 }
 
 /// One message: `head` bytes of scratch, then the tails, then the payload.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Out {
-    pub(super) head: usize,
-    pub(super) tails: [Tail; 2],
-    pub(super) payload: Option<Payload>,
-}
+pub(super) type Out = crate::shape::Out<Tail, Payload>;
 
 impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUESTS, BUFFER> {
     /// The next message to send, or `None` when nothing is due. The core
@@ -80,7 +76,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         &mut self,
         encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
     ) -> Out {
-        encode_head(&mut self.scratch, encode)
+        Out::encode_head(&mut self.scratch, encode)
     }
 
     /// The next transmission reply, freeing its slot when it is the last.
@@ -223,20 +219,5 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     fn chunk(&mut self, slot: &Slot, flags: ReplyFlags, prefix: ChunkPrefix) -> Out {
         let style = self.header_style();
         self.head(|out| prefix.encode_with_header(flags, slot.cookie, slot.offset, style, out))
-    }
-}
-
-/// Encodes a header into `scratch`, which fits every header and fixed
-/// fields the core sends, so `encode` cannot run short.
-pub(super) fn encode_head(
-    scratch: &mut [u8],
-    encode: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
-) -> Out {
-    let head = encode(scratch);
-    debug_assert!(head.is_ok(), "scratch too small: {head:?}");
-    Out {
-        head: head.unwrap_or(0),
-        tails: [Tail::Empty; 2],
-        payload: None,
     }
 }

@@ -320,10 +320,7 @@ impl ChunkPrefix {
             offset: request_offset,
             length: self.payload_len(),
         };
-        let mut w = Writer::new(out, self.encoded_len_with_header(style))?;
-        header.encode(style, w.slot(ChunkHeader::encoded_len(style))?)?;
-        self.write(&mut w)?;
-        Ok(w.finish())
+        frame_chunk(&header, style, self.encoded_len(), out, |w| self.write(w))
     }
 }
 
@@ -650,9 +647,23 @@ impl<'a> Chunk<'a> {
             length: u64::try_from(self.payload_len())
                 .map_err(|_| WireError::InvalidValue("length"))?,
         };
-        let mut w = Writer::new(out, self.encoded_len_with_header(style))?;
-        header.encode(style, w.slot(ChunkHeader::encoded_len(style))?)?;
-        self.write(&mut w)?;
-        Ok(w.finish())
+        frame_chunk(&header, style, self.payload_len(), out, |w| self.write(w))
     }
+}
+
+/// Writes `header` in `style`, then the `body_len` bytes `body` writes, to
+/// the front of `out`: the one way chunks are framed, for a whole [`Chunk`]
+/// and for a [`ChunkPrefix`] whose tail follows.
+fn frame_chunk(
+    header: &ChunkHeader,
+    style: HeaderStyle,
+    body_len: usize,
+    out: &mut [u8],
+    body: impl FnOnce(&mut Writer<'_>) -> Result<(), WireError>,
+) -> Result<usize, WireError> {
+    let header_len = ChunkHeader::encoded_len(style);
+    let mut w = Writer::new(out, header_len.saturating_add(body_len))?;
+    header.encode(style, w.slot(header_len)?)?;
+    body(&mut w)?;
+    Ok(w.finish())
 }
