@@ -17,12 +17,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(feature = "client")]
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+#[cfg(feature = "client")]
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+#[cfg(feature = "client")]
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::{RootCertStore, ServerConfig};
 
 /// File names in a client's certificate directory (libnbd's
 /// `tls-certificates`, qemu's `tls-creds-x509 dir=`).
@@ -32,6 +37,7 @@ pub const CLIENT_CERT: &str = "client-cert.pem";
 /// The client certificate's key in a certificate directory.
 pub const CLIENT_KEY: &str = "client-key.pem";
 
+#[cfg(feature = "client")]
 /// System CA bundles tried, in order, when no CA is given (Debian/Ubuntu,
 /// Fedora/RHEL, Alpine/macOS-style). `SSL_CERT_FILE` comes first.
 const SYSTEM_BUNDLES: &[&str] = &[
@@ -217,38 +223,18 @@ impl ServerTls {
     }
 }
 
-/// A client's TLS settings: what `nbds://` URIs carry (libnbd's
-/// `tls-certificates`, `tls-verify-peer` and `tls-hostname` parameters).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientTlsOptions {
-    /// Directory with `ca-cert.pem` and optionally `client-cert.pem` and
-    /// `client-key.pem`; `None`: the system's trust store, no client
-    /// certificate.
-    pub certificates: Option<PathBuf>,
-    /// Verify the server's certificate (on unless `tls-verify-peer=false`).
-    pub verify_peer: bool,
-    /// The name the server's certificate must carry, instead of the URI's
-    /// host (`localhost` for unix sockets).
-    pub hostname: Option<String>,
-}
-
-impl Default for ClientTlsOptions {
-    fn default() -> Self {
-        Self {
-            certificates: None,
-            verify_peer: true,
-            hostname: None,
-        }
-    }
-}
+#[cfg(feature = "client")]
+pub use crate::client::uri::ClientTlsOptions;
 
 /// `host` (an IP address or DNS name) as the name a server's certificate
 /// is checked against.
+#[cfg(feature = "client")]
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_owned()).map_err(|_| TlsError::BadServerName(host.to_owned()))
 }
 
 /// The rustls client configuration `options` describe.
+#[cfg(feature = "client")]
 pub fn client_config(options: &ClientTlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
     let dir = options.certificates.as_deref();
     let file = |name: &str| dir.map(|d| d.join(name)).filter(|p| p.exists());
@@ -295,6 +281,7 @@ pub fn client_config(options: &ClientTlsOptions) -> Result<Arc<ClientConfig>, Tl
 }
 
 /// The system's CA bundle (`SSL_CERT_FILE`, else the usual places).
+#[cfg(feature = "client")]
 fn system_roots() -> Result<RootCertStore, TlsError> {
     let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
     let path = from_env
@@ -311,9 +298,11 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
 /// `tls-verify-peer=false`: any certificate is accepted, but handshake
 /// signatures are still checked so the session keys belong to whoever
 /// presented the certificate.
+#[cfg(feature = "client")]
 #[derive(Debug)]
 struct NoPeerVerification(Arc<CryptoProvider>);
 
+#[cfg(feature = "client")]
 impl ServerCertVerifier for NoPeerVerification {
     fn verify_server_cert(
         &self,
@@ -389,7 +378,12 @@ mod tests {
         assert!(error.to_string().contains("missing.pem"), "{error}");
         let error = ServerTls::load(&empty, &empty, None).expect_err("no certificate");
         assert!(matches!(error, TlsError::NoCertificate(_)), "{error:?}");
+    }
 
+    #[cfg(feature = "client")]
+    #[test]
+    fn client_setup_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
         // A client certificate without its key.
         std::fs::write(dir.path().join(CLIENT_CERT), "").expect("write");
         let options = ClientTlsOptions {

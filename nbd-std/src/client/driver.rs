@@ -701,10 +701,11 @@ impl Driver {
                 Some(Err(
                     error @ (Error::NoSuchExport { .. }
                     | Error::TlsRequired { .. }
-                    | Error::TlsSetup(_)
                     | Error::TlsHandshake { .. }
                     | Error::NameTooLong(_)),
                 )) => return Err(error),
+                #[cfg(feature = "tls")]
+                Some(Err(error @ Error::TlsSetup(_))) => return Err(error),
                 Some(Err(error @ Error::OptionRefused { reply, .. }))
                     if reply != OptionReplyType::ErrShutdown =>
                 {

@@ -61,6 +61,7 @@ pub enum Error {
         message: String,
     },
     /// The TLS settings could not be used (certificate files and the like).
+    #[cfg(feature = "tls")]
     #[error("TLS setup: {0}")]
     TlsSetup(Arc<crate::tls::TlsError>),
     /// The TLS handshake failed (certificate not trusted, name mismatch,

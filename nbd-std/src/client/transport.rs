@@ -9,12 +9,14 @@
 //! plain unix socket. It costs a copy per byte, on the client side only.
 
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Ready};
+#[cfg(feature = "tls")]
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest, Ready};
 use tokio::net::{TcpStream, UnixStream};
+#[cfg(feature = "tls")]
 use tracing::debug;
 
 use super::error::{Error, Result};
@@ -25,6 +27,7 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bytes the TLS relay moves at once each way: large requests in few
 /// TLS records and syscalls.
+#[cfg(feature = "tls")]
 const RELAY_BUFFER: usize = 256 * 1024;
 
 /// An open connection to a server.
@@ -32,7 +35,9 @@ const RELAY_BUFFER: usize = 256 * 1024;
 pub(crate) enum Transport {
     Tcp(TcpStream),
     Unix(UnixStream),
-    /// The plain end of a TLS relay, and why the relay failed, if it did.
+    /// The plain end of a TLS relay, and why the relay failed, if it did
+    /// (never made without the `tls` feature).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     Tls(UnixStream, RelayFailure),
 }
 
@@ -45,10 +50,16 @@ pub(crate) type RelayFailure = Arc<Mutex<Option<String>>>;
 /// (the connections of one [`Client`](super::Client)): the certificates
 /// and trust store are read once, not once per connection.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct TlsConfig(Arc<OnceLock<Arc<ClientConfig>>>);
+pub(crate) struct TlsConfig(
+    #[cfg(feature = "tls")] Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
+);
 
+#[cfg(feature = "tls")]
 impl TlsConfig {
-    fn get(&self, uri: &NbdUri) -> std::result::Result<Arc<ClientConfig>, crate::tls::TlsError> {
+    fn get(
+        &self,
+        uri: &NbdUri,
+    ) -> std::result::Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
         if let Some(config) = self.0.get() {
             return Ok(Arc::clone(config));
         }
@@ -131,8 +142,19 @@ impl Transport {
         }
     }
 
+    /// Without the `tls` feature there is no TLS to start: the server
+    /// acknowledged `NBD_OPT_STARTTLS` for an `nbds://` URI in vain.
+    #[cfg(not(feature = "tls"))]
+    pub(crate) async fn start_tls(&mut self, uri: &NbdUri, _tls: &TlsConfig) -> Result<()> {
+        Err(Error::TlsHandshake {
+            address: uri.address(),
+            reason: "this build of nbd-std has no TLS (the `tls` feature is off)".into(),
+        })
+    }
+
     /// Runs the TLS handshake on this transport (after the server
     /// acknowledged `NBD_OPT_STARTTLS`) and goes on over TLS.
+    #[cfg(feature = "tls")]
     pub(crate) async fn start_tls(&mut self, uri: &NbdUri, tls: &TlsConfig) -> Result<()> {
         let setup = |error: crate::tls::TlsError| Error::TlsSetup(Arc::new(error));
         let config = tls.get(uri).map_err(setup)?;
@@ -202,6 +224,7 @@ impl Transport {
 /// directions end. An end of input on one side is passed on as a shutdown
 /// (a TLS close_notify towards the server); when it ends, dropping both
 /// closes the driver's end, so the driver sees the connection end.
+#[cfg(feature = "tls")]
 async fn relay<T>(mut tls: T, mut plain: UnixStream, failure: RelayFailure)
 where
     T: AsyncRead + AsyncWrite + Unpin,

@@ -23,7 +23,33 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::DEFAULT_PORT;
-use crate::tls::ClientTlsOptions;
+
+/// A client's TLS settings: what `nbds://` URIs carry (libnbd's
+/// `tls-certificates`, `tls-verify-peer` and `tls-hostname` parameters).
+/// Used by a build with the `tls` feature; without it an `nbds://` URI
+/// fails at the TLS hand-over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTlsOptions {
+    /// Directory with `ca-cert.pem` and optionally `client-cert.pem` and
+    /// `client-key.pem`; `None`: the system's trust store, no client
+    /// certificate.
+    pub certificates: Option<PathBuf>,
+    /// Verify the server's certificate (on unless `tls-verify-peer=false`).
+    pub verify_peer: bool,
+    /// The name the server's certificate must carry, instead of the URI's
+    /// host (`localhost` for unix sockets).
+    pub hostname: Option<String>,
+}
+
+impl Default for ClientTlsOptions {
+    fn default() -> Self {
+        Self {
+            certificates: None,
+            verify_peer: true,
+            hostname: None,
+        }
+    }
+}
 
 /// How long a broken connection is retried when the URI does not say
 /// (`reconnect-timeout`): long enough for a server to restart, short
