@@ -207,7 +207,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// Events that do not come from input: negotiation milestones, the end
     /// of the session, requests released by an ordering barrier.
     fn take_event(&mut self) -> Option<Event<'static>> {
-        if self.output == NegotiationOutput::TlsHandover {
+        if matches!(self.output, NegotiationOutput::TlsHandover) {
             return Some(self.hand_over_tls());
         }
         if let Some(event) = self.announce_export() {

@@ -136,7 +136,7 @@ pub(super) enum NegotiationOutput {
 impl NegotiationOutput {
     /// Whether the replies of the last option are all out.
     pub(super) fn is_idle(&self) -> bool {
-        *self == Self::Idle
+        matches!(self, Self::Idle)
     }
 
     /// Whether a reply is ready for `poll_transmit`.

@@ -73,11 +73,11 @@ impl Transmission {
     }
 
     pub(super) fn is_announcing(&self) -> bool {
-        self.input == RequestInput::Announcing
+        matches!(self.input, RequestInput::Announcing)
     }
 
     pub(super) fn is_draining(&self) -> bool {
-        self.input == RequestInput::Draining
+        matches!(self.input, RequestInput::Draining)
     }
 
     pub(super) fn shut_down(&mut self) {
@@ -96,7 +96,7 @@ impl Transmission {
         replies_out: bool,
     ) -> Option<CloseReason> {
         let receiving = matches!(self.input, RequestInput::Payload(_));
-        if self.input == RequestInput::Draining && nothing_in_flight {
+        if self.is_draining() && nothing_in_flight {
             Some(CloseReason::Disconnect)
         } else if self.shutting_down && replies_out && nothing_in_flight && !receiving {
             Some(CloseReason::Shutdown)
@@ -165,10 +165,12 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 
     /// `ExportSelected`, once, before any request is read.
     pub(super) fn announce_export(&mut self) -> Option<Event<'static>> {
-        if self.request_input() != Some(RequestInput::Announcing) {
-            return None;
+        match &mut self.phase {
+            Phase::Transmission(transmission) if transmission.is_announcing() => {
+                transmission.input = RequestInput::Headers;
+            }
+            _ => return None,
         }
-        self.set_request_input(RequestInput::Headers);
         let export = self.export?;
         Some(Event::ExportSelected {
             index: export.index,
@@ -198,8 +200,10 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             info!("export resized from {} to {} bytes", export.size, size);
             export.size = size;
         }
-        if self.request_input() == Some(RequestInput::ResizeBarrier) {
-            self.set_request_input(RequestInput::Headers);
+        if let Some(transmission) = self.transmission_mut()
+            && matches!(transmission.input, RequestInput::ResizeBarrier)
+        {
+            transmission.input = RequestInput::Headers;
         }
     }
 
