@@ -527,6 +527,16 @@ fn trim_and_write_zeroes_may_exceed_the_maximum_block_size() {
         1 << 19,
     );
     assert_success(&got[0], 2);
+    // Without FAST_ZERO too (spec: no payload either way, so the effect
+    // length may exceed the maximum; nbdcopy zeroes big holes this way).
+    for (handle, flags) in [(3, CommandFlags::empty()), (4, CommandFlags::NO_HOLE)] {
+        let (request, got) = one_request(&mut h, Command::WriteZeroes, flags, handle, 0, 1 << 19);
+        assert!(matches!(
+            request,
+            Request::WriteZeroes { length: 524288, .. }
+        ));
+        assert_success(&got[0], handle);
+    }
 }
 
 // -- BLOCK_STATUS -----------------------------------------------------------

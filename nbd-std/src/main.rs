@@ -71,14 +71,24 @@ fn completions(shell: clap_complete::Shell) -> ExitCode {
 
 /// Writes `bytes` to standard output; a failure is one line on stderr.
 fn print_bytes(what: &str, bytes: &[u8]) -> ExitCode {
-    use std::io::Write as _;
-    match std::io::stdout().write_all(bytes) {
+    match write_stdout(bytes) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("nbd-std: {what}: {error}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `bytes` to standard output. Not `print!`, which panics when
+/// the reader went away (`nbd-std info … | head`).
+fn write_stdout(bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(bytes)
+        .and_then(|()| stdout.flush())
+        .map_err(|error| format!("standard output: {error}"))
 }
 
 /// `nbd-std man [COMMAND]`: the page clap_mangen makes from the same
@@ -455,8 +465,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) if !error.use_stderr() => {
             // --help and --version.
-            print!("{error}");
-            return ExitCode::SUCCESS;
+            return print_bytes("help", error.to_string().as_bytes());
         }
         Err(error) => {
             eprintln!("nbd-std: {}", one_line(&error.to_string()));
@@ -600,8 +609,8 @@ fn info(args: InfoArgs) -> ExitCode {
     if args.size {
         return client_command(async move {
             let uri = NbdUri::parse(&args.uri).map_err(|e| e.to_string())?;
-            println!("{}", map::size(&uri).await.map_err(|e| e.to_string())?);
-            Ok(())
+            let size = map::size(&uri).await.map_err(|e| e.to_string())?;
+            write_stdout(format!("{size}\n").as_bytes())
         });
     }
     if let Some(context) = args.map {
@@ -616,16 +625,13 @@ fn info(args: InfoArgs) -> ExitCode {
             let extents = map::allocation_map(&uri)
                 .await
                 .map_err(|e| format!("--map: {e}"))?;
-            print!(
-                "{}",
-                match (args.totals, args.json) {
-                    (false, false) => map::map_text(&extents),
-                    (false, true) => map::map_json(&extents),
-                    (true, false) => map::totals_text(&extents),
-                    (true, true) => map::totals_json(&extents),
-                }
-            );
-            Ok(())
+            let text = match (args.totals, args.json) {
+                (false, false) => map::map_text(&extents),
+                (false, true) => map::map_json(&extents),
+                (true, false) => map::totals_text(&extents),
+                (true, true) => map::totals_json(&extents),
+            };
+            write_stdout(text.as_bytes())
         });
     }
     client_command(async move {
@@ -635,7 +641,7 @@ fn info(args: InfoArgs) -> ExitCode {
             json: args.json,
         };
         let report = info(&uri, options).await.map_err(|e| e.to_string())?;
-        print!("{}", report.output);
+        write_stdout(report.output.as_bytes())?;
         match report.failures.first() {
             None => Ok(()),
             Some((name, error)) => Err(format!(

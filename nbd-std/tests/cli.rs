@@ -278,3 +278,42 @@ fn completions_and_man_pages_from_the_clap_definitions() {
     );
     assert_eq!(unknown.code(), Some(2), "{}", unknown.describe());
 }
+
+/// Output into a pipe nobody reads (`nbd-std serve --help | head -1`
+/// after `head` left) is an error, never a panic.
+#[test]
+fn output_into_a_closed_pipe_does_not_panic() {
+    for args in [
+        &["serve", "--help"][..],
+        &["--version"],
+        &["completions", "bash"],
+        &["man"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut child = Command::new(server_binary())
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start nbd-std");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("nbd-std {args:?} did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            pipe.read_to_string(&mut stderr).expect("read stderr");
+        }
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("nbd-std: "), "{args:?}: {stderr}");
+    }
+}

@@ -221,7 +221,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         if unaligned(offset) || (unaligned(length) && end != Some(size)) {
             return Err(UsageError::Misaligned { minimum });
         }
-        let mut maximum = if command.capped_by_maximum_block_size(flags) {
+        let mut maximum = if command.capped_by_maximum_block_size() {
             u64::from(export.block_sizes.maximum)
         } else {
             u64::MAX

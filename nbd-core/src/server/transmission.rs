@@ -505,9 +505,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         if offset % minimum != 0 || (length % minimum != 0 && !reaches_end) {
             return Err((Invalid, Reason::Misaligned));
         }
-        if command.capped_by_maximum_block_size(flags)
-            && length > u64::from(export.max_request_length)
-        {
+        if command.capped_by_maximum_block_size() && length > u64::from(export.max_request_length) {
             return Err((Invalid, Reason::TooLarge));
         }
         // A structured chunk's 32-bit length holds the 8-byte offset and

@@ -5,7 +5,7 @@
 //! variant, so a peer's extension parses, is answered, and re-encodes
 //! unchanged. `from_wire` never yields `Unknown(v)` for a known `v`.
 
-use super::{CommandFlags, TransmissionFlags};
+use super::TransmissionFlags;
 
 macro_rules! wire_enum {
     (
@@ -179,14 +179,13 @@ impl Command {
     }
 
     /// Whether the request's length is bounded by the export's maximum
-    /// block size (spec: "Block size constraints"): reads, writes, cache,
-    /// and zeroing unless `NBD_CMD_FLAG_FAST_ZERO` is set.
-    pub const fn capped_by_maximum_block_size(self, flags: CommandFlags) -> bool {
-        match self {
-            Self::Read | Self::Write | Self::Cache => true,
-            Self::WriteZeroes => !flags.contains(CommandFlags::FAST_ZERO),
-            _ => false,
-        }
+    /// block size (spec: "Block size constraints"): reads, writes and
+    /// cache. Commands without a payload in either direction (`TRIM`,
+    /// `WRITE_ZEROES`) may ask for a larger effect length and the server
+    /// SHOULD accept it: `nbdcopy` zeroes a 56 MiB hole in one request.
+    /// `CACHE` stays capped because prefetching holds the data.
+    pub const fn capped_by_maximum_block_size(self) -> bool {
+        matches!(self, Self::Read | Self::Write | Self::Cache)
     }
 }
 

@@ -696,9 +696,16 @@ pub fn command(uri: &str, options: &Options, json: bool) -> u8 {
             return 2;
         }
     };
+    // Not println!, which panics once the reader is gone (`| head`): a
+    // line that cannot be written is dropped and the checks go on; the
+    // exit status still tells the outcome.
+    let print = |text: &str| {
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), "{text}").is_ok()
+    };
     let result = run(&parsed, options, |r| {
         if !json {
-            println!("{}", report::line(r));
+            print(&report::line(r));
         }
     });
     let report = match result {
@@ -709,9 +716,9 @@ pub fn command(uri: &str, options: &Options, json: bool) -> u8 {
         }
     };
     if json {
-        println!("{:#}", report::json(uri, &report));
+        print(&format!("{:#}", report::json(uri, &report)));
     } else {
-        println!("{}", report::summary(&report));
+        print(&report::summary(&report));
         eprintln!("{}", report::probe_line(uri, &report.probe));
     }
     if report.counts().1 > 0 { 1 } else { 0 }
