@@ -279,6 +279,10 @@ class Server:
                     "allowlist = false\n"
                     "[bench]\n"
                     f"exportname = {img}\n"
+                    # FLUSH and FUA as fdatasync, as the other servers do
+                    # (nbd-server advertises neither unless told).
+                    "flush = true\n"
+                    "fua = true\n"
                 )
             self.conf = conf
             self.pidfile = os.path.join(self.ctx.tmpdir, f"nbd-server-{self.tag}.pid")
