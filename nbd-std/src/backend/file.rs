@@ -570,8 +570,16 @@ mod tests {
         }
         let large = vec![1; INLINE_BYTES + 1];
         assert!(backend.try_write_now(&large, 0).is_none());
-        assert!(backend.try_read_now(&mut vec![0; INLINE_BYTES + 1], 0).is_none());
-        assert!(backend.try_write_now(&[1], 4 * MIB).is_some_and(|r| r.is_err()));
+        assert!(
+            backend
+                .try_read_now(&mut vec![0; INLINE_BYTES + 1], 0)
+                .is_none()
+        );
+        assert!(
+            backend
+                .try_write_now(&[1], 4 * MIB)
+                .is_some_and(|r| r.is_err())
+        );
     }
 
     #[test]

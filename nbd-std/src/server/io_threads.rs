@@ -98,7 +98,11 @@ impl IoThreads {
             .filter_map(|t| t.thread.take())
             .collect();
         let joined = tokio::task::spawn_blocking(move || {
-            joins.into_iter().map(JoinHandle::join).filter(Result::is_err).count()
+            joins
+                .into_iter()
+                .map(JoinHandle::join)
+                .filter(Result::is_err)
+                .count()
         })
         .await;
         if !matches!(joined, Ok(0)) {

@@ -334,7 +334,9 @@ impl Server {
                         };
                         connections.spawn_on(moved.instrument(span), runtime);
                     }
-                    Err(error) => warn!("cannot hand the connection from {peer} to an I/O thread: {error}"),
+                    Err(error) => {
+                        warn!("cannot hand the connection from {peer} to an I/O thread: {error}")
+                    }
                 }
             }
             Stream::Unix(stream) => {
