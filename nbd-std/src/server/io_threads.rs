@@ -2,11 +2,10 @@
 //! own event loop, a connection placed on the one serving the fewest.
 //!
 //! A connection's work then never changes threads: the thread woken by
-//! the socket reads the request, serves it (fast storage inline) and
-//! writes the reply. On a work-stealing runtime the same request may be
-//! read on one worker and finished on another, and each hop is a
-//! cross-CPU wake-up that costs more than the request itself at queue
-//! depth 1 (see docs/BENCHMARKS.md, "Where QD1 time goes").
+//! the socket reads the request, serves it (fast storage, and file I/O
+//! that cannot wait for a device, inline) and writes the reply. Each hop
+//! to another thread is a wake-up that costs more than a small request
+//! itself at queue depth 1 (docs/BENCHMARKS.md, "Where QD1 time went").
 
 use std::io;
 use std::sync::Arc;
