@@ -121,3 +121,22 @@ impl Drop for IoThreads {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_go_to_the_thread_holding_fewest() {
+        let threads = IoThreads::start(2).expect("start the threads");
+        let (_, first) = threads.place().expect("a thread");
+        let (_, second) = threads.place().expect("a thread");
+        assert!(!Arc::ptr_eq(&first.connections, &second.connections));
+        let freed = Arc::clone(&first.connections);
+        drop(first);
+        assert_eq!(freed.load(Ordering::Relaxed), 0);
+        let (_, third) = threads.place().expect("a thread");
+        assert!(Arc::ptr_eq(&third.connections, &freed));
+        assert_eq!(second.connections.load(Ordering::Relaxed), 1);
+    }
+}
