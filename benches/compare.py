@@ -7,6 +7,14 @@ is read from /proc. The headline figure is server CPU per I/O (see README.md).
 
     python3 benches/compare.py            # full run: 3 rounds x 6 workloads x 4 servers
     python3 benches/compare.py --short    # smoke run: 1 round, 2 s + 1 s warm-up
+    python3 benches/compare.py --pin      # servers on CPU 0, clients on CPU 1
+    python3 benches/compare.py --storage shm --workloads all --floor
+
+Servers and clients run unpinned by default (as servers run in practice);
+--pin places them with taskset. --storage memory (default) serves nbd-std's
+and nbdkit's memory exports (qemu-nbd and nbd-server a file in /dev/shm);
+shm and disk serve one file (in /dev/shm, or --file-dir) from every server.
+--floor adds nbd-std and nbdkit over null exports (no storage work).
 
 Needs: fio (with the nbd engine), nbdkit, qemu-nbd, nbd-server, nbdinfo, taskset
 (apt-get install fio nbdkit nbd-server qemu-utils libnbd-bin) and cargo.
@@ -35,7 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 
-# key, label, fio --rw, --bs, --iodepth, headline metric
+# key, label, fio --rw (or libnbd:OP, see libnbd_qd1.py), --bs, --iodepth, headline metric
 WORKLOADS = [
     ("randread-4k-qd1", "4k random read QD1", "randread", "4k", 1, "iops"),
     ("randread-4k-qd32", "4k random read QD32", "randread", "4k", 32, "iops"),
@@ -43,8 +51,18 @@ WORKLOADS = [
     ("randwrite-4k-qd32", "4k random write QD32", "randwrite", "4k", 32, "iops"),
     ("read-1m-qd8", "1M sequential read QD8", "read", "1M", 8, "mibs"),
     ("write-1m-qd8", "1M sequential write QD8", "write", "1M", 8, "mibs"),
+    ("read-1m-qd1", "1M sequential read QD1", "read", "1M", 1, "mibs"),
+    ("write-1m-qd1", "1M sequential write QD1", "write", "1M", 1, "mibs"),
+    ("read-512-qd1", "libnbd 512-byte random read QD1", "libnbd:read", "512", 1, "iops"),
+    ("write-fua-4k-qd1", "libnbd 4k random write + FUA QD1", "libnbd:write-fua", "4096", 1, "iops"),
+    ("write-flush-4k-qd1", "libnbd 4k random write, then FLUSH, QD1", "libnbd:write-flush", "4096", 1, "iops"),
 ]
+DEFAULT_WORKLOADS = [w[0] for w in WORKLOADS[:6]]
 ALL_SERVERS = ["nbd-std", "nbdkit", "qemu-nbd", "nbd-server"]
+# --floor: the same I/O loops over exports that store nothing.
+FLOOR_SERVERS = ["nbd-std-null", "nbdkit-null"]
+PEERS = ["nbdkit", "qemu-nbd", "nbd-server"]
+LIBNBD_PYTHON = "/usr/bin/python3"  # python3-libnbd is built for Debian's Python only
 REQUIRED_TOOLS = ["fio", "nbdinfo", "taskset", "nbdkit", "qemu-nbd", "nbd-server"]
 
 # Every process we started and have not yet stopped, for cleanup on any exit.
@@ -231,11 +249,20 @@ class Server:
     # Each server's command line, without the taskset prefix.
     def command(self) -> list[str]:
         p = str(self.port)
+        on_file = self.ctx.storage != "memory" and self.tag == "bench"
         if self.name == "nbd-std":
             if self.ctx.stand_in:
                 return [self.ctx.nbd_std_bin, p, str(self.size // MiB)]
+            if on_file:
+                return [self.ctx.nbd_std_bin, "serve", "--port", p, "--export", f"bench=file:{self.shm_file()}"]
             return [self.ctx.nbd_std_bin, "serve", "--port", p, "--size", self.size_arg]
+        if self.name == "nbd-std-null":
+            return [self.ctx.nbd_std_bin, "serve", "--port", p, "--export", f"bench=null:{self.size_arg}"]
+        if self.name == "nbdkit-null":
+            return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", p, "null", self.size_arg]
         if self.name == "nbdkit":
+            if on_file:
+                return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", p, "file", self.shm_file()]
             return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", p, "memory", self.size_arg]
         if self.name == "qemu-nbd":
             img = self.shm_file()
@@ -252,6 +279,10 @@ class Server:
                     "allowlist = false\n"
                     "[bench]\n"
                     f"exportname = {img}\n"
+                    # FLUSH and FUA as fdatasync, as the other servers do
+                    # (nbd-server advertises neither unless told).
+                    "flush = true\n"
+                    "fua = true\n"
                 )
             self.conf = conf
             self.pidfile = os.path.join(self.ctx.tmpdir, f"nbd-server-{self.tag}.pid")
@@ -259,6 +290,8 @@ class Server:
         raise BenchError(f"unknown server {self.name}")
 
     def shm_file(self) -> str:
+        if self.ctx.shared_file and self.tag == "bench":
+            return self.ctx.shared_file  # every server on the same file
         path = f"/dev/shm/nbd-bench-{os.getpid()}-{self.name}-{self.tag}.img"
         with open(path, "wb") as f:
             f.truncate(self.size)  # sparse: the fill through NBD allocates it
@@ -367,10 +400,26 @@ class Context:
         self.nbd_std_bin = ""
         self.server_cpus = args.server_cpus
         self.client_cpus = args.client_cpus
-        self.no_pin = args.no_pin
+        self.no_pin = not args.pin
+        self.storage = args.storage
+        self.shared_file = ""
 
     def pin(self, cpus: str) -> list[str]:
         return [] if self.no_pin else ["taskset", "-c", cpus]
+
+    def make_shared_file(self, size: int) -> None:
+        """--storage shm|disk: one file for every server, written whole
+        (allocated) before any server starts, so none pays the allocation."""
+        directory = self.args.file_dir or ("/dev/shm" if self.storage == "shm" else "/var/tmp")
+        path = os.path.join(directory, f"nbd-bench-{os.getpid()}.img")
+        log(f"writing {size // MiB} MiB to {path}")
+        block = os.urandom(MiB)
+        with open(path, "wb") as f:
+            for _ in range(size // MiB):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        self.shared_file = path
 
 
 def fio_metrics(path: str) -> dict:
@@ -387,12 +436,23 @@ def fio_metrics(path: str) -> dict:
         "bytes": r["io_bytes"] + w["io_bytes"],
         "runtime_ms": max(r["runtime"], w["runtime"]),
         "lat_mean_us": max(r["lat_ns"]["mean"], w["lat_ns"]["mean"]) / 1000,
+        "p50_us": max(
+            (d["clat_ns"].get("percentile", {}).get("50.000000", 0) for d in (r, w) if d["total_ios"]),
+            default=0,
+        )
+        / 1000,
     }
 
 
 def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dict:
-    """One fio process against the server, bracketed by CPU/load samples."""
+    """One fio process against the server, bracketed by CPU/load samples;
+    fio_args ["libnbd:OP", BYTES, SECONDS] runs libnbd_qd1.py instead."""
     out = os.path.join(ctx.outdir, "fio", f"{name}.json")
+    if fio_args and fio_args[0].startswith("libnbd:"):
+        script = os.path.join(REPO, "benches", "libnbd_qd1.py")
+        op, length, seconds = fio_args[0][len("libnbd:") :], fio_args[1], fio_args[2]
+        cmd = ctx.pin(ctx.client_cpus) + [LIBNBD_PYTHON, script, server.uri, op, length, seconds]
+        return run_client(ctx, server, name, cmd, out, libnbd=True)
     cmd = ctx.pin(ctx.client_cpus) + [
         "fio",
         f"--name={name}",
@@ -402,11 +462,32 @@ def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dic
         "--output-format=json",
         f"--output={out}",
     ] + fio_args
+    return run_client(ctx, server, name, cmd, out, libnbd=False)
+
+
+def libnbd_metrics(path: str, length: int) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    return {
+        "ios": data["ios"],
+        "iops": data["iops"],
+        "mibs": data["iops"] * length / MiB,
+        "bytes": data["ios"] * length,
+        "runtime_ms": data["seconds"] * 1000,
+        "lat_mean_us": data["mean_us"],
+        "p50_us": data["p50_us"],
+    }
+
+
+def run_client(ctx: Context, server: Server, name: str, cmd: list[str], out: str, libnbd: bool) -> dict:
     srv0, members = server_cpu(server.pid)
     sys0, load0 = system_ticks(), loadavg()
     t0 = time.monotonic()
     with open(os.path.join(ctx.outdir, "logs", f"{name}.fio.log"), "w") as logf:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        stdout = open(out, "w") if libnbd else logf
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=logf)
+        if libnbd:
+            stdout.close()
     LIVE_CLIENTS.append(proc)
     _, status, ru = os.wait4(proc.pid, 0)  # on Ctrl-C, main's cleanup kills it
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -420,7 +501,7 @@ def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dic
     if not alive(server.pid):
         server.dead = True
         raise BenchError(f"{server.name} died during {name}: {server.log_tail()}")
-    m = fio_metrics(out)
+    m = libnbd_metrics(out, int(cmd[-2])) if libnbd else fio_metrics(out)
     server_s = (srv1 - srv0) / CLK_TCK
     fio_s = ru.ru_utime + ru.ru_stime
     busy_s = (sys1["busy"] - sys0["busy"]) / CLK_TCK
@@ -443,6 +524,8 @@ def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dic
 
 
 def workload_args(rw: str, bs: str, qd: int, seconds: float) -> list[str]:
+    if rw.startswith("libnbd:"):
+        return [rw, bs, str(seconds)]
     return [
         f"--rw={rw}",
         f"--bs={bs}",
@@ -619,7 +702,10 @@ def summarize(runs: list[dict], servers: list[str], workloads: list[tuple]) -> d
             ok = [r for r in runs if r["workload"] == key and r["server"] == s and "error" not in r]
             vals = [r[metric] for r in ok]
             cpus = [r["cpu_us_per_io"] for r in ok if r["cpu_us_per_io"] is not None]
+            p50s = [r["p50_us"] for r in ok if r.get("p50_us")]
             per[s] = {
+                "p50_us": p50s,
+                "p50_us_median": statistics.median(p50s) if p50s else None,
                 "n": len(ok),
                 "errors": len([r for r in runs if r["workload"] == key and r["server"] == s and "error" in r]),
                 metric: vals,
@@ -633,7 +719,7 @@ def summarize(runs: list[dict], servers: list[str], workloads: list[tuple]) -> d
 
 def ratio(summary_wl: dict, field: str, lower_is_better: bool) -> str:
     me = summary_wl.get("nbd-std", {}).get(field)
-    peers = {s: v.get(field) for s, v in summary_wl.items() if s != "nbd-std" and v.get(field)}
+    peers = {s: v.get(field) for s, v in summary_wl.items() if s in PEERS and v.get(field)}
     if not me or not peers:
         return "–"
     if lower_is_better:
@@ -658,18 +744,20 @@ def render(report: dict) -> str:
         f"- machine: {report['machine']['cpus']} CPUs ({report['machine']['cpu_model']}), "
         f"kernel {report['machine']['kernel']}, {report['machine']['mem_gib']:.0f} GiB RAM",
         f"- placement: {cfg['placement']}",
+        f"- storage: {cfg.get('storage_text', 'memory')}",
         f"- runs: {cfg['rounds']} interleaved round(s) × {len(workloads)} workload(s) × {len(servers)} server(s); "
         f"each run = {cfg['ramp']} s warm-up connection + {cfg['runtime']} s measured, "
         f"fio nbd engine, 1 job, 1 connection; exports {cfg['size']}, filled once before measuring",
         "- cells: median (min–max over rounds). CPU µs/IO = server utime+stime (all threads and "
         "children, /proc/PID/stat) during the measured run ÷ I/Os fio completed.",
-        "- vs best peer: throughput = nbd-std ÷ best peer; CPU = best peer's CPU ÷ nbd-std's CPU. "
-        "≥ 1.00 means nbd-std is at or above the best peer.",
+        "- vs best peer: throughput = nbd-std ÷ best peer; CPU (and latency) = best peer's ÷ nbd-std's. "
+        "≥ 1.00 means nbd-std is at or above the best peer (nbdkit, qemu-nbd, nbd-server; "
+        "the null exports are the floor, not peers).",
         "",
         "| workload | figure | " + " | ".join(servers) + " | nbd-std vs best peer |",
         "|---|---|" + "---|" * len(servers) + "---|",
     ]
-    for key, label, _rw, _bs, _qd, metric in workloads:
+    for key, label, _rw, _bs, qd, metric in workloads:
         s = report["summary"][key]
         unit = "IOPS" if metric == "iops" else "MiB/s"
         row = [label, unit] + [cell(s[x][metric], metric, s[x]["errors"]) for x in servers]
@@ -678,6 +766,10 @@ def render(report: dict) -> str:
         row = ["", "server CPU µs/IO"] + [cell(s[x]["cpu_us_per_io"], "cpu", s[x]["errors"]) for x in servers]
         row.append(ratio(s, "cpu_us_per_io_median", True))
         lines.append("| " + " | ".join(row) + " |")
+        if qd == 1:
+            row = ["", "p50 latency µs"] + [cell(s[x]["p50_us"], "cpu", s[x]["errors"]) for x in servers]
+            row.append(ratio(s, "p50_us_median", True))
+            lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Fill (each export written once, sequential 1M QD8, before measuring)", ""]
     lines += ["| server | time s | MiB/s | server CPU s |", "|---|---|---|---|"]
     for name, f in report["fill"].items():
@@ -804,10 +896,23 @@ def parse_args(argv):
         help="only measure each server's memory while N silent clients are connected (no fio runs)",
     )
     p.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma list (default: all four)")
-    p.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS), help="comma list of workload keys")
+    p.add_argument("--floor", action="store_true", help="also run nbd-std and nbdkit over null exports")
+    p.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help="comma list of workload keys, or all (default: the six fio workloads)",
+    )
+    p.add_argument(
+        "--storage",
+        choices=["memory", "shm", "disk"],
+        default="memory",
+        help="memory exports (default), or one file in /dev/shm (shm) or on disk (disk) for every server",
+    )
+    p.add_argument("--file-dir", help="directory of the shared file (default /dev/shm for shm, /var/tmp for disk)")
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for every server (default 0)")
     p.add_argument("--client-cpus", default="1", help="taskset CPU list for fio and this script (default 1)")
-    p.add_argument("--no-pin", action="store_true", help="do not use taskset (not comparable with pinned runs)")
+    p.add_argument("--pin", action="store_true", help="pin servers and clients with taskset (default: unpinned)")
+    p.add_argument("--no-pin", action="store_true", help="unpinned (the default; kept for old command lines)")
     p.add_argument("--stand-in", action="store_true", help="benchmark the memory_server example as nbd-std")
     p.add_argument("--nbd-std-bin", help="use this binary for nbd-std (skips the cargo build)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo build")
@@ -823,10 +928,16 @@ def parse_args(argv):
         v = getattr(args, f)
         if v == int(v):
             setattr(args, f, int(v))
+    if args.pin and args.no_pin:
+        p.error("--pin and --no-pin contradict each other")
     args.servers = [s for s in args.servers.split(",") if s]
+    if args.floor:
+        args.servers += [s for s in FLOOR_SERVERS if s not in args.servers]
     for s in args.servers:
-        if s not in ALL_SERVERS:
-            p.error(f"unknown server {s!r}; known: {', '.join(ALL_SERVERS)}")
+        if s not in ALL_SERVERS + FLOOR_SERVERS:
+            p.error(f"unknown server {s!r}; known: {', '.join(ALL_SERVERS + FLOOR_SERVERS)}")
+    if args.workloads == "all":
+        args.workloads = ",".join(w[0] for w in WORKLOADS)
     args.workloads = [w for w in args.workloads.split(",") if w]
     for w in args.workloads:
         if w not in [x[0] for x in WORKLOADS]:
@@ -849,7 +960,7 @@ def main(argv) -> int:
         )
         return 2
     online = os.sched_getaffinity(0)
-    if not args.no_pin:
+    if args.pin:
         for cpus in (args.server_cpus, args.client_cpus):
             if not parse_cpus(cpus) <= online:
                 print(f"CPU list {cpus} not available (have {sorted(online)}); see --server-cpus/--client-cpus", file=sys.stderr)
@@ -865,7 +976,7 @@ def main(argv) -> int:
     workloads = [w for w in WORKLOADS if w[0] in args.workloads]
     placement = (
         "unpinned"
-        if args.no_pin
+        if not args.pin
         else f"every server on CPU {args.server_cpus}, fio (and this script) on CPU {args.client_cpus} (taskset -c)"
     )
     report: dict = {
@@ -881,9 +992,15 @@ def main(argv) -> int:
             "size": args.size,
             "rss_size": args.rss_size,
             "stand_in": args.stand_in,
-            "server_cpus": None if args.no_pin else args.server_cpus,
-            "client_cpus": None if args.no_pin else args.client_cpus,
+            "server_cpus": args.server_cpus if args.pin else None,
+            "client_cpus": args.client_cpus if args.pin else None,
             "placement": placement,
+            "storage": args.storage,
+            "storage_text": {
+                "memory": "nbd-std and nbdkit memory exports; qemu-nbd and nbd-server a file in /dev/shm",
+                "shm": "every server on one file in /dev/shm",
+                "disk": f"every server on one file in {args.file_dir or '/var/tmp'}",
+            }[args.storage],
             "argv": argv,
         },
         "versions": {
@@ -902,8 +1019,10 @@ def main(argv) -> int:
     servers: dict[str, Server] = {}
     interrupted = None
     try:
-        if "nbd-std" in args.servers:
+        if "nbd-std" in args.servers or "nbd-std-null" in args.servers:
             prepare_nbd_std(ctx, args)
+        if args.storage != "memory" and not args.idle_connections:
+            ctx.make_shared_file(size)
         if args.idle_connections:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -968,6 +1087,11 @@ def main(argv) -> int:
             except Exception as e:  # keep cleaning up the others
                 log(f"stopping {srv.name}: {e}")
         shutil.rmtree(ctx.tmpdir, ignore_errors=True)
+        if ctx.shared_file:
+            try:
+                os.unlink(ctx.shared_file)
+            except FileNotFoundError:
+                pass
 
     report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     if interrupted:

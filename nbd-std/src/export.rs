@@ -2,8 +2,9 @@
 //! protocol core serves from.
 //!
 //! A specification is `NAME=KIND[,OPTION]...` with `KIND` one of
-//! `memory:SIZE`, `file:PATH` or `s3://BUCKET/PREFIX` (with its own options,
-//! see [`S3Options`]), and options `ro` (read-only),
+//! `memory:SIZE`, `file:PATH`, `null:SIZE` (zeroes; writes dropped) or
+//! `s3://BUCKET/PREFIX` (with its own options, see [`S3Options`]), and
+//! options `ro` (read-only),
 //! `fail=RULE` (fault injection, repeatable; see [`crate::backend::fault`]),
 //! `fail-seed=N` (its random seed), `writers=shared|exclusive` (see
 //! [`WriterPolicy`]) and `desc=TEXT` (a description; it runs to the end,
@@ -19,7 +20,7 @@ use crate::backend::S3Backend;
 use crate::backend::fault::{FaultRule, parse_seed};
 #[cfg(feature = "s3")]
 use crate::backend::s3::S3Options;
-use crate::backend::{Backend, FaultBackend, FileBackend, MemoryBackend};
+use crate::backend::{Backend, FaultBackend, FileBackend, MemoryBackend, NullBackend};
 use crate::size::parse_size;
 
 /// Where an export's data lives.
@@ -29,6 +30,9 @@ pub enum StorageSpec {
     Memory(u64),
     /// A raw image file or block device.
     File(PathBuf),
+    /// Nothing stored: reads are zeroes, writes are dropped (measures
+    /// the server without storage work).
+    Null(u64),
     /// Objects in an S3-compatible store.
     #[cfg(feature = "s3")]
     S3(S3Options),
@@ -107,9 +111,10 @@ impl ExportSpec {
                 StorageSpec::Memory(parse_size(size).map_err(|e| e.to_string())?)
             }
             Some(("file", path)) if !path.is_empty() => StorageSpec::File(PathBuf::from(path)),
+            Some(("null", size)) => StorageSpec::Null(parse_size(size).map_err(|e| e.to_string())?),
             _ => {
                 return Err(format!(
-                    "`{spec}`: unknown storage (expected memory:SIZE, file:PATH or s3://BUCKET/PREFIX)"
+                    "`{spec}`: unknown storage (expected memory:SIZE, file:PATH, null:SIZE or s3://BUCKET/PREFIX)"
                 ));
             }
         };
@@ -172,6 +177,7 @@ impl ExportSpec {
     pub fn open(&self) -> Result<ServedExport, String> {
         let backend: Arc<dyn Backend> = match &self.storage {
             StorageSpec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
+            StorageSpec::Null(size) => Arc::new(NullBackend::new(*size)),
             #[cfg(feature = "s3")]
             StorageSpec::S3(s3) => Arc::new(
                 S3Backend::open(s3, self.read_only)
@@ -400,6 +406,8 @@ mod tests {
         assert_eq!(file.storage, StorageSpec::File("/tmp/disk.img".into()));
         assert!(file.read_only);
         assert_eq!(file.description, "the disk, with commas");
+        let null = ExportSpec::parse("floor=null:1G").expect("null");
+        assert_eq!(null.storage, StorageSpec::Null(1 << 30));
         assert_eq!(
             ExportSpec::parse("=memory:1G").map(|e| e.name),
             Ok(String::new())

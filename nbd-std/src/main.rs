@@ -308,7 +308,8 @@ struct ServeArgs {
     /// Refuse writes on every export.
     #[arg(long)]
     read_only: bool,
-    /// An export: NAME=memory:SIZE or NAME=file:PATH, then ,ro and
+    /// An export: NAME=memory:SIZE, NAME=file:PATH or NAME=null:SIZE
+    /// (reads zeroes, drops writes: the server's own cost), then ,ro and
     /// ,desc=TEXT as wanted. Repeat for several; the first is the default.
     /// ,writers=exclusive: while one client has the export open for
     /// writing, other clients get it read-only; a client is an IP address
@@ -377,6 +378,11 @@ struct ServeArgs {
     #[arg(long, default_value = "0", value_name = "SECONDS",
           value_parser = limits::parse_handshake_timeout)]
     idle_timeout: std::time::Duration,
+    /// Threads serving connections, each with its own event loop (a
+    /// connection stays on one); default: one per CPU. 0: connections
+    /// are tasks of the shared work-stealing runtime.
+    #[arg(long, value_name = "N")]
+    io_threads: Option<usize>,
     /// TLS (NBD_OPT_STARTTLS): off; on (clients choose); require (every
     /// option but STARTTLS and ABORT refused until TLS is up).
     #[arg(long, value_enum, default_value_t = TlsMode::Off, value_name = "MODE")]
@@ -779,6 +785,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(USAGE);
         }
         let server = Server::new(ExportSet::new(exports), config).with_limits(limits);
+        let server = match args.io_threads {
+            Some(count) => server.with_io_threads(count),
+            None => server,
+        };
         let server = match metrics {
             Some(metrics) => server.with_metrics(metrics),
             None => server,

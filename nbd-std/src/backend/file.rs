@@ -16,6 +16,15 @@
 //!   supports neither, or fails with `Unsupported` when asked to be fast;
 //! - `resize` changes the file's length.
 //!
+//! What may run on the connection's thread rather than the blocking pool
+//! (`try_read_now` and friends), for requests of at most [`INLINE_BYTES`]:
+//! reads the page cache holds
+//! (`preadv2(RWF_NOWAIT)`, which refuses instead of waiting for the
+//! disk), writes (a buffered write
+//! copies into the page cache; the kernel may still throttle a writer
+//! with too many dirty pages, which then holds that thread), and on
+//! `tmpfs`/`ramfs` every read, write and flush (memory, nothing behind it).
+//!
 //! On block devices the size is the device's; zeroing uses the kernel's
 //! `fallocate` on the device (write-zeroes or discard commands) on the
 //! sector-aligned part of a range, `trim` discards, and neither block
@@ -37,6 +46,15 @@ use rustix::io::Errno;
 use super::{Backend, ZeroFlags, push_extent};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
+
+/// Largest read or write done on the connection's thread (see the module
+/// notes): copying this much costs less than handing it to the pool and
+/// back; larger copies overlap with the socket's on the pool.
+pub const INLINE_BYTES: usize = 256 << 10;
+
+/// `statfs` magic numbers of filesystems that live in memory.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
 /// Largest zero buffer written at once when zeroing by hand.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -62,6 +80,10 @@ pub struct FileBackend {
     punch_hole: AtomicBool,
     zero_range: AtomicBool,
     seek_data: AtomicBool,
+    /// `preadv2(RWF_NOWAIT)` is still believed to work.
+    nowait_reads: AtomicBool,
+    /// The file lives in memory (`tmpfs`, `ramfs`): nothing blocks on a device.
+    in_memory: bool,
     /// Writes hold it shared, `resize` exclusively: no write validated
     /// against the old size lands past a new, smaller end.
     resizing: RwLock<()>,
@@ -87,6 +109,13 @@ impl FileBackend {
             ));
         };
         let queue = |name: &str| sysfs_queue_value(device, name);
+        let in_memory = !block_device
+            && rustix::fs::fstatfs(&file).is_ok_and(|fs| {
+                // The field's integer type differs between architectures.
+                #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+                let magic = fs.f_type as u64;
+                magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
+            });
         Ok(Self {
             file,
             size: AtomicU64::new(size),
@@ -99,6 +128,8 @@ impl FileBackend {
             punch_hole: AtomicBool::new(true),
             zero_range: AtomicBool::new(true),
             seek_data: AtomicBool::new(!block_device),
+            nowait_reads: AtomicBool::new(true),
+            in_memory,
             resizing: RwLock::new(()),
         })
     }
@@ -275,6 +306,49 @@ impl Backend for FileBackend {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if buf.len() > INLINE_BYTES {
+            return None;
+        }
+        if self.in_memory {
+            return Some(self.read_at(buf, offset));
+        }
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let flags = rustix::io::ReadWriteFlags::NOWAIT;
+            match rustix::io::preadv2(
+                &self.file,
+                &mut [io::IoSliceMut::new(&mut buf[done..])],
+                offset + done as u64,
+                flags,
+            ) {
+                Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                // Not all in the page cache: the pool reads it.
+                Err(Errno::AGAIN) => return None,
+                Err(Errno::NOTSUP | Errno::INVAL | Errno::NOSYS) => {
+                    self.nowait_reads.store(false, Ordering::Relaxed);
+                    return None;
+                }
+                Err(error) => return Some(Err(error.into())),
+            }
+        }
+        Some(Ok(()))
+    }
+
+    fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
+        (data.len() <= INLINE_BYTES).then(|| self.write_at(data, offset))
+    }
+
+    fn try_flush_now(&self, range: Option<(u64, u64)>) -> Option<io::Result<()>> {
+        let _ = range;
+        self.in_memory.then(|| self.flush())
     }
 
     /// Punches a hole in a file (reads then return zeroes); discards on a
@@ -475,6 +549,57 @@ mod tests {
         assert!(caps.flush && caps.fua && caps.trim && caps.write_zeroes && caps.fast_zero);
         assert!(caps.cache && caps.resize && caps.multi_conn && caps.block_status);
         assert!(backend.may_block());
+    }
+
+    #[test]
+    fn inline_io_is_the_same_io() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, 4 * MIB), false).expect("open");
+        let data = pattern(8192, 3);
+        backend
+            .try_write_now(&data, 4096)
+            .expect("a small write is done inline")
+            .expect("write");
+        assert_eq!(read(&backend, 4096, data.len()), data);
+        // Just written, so in the page cache: read at once where the
+        // kernel can say so (`RWF_NOWAIT`), else left to the pool.
+        let mut buf = vec![0; data.len()];
+        if let Some(result) = backend.try_read_now(&mut buf, 4096) {
+            result.expect("read");
+            assert_eq!(buf, data);
+        }
+        let large = vec![1; INLINE_BYTES + 1];
+        assert!(backend.try_write_now(&large, 0).is_none());
+        assert!(
+            backend
+                .try_read_now(&mut vec![0; INLINE_BYTES + 1], 0)
+                .is_none()
+        );
+        assert!(
+            backend
+                .try_write_now(&[1], 4 * MIB)
+                .is_some_and(|r| r.is_err())
+        );
+    }
+
+    #[test]
+    fn in_memory_files_flush_inline() {
+        // tmpfs, where it is mounted (it is on Debian and in CI).
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let backend = FileBackend::open(&image(&dir, MIB), false).expect("open");
+        assert!(backend.in_memory);
+        backend
+            .try_flush_now(None)
+            .expect("nothing to wait for")
+            .expect("flush");
+        let mut buf = vec![9; 4096];
+        backend
+            .try_read_now(&mut buf, 0)
+            .expect("memory reads inline")
+            .expect("read");
+        assert_eq!(buf, vec![0; 4096]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Storage behind an export. A [`Backend`] is what a user implements to
-//! serve their own storage; `memory` and `file` are the ones the CLI offers.
+//! serve their own storage; `memory`, `file` and `null` are the ones the CLI
+//! offers.
 //!
 //! Methods take `&self` and may be called from several threads at once
 //! (several connections, several requests in flight); a backend makes its
@@ -18,12 +19,14 @@ use nbd_core::wire::{BlockSizeConstraints, ErrorCode, ExtDescriptor};
 pub mod fault;
 pub mod file;
 pub mod memory;
+pub mod null;
 #[cfg(feature = "s3")]
 pub mod s3;
 
 pub use fault::FaultBackend;
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+pub use null::NullBackend;
 #[cfg(feature = "s3")]
 pub use s3::S3Backend;
 
@@ -134,6 +137,31 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Stores `data` at `offset`.
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+
+    /// For a backend that may block: fills `buf` from `offset` only if
+    /// that cannot wait for a device (data in the page cache), so the
+    /// server may do it on the connection's thread instead of handing it
+    /// to the pool. `None` (the default): it might block; use `read_at`
+    /// on the pool. `buf` may be partly filled then.
+    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        let _ = (buf, offset);
+        None
+    }
+
+    /// As [`try_read_now`](Self::try_read_now) for `write_at`: `Some` when
+    /// the write was done without waiting for a device.
+    fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
+        let _ = (data, offset);
+        None
+    }
+
+    /// As [`try_read_now`](Self::try_read_now) for making a range durable
+    /// (`flush_range`; the whole export when `range` is `None`): `Some` when
+    /// done without waiting for a device (storage with nothing behind it).
+    fn try_flush_now(&self, range: Option<(u64, u64)>) -> Option<io::Result<()>> {
+        let _ = range;
+        None
+    }
 
     /// Makes every completed write durable (`NBD_CMD_FLUSH`).
     fn flush(&self) -> io::Result<()>;

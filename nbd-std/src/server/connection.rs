@@ -544,13 +544,31 @@ impl Driver {
     /// Sends the gathered piece of `write` to storage.
     fn store_piece(&mut self, id: RequestId, write: &mut StreamingWrite) {
         write.piece_limit = 0;
+        let Some(backend) = self.backend.clone() else {
+            return;
+        };
+        let data = std::mem::take(&mut write.piece);
+        // Stored at once when the backend can without blocking (a small
+        // buffered write): no trip to the pool and back.
+        if let Some(result) = backend.try_write_now(&data, write.piece_offset) {
+            self.budget.release(data.len());
+            if let Err(error) = result
+                && write.failed.is_none()
+            {
+                write.failed = Some(error);
+            }
+            return;
+        }
         write.outstanding += 1;
-        self.dispatch(Job::Write {
-            id,
-            offset: write.piece_offset,
-            data: std::mem::take(&mut write.piece),
-            fua: false,
-        });
+        self.send_to_storage(
+            backend,
+            Job::Write {
+                id,
+                offset: write.piece_offset,
+                data,
+                fua: false,
+            },
+        );
     }
 
     /// Feeds input to the core and handles every event; returns the bytes consumed.
@@ -890,29 +908,44 @@ impl Driver {
         self.backend.as_ref().is_some_and(|b| b.may_block())
     }
 
+    /// Carries `job` out: inline when the backend cannot block, or can do
+    /// this job without blocking; elsewhere otherwise.
     fn dispatch(&mut self, job: Job) {
         let Some(backend) = self.backend.clone() else {
             return;
         };
+        let job = if backend.may_block() {
+            // A trip to the pool (or another task) and back costs two
+            // thread wake-ups, more than a page-cache copy of a small
+            // request.
+            job.run_now(&*backend)
+        } else {
+            Ok(job.run(&*backend))
+        };
+        match job {
+            Ok(done) => self.apply(done),
+            Err(job) => self.send_to_storage(backend, job),
+        }
+    }
+
+    /// Runs `job` off the connection's thread: as a task for storage with
+    /// an asynchronous form, on the blocking pool otherwise. Its outcome
+    /// comes back through `done_rx`.
+    fn send_to_storage(&mut self, backend: Arc<dyn Backend>, job: Job) {
+        let done_tx = self.done_tx.clone();
+        self.pending += 1;
         if let Some(storage) = backend.async_form() {
             // Network storage: a task per request, no pool thread held
             // while it waits on round trips.
-            let done_tx = self.done_tx.clone();
-            self.pending += 1;
             let work = job.run_async(storage);
             tokio::spawn(async move {
                 let _ = done_tx.send(work.await);
             });
-        } else if backend.may_block() {
-            let done_tx = self.done_tx.clone();
-            self.pending += 1;
+        } else {
             tokio::task::spawn_blocking(move || {
                 // The receiver is gone only when the connection ended.
                 let _ = done_tx.send(job.run(&*backend));
             });
-        } else {
-            let done = job.run(&*backend);
-            self.apply(done);
         }
     }
 

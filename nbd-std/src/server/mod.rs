@@ -13,6 +13,7 @@
 
 pub mod budget;
 mod connection;
+mod io_threads;
 pub mod limits;
 mod storage;
 
@@ -34,6 +35,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::export::ExportSet;
 use crate::metrics::{HandshakeFailure, Limit, Metrics};
 use crate::tls::ServerTls;
+use io_threads::IoThreads;
 
 /// Connections the kernel queues for `accept` (capped by
 /// `net.core.somaxconn`). mio's default, 128, overflows when a few hundred
@@ -117,6 +119,13 @@ pub struct Server {
     budget: Arc<ServerBudget>,
     /// `--metrics`: counters of connections and requests.
     metrics: Option<Arc<Metrics>>,
+    /// Threads running connections (see [`Server::with_io_threads`]).
+    io_threads: usize,
+}
+
+/// I/O threads by default: one per CPU the process may run on.
+fn default_io_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 impl Server {
@@ -129,7 +138,18 @@ impl Server {
             limits: ServerLimits::default(),
             budget: Arc::new(ServerBudget::new(ServerLimits::default().server_memory)),
             metrics: None,
+            io_threads: default_io_threads(),
         }
+    }
+
+    /// Runs connections on `count` threads of their own, each with a
+    /// single-threaded event loop (a connection stays on one; default:
+    /// one per CPU). `0` runs them as tasks of the runtime that runs the
+    /// server instead.
+    #[must_use]
+    pub fn with_io_threads(mut self, count: usize) -> Self {
+        self.io_threads = count;
+        self
     }
 
     /// The same server counting connections and requests in `metrics`.
@@ -184,6 +204,10 @@ impl Server {
         mut shutdown: watch::Receiver<bool>,
     ) -> io::Result<()> {
         info!("listening on {}", listener.describe());
+        let io_threads = match self.io_threads {
+            0 => None,
+            count => Some(IoThreads::start(count)?),
+        };
         let mut connections = JoinSet::new();
         let mut next_id: u64 = 0;
         let mut watching = true;
@@ -207,7 +231,13 @@ impl Server {
                             continue;
                         }
                         next_id += 1;
-                        self.spawn(&mut connections, client, next_id, shutdown.clone());
+                        self.spawn(
+                            &mut connections,
+                            io_threads.as_ref(),
+                            client,
+                            next_id,
+                            shutdown.clone(),
+                        );
                     }
                     Err(error) => {
                         // Out of descriptors and the like: wait instead of spinning.
@@ -243,31 +273,41 @@ impl Server {
             connections.shutdown().await;
         }
         self.flush_all().await;
+        if let Some(io_threads) = io_threads {
+            io_threads.stop().await;
+        }
         Ok(())
     }
 
     fn spawn(
         &self,
         connections: &mut JoinSet<()>,
+        io_threads: Option<&IoThreads>,
         client: Client,
         id: u64,
         shutdown: watch::Receiver<bool>,
     ) {
-        let exports = Arc::clone(&self.exports);
-        let config = self.config;
-        let tls = self.tls.as_ref().map(ServerTls::acceptor);
         let span = info_span!("client", id, peer = %client.peer);
         let peer = client.peer;
-        let timeout = self.limits.handshake_timeout;
         let (negotiated, selected) = oneshot::channel();
-        let settings = connection::Settings {
-            server_memory: Arc::clone(&self.budget),
-            connection_memory: self.limits.connection_memory,
-            idle_timeout: self.limits.idle_timeout,
-            client: client.address,
-            metrics: self.metrics.as_ref().map(Metrics::connection),
+        let parts = ClientParts {
+            exports: Arc::clone(&self.exports),
+            config: self.config,
+            tls: self.tls.as_ref().map(ServerTls::acceptor),
+            shutdown,
+            negotiated,
+            selected,
+            timeout: self.limits.handshake_timeout,
+            settings: connection::Settings {
+                server_memory: Arc::clone(&self.budget),
+                connection_memory: self.limits.connection_memory,
+                idle_timeout: self.limits.idle_timeout,
+                client: client.address,
+                metrics: self.metrics.as_ref().map(Metrics::connection),
+            },
+            server_metrics: self.metrics.clone(),
         };
-        let server_metrics = self.metrics.clone();
+        let placement = io_threads.and_then(IoThreads::place);
         match client.stream {
             Stream::Tcp(stream) => {
                 if let Err(error) = stream.set_nodelay(true) {
@@ -278,22 +318,45 @@ impl Server {
                 {
                     warn!("cannot set TCP keepalive for {peer}: {error}");
                 }
-                let connection = Box::pin(connection::run(
-                    stream, exports, config, tls, shutdown, negotiated, settings,
-                ));
-                connections.spawn(
-                    handshake_deadline(connection, selected, timeout, server_metrics)
-                        .instrument(span),
-                );
+                let Some((runtime, place)) = placement else {
+                    connections.spawn(serve_client(stream, parts).instrument(span));
+                    return;
+                };
+                // The socket moves to the thread's own event loop.
+                match stream.into_std() {
+                    Ok(stream) => {
+                        let moved = async move {
+                            let _place = place;
+                            match tokio::net::TcpStream::from_std(stream) {
+                                Ok(stream) => serve_client(stream, parts).await,
+                                Err(error) => warn!("cannot serve the connection: {error}"),
+                            }
+                        };
+                        connections.spawn_on(moved.instrument(span), runtime);
+                    }
+                    Err(error) => {
+                        warn!("cannot hand the connection from {peer} to an I/O thread: {error}")
+                    }
+                }
             }
             Stream::Unix(stream) => {
-                let connection = Box::pin(connection::run(
-                    stream, exports, config, tls, shutdown, negotiated, settings,
-                ));
-                connections.spawn(
-                    handshake_deadline(connection, selected, timeout, server_metrics)
-                        .instrument(span),
-                );
+                let Some((runtime, place)) = placement else {
+                    connections.spawn(serve_client(stream, parts).instrument(span));
+                    return;
+                };
+                match stream.into_std() {
+                    Ok(stream) => {
+                        let moved = async move {
+                            let _place = place;
+                            match tokio::net::UnixStream::from_std(stream) {
+                                Ok(stream) => serve_client(stream, parts).await,
+                                Err(error) => warn!("cannot serve the connection: {error}"),
+                            }
+                        };
+                        connections.spawn_on(moved.instrument(span), runtime);
+                    }
+                    Err(error) => warn!("cannot hand the connection to an I/O thread: {error}"),
+                }
             }
         }
     }
@@ -356,6 +419,42 @@ async fn accept(listener: &Listener) -> io::Result<Client> {
             })
         }
     }
+}
+
+/// What a connection needs besides its socket.
+struct ClientParts {
+    exports: Arc<ExportSet>,
+    config: Config,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+    negotiated: oneshot::Sender<()>,
+    selected: oneshot::Receiver<()>,
+    timeout: Option<Duration>,
+    settings: connection::Settings,
+    server_metrics: Option<Arc<Metrics>>,
+}
+
+/// Serves one client on `stream` under the handshake deadline.
+async fn serve_client<S>(stream: S, parts: ClientParts)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let connection = Box::pin(connection::run(
+        stream,
+        parts.exports,
+        parts.config,
+        parts.tls,
+        parts.shutdown,
+        parts.negotiated,
+        parts.settings,
+    ));
+    handshake_deadline(
+        connection,
+        parts.selected,
+        parts.timeout,
+        parts.server_metrics,
+    )
+    .await;
 }
 
 /// Runs `connection`, dropping it (which closes its socket, TLS session

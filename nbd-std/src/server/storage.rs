@@ -261,6 +261,48 @@ impl Job {
     }
 }
 
+impl Job {
+    /// Carries the job out at once when the backend can without blocking
+    /// (its `try_*_now`); gives it back for the pool otherwise.
+    pub(super) fn run_now(self, backend: &dyn Backend) -> Result<Done, Self> {
+        match self {
+            Self::Read {
+                id,
+                offset,
+                mut buffer,
+            } => match backend.try_read_now(&mut buffer, offset) {
+                Some(result) => Ok(Done::Read { id, buffer, result }),
+                None => Err(Self::Read { id, offset, buffer }),
+            },
+            Self::Write {
+                id,
+                offset,
+                data,
+                fua: false,
+            } => match backend.try_write_now(&data, offset) {
+                Some(result) => Ok(Done::Write { id, data, result }),
+                None => Err(Self::Write {
+                    id,
+                    offset,
+                    data,
+                    fua: false,
+                }),
+            },
+            Self::Durable { id, offset, length } => {
+                match backend.try_flush_now(Some((offset, length))) {
+                    Some(result) => Ok(Done::Other { id, result }),
+                    None => Err(Self::Durable { id, offset, length }),
+                }
+            }
+            Self::Flush { id } => match backend.try_flush_now(None) {
+                Some(result) => Ok(Done::Other { id, result }),
+                None => Err(Self::Flush { id }),
+            },
+            other => Err(other),
+        }
+    }
+}
+
 impl Done {
     pub(super) fn id(&self) -> RequestId {
         match self {
