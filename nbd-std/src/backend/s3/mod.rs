@@ -12,6 +12,7 @@
 mod disk;
 mod layout;
 mod lease;
+mod log;
 
 use std::io;
 use std::sync::Arc;
@@ -200,8 +201,7 @@ impl S3Backend {
                 .join()
                 .unwrap_or_else(|_| Err("opening the S3 disk panicked".to_owned()))
         })?;
-        let (disk, dirtied, lease) = opened;
-        handle.spawn(Arc::clone(&disk).upload_in_background(dirtied));
+        let (disk, lease) = opened;
         if let Some(lease) = &lease {
             handle.spawn(Arc::clone(lease).keep());
         }
@@ -222,14 +222,7 @@ impl S3Backend {
         options: &S3Options,
         store: Arc<dyn ObjectStore>,
         read_only: bool,
-    ) -> Result<
-        (
-            Arc<Disk>,
-            tokio::sync::mpsc::UnboundedReceiver<u64>,
-            Option<Arc<Lease>>,
-        ),
-        String,
-    > {
+    ) -> Result<(Arc<Disk>, Option<Arc<Lease>>), String> {
         let location = options.location();
         let prefix = Path::from(options.prefix.as_str());
         let lease = if read_only {
@@ -284,9 +277,12 @@ impl S3Backend {
             let existing = list_objects(&*store, &prefix)
                 .await
                 .map_err(|e| format!("{location}: cannot list the disk's objects: {e}"))?;
-            Ok((manifest, existing))
+            let segments = log::list_segments(&*store, &prefix)
+                .await
+                .map_err(|e| format!("{location}: cannot list the disk's write log: {e}"))?;
+            Ok((manifest, existing, segments))
         };
-        let (manifest, existing) = match found.await {
+        let (manifest, existing, segments) = match found.await {
             Ok(found) => found,
             Err(error) => {
                 if let Some(lease) = &lease {
@@ -296,22 +292,34 @@ impl S3Backend {
             }
         };
         tracing::info!(
-            "{location}: {} bytes in objects of {} bytes, {} stored, disk {}",
+            "{location}: {} bytes in objects of {} bytes, {} stored, {} log segments, disk {}",
             manifest.size,
             manifest.object_size,
             existing.len(),
+            segments.len(),
             manifest.uuid
         );
-        let (disk, dirtied) = Disk::new(
+        let (disk, background) = Disk::new(
             store,
             prefix,
             manifest.size,
             manifest.object_size,
             options.cache,
             &existing,
+            &segments,
             lease.clone(),
         );
-        Ok((disk, dirtied, lease))
+        if !read_only {
+            // Replay may need folds to make room in the cache.
+            disk.start(background);
+        }
+        if let Err(error) = disk.replay(&segments).await {
+            if let Some(lease) = &lease {
+                lease.release().await;
+            }
+            return Err(format!("{location}: cannot replay the write log: {error}"));
+        }
+        Ok((disk, lease))
     }
 }
 
@@ -396,7 +404,7 @@ async fn manifest(
             Err(e) => Err(format!("{location}: cannot read the manifest: {e}")),
         }
     };
-    let manifest = match read().await? {
+    let mut manifest = match read().await? {
         Some(manifest) => manifest,
         None => {
             let Some(size) = options.size else {
@@ -416,6 +424,7 @@ async fn manifest(
                 size,
                 object_size: options.object_size.unwrap_or(DEFAULT_OBJECT_SIZE),
                 uuid: layout::fresh_id(),
+                format: layout::FORMAT_VERSION,
             };
             let create = PutOptions {
                 mode: PutMode::Create,
@@ -453,6 +462,24 @@ async fn manifest(
             manifest.object_size
         ));
     }
+    if !read_only && manifest.format == layout::FORMAT_WITHOUT_LOG {
+        // Before the first log segment: an older server must now refuse
+        // the disk instead of ignoring its log.
+        let upgraded = layout::Manifest {
+            format: layout::FORMAT_VERSION,
+            ..manifest
+        };
+        store
+            .put(&key, PutPayload::from(upgraded.encode()))
+            .await
+            .map_err(|e| format!("{location}: cannot update the manifest: {e}"))?;
+        tracing::info!(
+            "{location}: manifest format {} -> {}",
+            layout::FORMAT_WITHOUT_LOG,
+            layout::FORMAT_VERSION
+        );
+        manifest = upgraded;
+    }
     Ok(manifest)
 }
 
@@ -483,7 +510,7 @@ impl Drop for Opened {
             let location = self.location.clone();
             let (sender, receiver) = std::sync::mpsc::sync_channel(1);
             self.handle.spawn(async move {
-                let stored = disk.flush().await;
+                let stored = disk.fold().await;
                 match &stored {
                     Ok(()) => {
                         if let Some(lease) = lease {
@@ -800,7 +827,7 @@ mod tests {
         );
         // no-fencing is the user's word; read-only needs no lease.
         assert!(options.option("no-fencing").expect("no-fencing"));
-        let (_, _, lease) = rt
+        let (_, lease) = rt
             .block_on(S3Backend::open_disk(&options, Arc::clone(&store), false))
             .expect("opened with no-fencing");
         assert!(lease.is_none());
