@@ -1025,6 +1025,11 @@ impl Disk {
         self.replaying.store(true, Ordering::Release);
         let replayed = self.apply_segments(segments).await;
         self.replaying.store(false, Ordering::Release);
+        if replayed.is_ok() && !segments.is_empty() {
+            // Fold what was replayed soon, so the next open replays
+            // little even if this server dies quickly too.
+            self.room_wanted.notify_one();
+        }
         replayed
     }
 
