@@ -185,16 +185,17 @@ impl Disk {
                 flag.store(true, Ordering::Relaxed);
             }
         }
-        // Half for dirty data, and reads may fill the rest.
-        let cache_objects = usize::try_from(cache_bytes / object_size)
-            .unwrap_or(usize::MAX)
-            .max(4);
-        let (queue, dirtied) = mpsc::unbounded_channel();
-        // An eighth of the cache for log records in memory, within 8 to
-        // 64 MiB.
+        // An eighth of the cache for log records in memory, within 1 to
+        // 64 MiB; of the rest, half for dirty data, and reads may fill
+        // the other half.
         let log_room = usize::try_from(cache_bytes / 8)
             .unwrap_or(usize::MAX)
-            .clamp(8 << 20, 64 << 20);
+            .clamp(1 << 20, 64 << 20);
+        let cache_objects =
+            usize::try_from(cache_bytes.saturating_sub(log_room as u64) / object_size)
+                .unwrap_or(usize::MAX)
+                .max(4);
+        let (queue, dirtied) = mpsc::unbounded_channel();
         let next_sequence = segments.last().map_or(1, |&(sequence, _)| sequence + 1);
         let (log, sealed) = WriteLog::new(
             Arc::clone(&store),
@@ -316,7 +317,12 @@ impl Disk {
             let key = data_key(&self.prefix, index);
             let fetched = bounded(async { self.store.get(&key).await?.bytes().await }).await;
             match fetched {
-                Ok(bytes) if bytes.len() as u64 == self.object_size => bytes.to_vec(),
+                // The body's own buffer when nothing else holds it: no
+                // second copy of the object in memory.
+                Ok(bytes) if bytes.len() as u64 == self.object_size => match bytes.try_into_mut() {
+                    Ok(unique) => Vec::from(unique),
+                    Err(shared) => shared.to_vec(),
+                },
                 Ok(bytes) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -1220,7 +1226,8 @@ mod tests {
     }
 
     /// A disk on `store` as a server opening it would see it (its log
-    /// replayed), with a cache of 16 objects (8 dirty at most), and with
+    /// replayed), with a cache of 16 objects (8 dirty at most) and 1 MiB
+    /// of log, and with
     /// background uploads and folds when `background`. Dropping it
     /// without [`Disk::fold`] is a crash.
     async fn open_with(store: &Arc<InMemory>, background: bool) -> Arc<Disk> {
@@ -1237,7 +1244,7 @@ mod tests {
             prefix,
             SIZE,
             OBJECT,
-            1 << 20,
+            2 << 20,
             &existing,
             &segments,
             None,
@@ -1505,7 +1512,7 @@ mod tests {
             Path::from("d"),
             4 * OBJECT,
             OBJECT,
-            1 << 20,
+            2 << 20,
             &[],
             &[],
             None,
