@@ -186,15 +186,14 @@ impl Disk {
             }
         }
         // An eighth of the cache for log records in memory, within 1 to
-        // 64 MiB; of the rest, half for dirty data, and reads may fill
-        // the other half.
+        // 64 MiB; half of it for dirty objects, and reads may fill what
+        // the log leaves.
         let log_room = usize::try_from(cache_bytes / 8)
             .unwrap_or(usize::MAX)
             .clamp(1 << 20, 64 << 20);
-        let cache_objects =
-            usize::try_from(cache_bytes.saturating_sub(log_room as u64) / object_size)
-                .unwrap_or(usize::MAX)
-                .max(4);
+        let objects_in = |bytes: u64| usize::try_from(bytes / object_size).unwrap_or(usize::MAX);
+        let cache_objects = objects_in(cache_bytes.saturating_sub(log_room as u64)).max(4);
+        let dirty_objects = objects_in(cache_bytes / 2).clamp(2, cache_objects);
         let (queue, dirtied) = mpsc::unbounded_channel();
         let next_sequence = segments.last().map_or(1, |&(sequence, _)| sequence + 1);
         let (log, sealed) = WriteLog::new(
@@ -212,7 +211,7 @@ impl Disk {
             object_size,
             existence,
             slots: Mutex::new(HashMap::new()),
-            dirty_room: Arc::new(Semaphore::new(cache_objects / 2)),
+            dirty_room: Arc::new(Semaphore::new(dirty_objects)),
             cached_limit: cache_objects,
             cached: AtomicUsize::new(0),
             uploads: Semaphore::new(PARALLEL_UPLOADS),

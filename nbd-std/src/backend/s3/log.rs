@@ -184,7 +184,8 @@ struct LogState {
 }
 
 fn fresh_segment(sequence: u64) -> Vec<u8> {
-    let mut pending = Vec::with_capacity(HEADER);
+    // Room for a full segment at once: appending never reallocates.
+    let mut pending = Vec::with_capacity(SEGMENT_TARGET + HEADER + (64 << 10));
     pending.extend_from_slice(MAGIC);
     pending.extend_from_slice(&sequence.to_be_bytes());
     pending
