@@ -30,7 +30,9 @@ use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::layout::data_key;
 use super::lease::Lease;
-use super::log::{DATA_RECORD_OVERHEAD, Position, Record, SealedSegments, WriteLog};
+use super::log::{DATA_RECORD_OVERHEAD, Record, SealedSegments, WriteLog};
+
+mod replay;
 use crate::backend::{ZeroFlags, push_extent};
 
 /// Uploads (PUT or DELETE) in flight at once per export.
@@ -185,15 +187,14 @@ impl Disk {
                 flag.store(true, Ordering::Relaxed);
             }
         }
-        // An eighth of the cache for log records in memory, within 1 to
-        // 64 MiB; half of it for dirty objects, and reads may fill what
-        // the log leaves.
+        // Half the cache for dirty objects, and reads may fill the rest;
+        // log records in memory take up to an eighth more (1 to 64 MiB).
         let log_room = usize::try_from(cache_bytes / 8)
             .unwrap_or(usize::MAX)
             .clamp(1 << 20, 64 << 20);
         let objects_in = |bytes: u64| usize::try_from(bytes / object_size).unwrap_or(usize::MAX);
-        let cache_objects = objects_in(cache_bytes.saturating_sub(log_room as u64)).max(4);
-        let dirty_objects = objects_in(cache_bytes / 2).clamp(2, cache_objects);
+        let cache_objects = objects_in(cache_bytes).max(4);
+        let dirty_objects = cache_objects / 2;
         let (queue, dirtied) = mpsc::unbounded_channel();
         let next_sequence = segments.last().map_or(1, |&(sequence, _)| sequence + 1);
         let (log, sealed) = WriteLog::new(
@@ -1022,91 +1023,6 @@ impl Disk {
         }
     }
 
-    /// Applies the log segments in the store (`segments`, oldest first)
-    /// to the cache, at open: for each object, the records after its last
-    /// `Stored` record. Reads every segment twice (positions, then
-    /// records), so memory holds one segment at a time.
-    pub(super) async fn replay(&self, segments: &[(u64, usize)]) -> io::Result<()> {
-        self.replaying.store(true, Ordering::Release);
-        let replayed = self.apply_segments(segments).await;
-        self.replaying.store(false, Ordering::Release);
-        if replayed.is_ok() && !segments.is_empty() {
-            // Fold what was replayed soon, so the next open replays
-            // little even if this server dies quickly too.
-            self.room_wanted.notify_one();
-        }
-        replayed
-    }
-
-    async fn apply_segments(&self, segments: &[(u64, usize)]) -> io::Result<()> {
-        let invalid = |sequence: u64, error: String| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("log segment {sequence:016x}: {error}"),
-            )
-        };
-        let mut stored_since: HashMap<u64, Position> = HashMap::new();
-        for &(sequence, _) in segments {
-            let bytes = super::log::read_segment(&*self.store, &self.prefix, sequence).await?;
-            let (_, records) =
-                super::log::decode_segment(&bytes).map_err(|error| invalid(sequence, error))?;
-            for (_, record) in records {
-                if let Record::Stored { index, since } = record {
-                    let latest = stored_since.entry(index).or_insert(since);
-                    *latest = (*latest).max(since);
-                }
-            }
-        }
-        let end = self.size;
-        for &(sequence, _) in segments {
-            let bytes = super::log::read_segment(&*self.store, &self.prefix, sequence).await?;
-            let (_, records) =
-                super::log::decode_segment(&bytes).map_err(|error| invalid(sequence, error))?;
-            for (position, record) in records {
-                let (offset, length) = match record {
-                    Record::Data { offset, data } => (offset, data.len() as u64),
-                    Record::Zero { offset, length } => (offset, u64::from(length)),
-                    Record::Stored { .. } => continue,
-                };
-                if offset
-                    .checked_add(length)
-                    .is_none_or(|record_end| record_end > end)
-                {
-                    return Err(invalid(
-                        sequence,
-                        format!("record at {offset} past the disk"),
-                    ));
-                }
-                let index = offset / self.object_size;
-                let start = (offset % self.object_size) as usize;
-                if start as u64 + length > self.object_size {
-                    return Err(invalid(
-                        sequence,
-                        format!("record at {offset} spans objects"),
-                    ));
-                }
-                if stored_since
-                    .get(&index)
-                    .is_some_and(|&since| position < since)
-                {
-                    continue;
-                }
-                match record {
-                    Record::Data { data, .. } => {
-                        self.write_object(index, start, data, false).await?;
-                    }
-                    _ if length == self.object_size => self.zero_object(index, false).await?,
-                    _ => {
-                        let zeroes = vec![0; length as usize];
-                        self.write_object(index, start, &zeroes, false).await?;
-                    }
-                }
-            }
-            self.evict();
-        }
-        Ok(())
-    }
-
     /// Forgets clean slots of zero objects (their state is in `existence`),
     /// so a whole-disk trim leaves no table behind.
     fn forget_zero_slots(&self) {
@@ -1225,8 +1141,7 @@ mod tests {
     }
 
     /// A disk on `store` as a server opening it would see it (its log
-    /// replayed), with a cache of 16 objects (8 dirty at most) and 1 MiB
-    /// of log, and with
+    /// replayed), with a cache of 16 objects (8 dirty at most), and with
     /// background uploads and folds when `background`. Dropping it
     /// without [`Disk::fold`] is a crash.
     async fn open_with(store: &Arc<InMemory>, background: bool) -> Arc<Disk> {
@@ -1243,7 +1158,7 @@ mod tests {
             prefix,
             SIZE,
             OBJECT,
-            2 << 20,
+            1 << 20,
             &existing,
             &segments,
             None,
@@ -1511,7 +1426,7 @@ mod tests {
             Path::from("d"),
             4 * OBJECT,
             OBJECT,
-            2 << 20,
+            1 << 20,
             &[],
             &[],
             None,
