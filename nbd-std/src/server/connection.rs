@@ -896,17 +896,10 @@ impl Driver {
         };
         if let Some(storage) = backend.async_form() {
             // Network storage: a task per request, no pool thread held
-            // while it waits on round trips; but a request the storage
-            // answers at once (cached data) is applied here, without a
-            // task and a channel hop, which at QD1 cost more than a copy.
-            let mut work = Box::pin(job.run_async(storage));
-            let mut at_once = std::task::Context::from_waker(std::task::Waker::noop());
-            if let std::task::Poll::Ready(done) = work.as_mut().poll(&mut at_once) {
-                self.apply(done);
-                return;
-            }
+            // while it waits on round trips.
             let done_tx = self.done_tx.clone();
             self.pending += 1;
+            let work = job.run_async(storage);
             tokio::spawn(async move {
                 let _ = done_tx.send(work.await);
             });
