@@ -214,6 +214,25 @@ impl<T, const N: usize> SlotTable<T, N> {
     }
 }
 
+/// Makes room in a shell's fixed input buffer once the core took what it
+/// could from `buffer[start..end]`: an emptied window rewinds to the
+/// front, a window that reaches the end of the buffer moves its unread
+/// bytes to the front, any other stays where it is (moving on every pass
+/// would copy pipelined input over and over). Returns the new
+/// `(start, end)`; `end == buffer.len()` afterwards means the buffer is
+/// full of input the core did not take. The server and client shells of
+/// every crate (std, embedded) compact their input with this.
+pub fn make_room(buffer: &mut [u8], start: usize, end: usize) -> (usize, usize) {
+    if start == end {
+        (0, 0)
+    } else if end == buffer.len() {
+        buffer.copy_within(start..end, 0);
+        (0, end - start)
+    } else {
+        (start, end)
+    }
+}
+
 /// Bytes either side keeps of a header or fixed field split across
 /// inputs: the longest is a 32-byte extended request or reply header.
 pub(crate) const ACCUMULATOR_BYTES: usize = 32;
@@ -302,7 +321,22 @@ impl Accumulator {
 
 #[cfg(test)]
 mod accumulator_tests {
-    use super::Accumulator;
+    use super::{Accumulator, make_room};
+
+    #[test]
+    fn make_room_moves_input_only_when_it_must() {
+        let mut buffer = *b"abcdefgh";
+        // Emptied: rewound.
+        assert_eq!(make_room(&mut buffer, 5, 5), (0, 0));
+        // Room left at the end: nothing moves.
+        assert_eq!(make_room(&mut buffer, 2, 6), (2, 6));
+        assert_eq!(&buffer, b"abcdefgh");
+        // Reaching the end: the unread bytes go to the front.
+        assert_eq!(make_room(&mut buffer, 5, 8), (0, 3));
+        assert_eq!(&buffer[..3], b"fgh");
+        // Full of untaken input: still full, for the shell to report.
+        assert_eq!(make_room(&mut buffer, 0, 8), (0, 8));
+    }
 
     #[test]
     fn a_whole_field_is_borrowed_and_a_split_one_is_joined() {

@@ -306,21 +306,14 @@ impl<C: Catalog, D: BlockDevice, const REQUESTS: usize, const BUFFER: usize>
 
 /// Room at the end of the input `buffer[start..end]` for the next read,
 /// once everything the core would take was given to it and every reply was
-/// sent: rewinds an emptied buffer, moves the unread bytes of a full one to
-/// its front. Returns the new `(start, end)`.
+/// sent ([`nbd_core::shape::make_room`]); a buffer still full is an error.
+/// Returns the new `(start, end)`.
 pub(crate) fn make_room<T>(
     buffer: &mut [u8],
     start: usize,
     end: usize,
 ) -> Result<(usize, usize), Error<T>> {
-    let (start, end) = if start == end {
-        (0, 0)
-    } else if end == buffer.len() {
-        buffer.copy_within(start..end, 0);
-        (0, end - start)
-    } else {
-        (start, end)
-    };
+    let (start, end) = nbd_core::shape::make_room(buffer, start, end);
     if end == buffer.len() {
         // The core holds back input only while replies wait to be sent,
         // and they were all sent.

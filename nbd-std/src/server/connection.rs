@@ -416,12 +416,7 @@ impl Driver {
             if self.closed {
                 return stream.shutdown().await.map(|()| Ended::Done);
             }
-            if start == end {
-                (start, end) = (0, 0);
-            } else if end == input.len() {
-                input.copy_within(start..end, 0);
-                (start, end) = (0, end - start);
-            }
+            (start, end) = nbd_core::shape::make_room(&mut input, start, end);
             if sent > 0 && (start < end || self.conn.in_flight() == 0) {
                 // Replies went out; input that waited on them may go on now.
                 // While negotiating, a reply sent may also release an event
