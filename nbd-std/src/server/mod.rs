@@ -26,7 +26,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_core::server::{Config, TlsPolicy};
+use nbd_core::server::Config;
+#[cfg(feature = "tls")]
+use nbd_core::server::TlsPolicy;
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
@@ -34,6 +36,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::export::ExportSet;
 use crate::metrics::{HandshakeFailure, Limit, Metrics};
+#[cfg(feature = "tls")]
 use crate::tls::ServerTls;
 use io_threads::IoThreads;
 
@@ -114,6 +117,7 @@ pub struct Server {
     exports: Arc<ExportSet>,
     config: Config,
     /// Credentials for `NBD_OPT_STARTTLS`; `None`: TLS disabled.
+    #[cfg(feature = "tls")]
     tls: Option<ServerTls>,
     limits: ServerLimits,
     budget: Arc<ServerBudget>,
@@ -134,6 +138,7 @@ impl Server {
         Self {
             exports: Arc::new(exports),
             config,
+            #[cfg(feature = "tls")]
             tls: None,
             limits: ServerLimits::default(),
             budget: Arc::new(ServerBudget::new(ServerLimits::default().server_memory)),
@@ -180,7 +185,10 @@ impl Server {
 
     /// Offers TLS with `tls`'s credentials (`--tls on`), or insists on it
     /// (`required`, `--tls require`: options other than `NBD_OPT_STARTTLS`
-    /// and `NBD_OPT_ABORT` get `NBD_REP_ERR_TLS_REQD`).
+    /// and `NBD_OPT_ABORT` get `NBD_REP_ERR_TLS_REQD`). Needs the `tls`
+    /// feature; without it the server answers `NBD_OPT_STARTTLS` with
+    /// `NBD_REP_ERR_POLICY`.
+    #[cfg(feature = "tls")]
     pub fn with_tls(mut self, tls: ServerTls, required: bool) -> Self {
         self.config.tls = if required {
             TlsPolicy::Required
@@ -293,7 +301,10 @@ impl Server {
         let parts = ClientParts {
             exports: Arc::clone(&self.exports),
             config: self.config,
+            #[cfg(feature = "tls")]
             tls: self.tls.as_ref().map(ServerTls::acceptor),
+            #[cfg(not(feature = "tls"))]
+            tls: None,
             shutdown,
             negotiated,
             selected,
@@ -425,7 +436,7 @@ async fn accept(listener: &Listener) -> io::Result<Client> {
 struct ClientParts {
     exports: Arc<ExportSet>,
     config: Config,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<connection::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
     negotiated: oneshot::Sender<()>,
     selected: oneshot::Receiver<()>,
