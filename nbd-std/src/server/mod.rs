@@ -534,3 +534,71 @@ fn report(finished: Result<(), tokio::task::JoinError>) {
         error!("connection task failed: {error}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nbd_core::wire::{
+        ClientFlags, GREETING_LEN, Greeting, HandshakeFlags, OPTION_HEADER_LEN,
+        OPTION_REPLY_HEADER_LEN, OptionCode, OptionHeader, OptionReplyHeader, OptionReplyType,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    use super::*;
+    use crate::export::ExportSpec;
+
+    /// Sends an option without data and reads the header of its reply
+    /// (skipping the reply's message).
+    async fn option(stream: &mut UnixStream, code: OptionCode) -> OptionReplyHeader {
+        let mut request = [0; OPTION_HEADER_LEN];
+        let header = OptionHeader { code, length: 0 };
+        let written = header.encode(&mut request).expect("option header");
+        stream.write_all(&request[..written]).await.expect("send");
+        let mut reply = [0; OPTION_REPLY_HEADER_LEN];
+        stream.read_exact(&mut reply).await.expect("reply");
+        let (_, reply) = OptionReplyHeader::parse(&reply).expect("reply header");
+        let mut message = vec![0; usize::try_from(reply.length).expect("length")];
+        stream.read_exact(&mut message).await.expect("reply data");
+        reply
+    }
+
+    /// A server without TLS credentials (so every server of a build
+    /// without the `tls` feature) refuses `NBD_OPT_STARTTLS` with
+    /// `NBD_REP_ERR_POLICY` and goes on negotiating in clear (spec: "TLS
+    /// support", NOTLS mode).
+    #[tokio::test]
+    async fn starttls_without_tls_is_refused_and_negotiation_goes_on() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("nbd.sock");
+        let export = ExportSpec::parse("disk=memory:1M")
+            .expect("spec")
+            .open()
+            .expect("open");
+        let server =
+            Server::new(ExportSet::new(vec![export]), Config::default()).with_io_threads(0);
+        let listener = Listener::bind_unix(&path).expect("bind");
+        let (stop, shutdown) = watch::channel(false);
+        let serving = tokio::spawn(async move { server.run(listener, shutdown).await });
+
+        let mut stream = UnixStream::connect(&path).await.expect("connect");
+        let mut greeting = [0; GREETING_LEN];
+        stream.read_exact(&mut greeting).await.expect("greeting");
+        let (_, greeting) = Greeting::parse(&greeting).expect("newstyle greeting");
+        assert!(greeting.flags.contains(HandshakeFlags::FIXED_NEWSTYLE));
+        let mut flags = [0; ClientFlags::ENCODED_LEN];
+        let written = ClientFlags::FIXED_NEWSTYLE
+            .encode(&mut flags)
+            .expect("client flags");
+        stream.write_all(&flags[..written]).await.expect("send");
+
+        let reply = option(&mut stream, OptionCode::StartTls).await;
+        assert_eq!(reply.option, OptionCode::StartTls);
+        assert_eq!(reply.reply_type, OptionReplyType::ErrPolicy);
+        let reply = option(&mut stream, OptionCode::Abort).await;
+        assert_eq!(reply.option, OptionCode::Abort);
+        assert_eq!(reply.reply_type, OptionReplyType::Ack);
+
+        stop.send(true).expect("server running");
+        serving.await.expect("server task").expect("server");
+    }
+}
