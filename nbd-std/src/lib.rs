@@ -17,8 +17,9 @@
 //! - [`client`] (`client`): an async client (one or several connections
 //!   per export, many requests in flight), NBD URIs, export listing and
 //!   description;
-//! - [`tls`] (`tls`, turned on by `server` and `client`): TLS settings for
-//!   the server and `nbds://` clients (rustls);
+//! - [`tls`] (`tls`): TLS settings for the server and `nbds://` clients
+//!   (rustls); without it the server refuses `NBD_OPT_STARTTLS` and
+//!   `nbds://` URIs fail at the TLS hand-over;
 //! - [`tools`] (`tools`; `mount` adds FUSE): the client commands of the
 //!   tool (`info`, `cp`, `mount`);
 //! - [`check`] (`check`): the conformance checker (`nbd-std check`);

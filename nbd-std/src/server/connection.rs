@@ -86,6 +86,17 @@ enum Ended {
     StartTls,
 }
 
+/// What answers the TLS handshake after `NBD_OPT_STARTTLS`: rustls's
+/// acceptor with the `tls` feature. Without it there is none to have, so
+/// a connection never holds one; the server's TLS policy then stays
+/// [`TlsPolicy::Disabled`](nbd_core::server::TlsPolicy::Disabled) and the
+/// core refuses `NBD_OPT_STARTTLS` with `NBD_REP_ERR_POLICY` itself.
+#[cfg(feature = "tls")]
+pub(super) type TlsAcceptor = tokio_rustls::TlsAcceptor;
+/// Without the `tls` feature: no value, so no connection holds one.
+#[cfg(not(feature = "tls"))]
+pub(super) type TlsAcceptor = std::convert::Infallible;
+
 /// Runs the connection until the client leaves or the session ends.
 ///
 /// With `tls`, a STARTTLS the core acknowledged upgrades the stream and the
@@ -95,7 +106,7 @@ pub(super) async fn run<S>(
     mut stream: S,
     exports: Arc<ExportSet>,
     config: Config,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
     negotiated: oneshot::Sender<()>,
     settings: Settings,
@@ -134,7 +145,6 @@ pub(super) async fn run<S>(
     driver.idle_timeout = settings.idle_timeout;
     driver.negotiated = Some(negotiated);
     driver.metrics = settings.metrics;
-    let mut tls_failed = false;
     let first_pass = match driver.skip_greeting(&greeting) {
         Ok(()) => {
             driver
@@ -143,32 +153,21 @@ pub(super) async fn run<S>(
         }
         Err(error) => Err(error),
     };
-    let outcome = match first_pass {
-        Ok(Ended::Done) => Ok(()),
+    let (outcome, tls_failed) = match first_pass {
+        Ok(Ended::Done) => (Ok(()), false),
         Ok(Ended::StartTls) => match tls {
-            Some(acceptor) => match acceptor.accept(stream).await {
-                Ok(mut tls_stream) => {
-                    info!("TLS established");
-                    match driver.serve(&mut tls_stream, shutdown, &[]).await {
-                        Ok(Ended::Done) => Ok(()),
-                        // The core refuses a second STARTTLS itself.
-                        Ok(Ended::StartTls) => Err(io::Error::other("STARTTLS inside TLS")),
-                        Err(error) => Err(error),
-                    }
-                }
-                Err(error) => {
-                    tls_failed = true;
-                    Err(io::Error::new(
-                        error.kind(),
-                        format!("TLS handshake failed: {}", crate::tls::tls_reason(&error)),
-                    ))
-                }
-            },
-            None => Err(io::Error::other(
-                "TLS requested but this server has no TLS configured",
-            )),
+            #[cfg(feature = "tls")]
+            Some(acceptor) => serve_over_tls(&mut driver, stream, acceptor, shutdown).await,
+            #[cfg(not(feature = "tls"))]
+            Some(never) => match never {},
+            None => (
+                Err(io::Error::other(
+                    "TLS requested but this server has no TLS configured",
+                )),
+                false,
+            ),
         },
-        Err(error) => Err(error),
+        Err(error) => (Err(error), false),
     };
     if let (Err(error), Some(metrics)) = (&outcome, &driver.metrics)
         && !metrics.has_selected()
@@ -186,6 +185,40 @@ pub(super) async fn run<S>(
         Err(error) => warn!(
             "connection closed ({error}); requests served: {}",
             driver.requests
+        ),
+    }
+}
+
+/// Runs the TLS handshake on `stream` after the core acknowledged
+/// `NBD_OPT_STARTTLS`, then the rest of the session over TLS with the same
+/// driver. Also says whether the handshake itself failed (for metrics).
+#[cfg(feature = "tls")]
+async fn serve_over_tls<S>(
+    driver: &mut Driver,
+    stream: S,
+    acceptor: TlsAcceptor,
+    shutdown: watch::Receiver<bool>,
+) -> (io::Result<()>, bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match acceptor.accept(stream).await {
+        Ok(mut tls_stream) => {
+            info!("TLS established");
+            let outcome = match driver.serve(&mut tls_stream, shutdown, &[]).await {
+                Ok(Ended::Done) => Ok(()),
+                // The core refuses a second STARTTLS itself.
+                Ok(Ended::StartTls) => Err(io::Error::other("STARTTLS inside TLS")),
+                Err(error) => Err(error),
+            };
+            (outcome, false)
+        }
+        Err(error) => (
+            Err(io::Error::new(
+                error.kind(),
+                format!("TLS handshake failed: {}", crate::tls::tls_reason(&error)),
+            )),
+            true,
         ),
     }
 }

@@ -26,7 +26,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_core::server::{Config, TlsPolicy};
+use nbd_core::server::Config;
+#[cfg(feature = "tls")]
+use nbd_core::server::TlsPolicy;
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
@@ -34,6 +36,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::export::ExportSet;
 use crate::metrics::{HandshakeFailure, Limit, Metrics};
+#[cfg(feature = "tls")]
 use crate::tls::ServerTls;
 use io_threads::IoThreads;
 
@@ -114,6 +117,7 @@ pub struct Server {
     exports: Arc<ExportSet>,
     config: Config,
     /// Credentials for `NBD_OPT_STARTTLS`; `None`: TLS disabled.
+    #[cfg(feature = "tls")]
     tls: Option<ServerTls>,
     limits: ServerLimits,
     budget: Arc<ServerBudget>,
@@ -134,6 +138,7 @@ impl Server {
         Self {
             exports: Arc::new(exports),
             config,
+            #[cfg(feature = "tls")]
             tls: None,
             limits: ServerLimits::default(),
             budget: Arc::new(ServerBudget::new(ServerLimits::default().server_memory)),
@@ -180,7 +185,10 @@ impl Server {
 
     /// Offers TLS with `tls`'s credentials (`--tls on`), or insists on it
     /// (`required`, `--tls require`: options other than `NBD_OPT_STARTTLS`
-    /// and `NBD_OPT_ABORT` get `NBD_REP_ERR_TLS_REQD`).
+    /// and `NBD_OPT_ABORT` get `NBD_REP_ERR_TLS_REQD`). Needs the `tls`
+    /// feature; without it the server answers `NBD_OPT_STARTTLS` with
+    /// `NBD_REP_ERR_POLICY`.
+    #[cfg(feature = "tls")]
     pub fn with_tls(mut self, tls: ServerTls, required: bool) -> Self {
         self.config.tls = if required {
             TlsPolicy::Required
@@ -293,7 +301,10 @@ impl Server {
         let parts = ClientParts {
             exports: Arc::clone(&self.exports),
             config: self.config,
+            #[cfg(feature = "tls")]
             tls: self.tls.as_ref().map(ServerTls::acceptor),
+            #[cfg(not(feature = "tls"))]
+            tls: None,
             shutdown,
             negotiated,
             selected,
@@ -425,7 +436,7 @@ async fn accept(listener: &Listener) -> io::Result<Client> {
 struct ClientParts {
     exports: Arc<ExportSet>,
     config: Config,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<connection::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
     negotiated: oneshot::Sender<()>,
     selected: oneshot::Receiver<()>,
@@ -521,5 +532,73 @@ impl Refusals {
 fn report(finished: Result<(), tokio::task::JoinError>) {
     if let Err(error) = finished {
         error!("connection task failed: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nbd_core::wire::{
+        ClientFlags, GREETING_LEN, Greeting, HandshakeFlags, OPTION_HEADER_LEN,
+        OPTION_REPLY_HEADER_LEN, OptionCode, OptionHeader, OptionReplyHeader, OptionReplyType,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    use super::*;
+    use crate::export::ExportSpec;
+
+    /// Sends an option without data and reads the header of its reply
+    /// (skipping the reply's message).
+    async fn option(stream: &mut UnixStream, code: OptionCode) -> OptionReplyHeader {
+        let mut request = [0; OPTION_HEADER_LEN];
+        let header = OptionHeader { code, length: 0 };
+        let written = header.encode(&mut request).expect("option header");
+        stream.write_all(&request[..written]).await.expect("send");
+        let mut reply = [0; OPTION_REPLY_HEADER_LEN];
+        stream.read_exact(&mut reply).await.expect("reply");
+        let (_, reply) = OptionReplyHeader::parse(&reply).expect("reply header");
+        let mut message = vec![0; usize::try_from(reply.length).expect("length")];
+        stream.read_exact(&mut message).await.expect("reply data");
+        reply
+    }
+
+    /// A server without TLS credentials (so every server of a build
+    /// without the `tls` feature) refuses `NBD_OPT_STARTTLS` with
+    /// `NBD_REP_ERR_POLICY` and goes on negotiating in clear (spec: "TLS
+    /// support", NOTLS mode).
+    #[tokio::test]
+    async fn starttls_without_tls_is_refused_and_negotiation_goes_on() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("nbd.sock");
+        let export = ExportSpec::parse("disk=memory:1M")
+            .expect("spec")
+            .open()
+            .expect("open");
+        let server =
+            Server::new(ExportSet::new(vec![export]), Config::default()).with_io_threads(0);
+        let listener = Listener::bind_unix(&path).expect("bind");
+        let (stop, shutdown) = watch::channel(false);
+        let serving = tokio::spawn(async move { server.run(listener, shutdown).await });
+
+        let mut stream = UnixStream::connect(&path).await.expect("connect");
+        let mut greeting = [0; GREETING_LEN];
+        stream.read_exact(&mut greeting).await.expect("greeting");
+        let (_, greeting) = Greeting::parse(&greeting).expect("newstyle greeting");
+        assert!(greeting.flags.contains(HandshakeFlags::FIXED_NEWSTYLE));
+        let mut flags = [0; ClientFlags::ENCODED_LEN];
+        let written = ClientFlags::FIXED_NEWSTYLE
+            .encode(&mut flags)
+            .expect("client flags");
+        stream.write_all(&flags[..written]).await.expect("send");
+
+        let reply = option(&mut stream, OptionCode::StartTls).await;
+        assert_eq!(reply.option, OptionCode::StartTls);
+        assert_eq!(reply.reply_type, OptionReplyType::ErrPolicy);
+        let reply = option(&mut stream, OptionCode::Abort).await;
+        assert_eq!(reply.option, OptionCode::Abort);
+        assert_eq!(reply.reply_type, OptionReplyType::Ack);
+
+        stop.send(true).expect("server running");
+        serving.await.expect("server task").expect("server");
     }
 }
