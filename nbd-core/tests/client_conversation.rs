@@ -651,6 +651,34 @@ fn disconnect_waits_for_requests_in_flight() {
 }
 
 #[test]
+fn shutdown_stops_a_client_as_it_stops_a_server() {
+    // In transmission: the graceful disconnect, after the reply due.
+    let mut pair: Pair<16, 4096> = ready(Config::new("disk"));
+    pair.hold = true;
+    let r = pair
+        .client
+        .read(0, 4096, CommandFlags::empty())
+        .expect("read");
+    pair.run();
+    pair.client.shutdown();
+    assert_eq!(pair.client.flush(), Err(UsageError::Closing));
+    pair.complete_held(0);
+    pair.run();
+    assert_eq!(pair.result(r), Some(Ok(())));
+    assert_eq!(pair.events.last(), Some(&Ev::Closed));
+    assert_eq!(pair.eof, Some(Ok(())));
+    // Once over, a second call changes nothing.
+    pair.client.shutdown();
+    assert!(pair.client.is_closed());
+    // During negotiation: NBD_OPT_ABORT.
+    let mut pair: Pair<16, 4096> = Pair::standard(Config::new("disk"));
+    pair.client.shutdown();
+    pair.run();
+    assert_eq!(pair.take_events(), vec![Ev::Greeted(3), Ev::Closed]);
+    assert!(pair.server_closed);
+}
+
+#[test]
 fn abort_sends_disc_at_once_and_still_takes_replies() {
     let mut pair: Pair<16, 4096> = ready(Config::new("disk"));
     pair.hold = true;

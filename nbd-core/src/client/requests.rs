@@ -110,6 +110,17 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         }
     }
 
+    /// Starts a graceful stop: the same call, with the same meaning, as the
+    /// server side's [`shutdown`](crate::server::Connection::shutdown), so
+    /// a shell stops either side alike. It is [`disconnect`](Self::disconnect)
+    /// for a session still open, and does nothing once it is over.
+    pub fn shutdown(&mut self) {
+        if self.phase != Phase::Closed {
+            // Only a closed session refuses a disconnect.
+            let _ = self.disconnect();
+        }
+    }
+
     /// Ends the session as soon as the protocol allows: during negotiation
     /// `NBD_OPT_ABORT` once the current option is answered; during
     /// transmission `NBD_CMD_DISC` right after the queued headers (requests
