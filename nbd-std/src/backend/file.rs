@@ -17,11 +17,10 @@
 //! - `resize` changes the file's length.
 //!
 //! What may run on the connection's thread rather than the blocking pool
-//! (`try_read_now` and friends): reads of any size the page cache holds
+//! (`try_read_now` and friends), for requests of at most [`INLINE_BYTES`]:
+//! reads the page cache holds
 //! (`preadv2(RWF_NOWAIT)`, which refuses instead of waiting for the
-//! disk; a cached 1 MiB read costs less CPU copied here than handed to
-//! the pool and back), and for requests of at most [`INLINE_BYTES`],
-//! writes (a buffered write
+//! disk), writes (a buffered write
 //! copies into the page cache; the kernel may still throttle a writer
 //! with too many dirty pages, which then holds that thread), and on
 //! `tmpfs`/`ramfs` every read, write and flush (memory, nothing behind it).
@@ -48,10 +47,9 @@ use super::{Backend, ZeroFlags, push_extent};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
 
-/// Largest write done on the connection's thread (see the module notes):
-/// copying this much costs less than handing it to the pool and back;
-/// larger copies overlap with the socket's on the pool. (Larger reads
-/// the page cache holds are inline too: `RWF_NOWAIT` says when.)
+/// Largest read or write done on the connection's thread (see the module
+/// notes): copying this much costs less than handing it to the pool and
+/// back; larger copies overlap with the socket's on the pool.
 pub const INLINE_BYTES: usize = 256 << 10;
 
 /// `statfs` magic numbers of filesystems that live in memory.
@@ -311,7 +309,10 @@ impl Backend for FileBackend {
     }
 
     fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if self.in_memory && buf.len() <= INLINE_BYTES {
+        if buf.len() > INLINE_BYTES {
+            return None;
+        }
+        if self.in_memory {
             return Some(self.read_at(buf, offset));
         }
         if !self.nowait_reads.load(Ordering::Relaxed) {
@@ -569,14 +570,11 @@ mod tests {
         }
         let large = vec![1; INLINE_BYTES + 1];
         assert!(backend.try_write_now(&large, 0).is_none());
-        // Large reads the page cache holds are inline too (a copy, no
-        // disk wait); what it does not hold goes to the pool.
-        backend.write_at(&large, 0).expect("write");
-        let mut large_read = vec![0; INLINE_BYTES + 1];
-        if let Some(result) = backend.try_read_now(&mut large_read, 0) {
-            result.expect("read");
-            assert_eq!(large_read, large);
-        }
+        assert!(
+            backend
+                .try_read_now(&mut vec![0; INLINE_BYTES + 1], 0)
+                .is_none()
+        );
         assert!(
             backend
                 .try_write_now(&[1], 4 * MIB)
