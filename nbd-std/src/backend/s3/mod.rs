@@ -27,7 +27,6 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use self::disk::Disk;
 use self::lease::Lease;
-use super::file::INLINE_BYTES;
 use super::{AsyncBackend, Backend, StorageFuture, ZeroFlags};
 
 /// Default object size (`object-size=`).
@@ -679,20 +678,6 @@ impl Backend for S3Backend {
             .ok_or_else(panicked)?;
         buf.copy_from_slice(&data);
         result
-    }
-
-    /// A read of objects all cached (or absent: zeroes), none locked by a
-    /// request in flight, is a copy: done on the connection's thread, it
-    /// saves a task and a channel hop. Anything else (a fetch, a lock
-    /// held by a write) goes the asynchronous way.
-    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if buf.len() > INLINE_BYTES || !self.shared.disk.read_cached(buf, offset) {
-            return None;
-        }
-        // Read-ahead's task must run on the export's runtime.
-        let _export_runtime = self.shared.handle.enter();
-        self.shared.disk.read_ahead(offset, buf.len() as u64);
-        Some(Ok(()))
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
