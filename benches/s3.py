@@ -130,22 +130,20 @@ def store_rate(endpoint, objsize, count=128, inflight=32):
 
 class NbdStd:
     name = "nbd-std"
-    tag = "nbdstd"
 
     def __init__(self, a, endpoint, logdir, rnd):
         self.a, self.endpoint, self.logdir, self.rnd = a, endpoint, logdir, rnd
         self.proc = None
-        self.bin = a.nbd_std_bin
 
     def start(self, create):
         self.port = free_port()
-        spec = f"d=s3://{BUCKET}/{self.tag}-{self.rnd}{',size=' + self.a.size if create else ''}"
+        spec = f"d=s3://{BUCKET}/nbdstd-{self.rnd}{',size=' + self.a.size if create else ''}"
         if self.a.cache:
             spec += f",cache={self.a.cache}"
         env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": KEY,
                "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1"}
-        self.proc = spawn([self.bin, "serve", "--port", str(self.port),
-                           "--export", spec], self.logdir, self.tag, env)
+        self.proc = spawn([self.a.nbd_std_bin, "serve", "--port", str(self.port),
+                           "--export", spec], self.logdir, "nbd-std", env)
         wait_port(self.port, self.proc)
         self.uri = f"nbd://127.0.0.1:{self.port}/d"
 
@@ -161,16 +159,6 @@ class NbdStd:
 
     def drain(self):
         return None
-
-
-class NbdStdBaseline(NbdStd):
-    """Another nbd-std build (--baseline-bin), interleaved with this one."""
-    name = "nbd-std baseline"
-    tag = "baseline"
-
-    def __init__(self, a, endpoint, logdir, rnd):
-        super().__init__(a, endpoint, logdir, rnd)
-        self.bin = a.baseline_bin
 
 
 class NbdkitS3:
@@ -327,8 +315,6 @@ def main() -> int:
     p.add_argument("--s3-plugin", help="patched nbdkit-S3-plugin script (omit: skip that peer)")
     p.add_argument("--weed", default=os.environ.get("NBD_WEED") or shutil.which("weed"))
     p.add_argument("--nbd-std-bin", default=os.path.join(REPO, "target/release/nbd-std"))
-    p.add_argument("--baseline-bin", help="another nbd-std binary to run as one more peer "
-                   "(before/after comparisons in the same run)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", default="256M")
     p.add_argument("--object-size", default="1M")
@@ -353,8 +339,6 @@ def main() -> int:
     endpoint = f"http://127.0.0.1:{s3port}"
     classes = {"nbd-std": NbdStd, "s3backer": S3backer, "s3plugin": NbdkitS3}
     chosen = [classes[s] for s in a.servers.split(",")]
-    if a.baseline_bin:
-        chosen.insert(1, NbdStdBaseline)
     if not a.s3_plugin and NbdkitS3 in chosen:
         log("no --s3-plugin: skipping nbdkit's S3 plugin")
         chosen.remove(NbdkitS3)

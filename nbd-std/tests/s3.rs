@@ -40,13 +40,8 @@ fn serve_refused(store: &Seaweed, name: &str, prefix: &str, options: &str) -> Ou
 }
 
 fn qemu_io(uri: &str, commands: &[String]) -> Output {
-    qemu_io_with(&[], uri, commands)
-}
-
-/// `qemu-io` with `options` before the commands (`-r`: read-only).
-fn qemu_io_with(options: &[&str], uri: &str, commands: &[String]) -> Output {
     let mut command = tool("qemu-io");
-    command.args(["-f", "raw"]).args(options);
+    command.args(["-f", "raw"]);
     for c in commands {
         command.args(["-c", c]);
     }
@@ -116,75 +111,6 @@ fn nbdcopy_256_mib_in_and_out_equal() {
         rate(copy_in),
         rate(copy_out)
     );
-}
-
-/// Distinct 4 KiB-aligned offsets in a disk of `size`, from a fixed seed.
-fn scattered_offsets(count: usize, size: u64) -> Vec<u64> {
-    let mut seed = 0x5eed_u64;
-    let mut offsets = Vec::new();
-    while offsets.len() < count {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let offset = (seed >> 16) % (size / 4096) * 4096;
-        if !offsets.contains(&offset) {
-            offsets.push(offset);
-        }
-    }
-    offsets
-}
-
-#[test]
-fn flushed_small_random_writes_survive_sigkill_through_the_write_log() {
-    if !have_tools(&["qemu-io"]) {
-        return;
-    }
-    let Some(store) = Seaweed::start() else {
-        return;
-    };
-    // Small writes go to the write log: qemu-io's writes (writethrough:
-    // each one FUA) and its FLUSH store log segments, not the 1 MiB
-    // objects, and a restart replays them.
-    let options = ",size=64M,lease=3";
-    let offsets = scattered_offsets(200, 64 * MIB);
-    let pattern = |i: usize| i % 250 + 1;
-    let mut writes: Vec<String> = offsets
-        .iter()
-        .enumerate()
-        .map(|(i, offset)| format!("write -P {} {offset} 4k", pattern(i)))
-        .collect();
-    writes.push("flush".to_owned());
-    let reads: Vec<String> = offsets
-        .iter()
-        .enumerate()
-        .map(|(i, offset)| format!("read -P {} {offset} 4k", pattern(i)))
-        .collect();
-    let mut server = serve(&store, "vm1", "log", options);
-    qemu_io(&server.uri_for("vm1"), &writes);
-    server.signal_and_wait("KILL", common::STOP_TIMEOUT);
-    let killed = Instant::now();
-    drop(server);
-    // The killed server's lease is still live: read-only takes none, and
-    // replays the log into its cache.
-    let mut reader = serve(&store, "vm1", "log", ",ro");
-    qemu_io_with(&["-r"], &reader.uri_for("vm1"), &reads);
-    reader.stop();
-    let opened = reader.stderr();
-    assert!(
-        opened.contains(" log segments") && !opened.contains(" 0 log segments"),
-        "the flushed writes were not in the write log\n{}",
-        reader.describe()
-    );
-    drop(reader);
-    // Read-write once the lease expired (replayed, and folded into the
-    // objects soon after), then read-only again.
-    std::thread::sleep(Duration::from_secs(4).saturating_sub(killed.elapsed()));
-    let mut writer = serve(&store, "vm1", "log", options);
-    qemu_io(&writer.uri_for("vm1"), &reads);
-    writer.stop();
-    drop(writer);
-    let reader = serve(&store, "vm1", "log", ",ro");
-    qemu_io_with(&["-r"], &reader.uri_for("vm1"), &reads);
 }
 
 #[test]

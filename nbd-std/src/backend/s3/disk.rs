@@ -8,13 +8,6 @@
 //! every change) is ahead of `stored` (the generation the store has).
 //! Dirty data objects hold a permit of `dirty_room`, so writers wait when
 //! the cache is full of data not yet stored.
-//!
-//! Small writes are also appended to the write log (module `log`), so a
-//! `FLUSH` stores the log, not the objects; a slot is `unlogged` while it
-//! has changes only its own PUT makes durable (large writes), and those are
-//! uploaded in the background. Objects dirty with logged changes only are
-//! stored by a fold: when the log grows, goes idle, or the cache has no
-//! room for more dirty objects.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,9 +23,6 @@ use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::layout::data_key;
 use super::lease::Lease;
-use super::log::{DATA_RECORD_OVERHEAD, Record, SealedSegments, WriteLog};
-
-mod replay;
 use crate::backend::{ZeroFlags, push_extent};
 
 /// Uploads (PUT or DELETE) in flight at once per export.
@@ -67,21 +57,6 @@ const UPLOAD_BATCH: usize = 4096;
 /// Objects fetched ahead of a sequential reader.
 const READ_AHEAD_OBJECTS: u64 = 8;
 
-/// Pieces of writes shorter than this go to the write log; longer ones
-/// (sequential copies) are made durable by their object's PUT, so their
-/// bytes are not sent twice.
-const LOGGED_WRITE_LIMIT: usize = 64 << 10;
-
-/// A fold starts when the stored log segments reach this size (replay at
-/// open reads them all)...
-const FOLD_LOG_BYTES: usize = 1 << 30;
-
-/// ... or when nothing was appended to the log for this long.
-const FOLD_IDLE: Duration = Duration::from_secs(2);
-
-/// How often the background folder looks at the log.
-const FOLD_CHECK: Duration = Duration::from_millis(500);
-
 /// One cached or dirty object.
 #[derive(Default)]
 struct Slot {
@@ -99,9 +74,6 @@ struct SlotState {
     room: Option<OwnedSemaphorePermit>,
     /// Removed from the slot table: look the index up again.
     retired: bool,
-    /// Has changes not in the write log: only a PUT of the object makes
-    /// them durable (a FLUSH does it).
-    unlogged: bool,
 }
 
 impl SlotState {
@@ -133,27 +105,14 @@ pub(super) struct Disk {
     lease: Option<Arc<Lease>>,
     /// Where the last read ended, to spot a sequential reader.
     last_read_end: AtomicU64,
-    log: Arc<WriteLog>,
-    /// A writer found no room for another dirty object: fold now.
-    room_wanted: tokio::sync::Notify,
-    /// Background uploads and folds run (a read-write disk).
-    started: AtomicBool,
-    /// Replaying the log at open: a fold must not delete the segments.
-    replaying: AtomicBool,
 }
 
-/// The receivers of a disk's background tasks (see [`Disk::start`]).
-pub(super) struct Background {
-    dirtied: mpsc::UnboundedReceiver<u64>,
-    sealed: SealedSegments,
-}
-
-pub(super) fn store_error(error: object_store::Error) -> io::Error {
+fn store_error(error: object_store::Error) -> io::Error {
     io::Error::other(format!("object store: {error}"))
 }
 
 /// Runs a store call with the bound every request relies on.
-pub(super) async fn bounded<T>(
+async fn bounded<T>(
     call: impl Future<Output = Result<T, object_store::Error>>,
 ) -> Result<T, object_store::Error> {
     match tokio::time::timeout(STORE_CALL_BOUND, call).await {
@@ -166,9 +125,8 @@ pub(super) async fn bounded<T>(
 }
 
 impl Disk {
-    /// A disk whose objects listed by `existing` and log segments listed
-    /// by `segments` are in the store (replay them with [`Disk::replay`]).
-    /// Returns it with the receivers of its background tasks.
+    /// A disk whose objects listed by `existing` are in the store.
+    /// Returns it with the receiver the background uploader reads.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         store: Arc<dyn ObjectStore>,
@@ -177,9 +135,8 @@ impl Disk {
         object_size: u64,
         cache_bytes: u64,
         existing: &[u64],
-        segments: &[(u64, usize)],
         lease: Option<Arc<Lease>>,
-    ) -> (Arc<Self>, Background) {
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<u64>) {
         let objects = size.div_ceil(object_size);
         let existence: Vec<AtomicBool> = (0..objects).map(|_| AtomicBool::new(false)).collect();
         for &index in existing {
@@ -187,24 +144,11 @@ impl Disk {
                 flag.store(true, Ordering::Relaxed);
             }
         }
-        // Half the cache for dirty objects, and reads may fill the rest;
-        // log records in memory take up to an eighth more (1 to 64 MiB).
-        let log_room = usize::try_from(cache_bytes / 8)
+        // Half for dirty data, and reads may fill the rest.
+        let cache_objects = usize::try_from(cache_bytes / object_size)
             .unwrap_or(usize::MAX)
-            .clamp(1 << 20, 64 << 20);
-        let objects_in = |bytes: u64| usize::try_from(bytes / object_size).unwrap_or(usize::MAX);
-        let cache_objects = objects_in(cache_bytes).max(4);
-        let dirty_objects = cache_objects / 2;
-        let (queue, dirtied) = mpsc::unbounded_channel();
-        let next_sequence = segments.last().map_or(1, |&(sequence, _)| sequence + 1);
-        let (log, sealed) = WriteLog::new(
-            Arc::clone(&store),
-            prefix.clone(),
-            lease.clone(),
-            log_room,
-            next_sequence,
-            segments,
-        );
+            .max(4);
+        let (queue, uploader) = mpsc::unbounded_channel();
         let disk = Arc::new(Self {
             store,
             prefix,
@@ -212,7 +156,7 @@ impl Disk {
             object_size,
             existence,
             slots: Mutex::new(HashMap::new()),
-            dirty_room: Arc::new(Semaphore::new(dirty_objects)),
+            dirty_room: Arc::new(Semaphore::new(cache_objects / 2)),
             cached_limit: cache_objects,
             cached: AtomicUsize::new(0),
             uploads: Semaphore::new(PARALLEL_UPLOADS),
@@ -220,21 +164,8 @@ impl Disk {
             queue,
             lease,
             last_read_end: AtomicU64::new(u64::MAX),
-            log,
-            room_wanted: tokio::sync::Notify::new(),
-            started: AtomicBool::new(false),
-            replaying: AtomicBool::new(false),
         });
-        (disk, Background { dirtied, sealed })
-    }
-
-    /// Starts the background uploads of objects and log segments and the
-    /// folder, on the current runtime.
-    pub(super) fn start(self: &Arc<Self>, background: Background) {
-        self.started.store(true, Ordering::Release);
-        tokio::spawn(Arc::clone(self).upload_in_background(background.dirtied));
-        tokio::spawn(Arc::clone(&self.log).upload_in_background(background.sealed));
-        tokio::spawn(Arc::clone(self).fold_in_background());
+        (disk, uploader)
     }
 
     pub(super) fn size(&self) -> u64 {
@@ -317,12 +248,7 @@ impl Disk {
             let key = data_key(&self.prefix, index);
             let fetched = bounded(async { self.store.get(&key).await?.bytes().await }).await;
             match fetched {
-                // The body's own buffer when nothing else holds it: no
-                // second copy of the object in memory.
-                Ok(bytes) if bytes.len() as u64 == self.object_size => match bytes.try_into_mut() {
-                    Ok(unique) => Vec::from(unique),
-                    Err(shared) => shared.to_vec(),
-                },
+                Ok(bytes) if bytes.len() as u64 == self.object_size => bytes.to_vec(),
                 Ok(bytes) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -373,77 +299,36 @@ impl Disk {
         }
     }
 
-    /// Marks a locked slot changed; a change not in the log (`unlogged`)
-    /// queues the object's upload, once until it is stored.
-    fn changed(&self, index: u64, state: &mut SlotState, unlogged: bool) {
+    /// Marks a locked slot changed; queues its upload when it just turned
+    /// dirty.
+    fn changed(&self, index: u64, state: &mut SlotState) {
+        let was_dirty = state.dirty();
         state.generation += 1;
-        if unlogged && !state.unlogged {
-            state.unlogged = true;
+        if !was_dirty {
             // The receiver lives as long as the runtime of this disk.
             let _ = self.queue.send(index);
         }
     }
 
-    /// Room for one more dirty object, folding (which stores dirty
-    /// objects) when there is none.
-    async fn dirty_room(&self) -> io::Result<OwnedSemaphorePermit> {
-        if let Ok(room) = Arc::clone(&self.dirty_room).try_acquire_owned() {
-            return Ok(room);
-        }
-        if !self.started.load(Ordering::Acquire) {
-            // Read-only: nothing would ever make room.
-            return Err(io::Error::other(
-                "the write log touches more objects than half the cache holds: open the disk read-write once (which folds the log) or give a larger cache=",
-            ));
-        }
-        self.room_wanted.notify_one();
-        tokio::time::timeout(
-            ROOM_WAIT_BOUND,
-            Arc::clone(&self.dirty_room).acquire_owned(),
-        )
-        .await
-        .map_err(|_| {
-            io::Error::other(format!(
-                "write-back cache full for {} s: the object store is not taking uploads",
-                ROOM_WAIT_BOUND.as_secs()
-            ))
-        })?
-        .map_err(io::Error::other)
-    }
-
-    /// Room in the log for a record of `bytes`.
-    async fn log_room(&self, bytes: usize) -> io::Result<OwnedSemaphorePermit> {
-        tokio::time::timeout(ROOM_WAIT_BOUND, self.log.reserve(bytes))
-            .await
-            .map_err(|_| {
-                io::Error::other(format!(
-                    "write log full for {} s: the object store is not taking uploads",
-                    ROOM_WAIT_BOUND.as_secs()
-                ))
-            })?
-    }
-
-    /// Writes `data` at `start` of object `index`; a small write is
-    /// appended to the log when `logging` (not while replaying it).
-    async fn write_object(
-        &self,
-        index: u64,
-        start: usize,
-        data: &[u8],
-        logging: bool,
-    ) -> io::Result<()> {
-        let logged = logging && data.len() < LOGGED_WRITE_LIMIT;
-        let log_room = if logged {
-            Some(self.log_room(data.len() + DATA_RECORD_OVERHEAD).await?)
-        } else {
-            None
-        };
+    /// Writes `data` at `start` of object `index`.
+    async fn write_object(&self, index: u64, start: usize, data: &[u8]) -> io::Result<()> {
         let (_slot, mut state) = self.lock(index).await;
         if state.room.is_none() {
             // Wait for room without holding the object, so its upload
             // (which frees room) is never blocked behind this writer.
             drop(state);
-            let room = self.dirty_room().await?;
+            let room = tokio::time::timeout(
+                ROOM_WAIT_BOUND,
+                Arc::clone(&self.dirty_room).acquire_owned(),
+            )
+            .await
+            .map_err(|_| {
+                io::Error::other(format!(
+                    "write-back cache full for {} s: the object store is not taking uploads",
+                    ROOM_WAIT_BOUND.as_secs()
+                ))
+            })?
+            .map_err(io::Error::other)?;
             let (_slot, relocked) = self.lock(index).await;
             state = relocked;
             if state.room.is_none() {
@@ -470,22 +355,12 @@ impl Disk {
             bytes[start..start + data.len()].copy_from_slice(data);
             state.content = Some(content);
         }
-        if logged {
-            let offset = index * self.object_size + start as u64;
-            self.log.append(&Record::Data { offset, data }, log_room);
-        }
-        self.changed(index, &mut state, logging && !logged);
+        self.changed(index, &mut state);
         Ok(())
     }
 
-    /// Makes a whole object zeroes (deleted from the store on upload),
-    /// logged when `logging`.
-    async fn zero_object(&self, index: u64, logging: bool) -> io::Result<()> {
-        let log_room = if logging {
-            Some(self.log_room(DATA_RECORD_OVERHEAD).await?)
-        } else {
-            None
-        };
+    /// Makes a whole object zeroes (deleted from the store on upload).
+    async fn zero_object(&self, index: u64) {
         let locked = if self.exists(index) {
             Some(self.lock(index).await)
         } else {
@@ -493,35 +368,20 @@ impl Disk {
         };
         let Some((_slot, mut state)) = locked else {
             // Neither stored nor cached: already zeroes.
-            return Ok(());
+            return;
         };
         if state.content.as_ref().is_some_and(|c| c.is_empty()) && !self.exists(index) {
-            return Ok(());
+            return;
         }
         self.set_content(&mut state, Some(Arc::new(Vec::new())));
-        if logging {
-            let record = Record::Zero {
-                offset: index * self.object_size,
-                // Objects are at most 16 MiB.
-                length: self.object_size as u32,
-            };
-            self.log.append(&record, log_room);
-            // The record covers the whole object: nothing of it is left
-            // that only its PUT makes durable.
-            state.unlogged = false;
-        }
-        self.changed(index, &mut state, false);
-        // Zero objects are deleted in batches: queue it for that.
-        let _ = self.queue.send(index);
-        Ok(())
+        self.changed(index, &mut state);
     }
 
     pub(super) async fn write(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.check_lease()?;
         let mut at = 0usize;
         for (index, start, n) in self.pieces(offset, data.len() as u64) {
-            self.write_object(index, start, &data[at..at + n], true)
-                .await?;
+            self.write_object(index, start, &data[at..at + n]).await?;
             at += n;
         }
         self.evict();
@@ -550,25 +410,11 @@ impl Disk {
         if state.retired || state.room.is_none() {
             return false;
         }
-        if state.content.as_ref().is_none_or(|c| c.is_empty()) {
+        let Some(content) = state.content.as_mut().filter(|c| !c.is_empty()) else {
             return false;
-        }
-        let logged = n < LOGGED_WRITE_LIMIT;
-        let log_room = if logged {
-            match self.log.try_reserve(n + DATA_RECORD_OVERHEAD) {
-                Some(room) => Some(room),
-                None => return false,
-            }
-        } else {
-            None
         };
-        if let Some(content) = state.content.as_mut() {
-            Arc::make_mut(content)[start..start + n].copy_from_slice(data);
-        }
-        if logged {
-            self.log.append(&Record::Data { offset, data }, log_room);
-        }
-        self.changed(index, &mut state, !logged);
+        Arc::make_mut(content)[start..start + n].copy_from_slice(data);
+        self.changed(index, &mut state);
         true
     }
 
@@ -595,9 +441,9 @@ impl Disk {
         for piece in &pieces {
             let (index, start, n) = *piece;
             if whole(piece) {
-                self.zero_object(index, true).await?;
+                self.zero_object(index).await;
             } else if self.exists(index) || self.table().contains_key(&index) {
-                self.write_object(index, start, &zeroes[..n], true).await?;
+                self.write_object(index, start, &zeroes[..n]).await?;
             }
         }
         self.evict();
@@ -720,16 +566,13 @@ impl Disk {
             return Ok(());
         };
         let _one_at_a_time = slot.upload.lock().await;
-        let (content, generation, unlogged_since) = {
+        let (content, generation) = {
             let state = slot.state.lock().await;
             if !state.dirty() || state.retired {
                 return Ok(());
             }
-            // Taken under the object's lock: every record of the object
-            // before this position is in the bytes stored.
-            let since = state.unlogged.then(|| self.log.position());
             match &state.content {
-                Some(content) => (Arc::clone(content), state.generation, since),
+                Some(content) => (Arc::clone(content), state.generation),
                 None => return Ok(()),
             }
         };
@@ -752,14 +595,6 @@ impl Disk {
             flag.store(!zeroes, Ordering::Release);
         }
         let mut state = slot.state.lock().await;
-        if let Some(since) = unlogged_since {
-            // Appended only now that the PUT is done: a replay never
-            // skips records for an object the store does not have yet.
-            self.log.append(&Record::Stored { index, since }, None);
-            if state.generation == generation {
-                state.unlogged = false;
-            }
-        }
         self.stored(index, &mut state, generation, zeroes);
         Ok(())
     }
@@ -768,12 +603,9 @@ impl Disk {
     fn stored(&self, index: u64, state: &mut SlotState, generation: u64, zeroes: bool) {
         state.stored = state.stored.max(generation);
         if state.dirty() {
-            if state.unlogged {
-                // Changed while it was uploaded: `changed` queued nothing
-                // (it was unlogged), so queue it here or only a FLUSH
-                // would store it.
-                let _ = self.queue.send(index);
-            }
+            // Changed while it was uploaded: `changed` queued nothing (it
+            // was dirty), so queue it here or only a FLUSH would store it.
+            let _ = self.queue.send(index);
         } else {
             state.room = None;
             if zeroes {
@@ -944,9 +776,8 @@ impl Disk {
         }
     }
 
-    /// Dirty object indices among the slots `filter` accepts; only those
-    /// with unlogged changes when `unlogged_only`.
-    async fn dirty(&self, filter: impl Fn(u64) -> bool, unlogged_only: bool) -> Vec<u64> {
+    /// Dirty object indices among the slots `filter` accepts.
+    async fn dirty(&self, filter: impl Fn(u64) -> bool) -> Vec<u64> {
         let slots: Vec<(u64, Arc<Slot>)> = self
             .table()
             .iter()
@@ -955,72 +786,25 @@ impl Disk {
             .collect();
         let mut dirty = Vec::new();
         for (index, slot) in slots {
-            let state = slot.state.lock().await;
-            if state.dirty() && (state.unlogged || !unlogged_only) {
+            if slot.state.lock().await.dirty() {
                 dirty.push(index);
             }
         }
         dirty
     }
 
-    /// `NBD_CMD_FLUSH`: before the reply, the objects with unlogged
-    /// changes are stored and then the log (with their `Stored` records).
+    /// `NBD_CMD_FLUSH`: every object dirty now is stored before the reply.
     pub(super) async fn flush(&self) -> io::Result<()> {
-        let unlogged = self.dirty(|_| true, true).await;
-        self.store_all(unlogged).await?;
-        self.log.flush().await.map(drop)
+        let dirty = self.dirty(|_| true).await;
+        self.store_all(dirty).await
     }
 
-    /// `FUA`: as [`Disk::flush`], with the unlogged objects of the range.
+    /// `FUA`: the range's objects are stored before the reply.
     pub(super) async fn flush_range(&self, offset: u64, length: u64) -> io::Result<()> {
         let first = offset / self.object_size;
         let last = (offset + length.max(1) - 1) / self.object_size;
-        let unlogged = self
-            .dirty(|index| (first..=last).contains(&index), true)
-            .await;
-        self.store_all(unlogged).await?;
-        self.log.flush().await.map(drop)
-    }
-
-    /// Brings the data objects up to date and deletes the log segments
-    /// they cover: the log is stored, then every dirty object (each
-    /// holding every record of those segments), then the segments go.
-    pub(super) async fn fold(&self) -> io::Result<()> {
-        let through = self.log.flush().await?;
-        let dirty = self.dirty(|_| true, false).await;
-        self.store_all(dirty).await?;
-        if self.replaying.load(Ordering::Acquire) {
-            // Segments not applied yet are among them.
-            return Ok(());
-        }
-        self.log.delete_through(through).await
-    }
-
-    /// Folds when the log is large or idle, or when a writer waits for
-    /// room for a dirty object; failures are retried.
-    async fn fold_in_background(self: Arc<Self>) {
-        loop {
-            let wanted = tokio::select! {
-                () = self.room_wanted.notified() => true,
-                () = tokio::time::sleep(FOLD_CHECK) => false,
-            };
-            let due = wanted
-                || self.log.stored_bytes() >= FOLD_LOG_BYTES
-                || self
-                    .log
-                    .holds_records()
-                    .is_some_and(|idle| idle >= FOLD_IDLE);
-            if !due {
-                continue;
-            }
-            if let Err(error) = self.fold().await {
-                tracing::warn!(
-                    "folding the write log failed ({error}); retrying in {} s",
-                    RETRY_DELAY.as_secs()
-                );
-                tokio::time::sleep(RETRY_DELAY).await;
-            }
-        }
+        let dirty = self.dirty(|index| (first..=last).contains(&index)).await;
+        self.store_all(dirty).await
     }
 
     /// Forgets clean slots of zero objects (their state is in `existence`),
@@ -1140,43 +924,20 @@ mod tests {
             .expect("runtime")
     }
 
-    /// A disk on `store` as a server opening it would see it (its log
-    /// replayed), with a cache of 16 objects (8 dirty at most), and with
-    /// background uploads and folds when `background`. Dropping it
-    /// without [`Disk::fold`] is a crash.
+    /// A disk on `store` as a server opening it would see it, with a
+    /// cache of 16 objects (8 dirty at most), and with background uploads
+    /// when `background`.
     async fn open_with(store: &Arc<InMemory>, background: bool) -> Arc<Disk> {
         let store: Arc<dyn ObjectStore> = Arc::clone(store) as Arc<dyn ObjectStore>;
         let prefix = Path::from("disks/vm1");
         let existing = super::super::list_objects(&*store, &prefix)
             .await
             .expect("list");
-        let segments = super::super::log::list_segments(&*store, &prefix)
-            .await
-            .expect("list log");
-        let (disk, tasks) = Disk::new(
-            store,
-            prefix,
-            SIZE,
-            OBJECT,
-            1 << 20,
-            &existing,
-            &segments,
-            None,
-        );
+        let (disk, dirtied) = Disk::new(store, prefix, SIZE, OBJECT, 1 << 20, &existing, None);
         if background {
-            disk.start(tasks);
+            tokio::spawn(Arc::clone(&disk).upload_in_background(dirtied));
         }
-        disk.replay(&segments).await.expect("replay");
         disk
-    }
-
-    async fn log_segments(store: &InMemory) -> usize {
-        use futures_util::StreamExt;
-        store
-            .list(Some(&Path::from("disks/vm1/log")))
-            .collect::<Vec<_>>()
-            .await
-            .len()
     }
 
     async fn open(store: &Arc<InMemory>) -> Arc<Disk> {
@@ -1210,7 +971,7 @@ mod tests {
             for done in join_all(writes).await {
                 done.expect("task").expect("write");
             }
-            disk.fold().await.expect("fold");
+            disk.flush().await.expect("flush");
         });
         assert_eq!(rt.block_on(data_objects(&store)), 1, "one object stored");
         rt.block_on(async {
@@ -1246,9 +1007,7 @@ mod tests {
             disk.write_zeroes(100, SIZE - 100, ZeroFlags::default())
                 .await
                 .expect("zeroes");
-            // A FLUSH stores the log; a fold deletes the zero objects.
-            disk.fold().await.expect("fold");
-            assert_eq!(log_segments(&store).await, 0, "folded log deleted");
+            disk.flush().await.expect("flush");
             let mut extents = Vec::new();
             disk.block_status(0, SIZE, &mut extents)
                 .await
@@ -1318,7 +1077,7 @@ mod tests {
     }
 
     #[test]
-    fn fua_and_flush_store_small_writes_in_the_log_and_a_fold_in_objects() {
+    fn fua_stores_its_range_and_flush_the_rest() {
         let rt = runtime();
         let store = Arc::new(InMemory::new());
         rt.block_on(async {
@@ -1326,96 +1085,16 @@ mod tests {
             disk.write(&[1; 4096], 0).await.expect("write");
             disk.write(&[2; 4096], 5 * OBJECT).await.expect("write");
             disk.flush_range(5 * OBJECT, 4096).await.expect("fua");
-            assert_eq!(data_objects(&store).await, 0);
-            assert_eq!(log_segments(&store).await, 1);
-            // Crash: a new server replays the log.
-            let disk = open(&store).await;
-            let mut back = vec![0; 4096];
-            disk.read(&mut back, 5 * OBJECT).await.expect("read");
-            assert_eq!(back, [2; 4096]);
-            disk.fold().await.expect("fold");
+            // The background uploader is not running: only the FUA range
+            // is in the store.
+            assert_eq!(data_objects(&store).await, 1);
+            disk.flush().await.expect("flush");
             assert_eq!(data_objects(&store).await, 2);
-            assert_eq!(log_segments(&store).await, 0);
-            let disk = open(&store).await;
-            disk.read(&mut back, 0).await.expect("read");
-            assert_eq!(back, [1; 4096]);
-        });
-    }
-
-    #[test]
-    fn flushed_writes_survive_a_crash_small_large_and_zeroed() {
-        // A runtime per server: dropping it, background tasks and all, is
-        // the crash.
-        let store = Arc::new(InMemory::new());
-        let mut model = vec![0u8; SIZE as usize];
-        let apply = |model: &mut Vec<u8>, offset: u64, data: &[u8]| {
-            model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        };
-        runtime().block_on(async {
-            let disk = open_with(&store, true).await;
-            // Small writes (logged), then a large one over them (stored
-            // by its object's PUT, then a `Stored` record), then small
-            // ones into the same object again, a whole-object zeroing,
-            // and one more small write into the zeroed object.
-            let mut seed = 7u64;
-            for round in 0..40u64 {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let offset = (seed >> 20) % (SIZE - 4096) / 512 * 512;
-                let data = vec![round as u8 + 1; 4096];
-                disk.write(&data, offset).await.expect("write");
-                apply(&mut model, offset, &data);
-            }
-            disk.flush().await.expect("flush");
-            let large = vec![0xaa; OBJECT as usize + 1000];
-            disk.write(&large, 2 * OBJECT - 500).await.expect("write");
-            apply(&mut model, 2 * OBJECT - 500, &large);
-            disk.flush().await.expect("flush");
-            disk.write(&[0xbb; 512], 2 * OBJECT + 100)
-                .await
-                .expect("write");
-            apply(&mut model, 2 * OBJECT + 100, &[0xbb; 512]);
-            disk.write_zeroes(4 * OBJECT, OBJECT, ZeroFlags::default())
-                .await
-                .expect("zeroes");
-            apply(&mut model, 4 * OBJECT, &vec![0; OBJECT as usize]);
-            disk.write(&[0xcc; 512], 4 * OBJECT + 512)
-                .await
-                .expect("write");
-            apply(&mut model, 4 * OBJECT + 512, &[0xcc; 512]);
-            disk.flush().await.expect("flush");
-            // Not flushed: may be lost, so not in the model.
-            disk.write(&[0xdd; 512], 9 * OBJECT).await.expect("write");
-        });
-        for _ in 0..2 {
-            // A crash, then a crash during the next run (nothing folded).
-            runtime().block_on(async {
-                let disk = open_with(&store, true).await;
-                let mut back = vec![0xee; SIZE as usize];
-                disk.read(&mut back, 0).await.expect("read");
-                let first_difference = back.iter().zip(&model).position(|(a, b)| a != b);
-                let lost_unflushed = (9 * OBJECT..9 * OBJECT + 512)
-                    .contains(&(first_difference.unwrap_or(0) as u64));
-                assert!(
-                    first_difference.is_none() || lost_unflushed,
-                    "flushed data differs at byte {first_difference:?}"
-                );
-            });
-        }
-        runtime().block_on(async {
-            let disk = open_with(&store, true).await;
-            disk.fold().await.expect("fold");
-            assert_eq!(log_segments(&store).await, 0);
-            let disk = open(&store).await;
-            let mut back = vec![0xee; SIZE as usize];
-            disk.read(&mut back, 0).await.expect("read");
-            assert!(back[..9 * OBJECT as usize] == model[..9 * OBJECT as usize]);
         });
     }
 
     /// A disk of four objects on a store whose PUTs take `put`.
-    fn disk(put: Duration) -> (Arc<Disk>, Background) {
+    fn disk(put: Duration) -> (Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
         let config = ThrottleConfig {
             wait_put_per_call: put,
             ..ThrottleConfig::default()
@@ -1428,20 +1107,18 @@ mod tests {
             OBJECT,
             1 << 20,
             &[],
-            &[],
             None,
         )
     }
 
     #[tokio::test]
     async fn rewritten_during_its_upload_is_stored_again_without_a_flush() {
-        let (disk, tasks) = disk(Duration::from_millis(300));
-        disk.start(tasks);
-        // Whole objects: not logged, so stored by their own PUT.
-        disk.write(&[1; OBJECT as usize], 0).await.expect("write");
+        let (disk, dirtied) = disk(Duration::from_millis(300));
+        tokio::spawn(Arc::clone(&disk).upload_in_background(dirtied));
+        disk.write(&[1; 4096], 0).await.expect("write");
         // The first upload is in flight (queued after 20 ms, PUT 300 ms).
         tokio::time::sleep(Duration::from_millis(150)).await;
-        disk.write(&[2; OBJECT as usize], 0).await.expect("write");
+        disk.write(&[2; 4096], 0).await.expect("write");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while disk.is_dirty(0).await {
             assert!(

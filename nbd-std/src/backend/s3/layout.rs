@@ -5,7 +5,6 @@
 //! PREFIX/lease.json           the writing server (see `lease`)
 //! PREFIX/data/0000000000000000  object 0: bytes [0, object size)
 //! PREFIX/data/0000000000000001  ...
-//! PREFIX/log/0000000000000001   write log segment 1 (see `log`)
 //! ```
 //! Data keys are fixed-width hex so a LIST returns them in block order; a
 //! missing data object reads as zeroes.
@@ -13,14 +12,8 @@
 use object_store::path::Path;
 use serde_json::{Value, json};
 
-/// The manifest format this code writes: data objects and a write log.
-pub(super) const FORMAT_VERSION: u64 = 2;
-
-/// The format before the write log: data objects only. Opened read-write,
-/// such a disk's manifest is rewritten as [`FORMAT_VERSION`] before the
-/// first log segment, so an older server refuses it rather than ignoring
-/// the log.
-pub(super) const FORMAT_WITHOUT_LOG: u64 = 1;
+/// The manifest format this code writes and reads.
+pub(super) const FORMAT_VERSION: u64 = 1;
 
 /// The key of the manifest object.
 pub(super) fn manifest_key(prefix: &Path) -> Path {
@@ -35,21 +28,6 @@ pub(super) fn lease_key(prefix: &Path) -> Path {
 /// The folder of the data objects.
 pub(super) fn data_folder(prefix: &Path) -> Path {
     prefix.clone().join("data")
-}
-
-/// The folder of the write log's segments.
-pub(super) fn log_folder(prefix: &Path) -> Path {
-    prefix.clone().join("log")
-}
-
-/// The key of log segment `sequence`.
-pub(super) fn log_key(prefix: &Path, sequence: u64) -> Path {
-    log_folder(prefix).join(format!("{sequence:016x}"))
-}
-
-/// The sequence number of a log key's last part, if it is one.
-pub(super) fn log_sequence(name: &str) -> Option<u64> {
-    data_index(name)
 }
 
 /// The key of data object `index`.
@@ -71,15 +49,12 @@ pub(super) struct Manifest {
     pub(super) size: u64,
     pub(super) object_size: u64,
     pub(super) uuid: String,
-    /// [`FORMAT_VERSION`], or [`FORMAT_WITHOUT_LOG`] for a disk not yet
-    /// opened read-write by this version.
-    pub(super) format: u64,
 }
 
 impl Manifest {
     pub(super) fn encode(&self) -> Vec<u8> {
         let value = json!({
-            "format": self.format,
+            "format": FORMAT_VERSION,
             "size": self.size,
             "object_size": self.object_size,
             "uuid": self.uuid,
@@ -100,9 +75,9 @@ impl Manifest {
                 .ok_or_else(|| format!("manifest has no number `{field}`"))
         };
         let format = number("format")?;
-        if format != FORMAT_VERSION && format != FORMAT_WITHOUT_LOG {
+        if format != FORMAT_VERSION {
             return Err(format!(
-                "manifest format {format} is not one this version reads ({FORMAT_WITHOUT_LOG} or {FORMAT_VERSION}); use a newer nbd-std"
+                "manifest format {format} is not the supported {FORMAT_VERSION}"
             ));
         }
         let manifest = Self {
@@ -113,7 +88,6 @@ impl Manifest {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned(),
-            format,
         };
         check_object_size(manifest.object_size)?;
         if manifest.size == 0 {
@@ -173,18 +147,13 @@ mod tests {
             size: 1 << 30,
             object_size: 1 << 20,
             uuid: fresh_id(),
-            format: FORMAT_VERSION,
         };
         assert_eq!(Manifest::decode(&manifest.encode()), Ok(manifest));
         assert!(Manifest::decode(b"{}").is_err());
-        assert_eq!(
-            Manifest::decode(br#"{"format":1,"size":65536,"object_size":65536}"#).map(|m| m.format),
-            Ok(FORMAT_WITHOUT_LOG)
-        );
         assert!(
-            Manifest::decode(br#"{"format":3,"size":1,"object_size":65536}"#)
-                .expect_err("format 3 refused")
-                .contains("format 3")
+            Manifest::decode(br#"{"format":2,"size":1,"object_size":65536}"#)
+                .expect_err("format 2 refused")
+                .contains("format 2")
         );
         assert!(Manifest::decode(br#"{"format":1,"size":1,"object_size":1000}"#).is_err());
     }

@@ -12,7 +12,6 @@
 mod disk;
 mod layout;
 mod lease;
-mod log;
 
 use std::io;
 use std::sync::Arc;
@@ -185,7 +184,6 @@ impl std::fmt::Debug for Opened {
 impl S3Backend {
     /// Opens (or creates, with `size=`) the disk. The error is one line.
     pub fn open(options: &S3Options, read_only: bool) -> Result<Self, String> {
-        return_large_buffers_to_the_system();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("nbd-s3")
@@ -202,7 +200,8 @@ impl S3Backend {
                 .join()
                 .unwrap_or_else(|_| Err("opening the S3 disk panicked".to_owned()))
         })?;
-        let (disk, lease) = opened;
+        let (disk, dirtied, lease) = opened;
+        handle.spawn(Arc::clone(&disk).upload_in_background(dirtied));
         if let Some(lease) = &lease {
             handle.spawn(Arc::clone(lease).keep());
         }
@@ -223,7 +222,14 @@ impl S3Backend {
         options: &S3Options,
         store: Arc<dyn ObjectStore>,
         read_only: bool,
-    ) -> Result<(Arc<Disk>, Option<Arc<Lease>>), String> {
+    ) -> Result<
+        (
+            Arc<Disk>,
+            tokio::sync::mpsc::UnboundedReceiver<u64>,
+            Option<Arc<Lease>>,
+        ),
+        String,
+    > {
         let location = options.location();
         let prefix = Path::from(options.prefix.as_str());
         let lease = if read_only {
@@ -278,12 +284,9 @@ impl S3Backend {
             let existing = list_objects(&*store, &prefix)
                 .await
                 .map_err(|e| format!("{location}: cannot list the disk's objects: {e}"))?;
-            let segments = log::list_segments(&*store, &prefix)
-                .await
-                .map_err(|e| format!("{location}: cannot list the disk's write log: {e}"))?;
-            Ok((manifest, existing, segments))
+            Ok((manifest, existing))
         };
-        let (manifest, existing, segments) = match found.await {
+        let (manifest, existing) = match found.await {
             Ok(found) => found,
             Err(error) => {
                 if let Some(lease) = &lease {
@@ -293,34 +296,22 @@ impl S3Backend {
             }
         };
         tracing::info!(
-            "{location}: {} bytes in objects of {} bytes, {} stored, {} log segments, disk {}",
+            "{location}: {} bytes in objects of {} bytes, {} stored, disk {}",
             manifest.size,
             manifest.object_size,
             existing.len(),
-            segments.len(),
             manifest.uuid
         );
-        let (disk, background) = Disk::new(
+        let (disk, dirtied) = Disk::new(
             store,
             prefix,
             manifest.size,
             manifest.object_size,
             options.cache,
             &existing,
-            &segments,
             lease.clone(),
         );
-        if !read_only {
-            // Replay may need folds to make room in the cache.
-            disk.start(background);
-        }
-        if let Err(error) = disk.replay(&segments).await {
-            if let Some(lease) = &lease {
-                lease.release().await;
-            }
-            return Err(format!("{location}: cannot replay the write log: {error}"));
-        }
-        Ok((disk, lease))
+        Ok((disk, dirtied, lease))
     }
 }
 
@@ -370,24 +361,6 @@ impl Opened {
     }
 }
 
-/// Makes glibc's allocator serve buffers of 128 KiB and more (objects,
-/// log segments, fetched bodies) with `mmap`, so each is given back to the
-/// system when freed. By default glibc raises that threshold as such
-/// buffers are freed and then keeps them in its arenas, one set per
-/// thread, and the server's RSS grew to about twice `cache=`.
-fn return_large_buffers_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        const THRESHOLD: libc::c_int = 128 << 10;
-        // SAFETY: mallopt(3) only sets allocator parameters, under the
-        // allocator's own lock; any thread may call it at any time.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
-        }
-    }
-}
-
 fn panicked() -> io::Error {
     io::Error::other("S3 task panicked")
 }
@@ -423,7 +396,7 @@ async fn manifest(
             Err(e) => Err(format!("{location}: cannot read the manifest: {e}")),
         }
     };
-    let mut manifest = match read().await? {
+    let manifest = match read().await? {
         Some(manifest) => manifest,
         None => {
             let Some(size) = options.size else {
@@ -443,7 +416,6 @@ async fn manifest(
                 size,
                 object_size: options.object_size.unwrap_or(DEFAULT_OBJECT_SIZE),
                 uuid: layout::fresh_id(),
-                format: layout::FORMAT_VERSION,
             };
             let create = PutOptions {
                 mode: PutMode::Create,
@@ -481,24 +453,6 @@ async fn manifest(
             manifest.object_size
         ));
     }
-    if !read_only && manifest.format == layout::FORMAT_WITHOUT_LOG {
-        // Before the first log segment: an older server must now refuse
-        // the disk instead of ignoring its log.
-        let upgraded = layout::Manifest {
-            format: layout::FORMAT_VERSION,
-            ..manifest
-        };
-        store
-            .put(&key, PutPayload::from(upgraded.encode()))
-            .await
-            .map_err(|e| format!("{location}: cannot update the manifest: {e}"))?;
-        tracing::info!(
-            "{location}: manifest format {} -> {}",
-            layout::FORMAT_WITHOUT_LOG,
-            layout::FORMAT_VERSION
-        );
-        manifest = upgraded;
-    }
     Ok(manifest)
 }
 
@@ -529,7 +483,7 @@ impl Drop for Opened {
             let location = self.location.clone();
             let (sender, receiver) = std::sync::mpsc::sync_channel(1);
             self.handle.spawn(async move {
-                let stored = disk.fold().await;
+                let stored = disk.flush().await;
                 match &stored {
                     Ok(()) => {
                         if let Some(lease) = lease {
@@ -846,7 +800,7 @@ mod tests {
         );
         // no-fencing is the user's word; read-only needs no lease.
         assert!(options.option("no-fencing").expect("no-fencing"));
-        let (_, lease) = rt
+        let (_, _, lease) = rt
             .block_on(S3Backend::open_disk(&options, Arc::clone(&store), false))
             .expect("opened with no-fencing");
         assert!(lease.is_none());
