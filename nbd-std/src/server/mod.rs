@@ -329,46 +329,31 @@ impl Server {
                 {
                     warn!("cannot set TCP keepalive for {peer}: {error}");
                 }
-                let Some((runtime, place)) = placement else {
-                    connections.spawn(serve_client(stream, parts).instrument(span));
-                    return;
-                };
-                // The socket moves to the thread's own event loop.
-                match stream.into_std() {
-                    Ok(stream) => {
-                        let moved = async move {
-                            let _place = place;
-                            match tokio::net::TcpStream::from_std(stream) {
-                                Ok(stream) => serve_client(stream, parts).await,
-                                Err(error) => warn!("cannot serve the connection: {error}"),
-                            }
-                        };
-                        connections.spawn_on(moved.instrument(span), runtime);
-                    }
-                    Err(error) => {
-                        warn!("cannot hand the connection from {peer} to an I/O thread: {error}")
-                    }
-                }
+                spawn_client(
+                    connections,
+                    stream,
+                    placement,
+                    parts,
+                    span,
+                    &peer,
+                    (
+                        tokio::net::TcpStream::into_std,
+                        tokio::net::TcpStream::from_std,
+                    ),
+                );
             }
-            Stream::Unix(stream) => {
-                let Some((runtime, place)) = placement else {
-                    connections.spawn(serve_client(stream, parts).instrument(span));
-                    return;
-                };
-                match stream.into_std() {
-                    Ok(stream) => {
-                        let moved = async move {
-                            let _place = place;
-                            match tokio::net::UnixStream::from_std(stream) {
-                                Ok(stream) => serve_client(stream, parts).await,
-                                Err(error) => warn!("cannot serve the connection: {error}"),
-                            }
-                        };
-                        connections.spawn_on(moved.instrument(span), runtime);
-                    }
-                    Err(error) => warn!("cannot hand the connection to an I/O thread: {error}"),
-                }
-            }
+            Stream::Unix(stream) => spawn_client(
+                connections,
+                stream,
+                placement,
+                parts,
+                span,
+                &peer,
+                (
+                    tokio::net::UnixStream::into_std,
+                    tokio::net::UnixStream::from_std,
+                ),
+            ),
         }
     }
 
@@ -446,6 +431,45 @@ struct ClientParts {
 }
 
 /// Serves one client on `stream` under the handshake deadline.
+/// How a socket leaves one runtime as a std socket and joins another.
+type SocketMove<S, Std> = (fn(S) -> io::Result<Std>, fn(Std) -> io::Result<S>);
+
+/// Serves a client on the accepting runtime or, placed on an I/O thread,
+/// on that thread's own event loop: the socket leaves this runtime as a
+/// std socket and joins the thread's there (`(into_std, from_std)`).
+fn spawn_client<S, Std>(
+    connections: &mut JoinSet<()>,
+    stream: S,
+    placement: Option<(&tokio::runtime::Handle, io_threads::Placement)>,
+    parts: ClientParts,
+    span: tracing::Span,
+    peer: &str,
+    (into_std, from_std): SocketMove<S, Std>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Std: Send + 'static,
+{
+    let Some((runtime, place)) = placement else {
+        connections.spawn(serve_client(stream, parts).instrument(span));
+        return;
+    };
+    match into_std(stream) {
+        Ok(stream) => {
+            let moved = async move {
+                let _place = place;
+                match from_std(stream) {
+                    Ok(stream) => serve_client(stream, parts).await,
+                    Err(error) => warn!("cannot serve the connection: {error}"),
+                }
+            };
+            connections.spawn_on(moved.instrument(span), runtime);
+        }
+        Err(error) => {
+            warn!("cannot hand the connection from {peer} to an I/O thread: {error}")
+        }
+    }
+}
+
 async fn serve_client<S>(stream: S, parts: ClientParts)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
