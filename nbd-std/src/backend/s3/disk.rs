@@ -248,7 +248,12 @@ impl Disk {
             let key = data_key(&self.prefix, index);
             let fetched = bounded(async { self.store.get(&key).await?.bytes().await }).await;
             match fetched {
-                Ok(bytes) if bytes.len() as u64 == self.object_size => bytes.to_vec(),
+                // The body's own buffer when nothing else holds it: no
+                // second copy of the object in memory.
+                Ok(bytes) if bytes.len() as u64 == self.object_size => match bytes.try_into_mut() {
+                    Ok(unique) => Vec::from(unique),
+                    Err(shared) => shared.to_vec(),
+                },
                 Ok(bytes) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
