@@ -35,9 +35,14 @@ const PARALLEL_FETCHES: usize = 32;
 /// burst of small writes into one object costs one PUT, not many.
 const WRITE_BACK_DELAY: Duration = Duration::from_millis(20);
 
-/// The longest a background upload waits for an object that keeps being
-/// written to go quiet (see [`Disk::settle`]).
-const WRITE_BACK_SETTLE_BOUND: Duration = Duration::from_secs(1);
+/// The longest an object that keeps being written stays dirty before a
+/// background upload stores it anyway, as the kernel's page cache does
+/// (`dirty_expire_centisecs`). Storing it sooner would be overwritten
+/// before the next FLUSH, which must store it again: each such PUT costs
+/// the store and this server CPU and a copy of the object, and saves no
+/// time at the FLUSH. A writer waiting for room, or a FLUSH, stores it at
+/// once.
+const HOT_OBJECT_BOUND: Duration = Duration::from_secs(30);
 
 /// Wait before a failed background upload is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -94,6 +99,9 @@ pub(super) struct Disk {
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     /// Permits: objects of dirty data the cache may hold.
     dirty_room: Arc<Semaphore>,
+    /// Writers waiting for a permit of `dirty_room`: while there are, the
+    /// background uploads store hot objects too, to make room.
+    room_wanted: AtomicUsize,
     /// Clean objects kept for reads beyond this many are dropped.
     cached_limit: usize,
     /// Slots whose content holds data (not `None`, not empty).
@@ -157,6 +165,7 @@ impl Disk {
             existence,
             slots: Mutex::new(HashMap::new()),
             dirty_room: Arc::new(Semaphore::new(cache_objects / 2)),
+            room_wanted: AtomicUsize::new(0),
             cached_limit: cache_objects,
             cached: AtomicUsize::new(0),
             uploads: Semaphore::new(PARALLEL_UPLOADS),
@@ -322,11 +331,14 @@ impl Disk {
             // Wait for room without holding the object, so its upload
             // (which frees room) is never blocked behind this writer.
             drop(state);
+            self.room_wanted.fetch_add(1, Ordering::Relaxed);
             let room = tokio::time::timeout(
                 ROOM_WAIT_BOUND,
                 Arc::clone(&self.dirty_room).acquire_owned(),
             )
-            .await
+            .await;
+            self.room_wanted.fetch_sub(1, Ordering::Relaxed);
+            let room = room
             .map_err(|_| {
                 io::Error::other(format!(
                     "write-back cache full for {} s: the object store is not taking uploads",
@@ -741,30 +753,74 @@ impl Disk {
         outcome
     }
 
-    /// Waits until the batch's objects have gone [`WRITE_BACK_DELAY`]
-    /// without a write, or [`WRITE_BACK_SETTLE_BOUND`] at most: a writer filling one
-    /// in pieces (nbdcopy's 256K requests, from several connections) is
-    /// done before the PUT, so the object is stored once, not once per
-    /// piece.
-    async fn settle(&self, batch: &[u64]) {
+    /// Stores the batch's objects once each has gone quiet: a writer
+    /// filling one in pieces (nbdcopy's 256K requests, from several
+    /// connections) is done before the PUT, so the object is stored once,
+    /// not once per piece. The quiet an object needs starts at
+    /// [`WRITE_BACK_DELAY`] and doubles each time it is written again
+    /// meanwhile, so objects under random writes (rewritten long before a
+    /// PUT could finish) wait, up to [`HOT_OBJECT_BOUND`] from the batch's
+    /// start, unless writers wait for room. Failed uploads are retried
+    /// until they succeed.
+    async fn store_when_quiet(&self, batch: Vec<u64>) {
+        struct Watched {
+            index: u64,
+            generation: Option<u64>,
+            changed_at: tokio::time::Instant,
+            quiet_needed: Duration,
+        }
         let started = tokio::time::Instant::now();
-        let mut seen = self.generations(batch).await;
-        loop {
+        let mut watched = Vec::with_capacity(batch.len());
+        for index in batch {
+            watched.push(Watched {
+                index,
+                generation: self.generation(index).await,
+                changed_at: started,
+                quiet_needed: WRITE_BACK_DELAY,
+            });
+        }
+        while !watched.is_empty() {
             tokio::time::sleep(WRITE_BACK_DELAY).await;
-            let now = self.generations(batch).await;
-            if now == seen || started.elapsed() >= WRITE_BACK_SETTLE_BOUND {
-                return;
+            let now = tokio::time::Instant::now();
+            let overdue = now - started >= HOT_OBJECT_BOUND
+                || self.room_wanted.load(Ordering::Relaxed) > 0;
+            let mut ready = Vec::new();
+            let mut still_hot = Vec::with_capacity(watched.len());
+            for mut object in watched {
+                let generation = self.generation(object.index).await;
+                if generation != object.generation {
+                    object.generation = generation;
+                    object.changed_at = now;
+                    object.quiet_needed = (object.quiet_needed * 2).min(HOT_OBJECT_BOUND);
+                }
+                if overdue || now - object.changed_at >= object.quiet_needed {
+                    ready.push(object.index);
+                } else {
+                    still_hot.push(object);
+                }
             }
-            seen = now;
+            if !ready.is_empty() {
+                self.store_retrying(&ready).await;
+            }
+            watched = still_hot;
         }
     }
 
-    async fn generations(&self, batch: &[u64]) -> Vec<Option<u64>> {
-        let mut generations = Vec::with_capacity(batch.len());
-        for &index in batch {
-            generations.push(self.generation(index).await);
+    async fn store_retrying(&self, batch: &[u64]) {
+        loop {
+            match self.store_all(batch.to_vec()).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(
+                        "{} objects from {:016x}: upload failed ({error}); retrying in {} s",
+                        batch.len(),
+                        batch[0],
+                        RETRY_DELAY.as_secs()
+                    );
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+            }
         }
-        generations
     }
 
     async fn generation(&self, index: u64) -> Option<u64> {
@@ -846,21 +902,7 @@ impl Disk {
             }
             let disk = Arc::clone(&self);
             tokio::spawn(async move {
-                disk.settle(&batch).await;
-                loop {
-                    match disk.store_all(batch.clone()).await {
-                        Ok(()) => break,
-                        Err(error) => {
-                            tracing::warn!(
-                                "{} objects from {:016x}: upload failed ({error}); retrying in {} s",
-                                batch.len(),
-                                batch[0],
-                                RETRY_DELAY.as_secs()
-                            );
-                            tokio::time::sleep(RETRY_DELAY).await;
-                        }
-                    }
-                }
+                disk.store_when_quiet(batch).await;
                 disk.forget_zero_slots_soon();
                 disk.evict();
             });
