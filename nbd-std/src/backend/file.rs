@@ -17,13 +17,16 @@
 //! - `resize` changes the file's length.
 //!
 //! What may run on the connection's thread rather than the blocking pool
-//! (`try_read_now` and friends), for requests of at most [`INLINE_BYTES`]:
-//! reads the page cache holds
-//! (`preadv2(RWF_NOWAIT)`, which refuses instead of waiting for the
-//! disk), writes (a buffered write
-//! copies into the page cache; the kernel may still throttle a writer
-//! with too many dirty pages, which then holds that thread), and on
-//! `tmpfs`/`ramfs` every read, write and flush (memory, nothing behind it).
+//! (`try_read_now` and friends): reads of at most [`INLINE_BYTES`] the
+//! page cache holds (`preadv2(RWF_NOWAIT)`, which refuses instead of
+//! waiting for the disk; on `tmpfs`/`ramfs` every such read), writes of
+//! any size, and on `tmpfs`/`ramfs` flushes (memory, nothing behind it).
+//! A buffered write copies into the page cache; the server then stores a
+//! write's payload straight from its input buffer, one copy in all,
+//! where the pool needed a copy into a buffer of its own first (measured
+//! in `docs/BENCHMARKS.md`). The kernel may still throttle a writer with
+//! too many dirty pages, which then holds that thread: `RWF_NOWAIT`
+//! cannot tell beforehand, ext4 refuses it on buffered writes.
 //!
 //! On block devices the size is the device's; zeroing uses the kernel's
 //! `fallocate` on the device (write-zeroes or discard commands) on the
@@ -47,9 +50,9 @@ use super::{Backend, ZeroFlags, push_extent};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
 
-/// Largest read or write done on the connection's thread (see the module
-/// notes): copying this much costs less than handing it to the pool and
-/// back; larger copies overlap with the socket's on the pool.
+/// Largest read done on the connection's thread (see the module notes):
+/// copying this much costs less than handing it to the pool and back;
+/// larger copies overlap with the socket's on the pool.
 pub const INLINE_BYTES: usize = 256 << 10;
 
 /// `statfs` magic numbers of filesystems that live in memory.
@@ -343,7 +346,10 @@ impl Backend for FileBackend {
     }
 
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
-        (data.len() <= INLINE_BYTES).then(|| self.write_at(data, offset))
+        // Any size: done here, the payload is copied once; on the pool it
+        // is copied into a buffer of its own first, which costs more than
+        // the overlap with the socket gains.
+        Some(self.write_at(data, offset))
     }
 
     fn try_flush_now(&self, range: Option<(u64, u64)>) -> Option<io::Result<()>> {
@@ -568,8 +574,12 @@ mod tests {
             result.expect("read");
             assert_eq!(buf, data);
         }
-        let large = vec![1; INLINE_BYTES + 1];
-        assert!(backend.try_write_now(&large, 0).is_none());
+        let large = vec![1; 2 * MIB as usize];
+        backend
+            .try_write_now(&large, MIB)
+            .expect("writes of any size are done inline")
+            .expect("write");
+        assert_eq!(read(&backend, MIB, large.len()), large);
         assert!(
             backend
                 .try_read_now(&mut vec![0; INLINE_BYTES + 1], 0)

@@ -840,13 +840,27 @@ impl Driver {
         }
     }
 
-    /// Gathers write payload into pieces of at most [`WRITE_PIECE`]
-    /// bytes and sends each full piece to storage.
+    /// Stores write payload straight from the input buffer when the
+    /// backend can without blocking; otherwise gathers it into pieces of
+    /// at most [`WRITE_PIECE`] bytes and sends each full piece to storage.
     fn stream_write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
         let Some(mut write) = self.streams.remove(id) else {
             return;
         };
         let (mut data, mut offset) = (data, offset);
+        if write.piece.is_empty()
+            && let Some(backend) = &self.backend
+            && let Some(result) = backend.try_write_now(data, offset)
+        {
+            // One copy (input buffer to page cache) instead of two (into a
+            // piece, then from it), and no trip to the pool and back.
+            if let Err(error) = result
+                && write.failed.is_none()
+            {
+                write.failed = Some(error);
+            }
+            data = &[];
+        }
         while !data.is_empty() {
             if write.piece_limit == 0 {
                 let left = data.len() as u64 + remaining;
