@@ -265,6 +265,63 @@ impl FileBackend {
         self.punch_hole.store(false, Ordering::Relaxed);
         self.zero_range.store(false, Ordering::Relaxed);
     }
+
+    /// Fills `buf` from `offset` if that cannot wait for the device.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if self.in_memory {
+            return Some(self.read_at(buf, offset));
+        }
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let flags = rustix::io::ReadWriteFlags::NOWAIT;
+            match rustix::io::preadv2(
+                &self.file,
+                &mut [io::IoSliceMut::new(&mut buf[done..])],
+                offset + done as u64,
+                flags,
+            ) {
+                Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                // Not all in the page cache: the pool reads it.
+                Err(Errno::AGAIN) => return None,
+                Err(Errno::NOTSUP | Errno::INVAL | Errno::NOSYS) => {
+                    self.nowait_reads.store(false, Ordering::Relaxed);
+                    return None;
+                }
+                Err(error) => return Some(Err(error.into())),
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// Appends `length` bytes from `offset` to `buffer`, read straight
+    /// into its spare capacity.
+    fn pread_appended(&self, buffer: &mut Vec<u8>, offset: u64, length: usize) -> io::Result<()> {
+        let start = buffer.len();
+        let end = start
+            .checked_add(length)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        buffer.reserve_exact(length);
+        if buffer.capacity() != end {
+            // `pread` fills all the spare capacity, which must not run
+            // past the read: fill zeroed room instead.
+            buffer.resize(end, 0);
+            return self.read_at(&mut buffer[start..], offset);
+        }
+        while buffer.len() < end {
+            let at = offset + (buffer.len() - start) as u64;
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(buffer), at) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Backend for FileBackend {
@@ -311,38 +368,27 @@ impl Backend for FileBackend {
         self.file.sync_data()
     }
 
-    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if buf.len() > INLINE_BYTES {
+    fn read_appended(&self, buffer: &mut Vec<u8>, offset: u64, length: usize) -> io::Result<()> {
+        self.pread_appended(buffer, offset, length)
+    }
+
+    fn try_read_now(
+        &self,
+        buffer: &mut Vec<u8>,
+        offset: u64,
+        length: usize,
+    ) -> Option<io::Result<()>> {
+        if length > INLINE_BYTES {
             return None;
         }
-        if self.in_memory {
-            return Some(self.read_at(buf, offset));
+        // Small: zero-filling costs less than a second system call would.
+        let start = buffer.len();
+        buffer.resize(start + length, 0);
+        let result = self.read_cached(&mut buffer[start..], offset);
+        if result.is_none() {
+            buffer.truncate(start);
         }
-        if !self.nowait_reads.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            let flags = rustix::io::ReadWriteFlags::NOWAIT;
-            match rustix::io::preadv2(
-                &self.file,
-                &mut [io::IoSliceMut::new(&mut buf[done..])],
-                offset + done as u64,
-                flags,
-            ) {
-                Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                // Not all in the page cache: the pool reads it.
-                Err(Errno::AGAIN) => return None,
-                Err(Errno::NOTSUP | Errno::INVAL | Errno::NOSYS) => {
-                    self.nowait_reads.store(false, Ordering::Relaxed);
-                    return None;
-                }
-                Err(error) => return Some(Err(error.into())),
-            }
-        }
-        Some(Ok(()))
+        result
     }
 
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
@@ -569,10 +615,14 @@ mod tests {
         assert_eq!(read(&backend, 4096, data.len()), data);
         // Just written, so in the page cache: read at once where the
         // kernel can say so (`RWF_NOWAIT`), else left to the pool.
-        let mut buf = vec![0; data.len()];
-        if let Some(result) = backend.try_read_now(&mut buf, 4096) {
-            result.expect("read");
-            assert_eq!(buf, data);
+        let mut buf = b"kept".to_vec();
+        match backend.try_read_now(&mut buf, 4096, data.len()) {
+            Some(result) => {
+                result.expect("read");
+                assert_eq!(&buf[..4], b"kept");
+                assert_eq!(buf[4..], data);
+            }
+            None => assert_eq!(buf, b"kept", "left as it was when refused"),
         }
         let large = vec![1; 2 * MIB as usize];
         backend
@@ -580,11 +630,13 @@ mod tests {
             .expect("writes of any size are done inline")
             .expect("write");
         assert_eq!(read(&backend, MIB, large.len()), large);
+        let mut refused = Vec::new();
         assert!(
             backend
-                .try_read_now(&mut vec![0; INLINE_BYTES + 1], 0)
+                .try_read_now(&mut refused, 0, INLINE_BYTES + 1)
                 .is_none()
         );
+        assert!(refused.is_empty());
         assert!(
             backend
                 .try_write_now(&[1], 4 * MIB)
@@ -604,12 +656,39 @@ mod tests {
             .try_flush_now(None)
             .expect("nothing to wait for")
             .expect("flush");
-        let mut buf = vec![9; 4096];
+        let mut buf = Vec::new();
         backend
-            .try_read_now(&mut buf, 0)
+            .try_read_now(&mut buf, 0, 4096)
             .expect("memory reads inline")
             .expect("read");
         assert_eq!(buf, vec![0; 4096]);
+    }
+
+    #[test]
+    fn reads_appended_into_spare_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, 4 * MIB), false).expect("open");
+        let data = pattern(3 * MIB as usize, 5);
+        backend.write_at(&data, 4096).expect("write");
+        // Empty with exactly the room (as the server allocates it), with
+        // more room than the read, and after bytes already held.
+        for mut buffer in [
+            Vec::with_capacity(2 * MIB as usize),
+            Vec::with_capacity(3 * MIB as usize),
+            vec![1, 2, 3],
+        ] {
+            let held = buffer.len();
+            backend
+                .read_appended(&mut buffer, 4096 + 17, 2 * MIB as usize)
+                .expect("read");
+            assert_eq!(buffer.len(), held + 2 * MIB as usize);
+            assert_eq!(buffer[held..], data[17..17 + 2 * MIB as usize]);
+        }
+        let mut past_end = Vec::with_capacity(8192);
+        let error = backend
+            .read_appended(&mut past_end, 4 * MIB - 4096, 8192)
+            .expect_err("past the end of the file");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

@@ -804,10 +804,17 @@ impl Driver {
             }
             return;
         }
-        // Zeroed by the allocator (mapped zero pages for large ones), not
-        // pooled: the budget, not a pool, bounds read buffers.
-        let buffer = vec![0u8; length as usize];
-        self.dispatch(Job::Read { id, offset, buffer });
+        // Not pooled: the budget, not a pool, bounds read buffers. Not
+        // zeroed either: the backend reads into the room (or zeroes it
+        // first where it cannot).
+        let length = length as usize;
+        let buffer = Vec::with_capacity(length);
+        self.dispatch(Job::Read {
+            id,
+            offset,
+            length,
+            buffer,
+        });
     }
 
     /// A piece of a write's payload: stored at once by fast backends,
@@ -1001,13 +1008,18 @@ impl Driver {
         }
         let code = |result: io::Result<()>| result.map_err(|e| error_code(&e));
         let outcome = match done {
-            Done::Read { id, buffer, result } => match result {
+            Done::Read {
+                id,
+                length,
+                buffer,
+                result,
+            } => match result {
                 Ok(()) => {
                     self.read_data.insert(id, ReadData::Owned(buffer));
                     self.conn.complete_read(id, ReadOutcome::Data)
                 }
                 Err(error) => {
-                    self.budget.release(buffer.len());
+                    self.budget.release(length);
                     self.conn
                         .complete_read(id, ReadOutcome::Error(error_code(&error)))
                 }
