@@ -61,6 +61,8 @@ DEFAULT_WORKLOADS = [w[0] for w in WORKLOADS[:6]]
 ALL_SERVERS = ["nbd-std", "nbdkit", "qemu-nbd", "nbd-server"]
 # --floor: the same I/O loops over exports that store nothing.
 FLOOR_SERVERS = ["nbd-std-null", "nbdkit-null"]
+# --before-bin: another nbd-std build (say, main's) beside this one, not a peer.
+BEFORE_SERVER = "nbd-std-before"
 PEERS = ["nbdkit", "qemu-nbd", "nbd-server"]
 LIBNBD_PYTHON = "/usr/bin/python3"  # python3-libnbd is built for Debian's Python only
 REQUIRED_TOOLS = ["fio", "nbdinfo", "taskset", "nbdkit", "qemu-nbd", "nbd-server"]
@@ -250,12 +252,13 @@ class Server:
     def command(self) -> list[str]:
         p = str(self.port)
         on_file = self.ctx.storage != "memory" and self.tag == "bench"
-        if self.name == "nbd-std":
+        if self.name in ("nbd-std", BEFORE_SERVER):
+            binary = self.ctx.args.before_bin if self.name == BEFORE_SERVER else self.ctx.nbd_std_bin
             if self.ctx.stand_in:
-                return [self.ctx.nbd_std_bin, p, str(self.size // MiB)]
+                return [binary, p, str(self.size // MiB)]
             if on_file:
-                return [self.ctx.nbd_std_bin, "serve", "--port", p, "--export", f"bench=file:{self.shm_file()}"]
-            return [self.ctx.nbd_std_bin, "serve", "--port", p, "--size", self.size_arg]
+                return [binary, "serve", "--port", p, "--export", f"bench=file:{self.shm_file()}"]
+            return [binary, "serve", "--port", p, "--size", self.size_arg]
         if self.name == "nbd-std-null":
             return [self.ctx.nbd_std_bin, "serve", "--port", p, "--export", f"bench=null:{self.size_arg}"]
         if self.name == "nbdkit-null":
@@ -915,6 +918,10 @@ def parse_args(argv):
     p.add_argument("--no-pin", action="store_true", help="unpinned (the default; kept for old command lines)")
     p.add_argument("--stand-in", action="store_true", help="benchmark the memory_server example as nbd-std")
     p.add_argument("--nbd-std-bin", help="use this binary for nbd-std (skips the cargo build)")
+    p.add_argument(
+        "--before-bin",
+        help="also run this nbd-std binary (say, main's build) as the nbd-std-before column, not a peer",
+    )
     p.add_argument("--no-build", action="store_true", help="do not run cargo build")
     p.add_argument("--out", help="output directory (default benches/results/TIMESTAMP)")
     args = p.parse_args(argv)
@@ -933,9 +940,13 @@ def parse_args(argv):
     args.servers = [s for s in args.servers.split(",") if s]
     if args.floor:
         args.servers += [s for s in FLOOR_SERVERS if s not in args.servers]
+    if args.before_bin and BEFORE_SERVER not in args.servers:
+        args.servers.insert(1 if "nbd-std" in args.servers else 0, BEFORE_SERVER)
     for s in args.servers:
-        if s not in ALL_SERVERS + FLOOR_SERVERS:
+        if s not in ALL_SERVERS + FLOOR_SERVERS + [BEFORE_SERVER]:
             p.error(f"unknown server {s!r}; known: {', '.join(ALL_SERVERS + FLOOR_SERVERS)}")
+        if s == BEFORE_SERVER and not args.before_bin:
+            p.error(f"{BEFORE_SERVER} needs --before-bin")
     if args.workloads == "all":
         args.workloads = ",".join(w[0] for w in WORKLOADS)
     args.workloads = [w for w in args.workloads.split(",") if w]

@@ -17,13 +17,16 @@
 //! - `resize` changes the file's length.
 //!
 //! What may run on the connection's thread rather than the blocking pool
-//! (`try_read_now` and friends), for requests of at most [`INLINE_BYTES`]:
-//! reads the page cache holds
-//! (`preadv2(RWF_NOWAIT)`, which refuses instead of waiting for the
-//! disk), writes (a buffered write
-//! copies into the page cache; the kernel may still throttle a writer
-//! with too many dirty pages, which then holds that thread), and on
-//! `tmpfs`/`ramfs` every read, write and flush (memory, nothing behind it).
+//! (`try_read_now` and friends): reads of at most [`INLINE_BYTES`] the
+//! page cache holds (`preadv2(RWF_NOWAIT)`, which refuses instead of
+//! waiting for the disk; on `tmpfs`/`ramfs` every such read), writes of
+//! any size, and on `tmpfs`/`ramfs` flushes (memory, nothing behind it).
+//! A buffered write copies into the page cache; the server then stores a
+//! write's payload straight from its input buffer, one copy in all,
+//! where the pool needed a copy into a buffer of its own first (measured
+//! in `docs/BENCHMARKS.md`). The kernel may still throttle a writer with
+//! too many dirty pages, which then holds that thread: `RWF_NOWAIT`
+//! cannot tell beforehand, ext4 refuses it on buffered writes.
 //!
 //! On block devices the size is the device's; zeroing uses the kernel's
 //! `fallocate` on the device (write-zeroes or discard commands) on the
@@ -47,9 +50,9 @@ use super::{Backend, ZeroFlags, push_extent};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
 
-/// Largest read or write done on the connection's thread (see the module
-/// notes): copying this much costs less than handing it to the pool and
-/// back; larger copies overlap with the socket's on the pool.
+/// Largest read done on the connection's thread (see the module notes):
+/// copying this much costs less than handing it to the pool and back;
+/// larger copies overlap with the socket's on the pool.
 pub const INLINE_BYTES: usize = 256 << 10;
 
 /// `statfs` magic numbers of filesystems that live in memory.
@@ -262,6 +265,63 @@ impl FileBackend {
         self.punch_hole.store(false, Ordering::Relaxed);
         self.zero_range.store(false, Ordering::Relaxed);
     }
+
+    /// Fills `buf` from `offset` if that cannot wait for the device.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if self.in_memory {
+            return Some(self.read_at(buf, offset));
+        }
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let flags = rustix::io::ReadWriteFlags::NOWAIT;
+            match rustix::io::preadv2(
+                &self.file,
+                &mut [io::IoSliceMut::new(&mut buf[done..])],
+                offset + done as u64,
+                flags,
+            ) {
+                Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                // Not all in the page cache: the pool reads it.
+                Err(Errno::AGAIN) => return None,
+                Err(Errno::NOTSUP | Errno::INVAL | Errno::NOSYS) => {
+                    self.nowait_reads.store(false, Ordering::Relaxed);
+                    return None;
+                }
+                Err(error) => return Some(Err(error.into())),
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// Appends `length` bytes from `offset` to `buffer`, read straight
+    /// into its spare capacity.
+    fn pread_appended(&self, buffer: &mut Vec<u8>, offset: u64, length: usize) -> io::Result<()> {
+        let start = buffer.len();
+        let end = start
+            .checked_add(length)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        buffer.reserve_exact(length);
+        if buffer.capacity() != end {
+            // `pread` fills all the spare capacity, which must not run
+            // past the read: fill zeroed room instead.
+            buffer.resize(end, 0);
+            return self.read_at(&mut buffer[start..], offset);
+        }
+        while buffer.len() < end {
+            let at = offset + (buffer.len() - start) as u64;
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(buffer), at) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Backend for FileBackend {
@@ -308,42 +368,34 @@ impl Backend for FileBackend {
         self.file.sync_data()
     }
 
-    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if buf.len() > INLINE_BYTES {
+    fn read_appended(&self, buffer: &mut Vec<u8>, offset: u64, length: usize) -> io::Result<()> {
+        self.pread_appended(buffer, offset, length)
+    }
+
+    fn try_read_now(
+        &self,
+        buffer: &mut Vec<u8>,
+        offset: u64,
+        length: usize,
+    ) -> Option<io::Result<()>> {
+        if length > INLINE_BYTES {
             return None;
         }
-        if self.in_memory {
-            return Some(self.read_at(buf, offset));
+        // Small: zero-filling costs less than a second system call would.
+        let start = buffer.len();
+        buffer.resize(start + length, 0);
+        let result = self.read_cached(&mut buffer[start..], offset);
+        if result.is_none() {
+            buffer.truncate(start);
         }
-        if !self.nowait_reads.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            let flags = rustix::io::ReadWriteFlags::NOWAIT;
-            match rustix::io::preadv2(
-                &self.file,
-                &mut [io::IoSliceMut::new(&mut buf[done..])],
-                offset + done as u64,
-                flags,
-            ) {
-                Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                // Not all in the page cache: the pool reads it.
-                Err(Errno::AGAIN) => return None,
-                Err(Errno::NOTSUP | Errno::INVAL | Errno::NOSYS) => {
-                    self.nowait_reads.store(false, Ordering::Relaxed);
-                    return None;
-                }
-                Err(error) => return Some(Err(error.into())),
-            }
-        }
-        Some(Ok(()))
+        result
     }
 
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
-        (data.len() <= INLINE_BYTES).then(|| self.write_at(data, offset))
+        // Any size: done here, the payload is copied once; on the pool it
+        // is copied into a buffer of its own first, which costs more than
+        // the overlap with the socket gains.
+        Some(self.write_at(data, offset))
     }
 
     fn try_flush_now(&self, range: Option<(u64, u64)>) -> Option<io::Result<()>> {
@@ -563,18 +615,28 @@ mod tests {
         assert_eq!(read(&backend, 4096, data.len()), data);
         // Just written, so in the page cache: read at once where the
         // kernel can say so (`RWF_NOWAIT`), else left to the pool.
-        let mut buf = vec![0; data.len()];
-        if let Some(result) = backend.try_read_now(&mut buf, 4096) {
-            result.expect("read");
-            assert_eq!(buf, data);
+        let mut buf = b"kept".to_vec();
+        match backend.try_read_now(&mut buf, 4096, data.len()) {
+            Some(result) => {
+                result.expect("read");
+                assert_eq!(&buf[..4], b"kept");
+                assert_eq!(buf[4..], data);
+            }
+            None => assert_eq!(buf, b"kept", "left as it was when refused"),
         }
-        let large = vec![1; INLINE_BYTES + 1];
-        assert!(backend.try_write_now(&large, 0).is_none());
+        let large = vec![1; 2 * MIB as usize];
+        backend
+            .try_write_now(&large, MIB)
+            .expect("writes of any size are done inline")
+            .expect("write");
+        assert_eq!(read(&backend, MIB, large.len()), large);
+        let mut refused = Vec::new();
         assert!(
             backend
-                .try_read_now(&mut vec![0; INLINE_BYTES + 1], 0)
+                .try_read_now(&mut refused, 0, INLINE_BYTES + 1)
                 .is_none()
         );
+        assert!(refused.is_empty());
         assert!(
             backend
                 .try_write_now(&[1], 4 * MIB)
@@ -594,12 +656,39 @@ mod tests {
             .try_flush_now(None)
             .expect("nothing to wait for")
             .expect("flush");
-        let mut buf = vec![9; 4096];
+        let mut buf = Vec::new();
         backend
-            .try_read_now(&mut buf, 0)
+            .try_read_now(&mut buf, 0, 4096)
             .expect("memory reads inline")
             .expect("read");
         assert_eq!(buf, vec![0; 4096]);
+    }
+
+    #[test]
+    fn reads_appended_into_spare_room() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, 4 * MIB), false).expect("open");
+        let data = pattern(3 * MIB as usize, 5);
+        backend.write_at(&data, 4096).expect("write");
+        // Empty with exactly the room (as the server allocates it), with
+        // more room than the read, and after bytes already held.
+        for mut buffer in [
+            Vec::with_capacity(2 * MIB as usize),
+            Vec::with_capacity(3 * MIB as usize),
+            vec![1, 2, 3],
+        ] {
+            let held = buffer.len();
+            backend
+                .read_appended(&mut buffer, 4096 + 17, 2 * MIB as usize)
+                .expect("read");
+            assert_eq!(buffer.len(), held + 2 * MIB as usize);
+            assert_eq!(buffer[held..], data[17..17 + 2 * MIB as usize]);
+        }
+        let mut past_end = Vec::with_capacity(8192);
+        let error = backend
+            .read_appended(&mut past_end, 4 * MIB - 4096, 8192)
+            .expect_err("past the end of the file");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

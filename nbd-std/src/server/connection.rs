@@ -804,10 +804,17 @@ impl Driver {
             }
             return;
         }
-        // Zeroed by the allocator (mapped zero pages for large ones), not
-        // pooled: the budget, not a pool, bounds read buffers.
-        let buffer = vec![0u8; length as usize];
-        self.dispatch(Job::Read { id, offset, buffer });
+        // Not pooled: the budget, not a pool, bounds read buffers. Not
+        // zeroed either: the backend reads into the room (or zeroes it
+        // first where it cannot).
+        let length = length as usize;
+        let buffer = Vec::with_capacity(length);
+        self.dispatch(Job::Read {
+            id,
+            offset,
+            length,
+            buffer,
+        });
     }
 
     /// A piece of a write's payload: stored at once by fast backends,
@@ -840,13 +847,27 @@ impl Driver {
         }
     }
 
-    /// Gathers write payload into pieces of at most [`WRITE_PIECE`]
-    /// bytes and sends each full piece to storage.
+    /// Stores write payload straight from the input buffer when the
+    /// backend can without blocking; otherwise gathers it into pieces of
+    /// at most [`WRITE_PIECE`] bytes and sends each full piece to storage.
     fn stream_write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
         let Some(mut write) = self.streams.remove(id) else {
             return;
         };
         let (mut data, mut offset) = (data, offset);
+        if write.piece.is_empty()
+            && let Some(backend) = &self.backend
+            && let Some(result) = backend.try_write_now(data, offset)
+        {
+            // One copy (input buffer to page cache) instead of two (into a
+            // piece, then from it), and no trip to the pool and back.
+            if let Err(error) = result
+                && write.failed.is_none()
+            {
+                write.failed = Some(error);
+            }
+            data = &[];
+        }
         while !data.is_empty() {
             if write.piece_limit == 0 {
                 let left = data.len() as u64 + remaining;
@@ -987,13 +1008,18 @@ impl Driver {
         }
         let code = |result: io::Result<()>| result.map_err(|e| error_code(&e));
         let outcome = match done {
-            Done::Read { id, buffer, result } => match result {
+            Done::Read {
+                id,
+                length,
+                buffer,
+                result,
+            } => match result {
                 Ok(()) => {
                     self.read_data.insert(id, ReadData::Owned(buffer));
                     self.conn.complete_read(id, ReadOutcome::Data)
                 }
                 Err(error) => {
-                    self.budget.release(buffer.len());
+                    self.budget.release(length);
                     self.conn
                         .complete_read(id, ReadOutcome::Error(error_code(&error)))
                 }

@@ -12,9 +12,11 @@ use crate::backend::{AsyncBackend, Backend, ZeroFlags};
 /// One storage operation.
 #[derive(Debug)]
 pub(super) enum Job {
+    /// Reads `length` bytes into `buffer`, empty with room for them.
     Read {
         id: RequestId,
         offset: u64,
+        length: usize,
         buffer: Vec<u8>,
     },
     Write {
@@ -65,8 +67,10 @@ pub(super) enum Job {
 /// What came of a job. Buffers travel back for reuse.
 #[derive(Debug)]
 pub(super) enum Done {
+    /// `buffer` holds the `length` bytes read when `result` is `Ok`.
     Read {
         id: RequestId,
+        length: usize,
         buffer: Vec<u8>,
         result: io::Result<()>,
     },
@@ -100,10 +104,16 @@ impl Job {
             Self::Read {
                 id,
                 offset,
+                length,
                 mut buffer,
             } => {
-                let result = backend.read_at(&mut buffer, offset);
-                Done::Read { id, buffer, result }
+                let result = backend.read_appended(&mut buffer, offset, length);
+                Done::Read {
+                    id,
+                    length,
+                    buffer,
+                    result,
+                }
             }
             Self::Write {
                 id,
@@ -185,9 +195,20 @@ impl Job {
             }
         };
         match self {
-            Self::Read { id, offset, buffer } => {
+            Self::Read {
+                id,
+                offset,
+                length,
+                mut buffer,
+            } => {
+                buffer.resize(length, 0);
                 let (buffer, result) = backend.read(buffer, offset).await;
-                Done::Read { id, buffer, result }
+                Done::Read {
+                    id,
+                    length,
+                    buffer,
+                    result,
+                }
             }
             Self::Write {
                 id,
@@ -269,10 +290,21 @@ impl Job {
             Self::Read {
                 id,
                 offset,
+                length,
                 mut buffer,
-            } => match backend.try_read_now(&mut buffer, offset) {
-                Some(result) => Ok(Done::Read { id, buffer, result }),
-                None => Err(Self::Read { id, offset, buffer }),
+            } => match backend.try_read_now(&mut buffer, offset, length) {
+                Some(result) => Ok(Done::Read {
+                    id,
+                    length,
+                    buffer,
+                    result,
+                }),
+                None => Err(Self::Read {
+                    id,
+                    offset,
+                    length,
+                    buffer,
+                }),
             },
             Self::Write {
                 id,
