@@ -36,7 +36,7 @@ const PARALLEL_FETCHES: usize = 32;
 const WRITE_BACK_DELAY: Duration = Duration::from_millis(20);
 
 /// The longest an object that keeps being written stays dirty before a
-/// background upload stores it anyway, as the kernel's page cache does
+/// background upload stores it anyway (see [`Disk::store_when_quiet`]), as the kernel's page cache does
 /// (`dirty_expire_centisecs`). Storing it sooner would be overwritten
 /// before the next FLUSH, which must store it again: each such PUT costs
 /// the store and this server CPU and a copy of the object, and saves no
@@ -339,13 +339,13 @@ impl Disk {
             .await;
             self.room_wanted.fetch_sub(1, Ordering::Relaxed);
             let room = room
-            .map_err(|_| {
-                io::Error::other(format!(
-                    "write-back cache full for {} s: the object store is not taking uploads",
-                    ROOM_WAIT_BOUND.as_secs()
-                ))
-            })?
-            .map_err(io::Error::other)?;
+                .map_err(|_| {
+                    io::Error::other(format!(
+                        "write-back cache full for {} s: the object store is not taking uploads",
+                        ROOM_WAIT_BOUND.as_secs()
+                    ))
+                })?
+                .map_err(io::Error::other)?;
             let (_slot, relocked) = self.lock(index).await;
             state = relocked;
             if state.room.is_none() {
@@ -756,9 +756,9 @@ impl Disk {
     /// Stores the batch's objects once each has gone quiet: a writer
     /// filling one in pieces (nbdcopy's 256K requests, from several
     /// connections) is done before the PUT, so the object is stored once,
-    /// not once per piece. The quiet an object needs starts at
-    /// [`WRITE_BACK_DELAY`] and doubles each time it is written again
-    /// meanwhile, so objects under random writes (rewritten long before a
+    /// not once per piece. The quiet an object needs is
+    /// [`WRITE_BACK_DELAY`], or a quarter of how long it has been written
+    /// to if longer: objects under random writes (rewritten long before a
     /// PUT could finish) wait, up to [`HOT_OBJECT_BOUND`] from the batch's
     /// start, unless writers wait for room. Failed uploads are retried
     /// until they succeed.
@@ -766,8 +766,13 @@ impl Disk {
         struct Watched {
             index: u64,
             generation: Option<u64>,
-            changed_at: tokio::time::Instant,
-            quiet_needed: Duration,
+            first_change: tokio::time::Instant,
+            last_change: tokio::time::Instant,
+        }
+        impl Watched {
+            fn quiet_needed(&self) -> Duration {
+                ((self.last_change - self.first_change) / 4).max(WRITE_BACK_DELAY)
+            }
         }
         let started = tokio::time::Instant::now();
         let mut watched = Vec::with_capacity(batch.len());
@@ -775,25 +780,24 @@ impl Disk {
             watched.push(Watched {
                 index,
                 generation: self.generation(index).await,
-                changed_at: started,
-                quiet_needed: WRITE_BACK_DELAY,
+                first_change: started,
+                last_change: started,
             });
         }
         while !watched.is_empty() {
             tokio::time::sleep(WRITE_BACK_DELAY).await;
             let now = tokio::time::Instant::now();
-            let overdue = now - started >= HOT_OBJECT_BOUND
-                || self.room_wanted.load(Ordering::Relaxed) > 0;
+            let overdue =
+                now - started >= HOT_OBJECT_BOUND || self.room_wanted.load(Ordering::Relaxed) > 0;
             let mut ready = Vec::new();
             let mut still_hot = Vec::with_capacity(watched.len());
             for mut object in watched {
                 let generation = self.generation(object.index).await;
                 if generation != object.generation {
                     object.generation = generation;
-                    object.changed_at = now;
-                    object.quiet_needed = (object.quiet_needed * 2).min(HOT_OBJECT_BOUND);
+                    object.last_change = now;
                 }
-                if overdue || now - object.changed_at >= object.quiet_needed {
+                if overdue || now - object.last_change >= object.quiet_needed() {
                     ready.push(object.index);
                 } else {
                     still_hot.push(object);
@@ -1142,20 +1146,16 @@ mod tests {
 
     /// A disk of four objects on a store whose PUTs take `put`.
     fn disk(put: Duration) -> (Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
+        disk_with_cache(put, 1 << 20)
+    }
+
+    fn disk_with_cache(put: Duration, cache: u64) -> (Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
         let config = ThrottleConfig {
             wait_put_per_call: put,
             ..ThrottleConfig::default()
         };
         let store = Arc::new(ThrottledStore::new(InMemory::new(), config));
-        Disk::new(
-            store,
-            Path::from("d"),
-            4 * OBJECT,
-            OBJECT,
-            1 << 20,
-            &[],
-            None,
-        )
+        Disk::new(store, Path::from("d"), 4 * OBJECT, OBJECT, cache, &[], None)
     }
 
     #[tokio::test]
@@ -1181,6 +1181,68 @@ mod tests {
             .await
             .expect("bytes");
         assert_eq!(&stored[..4096], &[2; 4096][..]);
+    }
+
+    /// Writes 4 KiB at a different place of `index` every 5 ms for `busy`.
+    async fn write_hot(disk: &Disk, index: u64, busy: Duration) {
+        let until = tokio::time::Instant::now() + busy;
+        let mut at = 0u64;
+        while tokio::time::Instant::now() < until {
+            at = (at + 7 * 4096) % OBJECT;
+            disk.write(&[at as u8 | 1; 4096], index * OBJECT + at)
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stored(disk: &Disk, index: u64) -> bool {
+        disk.store
+            .head(&data_key(&disk.prefix, index))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn an_object_still_written_is_stored_once_quiet_or_when_room_is_wanted() {
+        // Four objects of cache: two may be dirty.
+        let (disk, dirtied) = disk_with_cache(Duration::ZERO, 4 * OBJECT);
+        tokio::spawn(Arc::clone(&disk).upload_in_background(dirtied));
+        // Rewritten for longer than the old one-second bound: no PUT yet.
+        write_hot(&disk, 0, Duration::from_millis(1300)).await;
+        assert!(
+            !stored(&disk, 0).await,
+            "a hot object was stored while written"
+        );
+        // Quiet for a quarter of its busy time: stored without a FLUSH.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while disk.is_dirty(0).await || !stored(&disk, 0).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a quiet object stayed dirty"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The cache holds two dirty objects: with both hot, a writer into
+        // a third waits for room, and the hot ones are stored to make it.
+        let hot = {
+            let disk = Arc::clone(&disk);
+            tokio::spawn(async move {
+                tokio::join!(
+                    write_hot(&disk, 1, Duration::from_secs(4)),
+                    write_hot(&disk, 2, Duration::from_secs(4))
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = tokio::time::Instant::now();
+        disk.write(&[9; 4096], 3 * OBJECT).await.expect("write");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a writer waited {:?} for room held by hot objects",
+            started.elapsed()
+        );
+        hot.await.expect("hot writers");
     }
 
     #[tokio::test]

@@ -659,13 +659,24 @@ impl Backend for S3Backend {
     /// saves a task and a channel hop, which at QD1 cost more than the
     /// copy. Anything that would wait (a fetch, a lock held by a write)
     /// goes the asynchronous way.
-    fn try_read_now(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if buf.len() > INLINE_BYTES || !self.shared.disk.read_cached(buf, offset) {
+    fn try_read_now(
+        &self,
+        buffer: &mut Vec<u8>,
+        offset: u64,
+        length: usize,
+    ) -> Option<io::Result<()>> {
+        if length > INLINE_BYTES {
+            return None;
+        }
+        let start = buffer.len();
+        buffer.resize(start + length, 0);
+        if !self.shared.disk.read_cached(&mut buffer[start..], offset) {
+            buffer.truncate(start);
             return None;
         }
         // Read-ahead's task must run on the export's runtime.
         let _export_runtime = self.shared.handle.enter();
-        self.shared.disk.read_ahead(offset, buf.len() as u64);
+        self.shared.disk.read_ahead(offset, length as u64);
         Some(Ok(()))
     }
 
