@@ -57,6 +57,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_below(limit: int) -> int:
+    while True:
+        port = free_port()
+        if port < limit:
+            return port
+
+
 def wait_port(port: int, proc, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -130,6 +137,7 @@ def store_rate(endpoint, objsize, count=128, inflight=32):
 
 class NbdStd:
     name = "nbd-std"
+    key_prefix = "nbdstd"
 
     def __init__(self, a, endpoint, logdir, rnd):
         self.a, self.endpoint, self.logdir, self.rnd = a, endpoint, logdir, rnd
@@ -137,15 +145,18 @@ class NbdStd:
 
     def start(self, create):
         self.port = free_port()
-        spec = f"d=s3://{BUCKET}/nbdstd-{self.rnd}{',size=' + self.a.size if create else ''}"
+        spec = f"d=s3://{BUCKET}/{self.key_prefix}-{self.rnd}{',size=' + self.a.size if create else ''}"
         if self.a.cache:
             spec += f",cache={self.a.cache}"
         env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": KEY,
                "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1"}
-        self.proc = spawn([self.a.nbd_std_bin, "serve", "--port", str(self.port),
+        self.proc = spawn([self.binary(), "serve", "--port", str(self.port),
                            "--export", spec], self.logdir, "nbd-std", env)
         wait_port(self.port, self.proc)
         self.uri = f"nbd://127.0.0.1:{self.port}/d"
+
+    def binary(self):
+        return self.a.nbd_std_bin
 
     def hwm_mib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -159,6 +170,15 @@ class NbdStd:
 
     def drain(self):
         return None
+
+
+class NbdStdBefore(NbdStd):
+    """Another nbd-std build (--before-bin), to measure a change in one run."""
+    name = "nbd-std before"
+    key_prefix = "nbdstd-before"
+
+    def binary(self):
+        return self.a.before_bin
 
 
 class NbdkitS3:
@@ -321,6 +341,8 @@ def main() -> int:
     p.add_argument("--cache", default="", help="nbd-std cache= (default: its own)")
     p.add_argument("--seconds", type=int, default=10, help="each fio run")
     p.add_argument("--servers", default="nbd-std,s3backer,s3plugin")
+    p.add_argument("--before-bin", help="another nbd-std build, run as the extra server "
+                   "`nbd-std-before` (add it to --servers)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if not a.weed:
@@ -333,11 +355,18 @@ def main() -> int:
     with open(a.source, "wb") as f:
         f.write(os.urandom(size_bytes(a.size)))
     s3port = free_port()
+    # Every port of its own (weed's defaults would collide with another
+    # weed, such as a test's); gRPC ports are these plus 10000.
+    others = [free_port_below(55000) for _ in range(4)]
     weed = spawn([a.weed, "mini", f"-dir={work}/weed", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                  f"-s3.port={s3port}", f"-bucket={BUCKET}", "-admin.ui=false",
-                  "-webdav=false", "-master.telemetry=false"], logdir, "weed")
+                  f"-s3.port={s3port}", f"-master.port={others[0]}", f"-filer.port={others[1]}",
+                  f"-volume.port={others[2]}", f"-admin.port={others[3]}",
+                  "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={BUCKET}",
+                  "-admin.ui=false", "-webdav=false", "-master.telemetry=false"],
+                 logdir, "weed")
     endpoint = f"http://127.0.0.1:{s3port}"
-    classes = {"nbd-std": NbdStd, "s3backer": S3backer, "s3plugin": NbdkitS3}
+    classes = {"nbd-std": NbdStd, "nbd-std-before": NbdStdBefore, "s3backer": S3backer,
+               "s3plugin": NbdkitS3}
     chosen = [classes[s] for s in a.servers.split(",")]
     if not a.s3_plugin and NbdkitS3 in chosen:
         log("no --s3-plugin: skipping nbdkit's S3 plugin")

@@ -25,6 +25,10 @@ use crate::metrics::{ConnectionMetrics, HandshakeFailure};
 /// a burst of requests is handled in one pass.
 const INPUT_BYTES: usize = 4 << 20;
 
+/// The unit a block device writes whole: no sector may be left holding
+/// parts of two writes (see `store_whole_sectors_now`).
+const SECTOR: u64 = 512;
+
 /// Bytes of client input buffered at first. The buffer doubles (up to
 /// `INPUT_BYTES`) each time a read fills it, so an idle or negotiating
 /// connection costs 4 KiB, not 4 MiB (the core buffers options itself),
@@ -274,6 +278,9 @@ struct StreamingWrite {
     outstanding: usize,
     /// The whole payload arrived.
     received: bool,
+    /// The backend stores this write's payload at once, as it arrives (its
+    /// `try_write_now`); cleared the first time it does not.
+    inline: bool,
     /// The first storage error.
     failed: Option<io::Error>,
     /// The core already has the failure (sent before the payload was whole).
@@ -714,6 +721,7 @@ impl Driver {
                             piece_limit: 0,
                             outstanding: 0,
                             received: false,
+                            inline: true,
                             failed: None,
                             answered: false,
                         },
@@ -855,24 +863,25 @@ impl Driver {
             return;
         };
         let (mut data, mut offset) = (data, offset);
-        if write.piece.is_empty()
-            && let Some(backend) = &self.backend
-            && let Some(result) = backend.try_write_now(data, offset)
-        {
-            // One copy (input buffer to page cache) instead of two (into a
-            // piece, then from it), and no trip to the pool and back.
-            if let Err(error) = result
-                && write.failed.is_none()
-            {
-                write.failed = Some(error);
-            }
-            data = &[];
-        }
         while !data.is_empty() {
+            if write.inline && write.piece.is_empty() {
+                let stored = self.store_whole_sectors_now(&mut write, data, offset, remaining);
+                data = &data[stored..];
+                offset += stored as u64;
+                if data.is_empty() {
+                    break;
+                }
+            }
             if write.piece_limit == 0 {
                 let left = data.len() as u64 + remaining;
-                write.piece_limit =
-                    usize::try_from(left).map_or(WRITE_PIECE, |l| l.min(WRITE_PIECE));
+                // Stored at once, a piece only completes a partial sector;
+                // otherwise it gathers up to WRITE_PIECE for the pool.
+                let limit = if write.inline {
+                    left.min(SECTOR - offset % SECTOR)
+                } else {
+                    left.min(WRITE_PIECE as u64)
+                };
+                write.piece_limit = usize::try_from(limit).unwrap_or(WRITE_PIECE);
                 // Capacity is address space; only the bytes copied in
                 // become resident, and those are what the budget counts.
                 write.piece = Vec::with_capacity(write.piece_limit);
@@ -884,13 +893,62 @@ impl Driver {
             data = &data[n..];
             offset += n as u64;
             if write.piece.len() == write.piece_limit {
+                let on_storage = write.outstanding;
                 self.store_piece(id, &mut write);
+                if write.outstanding > on_storage {
+                    write.inline = false;
+                }
             }
         }
         if remaining == 0 {
             write.received = true;
         }
         self.settle_write(id, write);
+    }
+
+    /// Stores the whole sectors at the start of `data` (all of it when it is
+    /// the payload's end) straight from the input buffer, when the backend
+    /// can without blocking: one copy (input buffer to storage) instead of
+    /// two, and no trip to the pool. Payload arrives split wherever the
+    /// socket split it, so a partial sector is left for a piece to
+    /// complete: a sector never holds halves of two overlapping writes.
+    /// Returns the bytes stored.
+    fn store_whole_sectors_now(
+        &mut self,
+        write: &mut StreamingWrite,
+        data: &[u8],
+        offset: u64,
+        remaining: u64,
+    ) -> usize {
+        let Some(backend) = &self.backend else {
+            return 0;
+        };
+        let end = offset + data.len() as u64;
+        let whole_end = if remaining == 0 {
+            end
+        } else {
+            end - end % SECTOR
+        };
+        let Ok(n) = usize::try_from(whole_end.saturating_sub(offset)) else {
+            return 0;
+        };
+        if n == 0 {
+            return 0;
+        }
+        match backend.try_write_now(&data[..n], offset) {
+            Some(result) => {
+                if let Err(error) = result
+                    && write.failed.is_none()
+                {
+                    write.failed = Some(error);
+                }
+                n
+            }
+            None => {
+                write.inline = false;
+                0
+            }
+        }
     }
 
     /// Answers a streamed write once everything about it is known, or puts

@@ -35,9 +35,14 @@ const PARALLEL_FETCHES: usize = 32;
 /// burst of small writes into one object costs one PUT, not many.
 const WRITE_BACK_DELAY: Duration = Duration::from_millis(20);
 
-/// The longest a background upload waits for an object that keeps being
-/// written to go quiet (see [`Disk::settle`]).
-const WRITE_BACK_SETTLE_BOUND: Duration = Duration::from_secs(1);
+/// The longest an object that keeps being written stays dirty before a
+/// background upload stores it anyway (see [`Disk::store_when_quiet`]), as the kernel's page cache does
+/// (`dirty_expire_centisecs`). Storing it sooner would be overwritten
+/// before the next FLUSH, which must store it again: each such PUT costs
+/// the store and this server CPU and a copy of the object, and saves no
+/// time at the FLUSH. A writer waiting for room, or a FLUSH, stores it at
+/// once.
+const HOT_OBJECT_BOUND: Duration = Duration::from_secs(30);
 
 /// Wait before a failed background upload is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -94,6 +99,9 @@ pub(super) struct Disk {
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
     /// Permits: objects of dirty data the cache may hold.
     dirty_room: Arc<Semaphore>,
+    /// Writers waiting for a permit of `dirty_room`: while there are, the
+    /// background uploads store hot objects too, to make room.
+    room_wanted: AtomicUsize,
     /// Clean objects kept for reads beyond this many are dropped.
     cached_limit: usize,
     /// Slots whose content holds data (not `None`, not empty).
@@ -157,6 +165,7 @@ impl Disk {
             existence,
             slots: Mutex::new(HashMap::new()),
             dirty_room: Arc::new(Semaphore::new(cache_objects / 2)),
+            room_wanted: AtomicUsize::new(0),
             cached_limit: cache_objects,
             cached: AtomicUsize::new(0),
             uploads: Semaphore::new(PARALLEL_UPLOADS),
@@ -248,7 +257,12 @@ impl Disk {
             let key = data_key(&self.prefix, index);
             let fetched = bounded(async { self.store.get(&key).await?.bytes().await }).await;
             match fetched {
-                Ok(bytes) if bytes.len() as u64 == self.object_size => bytes.to_vec(),
+                // The body's own buffer when nothing else holds it: no
+                // second copy of the object in memory.
+                Ok(bytes) if bytes.len() as u64 == self.object_size => match bytes.try_into_mut() {
+                    Ok(unique) => Vec::from(unique),
+                    Err(shared) => shared.to_vec(),
+                },
                 Ok(bytes) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -317,18 +331,21 @@ impl Disk {
             // Wait for room without holding the object, so its upload
             // (which frees room) is never blocked behind this writer.
             drop(state);
+            self.room_wanted.fetch_add(1, Ordering::Relaxed);
             let room = tokio::time::timeout(
                 ROOM_WAIT_BOUND,
                 Arc::clone(&self.dirty_room).acquire_owned(),
             )
-            .await
-            .map_err(|_| {
-                io::Error::other(format!(
-                    "write-back cache full for {} s: the object store is not taking uploads",
-                    ROOM_WAIT_BOUND.as_secs()
-                ))
-            })?
-            .map_err(io::Error::other)?;
+            .await;
+            self.room_wanted.fetch_sub(1, Ordering::Relaxed);
+            let room = room
+                .map_err(|_| {
+                    io::Error::other(format!(
+                        "write-back cache full for {} s: the object store is not taking uploads",
+                        ROOM_WAIT_BOUND.as_secs()
+                    ))
+                })?
+                .map_err(io::Error::other)?;
             let (_slot, relocked) = self.lock(index).await;
             state = relocked;
             if state.room.is_none() {
@@ -736,30 +753,78 @@ impl Disk {
         outcome
     }
 
-    /// Waits until the batch's objects have gone [`WRITE_BACK_DELAY`]
-    /// without a write, or [`WRITE_BACK_SETTLE_BOUND`] at most: a writer filling one
-    /// in pieces (nbdcopy's 256K requests, from several connections) is
-    /// done before the PUT, so the object is stored once, not once per
-    /// piece.
-    async fn settle(&self, batch: &[u64]) {
-        let started = tokio::time::Instant::now();
-        let mut seen = self.generations(batch).await;
-        loop {
-            tokio::time::sleep(WRITE_BACK_DELAY).await;
-            let now = self.generations(batch).await;
-            if now == seen || started.elapsed() >= WRITE_BACK_SETTLE_BOUND {
-                return;
+    /// Stores the batch's objects once each has gone quiet: a writer
+    /// filling one in pieces (nbdcopy's 256K requests, from several
+    /// connections) is done before the PUT, so the object is stored once,
+    /// not once per piece. The quiet an object needs is
+    /// [`WRITE_BACK_DELAY`], or a quarter of how long it has been written
+    /// to if longer: objects under random writes (rewritten long before a
+    /// PUT could finish) wait, up to [`HOT_OBJECT_BOUND`] from the batch's
+    /// start, unless writers wait for room. Failed uploads are retried
+    /// until they succeed.
+    async fn store_when_quiet(&self, batch: Vec<u64>) {
+        struct Watched {
+            index: u64,
+            generation: Option<u64>,
+            first_change: tokio::time::Instant,
+            last_change: tokio::time::Instant,
+        }
+        impl Watched {
+            fn quiet_needed(&self) -> Duration {
+                ((self.last_change - self.first_change) / 4).max(WRITE_BACK_DELAY)
             }
-            seen = now;
+        }
+        let started = tokio::time::Instant::now();
+        let mut watched = Vec::with_capacity(batch.len());
+        for index in batch {
+            watched.push(Watched {
+                index,
+                generation: self.generation(index).await,
+                first_change: started,
+                last_change: started,
+            });
+        }
+        while !watched.is_empty() {
+            tokio::time::sleep(WRITE_BACK_DELAY).await;
+            let now = tokio::time::Instant::now();
+            let overdue =
+                now - started >= HOT_OBJECT_BOUND || self.room_wanted.load(Ordering::Relaxed) > 0;
+            let mut ready = Vec::new();
+            let mut still_hot = Vec::with_capacity(watched.len());
+            for mut object in watched {
+                let generation = self.generation(object.index).await;
+                if generation != object.generation {
+                    object.generation = generation;
+                    object.last_change = now;
+                }
+                if overdue || now - object.last_change >= object.quiet_needed() {
+                    ready.push(object.index);
+                } else {
+                    still_hot.push(object);
+                }
+            }
+            if !ready.is_empty() {
+                self.store_retrying(&ready).await;
+            }
+            watched = still_hot;
         }
     }
 
-    async fn generations(&self, batch: &[u64]) -> Vec<Option<u64>> {
-        let mut generations = Vec::with_capacity(batch.len());
-        for &index in batch {
-            generations.push(self.generation(index).await);
+    async fn store_retrying(&self, batch: &[u64]) {
+        loop {
+            match self.store_all(batch.to_vec()).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(
+                        "{} objects from {:016x}: upload failed ({error}); retrying in {} s",
+                        batch.len(),
+                        batch[0],
+                        RETRY_DELAY.as_secs()
+                    );
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+            }
         }
-        generations
     }
 
     async fn generation(&self, index: u64) -> Option<u64> {
@@ -841,21 +906,7 @@ impl Disk {
             }
             let disk = Arc::clone(&self);
             tokio::spawn(async move {
-                disk.settle(&batch).await;
-                loop {
-                    match disk.store_all(batch.clone()).await {
-                        Ok(()) => break,
-                        Err(error) => {
-                            tracing::warn!(
-                                "{} objects from {:016x}: upload failed ({error}); retrying in {} s",
-                                batch.len(),
-                                batch[0],
-                                RETRY_DELAY.as_secs()
-                            );
-                            tokio::time::sleep(RETRY_DELAY).await;
-                        }
-                    }
-                }
+                disk.store_when_quiet(batch).await;
                 disk.forget_zero_slots_soon();
                 disk.evict();
             });
@@ -1095,20 +1146,16 @@ mod tests {
 
     /// A disk of four objects on a store whose PUTs take `put`.
     fn disk(put: Duration) -> (Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
+        disk_with_cache(put, 1 << 20)
+    }
+
+    fn disk_with_cache(put: Duration, cache: u64) -> (Arc<Disk>, mpsc::UnboundedReceiver<u64>) {
         let config = ThrottleConfig {
             wait_put_per_call: put,
             ..ThrottleConfig::default()
         };
         let store = Arc::new(ThrottledStore::new(InMemory::new(), config));
-        Disk::new(
-            store,
-            Path::from("d"),
-            4 * OBJECT,
-            OBJECT,
-            1 << 20,
-            &[],
-            None,
-        )
+        Disk::new(store, Path::from("d"), 4 * OBJECT, OBJECT, cache, &[], None)
     }
 
     #[tokio::test]
@@ -1134,6 +1181,68 @@ mod tests {
             .await
             .expect("bytes");
         assert_eq!(&stored[..4096], &[2; 4096][..]);
+    }
+
+    /// Writes 4 KiB at a different place of `index` every 5 ms for `busy`.
+    async fn write_hot(disk: &Disk, index: u64, busy: Duration) {
+        let until = tokio::time::Instant::now() + busy;
+        let mut at = 0u64;
+        while tokio::time::Instant::now() < until {
+            at = (at + 7 * 4096) % OBJECT;
+            disk.write(&[at as u8 | 1; 4096], index * OBJECT + at)
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stored(disk: &Disk, index: u64) -> bool {
+        disk.store
+            .head(&data_key(&disk.prefix, index))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn an_object_still_written_is_stored_once_quiet_or_when_room_is_wanted() {
+        // Four objects of cache: two may be dirty.
+        let (disk, dirtied) = disk_with_cache(Duration::ZERO, 4 * OBJECT);
+        tokio::spawn(Arc::clone(&disk).upload_in_background(dirtied));
+        // Rewritten for longer than the old one-second bound: no PUT yet.
+        write_hot(&disk, 0, Duration::from_millis(1300)).await;
+        assert!(
+            !stored(&disk, 0).await,
+            "a hot object was stored while written"
+        );
+        // Quiet for a quarter of its busy time: stored without a FLUSH.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while disk.is_dirty(0).await || !stored(&disk, 0).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a quiet object stayed dirty"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The cache holds two dirty objects: with both hot, a writer into
+        // a third waits for room, and the hot ones are stored to make it.
+        let hot = {
+            let disk = Arc::clone(&disk);
+            tokio::spawn(async move {
+                tokio::join!(
+                    write_hot(&disk, 1, Duration::from_secs(4)),
+                    write_hot(&disk, 2, Duration::from_secs(4))
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = tokio::time::Instant::now();
+        disk.write(&[9; 4096], 3 * OBJECT).await.expect("write");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a writer waited {:?} for room held by hot objects",
+            started.elapsed()
+        );
+        hot.await.expect("hot writers");
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use self::disk::Disk;
 use self::lease::Lease;
+use super::file::INLINE_BYTES;
 use super::{AsyncBackend, Backend, StorageFuture, ZeroFlags};
 
 /// Default object size (`object-size=`).
@@ -184,6 +185,7 @@ impl std::fmt::Debug for Opened {
 impl S3Backend {
     /// Opens (or creates, with `size=`) the disk. The error is one line.
     pub fn open(options: &S3Options, read_only: bool) -> Result<Self, String> {
+        return_large_buffers_to_the_system();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("nbd-s3")
@@ -357,6 +359,24 @@ impl Opened {
             Err(io::ErrorKind::ReadOnlyFilesystem.into())
         } else {
             Ok(())
+        }
+    }
+}
+
+/// Makes glibc's allocator serve buffers of 128 KiB and more (objects,
+/// fetched bodies) with `mmap`, so each is given back to the system when
+/// freed. By default glibc raises that threshold as such buffers are freed
+/// and then keeps them in its arenas, one set per thread, and the server's
+/// RSS grew to about twice `cache=`.
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const THRESHOLD: libc::c_int = 128 << 10;
+        // SAFETY: mallopt(3) only sets allocator parameters, under the
+        // allocator's own lock; any thread may call it at any time.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
         }
     }
 }
@@ -632,6 +652,45 @@ impl Backend for S3Backend {
             .ok_or_else(panicked)?;
         buf.copy_from_slice(&data);
         result
+    }
+
+    /// A read of objects all cached (or absent: zeroes), none locked by a
+    /// request in flight, is a copy: done on the connection's thread, it
+    /// saves a task and a channel hop, which at QD1 cost more than the
+    /// copy. Anything that would wait (a fetch, a lock held by a write)
+    /// goes the asynchronous way.
+    fn try_read_now(
+        &self,
+        buffer: &mut Vec<u8>,
+        offset: u64,
+        length: usize,
+    ) -> Option<io::Result<()>> {
+        if length > INLINE_BYTES {
+            return None;
+        }
+        let start = buffer.len();
+        buffer.resize(start + length, 0);
+        if !self.shared.disk.read_cached(&mut buffer[start..], offset) {
+            buffer.truncate(start);
+            return None;
+        }
+        // Read-ahead's task must run on the export's runtime.
+        let _export_runtime = self.shared.handle.enter();
+        self.shared.disk.read_ahead(offset, length as u64);
+        Some(Ok(()))
+    }
+
+    /// A write into one object that is cached and already dirty (holding
+    /// its cache room) is a copy too: random writes into hot objects never
+    /// leave the connection's thread.
+    fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
+        if self.shared.read_only
+            || data.len() > INLINE_BYTES
+            || !self.shared.disk.write_cached(data, offset)
+        {
+            return None;
+        }
+        Some(Ok(()))
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
