@@ -46,7 +46,7 @@ use nbd_core::wire::{AllocationFlags, ExtDescriptor};
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
-use super::{Backend, ZeroFlags, push_extent};
+use super::{Backend, ZeroFlags, push_extent, try_fill_appended};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
 
@@ -382,13 +382,7 @@ impl Backend for FileBackend {
             return None;
         }
         // Small: zero-filling costs less than a second system call would.
-        let start = buffer.len();
-        buffer.resize(start + length, 0);
-        let result = self.read_cached(&mut buffer[start..], offset);
-        if result.is_none() {
-            buffer.truncate(start);
-        }
-        result
+        try_fill_appended(buffer, length, |room| self.read_cached(room, offset))
     }
 
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {

@@ -87,6 +87,24 @@ impl std::fmt::Debug for ReadPiece {
     }
 }
 
+/// What a `try_read_now` that fills a zeroed slice does with its buffer:
+/// appends `length` zero bytes, lets `fill` fill them, and takes them off
+/// again when `fill` answers `None` (the caller then reads another way,
+/// from the buffer as it was).
+pub(crate) fn try_fill_appended(
+    buffer: &mut Vec<u8>,
+    length: usize,
+    fill: impl FnOnce(&mut [u8]) -> Option<io::Result<()>>,
+) -> Option<io::Result<()>> {
+    let start = buffer.len();
+    buffer.resize(start + length, 0);
+    let result = fill(&mut buffer[start..]);
+    if result.is_none() {
+        buffer.truncate(start);
+    }
+    result
+}
+
 /// Storage for one export.
 pub trait Backend: Send + Sync + 'static {
     /// Current size in bytes.

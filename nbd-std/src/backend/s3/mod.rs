@@ -27,7 +27,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use self::disk::Disk;
 use self::lease::Lease;
 use super::file::INLINE_BYTES;
-use super::{AsyncBackend, Backend, StorageFuture, ZeroFlags};
+use super::{AsyncBackend, Backend, StorageFuture, ZeroFlags, try_fill_appended};
 
 /// Default object size (`object-size=`).
 pub const DEFAULT_OBJECT_SIZE: u64 = 1 << 20;
@@ -668,16 +668,14 @@ impl Backend for S3Backend {
         if length > INLINE_BYTES {
             return None;
         }
-        let start = buffer.len();
-        buffer.resize(start + length, 0);
-        if !self.shared.disk.read_cached(&mut buffer[start..], offset) {
-            buffer.truncate(start);
-            return None;
-        }
+        let disk = &self.shared.disk;
+        let filled = try_fill_appended(buffer, length, |room| {
+            disk.read_cached(room, offset).then_some(Ok(()))
+        })?;
         // Read-ahead's task must run on the export's runtime.
         let _export_runtime = self.shared.handle.enter();
-        self.shared.disk.read_ahead(offset, length as u64);
-        Some(Ok(()))
+        disk.read_ahead(offset, length as u64);
+        Some(filled)
     }
 
     /// A write into one object that is cached and already dirty (holding
