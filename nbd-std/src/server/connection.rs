@@ -287,6 +287,17 @@ struct StreamingWrite {
     answered: bool,
 }
 
+impl StreamingWrite {
+    /// Keeps the first storage error: the reply reports that one.
+    fn keep_first_error(&mut self, result: io::Result<()>) {
+        if let Err(error) = result
+            && self.failed.is_none()
+        {
+            self.failed = Some(error);
+        }
+    }
+}
+
 /// A read's data waiting for its reply header.
 enum ReadData {
     /// Copied into a buffer of ours.
@@ -587,11 +598,7 @@ impl Driver {
         // buffered write): no trip to the pool and back.
         if let Some(result) = backend.try_write_now(&data, write.piece_offset) {
             self.budget.release(data.len());
-            if let Err(error) = result
-                && write.failed.is_none()
-            {
-                write.failed = Some(error);
-            }
+            write.keep_first_error(result);
             return;
         }
         write.outstanding += 1;
@@ -937,11 +944,7 @@ impl Driver {
         }
         match backend.try_write_now(&data[..n], offset) {
             Some(result) => {
-                if let Err(error) = result
-                    && write.failed.is_none()
-                {
-                    write.failed = Some(error);
-                }
+                write.keep_first_error(result);
                 n
             }
             None => {
@@ -1086,11 +1089,7 @@ impl Driver {
                 self.budget.release(data.len());
                 if let Some(mut write) = self.streams.remove(id) {
                     write.outstanding -= 1;
-                    if let Err(error) = result
-                        && write.failed.is_none()
-                    {
-                        write.failed = Some(error);
-                    }
+                    write.keep_first_error(result);
                     self.settle_write(id, write);
                 }
                 Ok(())
