@@ -36,12 +36,12 @@ const PARALLEL_FETCHES: usize = 32;
 const WRITE_BACK_DELAY: Duration = Duration::from_millis(20);
 
 /// The longest an object that keeps being written stays dirty before a
-/// background upload stores it anyway (see [`Disk::store_when_quiet`]), as the kernel's page cache does
-/// (`dirty_expire_centisecs`). Storing it sooner would be overwritten
-/// before the next FLUSH, which must store it again: each such PUT costs
-/// the store and this server CPU and a copy of the object, and saves no
-/// time at the FLUSH. A writer waiting for room, or a FLUSH, stores it at
-/// once.
+/// background upload stores it anyway (see [`Disk::store_when_quiet`]), as
+/// the kernel's page cache does (`dirty_expire_centisecs`). Stored sooner,
+/// it would be overwritten before the next FLUSH, which must store it
+/// again: each such PUT costs the store and this server CPU and a copy of
+/// the object, and saves no time at the FLUSH. A writer waiting for room,
+/// or a FLUSH, stores it at once.
 const HOT_OBJECT_BOUND: Duration = Duration::from_secs(30);
 
 /// Wait before a failed background upload is tried again.
@@ -113,6 +113,24 @@ pub(super) struct Disk {
     lease: Option<Arc<Lease>>,
     /// Where the last read ended, to spot a sequential reader.
     last_read_end: AtomicU64,
+}
+
+/// One writer counted in [`Disk::room_wanted`] while it waits for room;
+/// uncounted when dropped, also when the request's own bound drops the
+/// wait (a count left raised would make every hot object be stored).
+struct RoomWanted<'a>(&'a AtomicUsize);
+
+impl<'a> RoomWanted<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for RoomWanted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn store_error(error: object_store::Error) -> io::Error {
@@ -331,13 +349,13 @@ impl Disk {
             // Wait for room without holding the object, so its upload
             // (which frees room) is never blocked behind this writer.
             drop(state);
-            self.room_wanted.fetch_add(1, Ordering::Relaxed);
+            let wanting = RoomWanted::new(&self.room_wanted);
             let room = tokio::time::timeout(
                 ROOM_WAIT_BOUND,
                 Arc::clone(&self.dirty_room).acquire_owned(),
             )
             .await;
-            self.room_wanted.fetch_sub(1, Ordering::Relaxed);
+            drop(wanting);
             let room = room
                 .map_err(|_| {
                     io::Error::other(format!(
@@ -1243,6 +1261,21 @@ mod tests {
             started.elapsed()
         );
         hot.await.expect("hot writers");
+    }
+
+    #[tokio::test]
+    async fn a_writer_given_up_while_waiting_for_room_is_no_longer_counted() {
+        // Two objects of dirty room, both taken, nothing uploading them.
+        let (disk, _dirtied) = disk_with_cache(Duration::ZERO, 4 * OBJECT);
+        disk.write(&[1; 4096], 0).await.expect("write");
+        disk.write(&[2; 4096], OBJECT).await.expect("write");
+        let waiting = tokio::time::timeout(
+            Duration::from_millis(50),
+            disk.write(&[3; 4096], 2 * OBJECT),
+        )
+        .await;
+        assert!(waiting.is_err(), "a write found room in a full cache");
+        assert_eq!(disk.room_wanted.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
