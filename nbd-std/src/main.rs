@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use nbd_std::export::{ExportSet, ExportSpec, StorageSpec};
 use nbd_std::server::limits::{self, DEFAULT_MAX_CLIENTS};
-use nbd_std::server::{Listener, Server, ServerLimits};
+use nbd_std::server::{DEFAULT_POLL_WINDOW_MICROS, Listener, Server, ServerLimits};
 use nbd_std::size::parse_size;
 use tracing::{error, info, warn};
 
@@ -383,6 +383,13 @@ struct ServeArgs {
     /// are tasks of the shared work-stealing runtime.
     #[arg(long, value_name = "N")]
     io_threads: Option<usize>,
+    /// Microseconds a connection alone on its I/O thread polls for the
+    /// next request before the thread sleeps (one request at a time is
+    /// then not slowed by a wake-up); shrinks to nothing for a client that
+    /// pauses. 0: never poll.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = DEFAULT_POLL_WINDOW_MICROS,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    poll_window: u64,
     /// TLS (NBD_OPT_STARTTLS): off; on (clients choose); require (every
     /// option but STARTTLS and ABORT refused until TLS is up).
     #[arg(long, value_enum, default_value_t = TlsMode::Off, value_name = "MODE")]
@@ -788,7 +795,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         let server = match args.io_threads {
             Some(count) => server.with_io_threads(count),
             None => server,
-        };
+        }
+        .with_poll_window(std::time::Duration::from_micros(args.poll_window));
         let server = match metrics {
             Some(metrics) => server.with_metrics(metrics),
             None => server,

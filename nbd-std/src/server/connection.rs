@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
+use super::poll_window::{PollWindow, WatchInput};
 use super::storage::{Done, Job};
 use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
@@ -67,6 +68,9 @@ pub(super) struct Settings {
     pub(super) client: String,
     /// `--metrics`: this connection's counters.
     pub(super) metrics: Option<ConnectionMetrics>,
+    /// `--poll-window`: how this connection waits for its next request
+    /// (on an I/O thread only).
+    pub(super) poll_window: Option<PollWindow>,
 }
 
 /// A writable connection to an exclusive export; given up when dropped.
@@ -115,7 +119,7 @@ pub(super) async fn run<S>(
     negotiated: oneshot::Sender<()>,
     settings: Settings,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + WatchInput,
 {
     info!("client connected");
     let mut shutdown = shutdown;
@@ -149,6 +153,7 @@ pub(super) async fn run<S>(
     driver.idle_timeout = settings.idle_timeout;
     driver.negotiated = Some(negotiated);
     driver.metrics = settings.metrics;
+    driver.poll_window = settings.poll_window;
     let first_pass = match driver.skip_greeting(&greeting) {
         Ok(()) => {
             driver
@@ -361,6 +366,7 @@ struct Driver {
     negotiated: Option<oneshot::Sender<()>>,
     /// `--metrics`: this connection's counters.
     metrics: Option<ConnectionMetrics>,
+    poll_window: Option<PollWindow>,
 }
 
 impl Driver {
@@ -392,6 +398,7 @@ impl Driver {
             start_tls: false,
             negotiated: None,
             metrics: None,
+            poll_window: None,
         }
     }
 
@@ -421,7 +428,7 @@ impl Driver {
         initial: &[u8],
     ) -> io::Result<Ended>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin + WatchInput,
     {
         let mut input = vec![0u8; FIRST_INPUT_BYTES.max(initial.len())];
         input[..initial.len()].copy_from_slice(initial);
@@ -438,6 +445,8 @@ impl Driver {
         }
         let server_budget = Arc::clone(self.budget.server());
         let mut last_input = tokio::time::Instant::now();
+        // When the connection went idle, if it polled for its next request.
+        let mut idle_since = None;
         loop {
             while let Ok(done) = self.done_rx.try_recv() {
                 self.pending -= 1;
@@ -482,6 +491,9 @@ impl Driver {
                 return Ok(Ended::Done);
             }
             let room = !eof && end < input.len();
+            if room && start == end && self.pending == 0 && self.conn.in_flight() == 0 {
+                idle_since = self.poll_for_input(stream);
+            }
             // Input is waiting but no budget: another connection must give
             // some back (our own completions wake the loop anyway).
             let starved = self.starved;
@@ -513,6 +525,9 @@ impl Driver {
                     }
                     n => {
                         last_input = tokio::time::Instant::now();
+                        if let (Some(since), Some(window)) = (idle_since.take(), &mut self.poll_window) {
+                            window.waited(since.elapsed());
+                        }
                         end += n;
                         let grown_len = (input.len() * 2).min(INPUT_BYTES);
                         if end == input.len()
@@ -547,6 +562,17 @@ impl Driver {
                 else => return Err(io::Error::other("connection stalled: input buffer full and nothing in flight")),
             }
         }
+    }
+
+    /// With nothing in flight and no input, polls the socket for the next
+    /// request before the event loop sleeps (see [`PollWindow`]); returns
+    /// when it started, if it polled.
+    fn poll_for_input<S: WatchInput>(&self, stream: &S) -> Option<std::time::Instant> {
+        let window = self.poll_window.as_ref().filter(|w| w.alone())?;
+        let fd = stream.input_fd()?;
+        let since = std::time::Instant::now();
+        window.poll(fd);
+        Some(since)
     }
 
     /// How many of `available` input bytes may be fed to the core now.

@@ -35,6 +35,13 @@ pub(super) struct Placement {
     connections: Arc<AtomicUsize>,
 }
 
+impl Placement {
+    /// The count of connections on this thread, this one included.
+    pub(super) fn thread_connections(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.connections)
+    }
+}
+
 impl Drop for Placement {
     fn drop(&mut self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);

@@ -15,6 +15,7 @@ pub mod budget;
 mod connection;
 mod io_threads;
 pub mod limits;
+mod poll_window;
 mod storage;
 
 pub use budget::ServerBudget;
@@ -39,6 +40,8 @@ use crate::metrics::{HandshakeFailure, Limit, Metrics};
 #[cfg(feature = "tls")]
 use crate::tls::ServerTls;
 use io_threads::IoThreads;
+pub use poll_window::DEFAULT_POLL_WINDOW_MICROS;
+use poll_window::{PollWindow, WatchInput};
 
 /// Connections the kernel queues for `accept` (capped by
 /// `net.core.somaxconn`). mio's default, 128, overflows when a few hundred
@@ -125,6 +128,8 @@ pub struct Server {
     metrics: Option<Arc<Metrics>>,
     /// Threads running connections (see [`Server::with_io_threads`]).
     io_threads: usize,
+    /// See [`Server::with_poll_window`].
+    poll_window: Duration,
 }
 
 /// I/O threads by default: one per CPU the process may run on.
@@ -144,6 +149,7 @@ impl Server {
             budget: Arc::new(ServerBudget::new(ServerLimits::default().server_memory)),
             metrics: None,
             io_threads: default_io_threads(),
+            poll_window: Duration::from_micros(DEFAULT_POLL_WINDOW_MICROS),
         }
     }
 
@@ -154,6 +160,19 @@ impl Server {
     #[must_use]
     pub fn with_io_threads(mut self, count: usize) -> Self {
         self.io_threads = count;
+        self
+    }
+
+    /// How long a connection alone on its I/O thread, with nothing in
+    /// flight, polls its socket for the next request before the thread
+    /// sleeps (default [`DEFAULT_POLL_WINDOW_MICROS`]; zero: never). A client
+    /// sending one request at a time then finds the thread awake instead
+    /// of waking it, which on an idle machine can cost more than serving
+    /// the request; the window shrinks to nothing for a client that
+    /// pauses. Only with I/O threads.
+    #[must_use]
+    pub fn with_poll_window(mut self, longest: Duration) -> Self {
+        self.poll_window = longest;
         self
     }
 
@@ -298,6 +317,10 @@ impl Server {
         let span = info_span!("client", id, peer = %client.peer);
         let peer = client.peer;
         let (negotiated, selected) = oneshot::channel();
+        let placement = io_threads.and_then(IoThreads::place);
+        let poll_window = placement
+            .as_ref()
+            .and_then(|(_, place)| PollWindow::new(self.poll_window, place.thread_connections()));
         let parts = ClientParts {
             exports: Arc::clone(&self.exports),
             config: self.config,
@@ -315,10 +338,10 @@ impl Server {
                 idle_timeout: self.limits.idle_timeout,
                 client: client.address,
                 metrics: self.metrics.as_ref().map(Metrics::connection),
+                poll_window,
             },
             server_metrics: self.metrics.clone(),
         };
-        let placement = io_threads.and_then(IoThreads::place);
         match client.stream {
             Stream::Tcp(stream) => {
                 if let Err(error) = stream.set_nodelay(true) {
@@ -446,7 +469,7 @@ fn spawn_client<S, Std>(
     peer: &str,
     (into_std, from_std): SocketMove<S, Std>,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + WatchInput,
     Std: Send + 'static,
 {
     let Some((runtime, place)) = placement else {
@@ -472,7 +495,7 @@ fn spawn_client<S, Std>(
 
 async fn serve_client<S>(stream: S, parts: ClientParts)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + WatchInput,
 {
     let connection = Box::pin(connection::run(
         stream,
