@@ -256,9 +256,10 @@ class Server:
             binary = self.ctx.args.before_bin if self.name == BEFORE_SERVER else self.ctx.nbd_std_bin
             if self.ctx.stand_in:
                 return [binary, p, str(self.size // MiB)]
+            extra = shlex.split(self.ctx.args.before_args) if self.name == BEFORE_SERVER else []
             if on_file:
-                return [binary, "serve", "--port", p, "--export", f"bench=file:{self.shm_file()}"]
-            return [binary, "serve", "--port", p, "--size", self.size_arg]
+                return [binary, "serve", "--port", p, "--export", f"bench=file:{self.shm_file()}", *extra]
+            return [binary, "serve", "--port", p, "--size", self.size_arg, *extra]
         if self.name == "nbd-std-null":
             return [self.ctx.nbd_std_bin, "serve", "--port", p, "--export", f"bench=null:{self.size_arg}"]
         if self.name == "nbdkit-null":
@@ -921,6 +922,12 @@ def parse_args(argv):
     p.add_argument(
         "--before-bin",
         help="also run this nbd-std binary (say, main's build) as the nbd-std-before column, not a peer",
+    )
+    p.add_argument(
+        "--before-args",
+        default="",
+        help="options added to the nbd-std-before command line, e.g. '--poll-window 0' "
+        "(with --before-bin the same binary: one setting measured beside the default)",
     )
     p.add_argument("--no-build", action="store_true", help="do not run cargo build")
     p.add_argument("--out", help="output directory (default benches/results/TIMESTAMP)")
