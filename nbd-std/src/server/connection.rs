@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
-use super::poll_window::{PollWindow, WatchInput};
+use super::poll_window::{PollWindow, SocketInput};
 use super::storage::{Done, Job};
 use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
@@ -119,7 +119,7 @@ pub(super) async fn run<S>(
     negotiated: oneshot::Sender<()>,
     settings: Settings,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + WatchInput,
+    S: AsyncRead + AsyncWrite + Unpin + SocketInput,
 {
     info!("client connected");
     let mut shutdown = shutdown;
@@ -428,7 +428,7 @@ impl Driver {
         initial: &[u8],
     ) -> io::Result<Ended>
     where
-        S: AsyncRead + AsyncWrite + Unpin + WatchInput,
+        S: AsyncRead + AsyncWrite + Unpin + SocketInput,
     {
         let mut input = vec![0u8; FIRST_INPUT_BYTES.max(initial.len())];
         input[..initial.len()].copy_from_slice(initial);
@@ -491,8 +491,27 @@ impl Driver {
                 return Ok(Ended::Done);
             }
             let room = !eof && end < input.len();
-            if room && start == end && self.pending == 0 && self.conn.in_flight() == 0 {
-                idle_since = self.poll_for_input(stream);
+            // Input the socket already holds is read at once, without a
+            // trip through the event loop; unless a shutdown is waiting to
+            // be seen there.
+            if room && !(watching && shutdown.has_changed().unwrap_or(true)) {
+                let idle = start == end && self.pending == 0 && self.conn.in_flight() == 0;
+                if let Some(read) = self.read_now(stream, &mut input[end..], idle, &mut idle_since)
+                {
+                    match read? {
+                        0 => {
+                            self.client_closed();
+                            eof = true;
+                        }
+                        n => {
+                            last_input = tokio::time::Instant::now();
+                            self.took_input(n, &mut input, &mut start, &mut end, &mut idle_since);
+                        }
+                    }
+                    // Other connections on this thread get their turn.
+                    tokio::task::consume_budget().await;
+                    continue;
+                }
             }
             // Input is waiting but no budget: another connection must give
             // some back (our own completions wake the loop anyway).
@@ -517,31 +536,12 @@ impl Driver {
                 }
                 read = stream.read(&mut input[end..]), if room => match read? {
                     0 => {
-                        match self.conn.end_of_input() {
-                            Ok(()) => debug!("client closed its side"),
-                            Err(error) => debug!("client closed its side: {error}"),
-                        }
+                        self.client_closed();
                         eof = true;
                     }
                     n => {
                         last_input = tokio::time::Instant::now();
-                        if let (Some(since), Some(window)) = (idle_since.take(), &mut self.poll_window) {
-                            window.waited(since.elapsed());
-                        }
-                        end += n;
-                        let grown_len = (input.len() * 2).min(INPUT_BYTES);
-                        if end == input.len()
-                            && grown_len > input.len()
-                            && self.budget.try_grow_input(grown_len - input.len())
-                        {
-                            // A fresh zeroed allocation, not `resize`:
-                            // large ones are mapped zero pages, resident
-                            // only once written.
-                            let mut grown = vec![0u8; grown_len];
-                            grown[..end - start].copy_from_slice(&input[start..end]);
-                            (start, end) = (0, end - start);
-                            input = grown;
-                        }
+                        self.took_input(n, &mut input, &mut start, &mut end, &mut idle_since);
                     }
                 },
                 () = server_budget.freed(), if starved => {}
@@ -564,15 +564,69 @@ impl Driver {
         }
     }
 
-    /// With nothing in flight and no input, polls the socket for the next
-    /// request before the event loop sleeps (see [`PollWindow`]); returns
-    /// when it started, if it polled.
-    fn poll_for_input<S: WatchInput>(&self, stream: &S) -> Option<std::time::Instant> {
-        let window = self.poll_window.as_ref().filter(|w| w.alone())?;
+    /// Reads what the socket holds into `buf` without waiting: `None`
+    /// when it holds nothing (or the stream is not read this way). An
+    /// `idle` connection (nothing in flight, no input) first polls for
+    /// its next request through its [`PollWindow`], noting in
+    /// `idle_since` when it began.
+    fn read_now<S: SocketInput>(
+        &self,
+        stream: &S,
+        buf: &mut [u8],
+        idle: bool,
+        idle_since: &mut Option<std::time::Instant>,
+    ) -> Option<io::Result<usize>> {
         let fd = stream.input_fd()?;
-        let since = std::time::Instant::now();
-        window.poll(fd);
-        Some(since)
+        let mut read = || match rustix::net::recv(fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+            Ok((n, _)) => Some(Ok(n)),
+            // Nothing yet (or interrupted): the event loop waits for it.
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => None,
+            Err(error) => Some(Err(error.into())),
+        };
+        match self.poll_window.as_ref().filter(|w| idle && w.alone()) {
+            Some(window) => {
+                *idle_since = Some(std::time::Instant::now());
+                window.poll(read)
+            }
+            None => read(),
+        }
+    }
+
+    /// The client closed its side: the core finishes what is in flight.
+    fn client_closed(&mut self) {
+        match self.conn.end_of_input() {
+            Ok(()) => debug!("client closed its side"),
+            Err(error) => debug!("client closed its side: {error}"),
+        }
+    }
+
+    /// Takes `n` bytes just read into `input` at `end`: notes how long an
+    /// idle connection waited for them, and grows a buffer they filled
+    /// (within the budget).
+    fn took_input(
+        &mut self,
+        n: usize,
+        input: &mut Vec<u8>,
+        start: &mut usize,
+        end: &mut usize,
+        idle_since: &mut Option<std::time::Instant>,
+    ) {
+        if let (Some(since), Some(window)) = (idle_since.take(), &mut self.poll_window) {
+            window.waited(since.elapsed());
+        }
+        *end += n;
+        let grown_len = (input.len() * 2).min(INPUT_BYTES);
+        if *end == input.len()
+            && grown_len > input.len()
+            && self.budget.try_grow_input(grown_len - input.len())
+        {
+            // A fresh zeroed allocation, not `resize`: large ones are
+            // mapped zero pages, resident only once written.
+            let mut grown = vec![0u8; grown_len];
+            grown[..*end - *start].copy_from_slice(&input[*start..*end]);
+            (*start, *end) = (0, *end - *start);
+            *input = grown;
+        }
     }
 
     /// How many of `available` input bytes may be fed to the core now.

@@ -41,7 +41,7 @@ use crate::metrics::{HandshakeFailure, Limit, Metrics};
 use crate::tls::ServerTls;
 use io_threads::IoThreads;
 pub use poll_window::DEFAULT_POLL_WINDOW_MICROS;
-use poll_window::{PollWindow, WatchInput};
+use poll_window::{PollWindow, SocketInput};
 
 /// Connections the kernel queues for `accept` (capped by
 /// `net.core.somaxconn`). mio's default, 128, overflows when a few hundred
@@ -469,7 +469,7 @@ fn spawn_client<S, Std>(
     peer: &str,
     (into_std, from_std): SocketMove<S, Std>,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + WatchInput,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + SocketInput,
     Std: Send + 'static,
 {
     let Some((runtime, place)) = placement else {
@@ -495,7 +495,7 @@ fn spawn_client<S, Std>(
 
 async fn serve_client<S>(stream: S, parts: ClientParts)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + WatchInput,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + SocketInput,
 {
     let connection = Box::pin(connection::run(
         stream,

@@ -17,8 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
-
 /// Default longest poll in microseconds (`--poll-window`): the next
 /// request at queue depth 1 came 15 to 30 µs after the reply on this
 /// project's machines, 50 to 60 µs when the thread had to be woken.
@@ -27,29 +25,28 @@ pub const DEFAULT_POLL_WINDOW_MICROS: u64 = 100;
 /// A window shorter than this is not worth a poll: it stops.
 const SHORTEST_POLL: Duration = Duration::from_micros(5);
 
-/// A stream whose socket can be watched for input without reading it.
-pub(super) trait WatchInput {
-    /// The socket to watch; `None` when readiness of the socket does not
-    /// mean input for the reader.
+/// A stream whose socket may be read directly, without waiting and
+/// without a trip through the event loop (which only sees readiness).
+pub(super) trait SocketInput {
+    /// The socket; `None` when input must go through the stream.
     fn input_fd(&self) -> Option<BorrowedFd<'_>>;
 }
 
-impl WatchInput for tokio::net::TcpStream {
+impl SocketInput for tokio::net::TcpStream {
     fn input_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.as_fd())
     }
 }
 
-impl WatchInput for tokio::net::UnixStream {
+impl SocketInput for tokio::net::UnixStream {
     fn input_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.as_fd())
     }
 }
 
 #[cfg(feature = "tls")]
-impl<S> WatchInput for tokio_rustls::server::TlsStream<S> {
-    /// TLS may hold decrypted input the socket no longer shows, and a
-    /// readable socket may carry only a partial record: not watched.
+impl<S> SocketInput for tokio_rustls::server::TlsStream<S> {
+    /// The socket carries records for the TLS session to decrypt.
     fn input_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
@@ -83,30 +80,17 @@ impl PollWindow {
         self.thread_connections.load(Ordering::Relaxed) == 1
     }
 
-    /// Polls `input` until it is readable (or hung up, or in error) or
-    /// the window has passed; says whether it became ready. Yields the
-    /// CPU between polls, so a client on the same CPU goes on. A closed
-    /// window returns at once.
-    pub(super) fn poll(&self, input: BorrowedFd<'_>) -> bool {
-        if self.current.is_zero() {
-            return false;
-        }
+    /// Tries `read` (which must not wait) until it gives something or the
+    /// window has passed; a closed window tries once. Yields the CPU
+    /// between tries, so a client on the same CPU goes on.
+    pub(super) fn poll<T>(&self, mut read: impl FnMut() -> Option<T>) -> Option<T> {
         let began = Instant::now();
-        let no_wait = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
         loop {
-            let mut watched = [PollFd::new(&input, PollFlags::IN)];
-            match poll(&mut watched, Some(&no_wait)) {
-                Ok(0) => {}
-                // Readable, or an error or hang-up the read will report.
-                Ok(_) => return true,
-                // Let the event loop see it.
-                Err(_) => return false,
+            if let Some(got) = read() {
+                return Some(got);
             }
             if began.elapsed() >= self.current {
-                return false;
+                return None;
             }
             std::thread::yield_now();
         }
@@ -130,7 +114,7 @@ impl PollWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
     fn window(longest_micros: u64, connections: usize) -> PollWindow {
@@ -139,6 +123,16 @@ mod tests {
             Arc::new(AtomicUsize::new(connections)),
         )
         .expect("a window")
+    }
+
+    /// One read that does not wait: the bytes, or `None` for none yet.
+    fn read_now(socket: &mut UnixStream) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 16];
+        match socket.read(&mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(error) => panic!("read: {error}"),
+        }
     }
 
     #[test]
@@ -163,18 +157,26 @@ mod tests {
         }
         // 100, 50, 25, 12.5, 6.25 µs: five polls wasted, then none.
         assert_eq!(polls, 5);
-        let (_client, server) = UnixStream::pair().expect("a socket pair");
-        assert!(!polling.poll(server.as_fd()));
+        let mut tries = 0;
+        assert_eq!(
+            polling.poll(|| {
+                tries += 1;
+                None::<()>
+            }),
+            None
+        );
+        assert_eq!(tries, 1, "a closed window tries once");
         polling.waited(Duration::from_micros(60));
         assert_eq!(polling.current, Duration::from_micros(100));
     }
 
     #[test]
     fn a_poll_ends_with_input_or_with_its_window() {
-        let (mut client, server) = UnixStream::pair().expect("a socket pair");
+        let (mut client, mut server) = UnixStream::pair().expect("a socket pair");
+        server.set_nonblocking(true).expect("non-blocking");
         let polling = window(2_000, 1);
         let began = Instant::now();
-        assert!(!polling.poll(server.as_fd()));
+        assert_eq!(polling.poll(|| read_now(&mut server)), None);
         assert!(began.elapsed() >= Duration::from_millis(2));
 
         let sender = std::thread::spawn(move || {
@@ -183,14 +185,9 @@ mod tests {
             client
         });
         let long = window(5_000_000, 1);
-        assert!(long.poll(server.as_fd()));
-        let _client = sender.join().expect("sender");
-    }
-
-    #[test]
-    fn a_hang_up_ends_a_poll() {
-        let (client, server) = UnixStream::pair().expect("a socket pair");
-        drop(client);
-        assert!(window(5_000_000, 1).poll(server.as_fd()));
+        assert_eq!(long.poll(|| read_now(&mut server)), Some(b"x".to_vec()));
+        drop(sender.join().expect("sender"));
+        // The client's close is input too (end of stream).
+        assert_eq!(long.poll(|| read_now(&mut server)), Some(Vec::new()));
     }
 }
