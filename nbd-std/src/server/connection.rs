@@ -455,6 +455,9 @@ impl Driver {
             self.start_waiting_reads();
             let fed = self.feedable(end - start);
             start += self.pump(&input[start..start + fed])?;
+            if let Some(window) = &mut self.poll_window {
+                window.in_flight(self.conn.in_flight());
+            }
             self.budget.unreserve();
             // Reads that arrived in this pass may fit now the reservation
             // is back; those that do not wait for bytes to be freed.

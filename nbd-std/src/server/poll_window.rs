@@ -9,8 +9,10 @@
 //! awake through that gap; the window adapts, so a client that pauses
 //! costs a few short polls and then none.
 //!
-//! Polling holds the I/O thread, so only a connection alone on its thread
-//! polls: the others on a shared thread would wait for it.
+//! Only a client that waits for each reply is polled for; one that keeps
+//! several requests in flight is served better by sleeping. Polling holds
+//! the I/O thread, so only a connection alone on its thread polls: the
+//! others on a shared thread would wait for it.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -24,6 +26,21 @@ pub const DEFAULT_POLL_WINDOW_MICROS: u64 = 100;
 
 /// A window shorter than this is not worth a poll: it stops.
 const SHORTEST_POLL: Duration = Duration::from_micros(5);
+
+/// Requests a client must have sent strictly one at a time before the
+/// window is used. A client that keeps several in flight is better
+/// served by sleeping: its requests gather meanwhile and are read, served
+/// and answered together, where polling would take them one by one at a
+/// higher cost each (measured at queue depth 32: 5.9 µs of server CPU per
+/// request polling, 4.2 sleeping).
+const ONE_AT_A_TIME_BEFORE_POLLING: u32 = 32;
+
+/// Requests that follow one another closer than this, on average, come
+/// from a client that does not wait for each reply (it sends as it
+/// likes; queue depth 32 here: about 6 µs apart), not from one waiting
+/// for each reply (15 µs and more when it runs on another CPU): those are
+/// not polled for either, for the reason above.
+const SHORTEST_TURNAROUND: Duration = Duration::from_micros(10);
 
 /// A stream whose socket may be read directly, without waiting and
 /// without a trip through the event loop (which only sees readiness).
@@ -60,6 +77,10 @@ pub(super) struct PollWindow {
     current: Duration,
     /// Connections on this connection's I/O thread.
     thread_connections: Arc<AtomicUsize>,
+    /// Requests in a row the client sent with none other in flight.
+    one_at_a_time: u32,
+    /// Moving average of the waits for the next request (weight 1/8).
+    recent_wait: Duration,
 }
 
 impl PollWindow {
@@ -71,6 +92,8 @@ impl PollWindow {
             longest,
             current: longest,
             thread_connections,
+            one_at_a_time: 0,
+            recent_wait: Duration::ZERO,
         })
     }
 
@@ -80,16 +103,33 @@ impl PollWindow {
         self.thread_connections.load(Ordering::Relaxed) == 1
     }
 
+    /// Notes how many requests the client has in flight: two or more
+    /// mean it does not wait for each reply, and polling stops until it
+    /// sends one at a time again.
+    pub(super) fn in_flight(&mut self, requests: usize) {
+        if requests > 1 {
+            self.one_at_a_time = 0;
+        }
+    }
+
     /// Tries `read` (which must not wait) until it gives something or the
-    /// window has passed; a closed window tries once. Yields the CPU
-    /// between tries, so a client on the same CPU goes on.
+    /// window has passed; a closed window, or a client not sending one
+    /// request at a time, tries once. Yields the CPU between tries, so a
+    /// client on the same CPU goes on.
     pub(super) fn poll<T>(&self, mut read: impl FnMut() -> Option<T>) -> Option<T> {
+        let window = if self.one_at_a_time >= ONE_AT_A_TIME_BEFORE_POLLING
+            && self.recent_wait >= SHORTEST_TURNAROUND
+        {
+            self.current
+        } else {
+            Duration::ZERO
+        };
         let began = Instant::now();
         loop {
             if let Some(got) = read() {
                 return Some(got);
             }
-            if began.elapsed() >= self.current {
+            if began.elapsed() >= window {
                 return None;
             }
             std::thread::yield_now();
@@ -101,6 +141,8 @@ impl PollWindow {
     /// window opens it fully; a longer wait halves it, and it closes once
     /// too short to matter (a client that paused costs a few polls).
     pub(super) fn waited(&mut self, waited: Duration) {
+        self.one_at_a_time = self.one_at_a_time.saturating_add(1);
+        self.recent_wait = (self.recent_wait * 7 + waited) / 8;
         self.current = if waited <= self.longest {
             self.longest
         } else if self.current / 2 < SHORTEST_POLL {
@@ -117,12 +159,32 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
+    /// A window whose client has sent requests one at a time, each 20 µs
+    /// after the reply before it.
     fn window(longest_micros: u64, connections: usize) -> PollWindow {
-        PollWindow::new(
+        let mut window = PollWindow::new(
             Duration::from_micros(longest_micros),
             Arc::new(AtomicUsize::new(connections)),
         )
-        .expect("a window")
+        .expect("a window");
+        for _ in 0..ONE_AT_A_TIME_BEFORE_POLLING {
+            window.waited(Duration::from_micros(20));
+        }
+        window
+    }
+
+    /// How many times `window` tries a read that never gives anything.
+    fn tries(window: &PollWindow) -> usize {
+        let mut tries = 0;
+        assert!(
+            window
+                .poll(|| {
+                    tries += 1;
+                    None::<()>
+                })
+                .is_none()
+        );
+        tries
     }
 
     /// One read that does not wait: the bytes, or `None` for none yet.
@@ -157,17 +219,38 @@ mod tests {
         }
         // 100, 50, 25, 12.5, 6.25 µs: five polls wasted, then none.
         assert_eq!(polls, 5);
-        let mut tries = 0;
-        assert_eq!(
-            polling.poll(|| {
-                tries += 1;
-                None::<()>
-            }),
-            None
-        );
-        assert_eq!(tries, 1, "a closed window tries once");
+        assert_eq!(tries(&polling), 1, "a closed window tries once");
         polling.waited(Duration::from_micros(60));
         assert_eq!(polling.current, Duration::from_micros(100));
+    }
+
+    #[test]
+    fn a_client_keeping_several_requests_in_flight_is_not_polled_for() {
+        let mut polling = window(1_000, 1);
+        assert!(tries(&polling) > 1);
+        polling.in_flight(1);
+        assert!(tries(&polling) > 1, "one in flight is one at a time");
+        polling.in_flight(2);
+        assert_eq!(tries(&polling), 1);
+        for _ in 1..ONE_AT_A_TIME_BEFORE_POLLING {
+            polling.waited(Duration::from_micros(20));
+        }
+        assert_eq!(tries(&polling), 1, "not yet one at a time for long enough");
+        polling.waited(Duration::from_micros(20));
+        assert!(tries(&polling) > 1);
+    }
+
+    #[test]
+    fn requests_closer_together_than_a_turnaround_are_not_polled_for() {
+        let mut polling = window(1_000, 1);
+        for _ in 0..32 {
+            polling.waited(Duration::from_micros(4));
+        }
+        assert_eq!(tries(&polling), 1);
+        for _ in 0..32 {
+            polling.waited(Duration::from_micros(30));
+        }
+        assert!(tries(&polling) > 1);
     }
 
     #[test]
