@@ -1127,6 +1127,9 @@ impl Driver {
     fn send_to_storage(&mut self, backend: Arc<dyn Backend>, job: Job) {
         let done_tx = self.done_tx.clone();
         self.pending += 1;
+        if let Some(window) = &mut self.poll_window {
+            window.waited_on_storage();
+        }
         if let Some(storage) = backend.async_form() {
             // Network storage: a task per request, no pool thread held
             // while it waits on round trips.
