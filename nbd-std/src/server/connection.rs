@@ -367,6 +367,8 @@ struct Driver {
     /// `--metrics`: this connection's counters.
     metrics: Option<ConnectionMetrics>,
     poll_window: Option<PollWindow>,
+    /// When the client last sent something (`--idle-timeout`).
+    last_input: tokio::time::Instant,
 }
 
 impl Driver {
@@ -399,6 +401,7 @@ impl Driver {
             negotiated: None,
             metrics: None,
             poll_window: None,
+            last_input: tokio::time::Instant::now(),
         }
     }
 
@@ -444,7 +447,7 @@ impl Driver {
             watching = false;
         }
         let server_budget = Arc::clone(self.budget.server());
-        let mut last_input = tokio::time::Instant::now();
+        self.last_input = tokio::time::Instant::now();
         // When the connection went idle, if it polled for its next request.
         let mut idle_since = None;
         loop {
@@ -501,16 +504,8 @@ impl Driver {
                 let idle = start == end && self.pending == 0 && self.conn.in_flight() == 0;
                 if let Some(read) = self.read_now(stream, &mut input[end..], idle, &mut idle_since)
                 {
-                    match read? {
-                        0 => {
-                            self.client_closed();
-                            eof = true;
-                        }
-                        n => {
-                            last_input = tokio::time::Instant::now();
-                            self.took_input(n, &mut input, &mut start, &mut end, &mut idle_since);
-                        }
-                    }
+                    let n = read?;
+                    eof |= self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
                     // Other connections on this thread get their turn.
                     tokio::task::consume_budget().await;
                     continue;
@@ -529,7 +524,7 @@ impl Driver {
                         && self.conn.in_flight() == 0
                         && start == end
                 })
-                .map(|timeout| last_input + timeout);
+                .map(|timeout| self.last_input + timeout);
             tokio::select! {
                 done = self.done_rx.recv(), if self.pending > 0 => {
                     if let Some(done) = done {
@@ -537,18 +532,12 @@ impl Driver {
                         self.apply(done);
                     }
                 }
-                read = stream.read(&mut input[end..]), if room => match read? {
-                    0 => {
-                        self.client_closed();
-                        eof = true;
-                    }
-                    n => {
-                        last_input = tokio::time::Instant::now();
-                        self.took_input(n, &mut input, &mut start, &mut end, &mut idle_since);
-                    }
+                read = stream.read(&mut input[end..]), if room => {
+                    let n = read?;
+                    eof |= self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
                 },
                 () = server_budget.freed(), if starved => {}
-                () = tokio::time::sleep_until(idle_deadline.unwrap_or(last_input)), if idle_deadline.is_some() => {
+                () = tokio::time::sleep_until(idle_deadline.unwrap_or(self.last_input)), if idle_deadline.is_some() => {
                     info!(
                         "client idle for {:?} (--idle-timeout): disconnecting",
                         self.idle_timeout.unwrap_or_default()
@@ -595,25 +584,26 @@ impl Driver {
         }
     }
 
-    /// The client closed its side: the core finishes what is in flight.
-    fn client_closed(&mut self) {
-        match self.conn.end_of_input() {
-            Ok(()) => debug!("client closed its side"),
-            Err(error) => debug!("client closed its side: {error}"),
-        }
-    }
-
-    /// Takes `n` bytes just read into `input` at `end`: notes how long an
-    /// idle connection waited for them, and grows a buffer they filled
+    /// Takes a read of `n` bytes into `input` at `end`; says whether it
+    /// was the end of the client's input (`n` = 0: the core finishes what
+    /// is in flight). Otherwise notes when input came and how long an idle
+    /// connection waited for it, and grows a buffer the bytes filled
     /// (within the budget).
-    fn took_input(
+    fn received(
         &mut self,
         n: usize,
         input: &mut Vec<u8>,
-        start: &mut usize,
-        end: &mut usize,
+        (start, end): (&mut usize, &mut usize),
         idle_since: &mut Option<std::time::Instant>,
-    ) {
+    ) -> bool {
+        if n == 0 {
+            match self.conn.end_of_input() {
+                Ok(()) => debug!("client closed its side"),
+                Err(error) => debug!("client closed its side: {error}"),
+            }
+            return true;
+        }
+        self.last_input = tokio::time::Instant::now();
         if let (Some(since), Some(window)) = (idle_since.take(), &mut self.poll_window) {
             window.waited(since.elapsed());
         }
@@ -630,6 +620,7 @@ impl Driver {
             (*start, *end) = (0, *end - *start);
             *input = grown;
         }
+        false
     }
 
     /// How many of `available` input bytes may be fed to the core now.
