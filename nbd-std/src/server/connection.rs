@@ -497,11 +497,12 @@ impl Driver {
                 return Ok(Ended::Done);
             }
             let room = !eof && end < input.len();
+            // Nothing in flight and no input: the client's turn.
+            let idle = start == end && self.pending == 0 && self.conn.in_flight() == 0;
             // Input the socket already holds is read at once, without a
             // trip through the event loop; unless a shutdown is waiting to
             // be seen there.
             if room && !(watching && shutdown.has_changed().unwrap_or(true)) {
-                let idle = start == end && self.pending == 0 && self.conn.in_flight() == 0;
                 if let Some(read) = self.read_now(stream, &mut input[end..], idle, &mut idle_since)
                 {
                     let n = read?;
@@ -518,12 +519,7 @@ impl Driver {
             // or a client reading slowly is not silence.
             let idle_deadline = self
                 .idle_timeout
-                .filter(|_| {
-                    self.backend.is_some()
-                        && self.pending == 0
-                        && self.conn.in_flight() == 0
-                        && start == end
-                })
+                .filter(|_| self.backend.is_some() && idle)
                 .map(|timeout| self.last_input + timeout);
             tokio::select! {
                 done = self.done_rx.recv(), if self.pending > 0 => {
