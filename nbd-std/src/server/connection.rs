@@ -44,6 +44,12 @@ const MIN_GRANT: usize = 256 << 10;
 /// again (a wake-up can be missed between the check and the wait).
 const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Bytes a connection moves (received and sent) before the other
+/// connections on its I/O thread get a turn. Tokio's cooperative budget
+/// counts operations, not bytes: 128 passes of 4 MiB writes stored inline
+/// held a small client on the same thread for 170 ms a request.
+const TURN_BYTES: usize = 1 << 20;
+
 /// Zero bytes for simple replies to reads of holes.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -369,6 +375,9 @@ struct Driver {
     poll_window: Option<PollWindow>,
     /// When the client last sent something (`--idle-timeout`).
     last_input: tokio::time::Instant,
+    /// Bytes moved since the connection last gave its thread a turn
+    /// (see [`TURN_BYTES`]).
+    turn_bytes: usize,
 }
 
 impl Driver {
@@ -402,6 +411,7 @@ impl Driver {
             metrics: None,
             poll_window: None,
             last_input: tokio::time::Instant::now(),
+            turn_bytes: 0,
         }
     }
 
@@ -451,6 +461,10 @@ impl Driver {
         // When the connection went idle, if it polled for its next request.
         let mut idle_since = None;
         loop {
+            if self.turn_bytes >= TURN_BYTES {
+                self.turn_bytes = 0;
+                tokio::task::yield_now().await;
+            }
             while let Ok(done) = self.done_rx.try_recv() {
                 self.pending -= 1;
                 self.apply(done);
@@ -600,6 +614,7 @@ impl Driver {
             return true;
         }
         self.last_input = tokio::time::Instant::now();
+        self.turn_bytes += n;
         if let (Some(since), Some(window)) = (idle_since.take(), &mut self.poll_window) {
             window.waited(since.elapsed());
         }
@@ -1261,6 +1276,7 @@ impl Driver {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             IoSlice::advance_slices(&mut remaining, written);
+            self.turn_bytes += written;
         }
         // A TLS stream may hold records back until flushed (a no-op for
         // plain sockets).
