@@ -17,9 +17,10 @@
 //! - `resize` changes the file's length.
 //!
 //! What may run on the connection's thread rather than the blocking pool
-//! (`try_read_now` and friends): reads of at most [`INLINE_BYTES`] the
-//! page cache holds (`preadv2(RWF_NOWAIT)`, which refuses instead of
-//! waiting for the disk; on `tmpfs`/`ramfs` every such read), writes of
+//! (`try_read_now` and friends): reads the page cache holds
+//! (`preadv2(RWF_NOWAIT)`, which refuses instead of waiting for the disk;
+//! on `tmpfs`/`ramfs` every read; the server asks for those over
+//! [`INLINE_BYTES`](super::INLINE_BYTES) only when nothing else is in flight), writes of
 //! any size, and on `tmpfs`/`ramfs` flushes (memory, nothing behind it).
 //! A buffered write copies into the page cache; the server then stores a
 //! write's payload straight from its input buffer, one copy in all,
@@ -49,11 +50,6 @@ use rustix::io::Errno;
 use super::{Backend, ZeroFlags, push_extent, try_fill_appended};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
-
-/// Largest read done on the connection's thread (see the module notes):
-/// copying this much costs less than handing it to the pool and back;
-/// larger copies overlap with the socket's on the pool.
-pub const INLINE_BYTES: usize = 256 << 10;
 
 /// `statfs` magic numbers of filesystems that live in memory.
 const TMPFS_MAGIC: u64 = 0x0102_1994;
@@ -378,10 +374,12 @@ impl Backend for FileBackend {
         offset: u64,
         length: usize,
     ) -> Option<io::Result<()>> {
-        if length > INLINE_BYTES {
-            return None;
+        if self.in_memory {
+            // Nothing to wait for: read into the room, no zero-filling.
+            return Some(self.pread_appended(buffer, offset, length));
         }
-        // Small: zero-filling costs less than a second system call would.
+        // `RWF_NOWAIT` takes initialised memory: zero-filling costs less
+        // than a second system call would.
         try_fill_appended(buffer, length, |room| self.read_cached(room, offset))
     }
 
@@ -624,13 +622,12 @@ mod tests {
             .expect("writes of any size are done inline")
             .expect("write");
         assert_eq!(read(&backend, MIB, large.len()), large);
-        let mut refused = Vec::new();
-        assert!(
-            backend
-                .try_read_now(&mut refused, 0, INLINE_BYTES + 1)
-                .is_none()
-        );
-        assert!(refused.is_empty());
+        // Cached reads of any size too: the server decides which to do here.
+        let mut cached = Vec::new();
+        if let Some(result) = backend.try_read_now(&mut cached, MIB, large.len()) {
+            result.expect("read");
+            assert_eq!(cached, large);
+        }
         assert!(
             backend
                 .try_write_now(&[1], 4 * MIB)

@@ -87,6 +87,12 @@ impl std::fmt::Debug for ReadPiece {
     }
 }
 
+/// Largest read the server does on the connection's thread while the
+/// client has other requests in flight (see the module notes): copying
+/// this much costs less than handing it to the pool and back; larger
+/// copies overlap with the other requests' on the pool.
+pub const INLINE_BYTES: usize = 256 << 10;
+
 /// What a `try_read_now` that fills a zeroed slice does with its buffer:
 /// appends `length` zero bytes, lets `fill` fill them, and takes them off
 /// again when `fill` answers `None` (the caller then reads another way,

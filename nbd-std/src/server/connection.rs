@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::poll_window::{PollWindow, SocketInput};
 use super::storage::{Done, Job};
-use crate::backend::{Backend, ReadPiece, ZeroFlags, error_code};
+use crate::backend::{Backend, INLINE_BYTES, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
 use crate::metrics::{ConnectionMetrics, HandshakeFailure};
 
@@ -1112,8 +1112,16 @@ impl Driver {
         let job = if backend.may_block() {
             // A trip to the pool (or another task) and back costs two
             // thread wake-ups, more than a page-cache copy of a small
-            // request.
-            job.run_now(&*backend)
+            // request. A large read stays here only when nothing else is
+            // in flight: then the pool has nothing to overlap its copy
+            // with, and its data would cross to another CPU's cache
+            // before being sent.
+            let large_read = matches!(job, Job::Read { length, .. } if length > INLINE_BYTES);
+            if large_read && (self.pending > 0 || self.conn.in_flight() > 1) {
+                Err(job)
+            } else {
+                job.run_now(&*backend)
+            }
         } else {
             Ok(job.run(&*backend))
         };

@@ -26,7 +26,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use self::disk::Disk;
 use self::lease::Lease;
-use super::file::INLINE_BYTES;
+use super::INLINE_BYTES;
 use super::{AsyncBackend, Backend, StorageFuture, ZeroFlags, try_fill_appended};
 
 /// Default object size (`object-size=`).
@@ -665,9 +665,6 @@ impl Backend for S3Backend {
         offset: u64,
         length: usize,
     ) -> Option<io::Result<()>> {
-        if length > INLINE_BYTES {
-            return None;
-        }
         let disk = &self.shared.disk;
         let filled = try_fill_appended(buffer, length, |room| {
             disk.read_cached(room, offset).then_some(Ok(()))
