@@ -36,9 +36,21 @@ pub(super) struct Placement {
 }
 
 impl Placement {
-    /// The count of connections on this thread, this one included.
-    pub(super) fn thread_connections(&self) -> Arc<AtomicUsize> {
-        Arc::clone(&self.connections)
+    /// What the connection sees of the others on its thread.
+    pub(super) fn share(&self) -> ThreadShare {
+        ThreadShare(Arc::clone(&self.connections))
+    }
+}
+
+/// How many connections share a connection's I/O thread, this one
+/// included: work that holds the thread (polling, a `fdatasync`) is done
+/// there only by a connection alone on it, as no other would wait.
+#[derive(Clone, Debug)]
+pub(super) struct ThreadShare(Arc<AtomicUsize>);
+
+impl ThreadShare {
+    pub(super) fn alone(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == 1
     }
 }
 
@@ -145,5 +157,16 @@ mod tests {
         let (_, third) = threads.place().expect("a thread");
         assert!(Arc::ptr_eq(&third.connections, &freed));
         assert_eq!(second.connections.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_connection_is_alone_until_another_shares_its_thread() {
+        let threads = IoThreads::start(1).expect("start the thread");
+        let (_, first) = threads.place().expect("a thread");
+        assert!(first.share().alone());
+        let (_, second) = threads.place().expect("a thread");
+        assert!(!first.share().alone());
+        drop(second);
+        assert!(first.share().alone());
     }
 }

@@ -318,9 +318,10 @@ impl Server {
         let peer = client.peer;
         let (negotiated, selected) = oneshot::channel();
         let placement = io_threads.and_then(IoThreads::place);
-        let poll_window = placement
+        let thread_share = placement.as_ref().map(|(_, place)| place.share());
+        let poll_window = thread_share
             .as_ref()
-            .and_then(|(_, place)| PollWindow::new(self.poll_window, place.thread_connections()));
+            .and_then(|_| PollWindow::new(self.poll_window));
         let parts = ClientParts {
             exports: Arc::clone(&self.exports),
             config: self.config,
@@ -339,6 +340,7 @@ impl Server {
                 client: client.address,
                 metrics: self.metrics.as_ref().map(Metrics::connection),
                 poll_window,
+                thread_share,
             },
             server_metrics: self.metrics.clone(),
         };

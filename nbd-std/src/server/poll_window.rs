@@ -15,8 +15,6 @@
 //! others on a shared thread would wait for it.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Default longest poll in microseconds (`--poll-window`): the next
@@ -75,8 +73,6 @@ pub(super) struct PollWindow {
     longest: Duration,
     /// The next poll's length, adapted to how soon requests came.
     current: Duration,
-    /// Connections on this connection's I/O thread.
-    thread_connections: Arc<AtomicUsize>,
     /// Requests in a row the client sent with none other in flight.
     one_at_a_time: u32,
     /// Moving average of the waits for the next request (weight 1/8).
@@ -84,23 +80,16 @@ pub(super) struct PollWindow {
 }
 
 impl PollWindow {
-    /// A window of at most `longest` for a connection on the I/O thread
-    /// whose connection count is `thread_connections`; `None` when
-    /// `longest` is zero (polling off).
-    pub(super) fn new(longest: Duration, thread_connections: Arc<AtomicUsize>) -> Option<Self> {
+    /// A window of at most `longest`; `None` when `longest` is zero
+    /// (polling off). Only a connection alone on its I/O thread polls
+    /// (the caller asks [`ThreadShare::alone`](super::io_threads::ThreadShare::alone)).
+    pub(super) fn new(longest: Duration) -> Option<Self> {
         (!longest.is_zero()).then_some(Self {
             longest,
             current: longest,
-            thread_connections,
             one_at_a_time: 0,
             recent_wait: Duration::ZERO,
         })
-    }
-
-    /// Whether the connection is alone on its thread, so may poll (and
-    /// its waits count for the window).
-    pub(super) fn alone(&self) -> bool {
-        self.thread_connections.load(Ordering::Relaxed) == 1
     }
 
     /// Notes how many requests the client has in flight: two or more
@@ -172,12 +161,8 @@ mod tests {
 
     /// A window whose client has sent requests one at a time, each 20 µs
     /// after the reply before it.
-    fn window(longest_micros: u64, connections: usize) -> PollWindow {
-        let mut window = PollWindow::new(
-            Duration::from_micros(longest_micros),
-            Arc::new(AtomicUsize::new(connections)),
-        )
-        .expect("a window");
+    fn window(longest_micros: u64) -> PollWindow {
+        let mut window = PollWindow::new(Duration::from_micros(longest_micros)).expect("a window");
         for _ in 0..ONE_AT_A_TIME_BEFORE_POLLING {
             window.waited(Duration::from_micros(20));
         }
@@ -210,18 +195,12 @@ mod tests {
 
     #[test]
     fn zero_turns_polling_off() {
-        assert!(PollWindow::new(Duration::ZERO, Arc::new(AtomicUsize::new(1))).is_none());
-    }
-
-    #[test]
-    fn only_a_connection_alone_on_its_thread_polls() {
-        assert!(window(100, 1).alone());
-        assert!(!window(100, 2).alone());
+        assert!(PollWindow::new(Duration::ZERO).is_none());
     }
 
     #[test]
     fn a_pausing_client_closes_the_window_and_a_quick_one_reopens_it() {
-        let mut polling = window(100, 1);
+        let mut polling = window(100);
         let pause = Duration::from_millis(5);
         let mut polls = 0;
         while !polling.current.is_zero() {
@@ -237,7 +216,7 @@ mod tests {
 
     #[test]
     fn a_client_keeping_several_requests_in_flight_is_not_polled_for() {
-        let mut polling = window(1_000, 1);
+        let mut polling = window(1_000);
         assert!(tries(&polling) > 1);
         polling.in_flight(1);
         assert!(tries(&polling) > 1, "one in flight is one at a time");
@@ -253,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_client_waiting_on_storage_is_not_polled_for() {
-        let mut polling = window(1_000, 1);
+        let mut polling = window(1_000);
         polling.waited_on_storage();
         assert_eq!(tries(&polling), 1);
         for _ in 0..ONE_AT_A_TIME_BEFORE_POLLING {
@@ -264,7 +243,7 @@ mod tests {
 
     #[test]
     fn requests_closer_together_than_a_turnaround_are_not_polled_for() {
-        let mut polling = window(1_000, 1);
+        let mut polling = window(1_000);
         for _ in 0..32 {
             polling.waited(Duration::from_micros(4));
         }
@@ -279,7 +258,7 @@ mod tests {
     fn a_poll_ends_with_input_or_with_its_window() {
         let (mut client, mut server) = UnixStream::pair().expect("a socket pair");
         server.set_nonblocking(true).expect("non-blocking");
-        let polling = window(2_000, 1);
+        let polling = window(2_000);
         let began = Instant::now();
         assert_eq!(polling.poll(|| read_now(&mut server)), None);
         assert!(began.elapsed() >= Duration::from_millis(2));
@@ -289,7 +268,7 @@ mod tests {
             client.write_all(b"x").expect("write");
             client
         });
-        let long = window(5_000_000, 1);
+        let long = window(5_000_000);
         assert_eq!(long.poll(|| read_now(&mut server)), Some(b"x".to_vec()));
         drop(sender.join().expect("sender"));
         // The client's close is input too (end of stream).
