@@ -230,10 +230,11 @@ fn load(server: &Server, name: &str, what: &str, shared_region: bool) {
         bound_kib / 1024
     );
     assert!(served > 10, "the well-behaved client was starved: {served}");
-    // Tens of milliseconds here; a bulk client holding the I/O thread
-    // for its whole cooperative budget made it a second and more.
+    // 25 to 130 ms on this project's machines, with the other tests
+    // running; a bulk client holding the I/O thread for its whole
+    // cooperative budget made it a second here and 5 s in CI.
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(2),
         "a request of the well-behaved client took {slowest:?}"
     );
     assert!(written > 0, "no large write went through");
