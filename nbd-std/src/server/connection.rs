@@ -1119,10 +1119,12 @@ impl Driver {
         let Some(backend) = self.backend.clone() else {
             return;
         };
+        if !backend.may_block() {
+            self.apply(job.run(&*backend));
+            return;
+        }
         let holds_the_thread = self.holds_the_thread_for(&job, &*backend);
-        let job = if !backend.may_block() {
-            Ok(job.run(&*backend))
-        } else if holds_the_thread && matches!(job, Job::Read { .. }) {
+        let job = if holds_the_thread && matches!(job, Job::Read { .. }) {
             // Read as the pool would, into the buffer's room (no zeroing
             // for `RWF_NOWAIT`), waiting for the disk if it must.
             Ok(job.run(&*backend))
@@ -1136,24 +1138,27 @@ impl Driver {
             // the pool has nothing to overlap it with, and its data would
             // cross to another CPU's cache before being sent (pinned to
             // one CPU, 1 MiB QD8 reads went from 2.49k to 2.63k MiB/s).
+            // Tried first also for what the thread holds on to: a flush
+            // on tmpfs needs no device.
             job.run_now(&*backend)
-        };
-        let job = match job {
-            // Tried first for what needs no device (a flush on tmpfs).
-            Err(job) if holds_the_thread => {
-                if let Some(window) = &mut self.poll_window {
-                    // Polling between durable writes competed with the
-                    // filesystem's own threads for the CPUs: 4.2k
-                    // write+FLUSH pairs a second against 5.3k without.
-                    window.waited_on_storage();
-                }
-                Ok(job.run(&*backend))
-            }
-            other => other,
         };
         match job {
             Ok(done) => self.apply(done),
+            Err(job) if holds_the_thread => {
+                self.waited_on_storage();
+                self.apply(job.run(&*backend));
+            }
             Err(job) => self.send_to_storage(backend, job),
+        }
+    }
+
+    /// Polling stops for a client whose request waited on storage: on the
+    /// pool, or a `fdatasync` on this thread (polling between durable
+    /// writes competed with the filesystem's own threads for the CPUs:
+    /// 4.2k write+FLUSH pairs a second against 5.3k without).
+    fn waited_on_storage(&mut self) {
+        if let Some(window) = &mut self.poll_window {
+            window.waited_on_storage();
         }
     }
 
@@ -1191,9 +1196,7 @@ impl Driver {
     fn send_to_storage(&mut self, backend: Arc<dyn Backend>, job: Job) {
         let done_tx = self.done_tx.clone();
         self.pending += 1;
-        if let Some(window) = &mut self.poll_window {
-            window.waited_on_storage();
-        }
+        self.waited_on_storage();
         if let Some(storage) = backend.async_form() {
             // Network storage: a task per request, no pool thread held
             // while it waits on round trips.

@@ -101,8 +101,8 @@ impl PollWindow {
         }
     }
 
-    /// Notes a request that went to storage off the thread (a `fdatasync`,
-    /// a read of the disk, an object store): the client waits for storage
+    /// Notes a request that waited on storage (a `fdatasync`, a read of
+    /// the disk, an object store): the client waits for storage
     /// more than for the server, and polling stops until 32 requests in a
     /// row are served without it. On a disk file, polling between FUA
     /// writes took them from 5.7k to 4.4k a second.
