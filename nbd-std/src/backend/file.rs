@@ -37,6 +37,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::num::NonZeroU64;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -81,6 +82,8 @@ pub struct FileBackend {
     seek_data: AtomicBool,
     /// `preadv2(RWF_NOWAIT)` is still believed to work.
     nowait_reads: AtomicBool,
+    /// `cachestat` (Linux 6.5) is still believed to work.
+    cachestat: AtomicBool,
     /// The file lives in memory (`tmpfs`, `ramfs`): nothing blocks on a device.
     in_memory: bool,
     /// Writes hold it shared, `resize` exclusively: no write validated
@@ -128,6 +131,7 @@ impl FileBackend {
             zero_range: AtomicBool::new(true),
             seek_data: AtomicBool::new(!block_device),
             nowait_reads: AtomicBool::new(true),
+            cachestat: AtomicBool::new(true),
             in_memory,
             resizing: RwLock::new(()),
         })
@@ -294,6 +298,59 @@ impl FileBackend {
         Some(Ok(()))
     }
 
+    /// Whether every page of `length` bytes from `offset` is in the page
+    /// cache (`cachestat`); `false` where the kernel cannot tell.
+    fn all_cached(&self, offset: u64, length: u64) -> bool {
+        if length == 0 || !self.cachestat.load(Ordering::Relaxed) {
+            return false;
+        }
+        // `struct cachestat_range` and `struct cachestat` of
+        // <linux/mman.h>; the system call has number 451 on every
+        // architecture (added after the tables were unified).
+        #[repr(C)]
+        struct Range {
+            offset: u64,
+            length: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            cached: u64,
+            dirty: u64,
+            writeback: u64,
+            evicted: u64,
+            recently_evicted: u64,
+        }
+        const SYS_CACHESTAT: libc::c_long = 451;
+        let range = Range { offset, length };
+        let mut stat = Stat::default();
+        // SAFETY: both pointers are to live structs of the layout the
+        // kernel expects, the descriptor is ours, and the flags are 0.
+        #[allow(unsafe_code)]
+        let status = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &raw const range,
+                &raw mut stat,
+                0u32,
+            )
+        };
+        if status != 0 {
+            let error = io::Error::last_os_error();
+            if matches!(
+                error.raw_os_error(),
+                Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+            ) {
+                self.cachestat.store(false, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let page = rustix::param::page_size() as u64;
+        let pages = (offset + length).div_ceil(page) - offset / page;
+        stat.cached >= pages
+    }
+
     /// Appends `length` bytes from `offset` to `buffer`, read straight
     /// into its spare capacity.
     fn pread_appended(&self, buffer: &mut Vec<u8>, offset: u64, length: usize) -> io::Result<()> {
@@ -381,6 +438,16 @@ impl Backend for FileBackend {
         // `RWF_NOWAIT` takes initialised memory: zero-filling costs less
         // than a second system call would.
         try_fill_appended(buffer, length, |room| self.read_cached(room, offset))
+    }
+
+    fn page_cache_file(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
+    fn in_page_cache(&self, offset: u64, length: u64) -> bool {
+        // A file in memory has nothing behind it to wait for (a hole
+        // reads as the zero page).
+        self.in_memory || self.all_cached(offset, length)
     }
 
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
@@ -632,6 +699,42 @@ mod tests {
             backend
                 .try_write_now(&[1], 4 * MIB)
                 .is_some_and(|r| r.is_err())
+        );
+    }
+
+    #[test]
+    fn the_page_cache_is_known_to_hold_what_was_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = FileBackend::open(&image(&dir, 4 * MIB), false).expect("open");
+        assert!(backend.page_cache_file().is_some());
+        let data = pattern(3 * MIB as usize, 9);
+        backend.write_at(&data, 0).expect("write");
+        backend.flush().expect("flush");
+        rustix::fs::fadvise(&backend.file, 0, None, Advice::DontNeed).expect("fadvise");
+        if backend.in_memory {
+            // Nothing behind a file in memory to wait for.
+            assert!(backend.in_page_cache(0, MIB));
+            return;
+        }
+        assert!(
+            !backend.in_page_cache(0, 3 * MIB),
+            "evicted pages taken for cached"
+        );
+        assert_eq!(
+            read(&backend, 12_345, MIB as usize),
+            data[12_345..][..MIB as usize]
+        );
+        if !backend.cachestat.load(Ordering::Relaxed) {
+            eprintln!("this kernel has no cachestat: no read is taken for cached");
+            return;
+        }
+        // The pages the read touched, its unaligned ends included (what
+        // else readahead brought in is the kernel's business).
+        assert!(backend.in_page_cache(12_345, MIB));
+        assert!(backend.in_page_cache(12_288, 4096));
+        assert!(
+            !backend.in_page_cache(0, 0),
+            "an empty range is never sent so"
         );
     }
 

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::ops::Range;
+use std::os::fd::BorrowedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -188,6 +189,25 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Option<io::Result<()>> {
         let _ = (buffer, offset, length);
         None
+    }
+
+    /// For a backend whose bytes are a file's (or a block device's) at
+    /// the same offsets: that file, for the server to send read data
+    /// from its page cache (`sendfile`) without copying it into a buffer
+    /// of its own. Only used for ranges
+    /// [`in_page_cache`](Self::in_page_cache) says are there, and only on
+    /// plain sockets. `None` (the default): reads copy.
+    fn page_cache_file(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Whether all `length` bytes from `offset` are in the page cache of
+    /// [`page_cache_file`](Self::page_cache_file) now, so sending them
+    /// from there cannot wait for a device. `false` (the default) when
+    /// unknown.
+    fn in_page_cache(&self, offset: u64, length: u64) -> bool {
+        let _ = (offset, length);
+        false
     }
 
     /// As [`try_read_now`](Self::try_read_now) for `write_at`: `Some` when

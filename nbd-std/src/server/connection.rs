@@ -17,7 +17,8 @@ use tracing::{debug, error, info, warn};
 
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::io_threads::ThreadShare;
-use super::poll_window::{PollWindow, SocketInput};
+use super::poll_window::PollWindow;
+use super::socket::{self, PlainSocket};
 use super::storage::{Done, Job};
 use crate::backend::{Backend, INLINE_BYTES, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
@@ -51,11 +52,17 @@ const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(20)
 /// held a small client on the same thread for 170 ms a request.
 const TURN_BYTES: usize = 1 << 20;
 
+/// Smallest read sent from the page cache with `sendfile`, where the
+/// backend can (file exports over plain sockets): below it, copying the
+/// data costs less than the extra system calls (`cachestat`, and a send
+/// of its own for the reply header).
+const SENDFILE_BYTES: u64 = 64 << 10;
+
 /// Zero bytes for simple replies to reads of holes.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Most slices one `writev` takes (Linux's `IOV_MAX`).
-const MAX_IOVECS: usize = 1024;
+pub(super) const MAX_IOVECS: usize = 1024;
 
 fn push_zeroes(slices: &mut Vec<IoSlice<'_>>, length: u64) {
     let mut left = length;
@@ -128,7 +135,7 @@ pub(super) async fn run<S>(
     negotiated: oneshot::Sender<()>,
     settings: Settings,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + SocketInput,
+    S: AsyncRead + AsyncWrite + Unpin + PlainSocket,
 {
     info!("client connected");
     let mut shutdown = shutdown;
@@ -219,7 +226,7 @@ async fn serve_over_tls<S>(
     shutdown: watch::Receiver<bool>,
 ) -> (io::Result<()>, bool)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Sync,
 {
     match acceptor.accept(stream).await {
         Ok(mut tls_stream) => {
@@ -319,6 +326,9 @@ enum ReadData {
     Owned(Vec<u8>),
     /// Lent by the backend (`Backend::read_shared`), never copied.
     Lent(Vec<ReadPiece>),
+    /// In the page cache of the backend's file at `offset`
+    /// (`Backend::page_cache_file`), sent from there.
+    Cached { offset: u64, length: usize },
 }
 
 impl ReadData {
@@ -326,6 +336,7 @@ impl ReadData {
         match self {
             Self::Owned(buffer) => buffer.len(),
             Self::Lent(pieces) => pieces.iter().map(ReadPiece::len).sum(),
+            Self::Cached { length, .. } => *length,
         }
     }
 }
@@ -378,6 +389,13 @@ struct Driver {
     metrics: Option<ConnectionMetrics>,
     poll_window: Option<PollWindow>,
     thread_share: Option<ThreadShare>,
+    /// The stream is a plain socket: file data may be sent to it from
+    /// the page cache.
+    sendfile: bool,
+    /// The input being served came while the connection was idle: the
+    /// client waits for each reply (queue depth 1), rather than keeping
+    /// requests queued in the socket while others are served.
+    came_to_idle: bool,
     /// When the client last sent something (`--idle-timeout`).
     last_input: tokio::time::Instant,
     /// Bytes moved since the connection last gave its thread a turn
@@ -416,6 +434,8 @@ impl Driver {
             metrics: None,
             poll_window: None,
             thread_share: None,
+            sendfile: false,
+            came_to_idle: false,
             last_input: tokio::time::Instant::now(),
             turn_bytes: 0,
         }
@@ -447,12 +467,13 @@ impl Driver {
         initial: &[u8],
     ) -> io::Result<Ended>
     where
-        S: AsyncRead + AsyncWrite + Unpin + SocketInput,
+        S: AsyncRead + AsyncWrite + Unpin + PlainSocket,
     {
         let mut input = vec![0u8; FIRST_INPUT_BYTES.max(initial.len())];
         input[..initial.len()].copy_from_slice(initial);
         // A previous pass (before STARTTLS) dropped its buffer.
         self.budget.release_input();
+        self.sendfile = stream.plain_fd().is_some();
         let (mut start, mut end) = (0usize, initial.len());
         let mut eof = false;
         // Stop watching once told (or once the sender is gone), so a closed
@@ -519,6 +540,7 @@ impl Driver {
             let room = !eof && end < input.len();
             // Nothing in flight and no input: the client's turn.
             let idle = start == end && self.pending == 0 && self.conn.in_flight() == 0;
+            self.came_to_idle = idle;
             // Input the socket already holds is read at once, without a
             // trip through the event loop; unless a shutdown is waiting to
             // be seen there.
@@ -577,14 +599,14 @@ impl Driver {
     /// `idle` connection (nothing in flight, no input) first polls for
     /// its next request through its [`PollWindow`], noting in
     /// `idle_since` when it began.
-    fn read_now<S: SocketInput>(
+    fn read_now<S: PlainSocket>(
         &self,
         stream: &S,
         buf: &mut [u8],
         idle: bool,
         idle_since: &mut Option<std::time::Instant>,
     ) -> Option<io::Result<usize>> {
-        let fd = stream.input_fd()?;
+        let fd = stream.plain_fd()?;
         let mut read = || match rustix::net::recv(fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
             Ok((n, _)) => Some(Ok(n)),
             // Nothing yet (or interrupted): the event loop waits for it.
@@ -890,10 +912,10 @@ impl Driver {
 
     /// A read whose `length` bytes are held in the budget.
     fn start_read(&mut self, id: RequestId, offset: u64, length: u64) {
-        if let Some(lent) = self.read_lent(offset, length) {
-            let outcome = match lent {
-                Ok(pieces) => {
-                    self.read_data.insert(id, ReadData::Lent(pieces));
+        if let Some(uncopied) = self.read_uncopied(offset, length) {
+            let outcome = match uncopied {
+                Ok(data) => {
+                    self.read_data.insert(id, data);
                     ReadOutcome::Data
                 }
                 Err(error) => {
@@ -1088,6 +1110,30 @@ impl Driver {
         }
     }
 
+    /// Read data the server need not copy: lent by the backend, or in its
+    /// file's page cache, to be sent from there.
+    fn read_uncopied(&self, offset: u64, length: u64) -> Option<io::Result<ReadData>> {
+        if let Some(lent) = self.read_lent(offset, length) {
+            return Some(lent.map(ReadData::Lent));
+        }
+        let backend = self.backend.as_ref()?;
+        // Only for a client waiting for each reply: with others in
+        // flight, on loopback, `sendfile` lost throughput (1 MiB QD8
+        // reads 2.1k against 3.0k MiB/s copied).
+        (self.sendfile
+            && length >= SENDFILE_BYTES
+            && self.came_to_idle
+            && self.nothing_else_in_flight()
+            && backend.page_cache_file().is_some()
+            && backend.in_page_cache(offset, length))
+        .then(|| {
+            Ok(ReadData::Cached {
+                offset,
+                length: length as usize,
+            })
+        })
+    }
+
     /// Read data lent by a non-blocking backend, when it can lend it. Pieces
     /// that do not cover the range exactly are an error, never padded.
     fn read_lent(&self, offset: u64, length: u64) -> Option<io::Result<Vec<ReadPiece>>> {
@@ -1271,7 +1317,10 @@ impl Driver {
     }
 
     /// Sends every reply ready in one vectored write; returns the replies sent.
-    async fn transmit<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<usize> {
+    async fn transmit<S: AsyncWrite + Unpin + PlainSocket>(
+        &mut self,
+        stream: &mut S,
+    ) -> io::Result<usize> {
         self.out.clear();
         let mut messages = 0;
         while let Some(transmit) = self.conn.poll_transmit() {
@@ -1316,7 +1365,10 @@ impl Driver {
         Ok(messages)
     }
 
-    async fn write_segments<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> io::Result<()> {
+    async fn write_segments<S: AsyncWrite + Unpin + PlainSocket>(
+        &mut self,
+        stream: &mut S,
+    ) -> io::Result<()> {
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(self.segments.len());
         for segment in &self.segments {
             match segment {
@@ -1329,6 +1381,19 @@ impl Driver {
                             None => push_zeroes(&mut slices, piece.len() as u64),
                         }
                     }
+                }
+                Segment::Data(ReadData::Cached { offset, length }) => {
+                    // What comes before (the reply's header) goes out
+                    // first, held back by the kernel to leave with the data.
+                    self.turn_bytes += socket::send_all_more(&*stream, &mut slices).await?;
+                    slices.clear();
+                    let file = self
+                        .backend
+                        .as_ref()
+                        .and_then(|backend| backend.page_cache_file())
+                        .ok_or_else(|| io::Error::other("read data's file is gone"))?;
+                    socket::send_file(&*stream, file, *offset, *length as u64).await?;
+                    self.turn_bytes += length;
                 }
                 Segment::Zeroes(length) => push_zeroes(&mut slices, *length),
             }
@@ -1347,10 +1412,15 @@ impl Driver {
         // plain sockets).
         stream.flush().await?;
         drop(slices);
+        let mut data_bytes = 0;
         for segment in self.segments.drain(..) {
             if let Segment::Data(data) = segment {
+                data_bytes += data.len();
                 self.budget.release(data.len());
             }
+        }
+        if let Some(window) = &mut self.poll_window {
+            window.replied(data_bytes);
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ mod connection;
 mod io_threads;
 pub mod limits;
 mod poll_window;
+mod socket;
 mod storage;
 
 pub use budget::ServerBudget;
@@ -41,7 +42,8 @@ use crate::metrics::{HandshakeFailure, Limit, Metrics};
 use crate::tls::ServerTls;
 use io_threads::IoThreads;
 pub use poll_window::DEFAULT_POLL_WINDOW_MICROS;
-use poll_window::{PollWindow, SocketInput};
+use poll_window::PollWindow;
+use socket::PlainSocket;
 
 /// Connections the kernel queues for `accept` (capped by
 /// `net.core.somaxconn`). mio's default, 128, overflows when a few hundred
@@ -471,7 +473,7 @@ fn spawn_client<S, Std>(
     peer: &str,
     (into_std, from_std): SocketMove<S, Std>,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + SocketInput,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + PlainSocket,
     Std: Send + 'static,
 {
     let Some((runtime, place)) = placement else {
@@ -497,7 +499,7 @@ fn spawn_client<S, Std>(
 
 async fn serve_client<S>(stream: S, parts: ClientParts)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + SocketInput,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + PlainSocket,
 {
     let connection = Box::pin(connection::run(
         stream,

@@ -14,7 +14,6 @@
 //! the I/O thread, so only a connection alone on its thread polls: the
 //! others on a shared thread would wait for it.
 
-use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 /// Default longest poll in microseconds (`--poll-window`): the next
@@ -40,32 +39,19 @@ const ONE_AT_A_TIME_BEFORE_POLLING: u32 = 32;
 /// not polled for either, for the reason above.
 const SHORTEST_TURNAROUND: Duration = Duration::from_micros(10);
 
-/// A stream whose socket may be read directly, without waiting and
-/// without a trip through the event loop (which only sees readiness).
-pub(super) trait SocketInput {
-    /// The socket; `None` when input must go through the stream.
-    fn input_fd(&self) -> Option<BorrowedFd<'_>>;
-}
+/// Waits a closed window lets pass before it polls once more, fully, to
+/// see whether the client is quick again. A wait measured without polling
+/// includes waking the thread, which on a virtual machine can itself take
+/// longer than the window: a closed window would otherwise never see a
+/// quick client again (a few slow replies in a row closed it for good).
+const PROBE_AFTER_CLOSED_WAITS: u32 = 64;
 
-impl SocketInput for tokio::net::TcpStream {
-    fn input_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.as_fd())
-    }
-}
-
-impl SocketInput for tokio::net::UnixStream {
-    fn input_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.as_fd())
-    }
-}
-
-#[cfg(feature = "tls")]
-impl<S> SocketInput for tokio_rustls::server::TlsStream<S> {
-    /// The socket carries records for the TLS session to decrypt.
-    fn input_fd(&self) -> Option<BorrowedFd<'_>> {
-        None
-    }
-}
+/// Bytes of read data a client is taken to copy out of its socket per
+/// microsecond (4 GiB/s; 1 MiB took 120 to 150 µs on this project's
+/// machines). At queue depth 1 the next request cannot come before the
+/// client has read the reply: a reply sent from the page cache leaves
+/// the server at once, and its whole copy lies ahead of the client.
+const CLIENT_COPY_BYTES_PER_MICRO: u64 = 4096;
 
 /// One connection's poll window.
 pub(super) struct PollWindow {
@@ -77,6 +63,11 @@ pub(super) struct PollWindow {
     one_at_a_time: u32,
     /// Moving average of the waits for the next request (weight 1/8).
     recent_wait: Duration,
+    /// What the next wait may take longer than the window, for the
+    /// client to copy the data of the reply before it.
+    copying: Duration,
+    /// Waits since the window closed (or since its last probe).
+    closed_waits: u32,
 }
 
 impl PollWindow {
@@ -89,6 +80,8 @@ impl PollWindow {
             current: longest,
             one_at_a_time: 0,
             recent_wait: Duration::ZERO,
+            copying: Duration::ZERO,
+            closed_waits: 0,
         })
     }
 
@@ -110,20 +103,33 @@ impl PollWindow {
         self.one_at_a_time = 0;
     }
 
+    /// Notes the bytes of read data in the replies just sent: the next
+    /// poll is longer by the time the client takes to copy them.
+    pub(super) fn replied(&mut self, data_bytes: usize) {
+        self.copying = Duration::from_micros(data_bytes as u64 / CLIENT_COPY_BYTES_PER_MICRO);
+    }
+
     /// Tries `read` (which must not wait) until it gives something or the
-    /// window has passed; a closed window, or a client not sending one
-    /// request at a time, tries once. Yields the CPU between tries, so a
-    /// client on the same CPU goes on.
+    /// window has passed; a closed window (unless due to probe), or a
+    /// client not sending one request at a time, tries once. Yields the
+    /// CPU between tries, so a client on the same CPU goes on.
     pub(super) fn poll<T>(&self, mut read: impl FnMut() -> Option<T>) -> Option<T> {
+        let window = if !self.current.is_zero() {
+            self.current
+        } else if self.closed_waits >= PROBE_AFTER_CLOSED_WAITS {
+            self.longest
+        } else {
+            Duration::ZERO
+        };
         let polling = self.one_at_a_time >= ONE_AT_A_TIME_BEFORE_POLLING
             && self.recent_wait >= SHORTEST_TURNAROUND
-            && !self.current.is_zero();
+            && !window.is_zero();
         if !polling {
             // One try, without reading the clock: the path of every
             // request at queue depth 32.
             return read();
         }
-        let window = self.current;
+        let window = window + self.copying;
         let began = Instant::now();
         loop {
             if let Some(got) = read() {
@@ -139,17 +145,25 @@ impl PollWindow {
     /// Adapts the window to how long the connection waited for its next
     /// request (from the moment it was idle): input within the longest
     /// window opens it fully; a longer wait halves it, and it closes once
-    /// too short to matter (a client that paused costs a few polls).
+    /// too short to matter (a client that paused costs a few polls, and
+    /// a probe every 64 waits after that).
     pub(super) fn waited(&mut self, waited: Duration) {
         self.one_at_a_time = self.one_at_a_time.saturating_add(1);
         self.recent_wait = (self.recent_wait * 7 + waited) / 8;
-        self.current = if waited <= self.longest {
+        self.current = if waited <= self.longest + self.copying {
             self.longest
         } else if self.current / 2 < SHORTEST_POLL {
             Duration::ZERO
         } else {
             self.current / 2
         };
+        // Counted while closed; a probe that missed starts again.
+        self.closed_waits =
+            if self.current.is_zero() && self.closed_waits < PROBE_AFTER_CLOSED_WAITS {
+                self.closed_waits + 1
+            } else {
+                0
+            };
     }
 }
 
@@ -193,6 +207,8 @@ mod tests {
         }
     }
 
+    const MIB_OF_DATA: usize = 1 << 20;
+
     #[test]
     fn zero_turns_polling_off() {
         assert!(PollWindow::new(Duration::ZERO).is_none());
@@ -212,6 +228,52 @@ mod tests {
         assert_eq!(tries(&polling), 1, "a closed window tries once");
         polling.waited(Duration::from_micros(60));
         assert_eq!(polling.current, Duration::from_micros(100));
+    }
+
+    #[test]
+    fn a_closed_window_probes_now_and_then() {
+        let mut polling = window(100);
+        let pause = Duration::from_millis(5);
+        while !polling.current.is_zero() {
+            polling.waited(pause);
+        }
+        for round in 0..2 {
+            // The wait that closed the window counts as the first.
+            for _ in polling.closed_waits..PROBE_AFTER_CLOSED_WAITS {
+                assert_eq!(tries(&polling), 1, "round {round}: closed, not yet probing");
+                polling.waited(pause);
+            }
+            assert!(tries(&polling) > 1, "round {round}: a probe polls");
+            // Missed: closed again, counting anew.
+            polling.waited(pause);
+            assert!(polling.current.is_zero());
+            assert_eq!(tries(&polling), 1);
+        }
+        for _ in 0..PROBE_AFTER_CLOSED_WAITS {
+            polling.waited(pause);
+        }
+        // Input within the probe reopens the window.
+        polling.waited(Duration::from_micros(30));
+        assert_eq!(polling.current, Duration::from_micros(100));
+    }
+
+    #[test]
+    fn a_reply_with_data_lengthens_the_next_poll() {
+        let mut polling = window(100);
+        polling.replied(MIB_OF_DATA);
+        let began = Instant::now();
+        assert!(polling.poll(|| None::<()>).is_none());
+        assert!(began.elapsed() >= Duration::from_micros(356));
+        // The client took 300 µs to copy the MiB and ask again: quick.
+        polling.waited(Duration::from_micros(300));
+        assert_eq!(polling.current, Duration::from_micros(100));
+        polling.replied(0);
+        polling.waited(Duration::from_micros(300));
+        assert_eq!(
+            polling.current,
+            Duration::from_micros(50),
+            "without data, slow"
+        );
     }
 
     #[test]

@@ -1,0 +1,188 @@
+//! The socket under a connection's stream, used directly where the
+//! stream's bytes are the socket's (TCP and unix sockets, not TLS):
+//! reading what it holds without a trip through the event loop, and
+//! sending read data straight from a file's page cache.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd};
+
+use tokio::io::Interest;
+
+/// Most bytes one `sendfile` moves (Linux's limit for one call).
+const MAX_SENDFILE: usize = 0x7fff_f000;
+
+/// A stream whose socket may be used directly.
+pub(super) trait PlainSocket: Sync {
+    /// The socket; `None` when the stream's bytes are not the socket's
+    /// (TLS records), and everything must go through the stream.
+    fn plain_fd(&self) -> Option<BorrowedFd<'_>>;
+
+    /// Runs `send` (which must not wait) once the socket is writable,
+    /// waiting for that through the event loop: `send` failing with
+    /// `WouldBlock` means the socket was full after all.
+    fn send_with<F>(&self, send: F) -> impl Future<Output = io::Result<usize>> + Send
+    where
+        F: FnMut(BorrowedFd<'_>) -> io::Result<usize> + Send;
+}
+
+macro_rules! plain_socket {
+    ($stream:ty) => {
+        impl PlainSocket for $stream {
+            fn plain_fd(&self) -> Option<BorrowedFd<'_>> {
+                Some(self.as_fd())
+            }
+
+            fn send_with<F>(&self, mut send: F) -> impl Future<Output = io::Result<usize>> + Send
+            where
+                F: FnMut(BorrowedFd<'_>) -> io::Result<usize> + Send,
+            {
+                async move {
+                    loop {
+                        self.writable().await?;
+                        // `try_io` forgets the readiness when `send` would
+                        // block, so the next `writable` waits for real.
+                        match self.try_io(Interest::WRITABLE, || send(self.as_fd())) {
+                            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                            sent => return sent,
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+plain_socket!(tokio::net::TcpStream);
+plain_socket!(tokio::net::UnixStream);
+
+#[cfg(feature = "tls")]
+impl<S: Sync> PlainSocket for tokio_rustls::server::TlsStream<S> {
+    /// The socket carries records for the TLS session.
+    fn plain_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    fn send_with<F>(&self, _send: F) -> impl Future<Output = io::Result<usize>> + Send
+    where
+        F: FnMut(BorrowedFd<'_>) -> io::Result<usize> + Send,
+    {
+        std::future::ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a TLS stream's bytes are sent through the session",
+        )))
+    }
+}
+
+/// Sends all of `slices` (consuming them) with `MSG_MORE`: more follows
+/// at once, so the kernel holds a short header back to leave with the
+/// data after it. Returns the bytes sent.
+pub(super) async fn send_all_more<S: PlainSocket>(
+    socket: &S,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<usize> {
+    let mut sent = 0;
+    while !slices.is_empty() {
+        let batch = slices.len().min(super::connection::MAX_IOVECS);
+        let written = socket
+            .send_with(|fd| {
+                rustix::net::sendmsg(
+                    fd,
+                    &slices[..batch],
+                    &mut Default::default(),
+                    rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+                )
+                .map_err(io::Error::from)
+            })
+            .await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, written);
+        sent += written;
+    }
+    Ok(sent)
+}
+
+/// Sends `length` bytes of `file` from `offset` with `sendfile`: from the
+/// page cache into the socket, without a copy of the server's own. A file
+/// that ends before is an error: a reply's header already promised the
+/// bytes.
+pub(super) async fn send_file<S: PlainSocket>(
+    socket: &S,
+    file: BorrowedFd<'_>,
+    mut offset: u64,
+    length: u64,
+) -> io::Result<()> {
+    let end = offset.saturating_add(length);
+    while offset < end {
+        let count = usize::try_from(end - offset).map_or(MAX_SENDFILE, |n| n.min(MAX_SENDFILE));
+        let sent = socket
+            .send_with(|fd| {
+                rustix::fs::sendfile(fd, file, Some(&mut offset), count).map_err(io::Error::from)
+            })
+            .await?;
+        if sent == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file ended before a read's data was sent",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A pair of connected unix sockets: a tokio end and a std end.
+    fn pair() -> (tokio::net::UnixStream, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        (
+            tokio::net::UnixStream::from_std(ours).expect("tokio stream"),
+            theirs,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_header_then_file_data_arrive_in_order_past_a_full_socket() {
+        let mut file = tempfile::tempfile().expect("tempfile");
+        // Larger than a unix socket's buffer: sending must wait for the
+        // reader, through the event loop.
+        let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        file.write_all(&data).expect("write");
+        let (ours, mut theirs) = pair();
+        let offset = 4096;
+        let length = data.len() as u64 - offset - 100;
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            theirs.read_to_end(&mut got).expect("read");
+            got
+        });
+        let header = b"header";
+        let sent = send_all_more(&ours, &mut [IoSlice::new(header)])
+            .await
+            .expect("header");
+        assert_eq!(sent, header.len());
+        send_file(&ours, file.as_fd(), offset, length)
+            .await
+            .expect("file data");
+        drop(ours);
+        let got = reader.join().expect("reader");
+        assert_eq!(&got[..header.len()], header);
+        assert!(got[header.len()..] == data[offset as usize..(offset + length) as usize]);
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_promised_is_an_error() {
+        let mut file = tempfile::tempfile().expect("tempfile");
+        file.write_all(&[7u8; 1000]).expect("write");
+        let (ours, _theirs) = pair();
+        let error = send_file(&ours, file.as_fd(), 500, 1000)
+            .await
+            .expect_err("short file");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
