@@ -56,6 +56,12 @@ const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bit
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
+/// Smallest read `try_read_now` checks with `cachestat` and then reads
+/// into the buffer's room, rather than zero-filling the room for
+/// `preadv2(RWF_NOWAIT)`: zeroing 1 MiB took 7 % of the server's CPU time
+/// at QD8.
+const CACHESTAT_BYTES: usize = 64 << 10;
+
 /// Largest zero buffer written at once when zeroing by hand.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -435,8 +441,15 @@ impl Backend for FileBackend {
             // Nothing to wait for: read into the room, no zero-filling.
             return Some(self.pread_appended(buffer, offset, length));
         }
-        // `RWF_NOWAIT` takes initialised memory: zero-filling costs less
-        // than a second system call would.
+        if length >= CACHESTAT_BYTES && self.cachestat.load(Ordering::Relaxed) {
+            // Pages evicted between the two calls make this read wait
+            // for the disk: rare, and no worse than a read on the pool.
+            return self
+                .all_cached(offset, length as u64)
+                .then(|| self.pread_appended(buffer, offset, length));
+        }
+        // `RWF_NOWAIT` takes initialised memory: zero-filling a small
+        // read costs less than a second system call would.
         try_fill_appended(buffer, length, |room| self.read_cached(room, offset))
     }
 

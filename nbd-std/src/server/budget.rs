@@ -144,9 +144,12 @@ impl Budget {
 
     /// Whether this connection may take budget now (see [`FAIR_SHARE`]).
     fn may_take(&self) -> bool {
-        let others_starving =
-            self.server.starving.load(Ordering::Acquire) > usize::from(self.starving);
-        !others_starving || self.held + self.reserved < FAIR_SHARE
+        !self.others_starving() || self.held + self.reserved < FAIR_SHARE
+    }
+
+    /// Whether another connection waits for budget.
+    pub(super) fn others_starving(&self) -> bool {
+        self.server.starving.load(Ordering::Acquire) > usize::from(self.starving)
     }
 
     /// Records whether the last attempt to take budget failed.

@@ -652,4 +652,60 @@ mod tests {
         stop.send(true).expect("server running");
         serving.await.expect("server task").expect("server");
     }
+
+    /// A client keeping several 1 MiB reads in flight gets the file's
+    /// bytes, and once it is idle the read buffers its connection kept
+    /// (held in the budget) are given back while it stays connected.
+    #[cfg(feature = "client")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spare_read_buffers_go_back_to_the_budget_when_idle() {
+        const MIB: usize = 1 << 20;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let image = dir.path().join("disk.img");
+        let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&image, &data).expect("image");
+        let export = ExportSpec::parse(&format!("disk=file:{}", image.display()))
+            .expect("spec")
+            .open()
+            .expect("open");
+        let path = dir.path().join("nbd.sock");
+        let server = Server::new(ExportSet::new(vec![export]), Config::default());
+        let budget = Arc::clone(server.budget());
+        let listener = Listener::bind_unix(&path).expect("bind");
+        let (stop, shutdown) = watch::channel(false);
+        let serving = tokio::spawn(async move { server.run(listener, shutdown).await });
+
+        let uri = format!("nbd+unix:///disk?socket={}", path.display());
+        let client = crate::client::Client::connect(&uri).await.expect("connect");
+        for round in 0..4 {
+            let mut reads = JoinSet::new();
+            for i in 0..8 {
+                let client = client.clone();
+                let offset = ((round * 8 + i) % 16) * MIB;
+                reads.spawn(async move {
+                    let got = client
+                        .read_owned(vec![0; MIB], offset as u64)
+                        .await
+                        .expect("read");
+                    (offset, got)
+                });
+            }
+            while let Some(read) = reads.join_next().await {
+                let (offset, got) = read.expect("read task");
+                assert!(got == data[offset..offset + MIB], "read at {offset}");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while budget.used() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} bytes still held by an idle connection",
+                budget.used()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        client.disconnect().await.expect("disconnect");
+        stop.send(true).expect("server running");
+        serving.await.expect("server task").expect("server");
+    }
 }
