@@ -411,9 +411,9 @@ struct Driver {
     /// The stream is a plain socket: file data may be sent to it from
     /// the page cache.
     sendfile: bool,
-    /// The input being served came while the connection was idle: the
-    /// client waits for each reply (queue depth 1), rather than keeping
-    /// requests queued in the socket while others are served.
+    /// The input being served came alone while the connection was idle:
+    /// one request header at most, the client waiting for each reply
+    /// (queue depth 1), rather than a batch of requests sent together.
     came_to_idle: bool,
     /// When the client last sent something (`--idle-timeout`).
     last_input: tokio::time::Instant,
@@ -677,6 +677,9 @@ impl Driver {
             window.waited(since.elapsed());
         }
         *end += n;
+        // A batch (a client keeping several requests in flight, whose
+        // replies all came at once) is not a client waiting for one.
+        self.came_to_idle &= *end - *start <= nbd_core::wire::EXTENDED_REQUEST_HEADER_LEN;
         let grown_len = (input.len() * 2).min(INPUT_BYTES);
         if *end == input.len()
             && grown_len > input.len()
