@@ -9,12 +9,15 @@ is read from /proc. The headline figure is server CPU per I/O (see README.md).
     python3 benches/compare.py --short    # smoke run: 1 round, 2 s + 1 s warm-up
     python3 benches/compare.py --pin      # servers on CPU 0, clients on CPU 1
     python3 benches/compare.py --storage shm --workloads all --floor
+    python3 benches/compare.py --storage disk --cold --workloads randread-4k-qd1,randread-4k-qd32
 
 Servers and clients run unpinned by default (as servers run in practice);
 --pin places them with taskset. --storage memory (default) serves nbd-std's
 and nbdkit's memory exports (qemu-nbd and nbd-server a file in /dev/shm);
 shm and disk serve one file (in /dev/shm, or --file-dir) from every server.
 --floor adds nbd-std and nbdkit over null exports (no storage work).
+--cold (with --storage disk) evicts the file from the page cache before
+each measured run, so reads come from the disk.
 
 Needs: fio (with the nbd engine), nbdkit, qemu-nbd, nbd-server, nbdinfo, taskset
 (apt-get install fio nbdkit nbd-server qemu-utils libnbd-bin) and cargo.
@@ -425,6 +428,16 @@ class Context:
             os.fsync(f.fileno())
         self.shared_file = path
 
+    def evict_shared_file(self) -> None:
+        """--cold: the shared file's pages leave the page cache (written
+        back first: dirty pages cannot be dropped), for every server alike."""
+        fd = os.open(self.shared_file, os.O_RDWR)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
 
 def fio_metrics(path: str) -> dict:
     with open(path) as f:
@@ -484,6 +497,8 @@ def libnbd_metrics(path: str, length: int) -> dict:
 
 
 def run_client(ctx: Context, server: Server, name: str, cmd: list[str], out: str, libnbd: bool) -> dict:
+    if ctx.args.cold:
+        ctx.evict_shared_file()
     srv0, members = server_cpu(server.pid)
     sys0, load0 = system_ticks(), loadavg()
     t0 = time.monotonic()
@@ -912,6 +927,12 @@ def parse_args(argv):
         default="memory",
         help="memory exports (default), or one file in /dev/shm (shm) or on disk (disk) for every server",
     )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="with --storage disk: evict the file from the page cache before each measured run "
+        "(fsync, then POSIX_FADV_DONTNEED), so reads come from the disk",
+    )
     p.add_argument("--file-dir", help="directory of the shared file (default /dev/shm for shm, /var/tmp for disk)")
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for every server (default 0)")
     p.add_argument("--client-cpus", default="1", help="taskset CPU list for fio and this script (default 1)")
@@ -944,6 +965,8 @@ def parse_args(argv):
             setattr(args, f, int(v))
     if args.pin and args.no_pin:
         p.error("--pin and --no-pin contradict each other")
+    if args.cold and args.storage != "disk":
+        p.error("--cold needs --storage disk (a file in memory has no disk to read from)")
     args.servers = [s for s in args.servers.split(",") if s]
     if args.floor:
         args.servers += [s for s in FLOOR_SERVERS if s not in args.servers]
@@ -1014,11 +1037,13 @@ def main(argv) -> int:
             "client_cpus": args.client_cpus if args.pin else None,
             "placement": placement,
             "storage": args.storage,
+            "cold": args.cold,
             "storage_text": {
                 "memory": "nbd-std and nbdkit memory exports; qemu-nbd and nbd-server a file in /dev/shm",
                 "shm": "every server on one file in /dev/shm",
                 "disk": f"every server on one file in {args.file_dir or '/var/tmp'}",
-            }[args.storage],
+            }[args.storage]
+            + (", evicted from the page cache before each run" if args.cold else ""),
             "argv": argv,
         },
         "versions": {
