@@ -17,7 +17,8 @@ and nbdkit's memory exports (qemu-nbd and nbd-server a file in /dev/shm);
 shm and disk serve one file (in /dev/shm, or --file-dir) from every server.
 --floor adds nbd-std and nbdkit over null exports (no storage work).
 --cold (with --storage disk) evicts the file from the page cache before
-each measured run, so reads come from the disk.
+each measured run, so reads come from the disk; the servers take turns
+leading the rounds (use as many rounds as servers).
 
 Needs: fio (with the nbd engine), nbdkit, qemu-nbd, nbd-server, nbdinfo, taskset
 (apt-get install fio nbdkit nbd-server qemu-utils libnbd-bin) and cargo.
@@ -1091,8 +1092,15 @@ def main(argv) -> int:
         total = args.rounds * len(workloads) * len(servers)
         done = 0
         for rnd in range(1, args.rounds + 1):
+            order = list(servers.items())
+            if args.cold:
+                # The first reader after an eviction ran slower in every
+                # round, whichever server it was (the virtual disk has a
+                # cache of its own): each server leads a round in turn.
+                lead = (rnd - 1) % len(order)
+                order = order[lead:] + order[:lead]
             for wl in workloads:
-                for name, srv in servers.items():
+                for name, srv in order:
                     done += 1
                     rec = {"round": rnd, "workload": wl[0], "server": name}
                     if srv.dead:

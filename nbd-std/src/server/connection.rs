@@ -414,7 +414,7 @@ struct Driver {
     /// The input being served came alone while the connection was idle:
     /// one request header at most, the client waiting for each reply
     /// (queue depth 1), rather than a batch of requests sent together.
-    came_to_idle: bool,
+    came_alone: bool,
     /// When the client last sent something (`--idle-timeout`).
     last_input: tokio::time::Instant,
     /// Bytes moved since the connection last gave its thread a turn
@@ -455,7 +455,7 @@ impl Driver {
             poll_window: None,
             thread_share: None,
             sendfile: false,
-            came_to_idle: false,
+            came_alone: false,
             last_input: tokio::time::Instant::now(),
             turn_bytes: 0,
         }
@@ -563,7 +563,7 @@ impl Driver {
             let room = !eof && end < input.len();
             // Nothing in flight and no input: the client's turn.
             let idle = start == end && self.pending == 0 && self.conn.in_flight() == 0;
-            self.came_to_idle = idle;
+            self.came_alone = idle;
             // Input the socket already holds is read at once, without a
             // trip through the event loop; unless a shutdown is waiting to
             // be seen there.
@@ -677,9 +677,10 @@ impl Driver {
             window.waited(since.elapsed());
         }
         *end += n;
-        // A batch (a client keeping several requests in flight, whose
-        // replies all came at once) is not a client waiting for one.
-        self.came_to_idle &= *end - *start <= nbd_core::wire::EXTENDED_REQUEST_HEADER_LEN;
+        // Several requests read at once (a client keeping more in
+        // flight, sending them in batches) are not a client waiting for
+        // each reply.
+        self.came_alone &= *end - *start <= nbd_core::wire::EXTENDED_REQUEST_HEADER_LEN;
         let grown_len = (input.len() * 2).min(INPUT_BYTES);
         if *end == input.len()
             && grown_len > input.len()
@@ -1175,7 +1176,7 @@ impl Driver {
         // reads 2.1k against 3.0k MiB/s copied).
         (self.sendfile
             && length >= SENDFILE_BYTES
-            && self.came_to_idle
+            && self.came_alone
             && self.nothing_else_in_flight()
             && backend.page_cache_file().is_some()
             && backend.in_page_cache(offset, length))
