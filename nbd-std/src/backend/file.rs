@@ -752,10 +752,26 @@ mod tests {
             !backend.in_page_cache(0, 3 * MIB),
             "evicted pages taken for cached"
         );
+        let mut kept = b"kept".to_vec();
+        assert!(
+            backend.try_read_now(&mut kept, 0, MIB as usize).is_none(),
+            "a read that must wait for the disk done at once"
+        );
+        assert_eq!(kept, b"kept", "left as it was when refused");
         assert_eq!(
             read(&backend, 12_345, MIB as usize),
             data[12_345..][..MIB as usize]
         );
+        if backend.nowait_reads.load(Ordering::Relaxed) {
+            // Read, so ready: done at once, after what the buffer held.
+            let mut got = b"kept".to_vec();
+            backend
+                .try_read_now(&mut got, 12_345, MIB as usize)
+                .expect("cached pages read at once")
+                .expect("read");
+            assert_eq!(&got[..4], b"kept");
+            assert!(got[4..] == data[12_345..][..MIB as usize]);
+        }
         if !backend.cachestat.load(Ordering::Relaxed) {
             eprintln!("this kernel has no cachestat: no read is taken for cached");
             return;

@@ -203,8 +203,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether all `length` bytes from `offset` are in the page cache of
     /// [`page_cache_file`](Self::page_cache_file) now, so sending them
-    /// from there cannot wait for a device. `false` (the default) when
-    /// unknown.
+    /// from there waits for a device at most for pages whose read is
+    /// already under way (`cachestat` cannot tell those apart). `false`
+    /// (the default) when unknown.
     fn in_page_cache(&self, offset: u64, length: u64) -> bool {
         let _ = (offset, length);
         false

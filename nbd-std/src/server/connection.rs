@@ -1174,10 +1174,14 @@ impl Driver {
         // Only for a client waiting for each reply: with others in
         // flight, on loopback, `sendfile` lost throughput (1 MiB QD8
         // reads 2.1k against 3.0k MiB/s copied).
+        // Alone on its thread too: `cachestat` counts pages still being
+        // read from the disk, and `sendfile` waits for them, which other
+        // connections on the thread would feel.
         (self.sendfile
             && length >= SENDFILE_BYTES
             && self.came_alone
             && self.nothing_else_in_flight()
+            && self.alone_on_thread()
             && backend.page_cache_file().is_some()
             && backend.in_page_cache(offset, length))
         .then(|| {
