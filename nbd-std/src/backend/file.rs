@@ -286,55 +286,20 @@ impl FileBackend {
         if !self.nowait_reads.load(Ordering::Relaxed) {
             return None;
         }
-        let start = buffer.len();
-        buffer.reserve_exact(length);
-        let not_now = |buffer: &mut Vec<u8>| {
-            buffer.truncate(start);
-            None
-        };
-        while buffer.len() - start < length {
-            let done = buffer.len() - start;
-            let room = &mut buffer.spare_capacity_mut()[..length - done];
-            let iov = libc::iovec {
-                iov_base: room.as_mut_ptr().cast(),
-                iov_len: room.len(),
-            };
-            let Ok(at) = libc::off_t::try_from(offset + done as u64) else {
-                buffer.truncate(start);
-                return Some(Err(io::ErrorKind::InvalidInput.into()));
-            };
-            // SAFETY: `iov` is the buffer's spare capacity, which the
-            // kernel only writes; `set_len` below covers only the bytes
-            // it says it wrote.
-            #[allow(unsafe_code)]
-            let read =
-                unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
-            match usize::try_from(read) {
-                Ok(0) => {
-                    buffer.truncate(start);
-                    return Some(Err(io::ErrorKind::UnexpectedEof.into()));
-                }
-                #[allow(unsafe_code)]
-                // SAFETY: the kernel wrote `n` bytes of the spare capacity.
-                Ok(n) => unsafe { buffer.set_len(buffer.len() + n) },
-                Err(_) => match Errno::from_raw_os_error(
-                    io::Error::last_os_error().raw_os_error().unwrap_or(0),
-                ) {
-                    Errno::INTR => {}
-                    // Not all in the page cache: the pool reads it.
-                    Errno::AGAIN => return not_now(buffer),
-                    Errno::NOTSUP | Errno::INVAL | Errno::NOSYS => {
-                        self.nowait_reads.store(false, Ordering::Relaxed);
-                        return not_now(buffer);
-                    }
-                    error => {
-                        buffer.truncate(start);
-                        return Some(Err(error.into()));
-                    }
-                },
+        match self.preadv2_appended(buffer, offset, length, libc::RWF_NOWAIT) {
+            // Not all in the page cache: the pool reads it.
+            Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => None,
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                ) =>
+            {
+                self.nowait_reads.store(false, Ordering::Relaxed);
+                None
             }
+            result => Some(result),
         }
-        Some(Ok(()))
     }
 
     /// Whether every page of `length` bytes from `offset` is in the page
@@ -393,26 +358,59 @@ impl FileBackend {
     /// Appends `length` bytes from `offset` to `buffer`, read straight
     /// into its spare capacity.
     fn pread_appended(&self, buffer: &mut Vec<u8>, offset: u64, length: usize) -> io::Result<()> {
+        self.preadv2_appended(buffer, offset, length, 0)
+    }
+
+    /// Appends `length` bytes from `offset` to `buffer` with `preadv2` and
+    /// `flags`, read straight into its spare capacity (no zero-filling);
+    /// on an error `buffer` is left as it was.
+    fn preadv2_appended(
+        &self,
+        buffer: &mut Vec<u8>,
+        offset: u64,
+        length: usize,
+        flags: libc::c_int,
+    ) -> io::Result<()> {
         let start = buffer.len();
-        let end = start
-            .checked_add(length)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        if start.checked_add(length).is_none() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
         buffer.reserve_exact(length);
-        if buffer.capacity() != end {
-            // `pread` fills all the spare capacity, which must not run
-            // past the read: fill zeroed room instead.
-            buffer.resize(end, 0);
-            return self.read_at(&mut buffer[start..], offset);
-        }
-        while buffer.len() < end {
-            let at = offset + (buffer.len() - start) as u64;
-            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(buffer), at) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(error) => return Err(error.into()),
+        let result = loop {
+            let done = buffer.len() - start;
+            if done == length {
+                break Ok(());
             }
+            let room = &mut buffer.spare_capacity_mut()[..length - done];
+            let iov = libc::iovec {
+                iov_base: room.as_mut_ptr().cast(),
+                iov_len: room.len(),
+            };
+            let Ok(at) = libc::off_t::try_from(offset + done as u64) else {
+                break Err(io::ErrorKind::InvalidInput.into());
+            };
+            // SAFETY: `iov` is the buffer's spare capacity, which the
+            // kernel only writes; `set_len` below covers only the bytes
+            // it says it wrote.
+            #[allow(unsafe_code)]
+            let read = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, flags) };
+            match usize::try_from(read) {
+                Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
+                #[allow(unsafe_code)]
+                // SAFETY: the kernel wrote `n` bytes of the spare capacity.
+                Ok(n) => unsafe { buffer.set_len(buffer.len() + n) },
+                Err(_) => {
+                    let error = io::Error::last_os_error();
+                    if error.kind() != io::ErrorKind::Interrupted {
+                        break Err(error);
+                    }
+                }
+            }
+        };
+        if result.is_err() {
+            buffer.truncate(start);
         }
-        Ok(())
+        result
     }
 }
 
