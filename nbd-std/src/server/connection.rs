@@ -52,6 +52,20 @@ const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(20)
 /// held a small client on the same thread for 170 ms a request.
 const TURN_BYTES: usize = 1 << 20;
 
+/// Passes in a row with at most one request in flight after which a
+/// client is taken to wait for each reply: its replies go out at once.
+const ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE: u32 = 32;
+
+/// Reads of the socket that may pass while replies are held for the
+/// requests it already holds, before they go out anyway. At queue depth
+/// 32, holding took the writes (`writev`) from 0.77 to 0.29 a request
+/// and server CPU per 4 KiB write from 5.4 to 4.8 µs.
+const MOST_PASSES_HOLDING_REPLIES: u32 = 32;
+
+/// Read data above which replies go out at once rather than wait for
+/// the next requests: the socket would sit idle while they are served.
+const MOST_READ_DATA_HELD: usize = 64 << 10;
+
 /// Smallest read sent from the page cache with `sendfile`, where the
 /// backend can (file exports over plain sockets): below it, copying the
 /// data costs less than the extra system calls (`cachestat`, and a send
@@ -379,6 +393,8 @@ struct Driver {
     pending: usize,
     /// Read data waiting for its reply header.
     read_data: RequestMap<ReadData>,
+    /// Bytes in `read_data`.
+    read_data_bytes: usize,
     writes: RequestMap<PendingWrite>,
     streams: RequestMap<StreamingWrite>,
     /// Reads waiting for budget, in arrival order; while any wait, no
@@ -420,6 +436,13 @@ struct Driver {
     /// Bytes moved since the connection last gave its thread a turn
     /// (see [`TURN_BYTES`]).
     turn_bytes: usize,
+    /// Passes in a row that ended with at most one request in flight
+    /// (saturating): a client that keeps several in flight has its
+    /// replies held while the socket holds more requests.
+    one_in_flight_passes: u32,
+    /// Passes since replies were last sent while they waited for input
+    /// the socket held.
+    held_passes: u32,
 }
 
 impl Driver {
@@ -437,6 +460,7 @@ impl Driver {
             done_rx,
             pending: 0,
             read_data: RequestMap::new(),
+            read_data_bytes: 0,
             writes: RequestMap::new(),
             streams: RequestMap::new(),
             waiting_reads: VecDeque::new(),
@@ -458,6 +482,8 @@ impl Driver {
             came_alone: false,
             last_input: tokio::time::Instant::now(),
             turn_bytes: 0,
+            one_in_flight_passes: ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE,
+            held_passes: 0,
         }
     }
 
@@ -542,6 +568,29 @@ impl Driver {
                 }
                 return Ok(Ended::StartTls);
             }
+            // Replies to a client that keeps several requests in flight
+            // wait while its socket holds more requests: they then go out
+            // together, and the client's next requests come together too.
+            let mut socket_empty = false;
+            if self.may_hold_replies()
+                && start == end
+                && !eof
+                && !(watching && shutdown.has_changed().unwrap_or(true))
+            {
+                (start, end) = nbd_core::shape::make_room(&mut input, start, end);
+                match self.read_now(stream, &mut input[end..], false, &mut idle_since) {
+                    Some(read) => {
+                        let n = read?;
+                        eof |=
+                            self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
+                        self.held_passes += 1;
+                        tokio::task::consume_budget().await;
+                        continue;
+                    }
+                    None => socket_empty = true,
+                }
+            }
+            self.held_passes = 0;
             let sent = self.transmit(stream).await?;
             if self.closed {
                 return stream.shutdown().await.map(|()| Ended::Done);
@@ -567,7 +616,10 @@ impl Driver {
             // Input the socket already holds is read at once, without a
             // trip through the event loop; unless a shutdown is waiting to
             // be seen there.
-            if room && !(watching && shutdown.has_changed().unwrap_or(true)) {
+            // Just found empty: the event loop waits for it (an idle
+            // connection may still poll through its window).
+            let read_again = idle || !socket_empty;
+            if room && read_again && !(watching && shutdown.has_changed().unwrap_or(true)) {
                 if let Some(read) = self.read_now(stream, &mut input[end..], idle, &mut idle_since)
                 {
                     let n = read?;
@@ -963,13 +1015,35 @@ impl Driver {
         }
     }
 
+    /// Whether the replies ready to go may wait while the socket is read
+    /// for more requests (see [`MOST_PASSES_HOLDING_REPLIES`]). Not for a
+    /// client that waits for each reply: the wait would be all its
+    /// latency. Notes this pass's requests in flight.
+    fn may_hold_replies(&mut self) -> bool {
+        if self.conn.in_flight() > 1 {
+            self.one_in_flight_passes = 0;
+        } else {
+            self.one_in_flight_passes = self.one_in_flight_passes.saturating_add(1);
+        }
+        self.conn.wants_transmit()
+            && self.one_in_flight_passes < ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE
+            && self.held_passes < MOST_PASSES_HOLDING_REPLIES
+            && self.read_data_bytes < MOST_READ_DATA_HELD
+    }
+
+    /// Keeps a read's data until its reply header is sent.
+    fn keep_read_data(&mut self, id: RequestId, data: ReadData) {
+        self.read_data_bytes += data.len();
+        self.read_data.insert(id, data);
+    }
+
     /// A read whose `length` bytes are held in the budget (by `spare`, a
     /// buffer of that size, when given).
     fn start_read(&mut self, id: RequestId, offset: u64, length: u64, spare: Option<Vec<u8>>) {
         if let Some(uncopied) = self.read_uncopied(offset, length) {
             let outcome = match uncopied {
                 Ok(data) => {
-                    self.read_data.insert(id, data);
+                    self.keep_read_data(id, data);
                     ReadOutcome::Data
                 }
                 Err(error) => {
@@ -1333,7 +1407,7 @@ impl Driver {
                 result,
             } => match result {
                 Ok(()) => {
-                    self.read_data.insert(id, ReadData::Owned(buffer));
+                    self.keep_read_data(id, ReadData::Owned(buffer));
                     self.conn.complete_read(id, ReadOutcome::Data)
                 }
                 Err(error) => {
@@ -1395,10 +1469,11 @@ impl Driver {
                 Some(Payload::Data { id, length, .. }) => {
                     // The header is encoded: without the data the only
                     // honest answer is to end the connection.
-                    let data = self
-                        .read_data
-                        .remove(id)
-                        .filter(|data| data.len() as u64 == length);
+                    let data = self.read_data.remove(id);
+                    if let Some(data) = &data {
+                        self.read_data_bytes -= data.len();
+                    }
+                    let data = data.filter(|data| data.len() as u64 == length);
                     let Some(data) = data else {
                         error!(
                             "read data for request {} missing or short: closing the connection",
