@@ -263,6 +263,8 @@ class Server:
             extra = shlex.split(self.ctx.args.before_args) if self.name == BEFORE_SERVER else []
             if on_file:
                 return [binary, "serve", "--port", p, "--export", f"bench=file:{self.shm_file()}", *extra]
+            if self.ctx.args.huge_pages and self.name == "nbd-std":
+                return [binary, "serve", "--port", p, "--export", f"bench=memory:{self.size_arg},huge-pages"]
             return [binary, "serve", "--port", p, "--size", self.size_arg, *extra]
         if self.name == "nbd-std-null":
             return [self.ctx.nbd_std_bin, "serve", "--port", p, "--export", f"bench=null:{self.size_arg}"]
@@ -917,6 +919,11 @@ def parse_args(argv):
     )
     p.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma list (default: all four)")
     p.add_argument("--floor", action="store_true", help="also run nbd-std and nbdkit over null exports")
+    p.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="nbd-std's memory export with the huge-pages option (not nbd-std-before's)",
+    )
     p.add_argument(
         "--workloads",
         default=",".join(DEFAULT_WORKLOADS),

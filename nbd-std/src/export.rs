@@ -26,8 +26,10 @@ use crate::size::parse_size;
 /// Where an export's data lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StorageSpec {
-    /// A sparse RAM disk of this size.
-    Memory(u64),
+    /// A sparse RAM disk of `size` bytes; `huge_pages`: its pages in
+    /// memory mapped for transparent huge pages (export option
+    /// `huge-pages`).
+    Memory { size: u64, huge_pages: bool },
     /// A raw image file or block device.
     File(PathBuf),
     /// Nothing stored: reads are zeroes, writes are dropped (measures
@@ -46,6 +48,10 @@ impl StorageSpec {
         match self {
             #[cfg(feature = "s3")]
             StorageSpec::S3(s3) => s3.option(option),
+            StorageSpec::Memory { huge_pages, .. } if option == "huge-pages" => {
+                *huge_pages = true;
+                Ok(true)
+            }
             _ => Ok(false),
         }
     }
@@ -107,9 +113,10 @@ impl ExportSpec {
                     "`{spec}`: this nbd-std was built without S3 exports (cargo feature `s3`)"
                 ));
             }
-            Some(("memory", size)) => {
-                StorageSpec::Memory(parse_size(size).map_err(|e| e.to_string())?)
-            }
+            Some(("memory", size)) => StorageSpec::Memory {
+                size: parse_size(size).map_err(|e| e.to_string())?,
+                huge_pages: false,
+            },
             Some(("file", path)) if !path.is_empty() => StorageSpec::File(PathBuf::from(path)),
             Some(("null", size)) => StorageSpec::Null(parse_size(size).map_err(|e| e.to_string())?),
             _ => {
@@ -145,7 +152,7 @@ impl ExportSpec {
                 _ if storage.takes_option(option)? => {}
                 other => {
                     return Err(format!(
-                        "`{other}`: unknown export option (S3 exports also take size=, object-size=, cache=, endpoint=, region=, lease=SECONDS, no-fencing) (expected ro, writers=shared|exclusive, fail=RULE, fail-seed=N or desc=TEXT)"
+                        "`{other}`: unknown export option (memory exports also take huge-pages; S3 exports size=, object-size=, cache=, endpoint=, region=, lease=SECONDS, no-fencing) (expected ro, writers=shared|exclusive, fail=RULE, fail-seed=N or desc=TEXT)"
                     ));
                 }
             }
@@ -176,7 +183,9 @@ impl ExportSpec {
     /// Opens the storage. Errors name the export and the path.
     pub fn open(&self) -> Result<ServedExport, String> {
         let backend: Arc<dyn Backend> = match &self.storage {
-            StorageSpec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
+            StorageSpec::Memory { size, huge_pages } => {
+                Arc::new(MemoryBackend::new(*size).with_huge_pages(*huge_pages))
+            }
             StorageSpec::Null(size) => Arc::new(NullBackend::new(*size)),
             #[cfg(feature = "s3")]
             StorageSpec::S3(s3) => Arc::new(
@@ -399,7 +408,23 @@ mod tests {
     #[test]
     fn parses_specs() {
         let memory = ExportSpec::parse("scratch=memory:64M").expect("memory");
-        assert_eq!(memory.storage, StorageSpec::Memory(64 << 20));
+        assert_eq!(
+            memory.storage,
+            StorageSpec::Memory {
+                size: 64 << 20,
+                huge_pages: false
+            }
+        );
+        let huge = ExportSpec::parse("ram=memory:1G,huge-pages,ro").expect("huge pages");
+        assert_eq!(
+            huge.storage,
+            StorageSpec::Memory {
+                size: 1 << 30,
+                huge_pages: true
+            }
+        );
+        assert!(huge.read_only);
+        assert!(ExportSpec::parse("f=file:/tmp/x,huge-pages").is_err());
         assert!(!memory.read_only);
         let file = ExportSpec::parse("disk=file:/tmp/disk.img,ro,desc=the disk, with commas")
             .expect("file");

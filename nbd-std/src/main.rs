@@ -679,7 +679,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     let specs = if args.exports.is_empty() {
         vec![ExportSpec {
             name: "memory".to_owned(),
-            storage: StorageSpec::Memory(args.size),
+            storage: StorageSpec::Memory {
+                size: args.size,
+                huge_pages: false,
+            },
             read_only: args.read_only,
             description: String::new(),
             faults: Vec::new(),

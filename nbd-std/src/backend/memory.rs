@@ -8,9 +8,10 @@
 //! block one another, and a 4 KiB read is one shard lock, one hash lookup
 //! and a copy. A page absent from its shard reads as zeroes.
 //!
-//! Pages live in 2 MiB blocks mapped for transparent huge pages
-//! (`blocks`): random requests over a large export then miss the TLB far
-//! less often.
+//! Pages live in 2 MiB blocks of their own (`blocks`): a trim gives their
+//! memory back to the kernel. With `huge-pages` the blocks are mapped for
+//! transparent huge pages, and random requests over a large export miss
+//! the TLB far less often.
 //!
 //! A second, coarse map counts the allocated pages of each 1 GiB chunk;
 //! `block_status` uses it to skip empty (or full) chunks in one step, so a
@@ -128,8 +129,15 @@ impl MemoryBackend {
             chunks: Mutex::new(HashMap::default()),
             pages: AtomicU64::new(0),
             resizing: Mutex::new(()),
-            blocks: PageBlocks::new(PAGE_SIZE),
+            blocks: PageBlocks::new(PAGE_SIZE, false),
         }
+    }
+
+    /// With `huge_pages`, pages live in memory mapped for transparent
+    /// huge pages (see `blocks`). To be set before the first write.
+    pub fn with_huge_pages(mut self, huge_pages: bool) -> Self {
+        self.blocks = PageBlocks::new(PAGE_SIZE, huge_pages);
+        self
     }
 
     /// Bytes of page storage currently allocated (a multiple of
@@ -220,6 +228,12 @@ impl MemoryBackend {
     /// A zeroed page.
     fn new_page(&self) -> io::Result<PageData> {
         self.blocks.zeroed().map(PageData)
+    }
+}
+
+impl Drop for MemoryBackend {
+    fn drop(&mut self) {
+        self.blocks.retire();
     }
 }
 

@@ -1,11 +1,16 @@
 //! Memory for the memory export's pages: blocks of 2 MiB taken from the
-//! kernel, marked for transparent huge pages, each cut into 32 pages.
+//! kernel, each cut into 32 pages.
 //!
-//! Random 4 KiB requests to a large memory export touch a different page
-//! each. From glibc's heap (4 KiB mappings) every one of them missed the
-//! TLB, and in a virtual machine a miss walks two page tables. One 2 MiB
-//! mapping covers 32 pages: at queue depth 32 on a 1 GiB export, server
-//! CPU per 4 KiB write fell by about 0.4 µs (docs/BENCHMARKS.md).
+//! With huge pages (the export option `huge-pages`) the blocks are marked
+//! for transparent huge pages. Random 4 KiB requests to a large memory
+//! export touch a different page each; in 4 KiB mappings every one of
+//! them missed the TLB, and in a virtual machine a miss walks two page
+//! tables. One 2 MiB mapping covers 32 pages: at queue depth 32 on a
+//! 1 GiB export, server CPU per 4 KiB read fell by about 0.45 µs, per
+//! write by 0.15 (docs/BENCHMARKS.md). Not the default: on a virtual
+//! machine whose host reclaims free guest memory, the first write to
+//! each block faults in 2 MiB the host must back anew, and filling 1 GiB
+//! took 2 to 5 times the CPU.
 //!
 //! A page's memory goes back to the kernel as soon as the page is freed
 //! (`MADV_DONTNEED`: RSS follows what is stored, after a trim too) and its
@@ -17,6 +22,7 @@
 use std::ffi::c_void;
 use std::io;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rustix::mm::{self, Advice, MapFlags, ProtFlags};
@@ -27,7 +33,12 @@ const BLOCK_SIZE: usize = 2 << 20;
 /// Blocks of memory shared by one export's pages.
 pub(super) struct PageBlocks {
     page_size: usize,
+    /// Blocks are mapped for transparent huge pages.
+    huge_pages: bool,
     state: Mutex<Places>,
+    /// The export is gone: no page will be taken again, and freed
+    /// places need not be zeroed (the blocks are unmapped with the last).
+    retired: AtomicBool,
 }
 
 struct Places {
@@ -41,15 +52,17 @@ struct Places {
 
 impl PageBlocks {
     /// Blocks for pages of `page_size` bytes, a power of two that
-    /// divides [`BLOCK_SIZE`].
-    pub(super) fn new(page_size: usize) -> Arc<Self> {
+    /// divides [`BLOCK_SIZE`]; mapped for huge pages with `huge_pages`.
+    pub(super) fn new(page_size: usize, huge_pages: bool) -> Arc<Self> {
         debug_assert!(page_size.is_power_of_two() && BLOCK_SIZE % page_size == 0);
         Arc::new(Self {
             page_size,
+            huge_pages,
             state: Mutex::new(Places {
                 blocks: Vec::new(),
                 free: Vec::new(),
             }),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -57,7 +70,7 @@ impl PageBlocks {
     pub(super) fn zeroed(self: &Arc<Self>) -> io::Result<PageBuf> {
         let mut places = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if places.free.is_empty() {
-            let block = map_block()?;
+            let block = map_block(self.huge_pages)?;
             places.blocks.push(block);
             places.free.extend(
                 (0..BLOCK_SIZE / self.page_size)
@@ -75,9 +88,19 @@ impl PageBlocks {
             .ok_or_else(|| io::Error::other("no place for a page after mapping a block"))
     }
 
+    /// Says the export is gone: its pages are about to be freed, and
+    /// their memory goes back with the unmapped blocks, without a system
+    /// call per page (a 64 GiB export holds a million pages).
+    pub(super) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
     /// Takes back the place of a page that is gone, returning its memory
     /// to the kernel.
     fn give_back(&self, start: NonNull<u8>) {
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
         // SAFETY: the place is this pool's, `page_size` bytes inside a
         // mapped block, and no page refers to it any more.
         let advised =
@@ -118,8 +141,8 @@ impl Drop for PageBlocks {
 }
 
 /// Maps a block of zeroes at a `BLOCK_SIZE` boundary, so the kernel can
-/// back it with one huge page.
-fn map_block() -> io::Result<usize> {
+/// back it with one huge page (asked for with `huge_pages`).
+fn map_block(huge_pages: bool) -> io::Result<usize> {
     let span = 2 * BLOCK_SIZE;
     // SAFETY: a fresh anonymous mapping, not aliasing any Rust object.
     let mapped = unsafe {
@@ -143,8 +166,10 @@ fn map_block() -> io::Result<usize> {
             let _ = mm::munmap((block + BLOCK_SIZE) as *mut c_void, after);
         }
         // Huge pages are a gain, not a need: a kernel without them
-        // (or with them turned off) maps small pages as before.
-        let _ = mm::madvise(block as *mut c_void, BLOCK_SIZE, Advice::LinuxHugepage);
+        // (or with them turned off) maps small pages.
+        if huge_pages {
+            let _ = mm::madvise(block as *mut c_void, BLOCK_SIZE, Advice::LinuxHugepage);
+        }
     }
     Ok(block)
 }
@@ -200,7 +225,7 @@ mod tests {
 
     #[test]
     fn pages_are_zeroed_distinct_and_a_freed_place_is_zero_again() -> io::Result<()> {
-        let blocks = PageBlocks::new(PAGE);
+        let blocks = PageBlocks::new(PAGE, true);
         let mut pages = (0..40)
             .map(|_| blocks.zeroed())
             .collect::<io::Result<Vec<PageBuf>>>()?;
@@ -229,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_clone_is_a_separate_copy() -> io::Result<()> {
-        let blocks = PageBlocks::new(PAGE);
+        let blocks = PageBlocks::new(PAGE, false);
         let mut page = blocks.zeroed()?;
         page[..5].copy_from_slice(b"hello");
         let mut copy = page.try_clone()?;
