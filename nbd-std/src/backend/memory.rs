@@ -95,6 +95,7 @@ fn unshared(page: &mut Page) -> io::Result<&mut PageData> {
     // their references under its read lock: the fresh copy is not shared.
     Arc::get_mut(page).ok_or_else(|| io::Error::other("page shared while write-locked"))
 }
+
 type PageMap = HashMap<u64, Page, PageHash>;
 
 /// One shard, aligned to keep neighbouring locks off one cache line.
