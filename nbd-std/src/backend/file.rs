@@ -266,42 +266,6 @@ impl FileBackend {
         self.zero_range.store(false, Ordering::Relaxed);
     }
 
-    /// Appends `length` bytes from `offset` to `buffer` if the page cache
-    /// holds them all, ready (`preadv2(RWF_NOWAIT)`): `None` when one must
-    /// come from the disk, and `buffer` is left as it was. Read straight
-    /// into its spare capacity, not zero-filled first (zeroing 1 MiB took
-    /// 7 % of the server's CPU at QD8). Not `cachestat`: it counts pages
-    /// whose read is still under way, and a read of those would wait for
-    /// the disk on the connection's thread.
-    fn read_cached_appended(
-        &self,
-        buffer: &mut Vec<u8>,
-        offset: u64,
-        length: usize,
-    ) -> Option<io::Result<()>> {
-        if self.in_memory {
-            // Nothing to wait for.
-            return Some(self.pread_appended(buffer, offset, length));
-        }
-        if !self.nowait_reads.load(Ordering::Relaxed) {
-            return None;
-        }
-        match self.preadv2_appended(buffer, offset, length, libc::RWF_NOWAIT) {
-            // Not all in the page cache: the pool reads it.
-            Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => None,
-            Err(error)
-                if matches!(
-                    error.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
-                ) =>
-            {
-                self.nowait_reads.store(false, Ordering::Relaxed);
-                None
-            }
-            result => Some(result),
-        }
-    }
-
     /// Whether every page of `length` bytes from `offset` is in the page
     /// cache (`cachestat`); `false` where the kernel cannot tell.
     fn all_cached(&self, offset: u64, length: u64) -> bool {
@@ -462,13 +426,39 @@ impl Backend for FileBackend {
         self.pread_appended(buffer, offset, length)
     }
 
+    /// Done at once when the page cache holds every byte, ready
+    /// (`preadv2(RWF_NOWAIT)`), read straight into the buffer's spare
+    /// capacity, not zero-filled first (zeroing 1 MiB took 7 % of the
+    /// server's CPU at QD8). Not `cachestat`: it counts pages whose read
+    /// is still under way, and a read of those would wait for the disk on
+    /// the connection's thread.
     fn try_read_now(
         &self,
         buffer: &mut Vec<u8>,
         offset: u64,
         length: usize,
     ) -> Option<io::Result<()>> {
-        self.read_cached_appended(buffer, offset, length)
+        if self.in_memory {
+            // Nothing to wait for.
+            return Some(self.pread_appended(buffer, offset, length));
+        }
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            return None;
+        }
+        match self.preadv2_appended(buffer, offset, length, libc::RWF_NOWAIT) {
+            // Not all in the page cache: the pool reads it.
+            Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => None,
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                ) =>
+            {
+                self.nowait_reads.store(false, Ordering::Relaxed);
+                None
+            }
+            result => Some(result),
+        }
     }
 
     fn page_cache_file(&self) -> Option<BorrowedFd<'_>> {

@@ -551,6 +551,11 @@ impl Driver {
             if let Some(window) = &mut self.poll_window {
                 window.in_flight(self.conn.in_flight());
             }
+            self.one_in_flight_passes = if self.conn.in_flight() > 1 {
+                0
+            } else {
+                self.one_in_flight_passes.saturating_add(1)
+            };
             self.budget.unreserve();
             // Reads that arrived in this pass may fit now the reservation
             // is back; those that do not wait for bytes to be freed.
@@ -1022,14 +1027,8 @@ impl Driver {
     /// latency. Not for storage that may block (files): 4 KiB random
     /// writes at QD32 to a file on disk went from 38k to 33k a second,
     /// with the same system calls per request and 85 % of the server's
-    /// CPU in ext4 either way (cause not found). Notes this pass's
-    /// requests in flight.
-    fn may_hold_replies(&mut self) -> bool {
-        if self.conn.in_flight() > 1 {
-            self.one_in_flight_passes = 0;
-        } else {
-            self.one_in_flight_passes = self.one_in_flight_passes.saturating_add(1);
-        }
+    /// CPU in ext4 either way (cause not found).
+    fn may_hold_replies(&self) -> bool {
         self.conn.wants_transmit()
             && !self.may_block()
             && self.one_in_flight_passes < ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE
