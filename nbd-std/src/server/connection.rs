@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::io_threads::ThreadShare;
 use super::poll_window::PollWindow;
+use super::read_ring::ReadRing;
 use super::socket::{self, PlainSocket};
 use super::storage::{Done, Job};
 use crate::backend::{Backend, INLINE_BYTES, ReadPiece, ZeroFlags, error_code};
@@ -116,6 +117,8 @@ pub(super) struct Settings {
     pub(super) poll_window: Option<PollWindow>,
     /// Who else is on this connection's I/O thread (on one only).
     pub(super) thread_share: Option<ThreadShare>,
+    /// That thread's ring for reads that wait for a disk, if it has one.
+    pub(super) read_ring: Option<ReadRing>,
 }
 
 /// A writable connection to an exclusive export; given up when dropped.
@@ -200,6 +203,7 @@ pub(super) async fn run<S>(
     driver.metrics = settings.metrics;
     driver.poll_window = settings.poll_window;
     driver.thread_share = settings.thread_share;
+    driver.read_ring = settings.read_ring;
     let first_pass = match driver.skip_greeting(&greeting) {
         Ok(()) => {
             driver
@@ -424,6 +428,7 @@ struct Driver {
     metrics: Option<ConnectionMetrics>,
     poll_window: Option<PollWindow>,
     thread_share: Option<ThreadShare>,
+    read_ring: Option<ReadRing>,
     /// The stream is a plain socket: file data may be sent to it from
     /// the page cache.
     sendfile: bool,
@@ -478,6 +483,7 @@ impl Driver {
             metrics: None,
             poll_window: None,
             thread_share: None,
+            read_ring: None,
             sendfile: false,
             came_alone: false,
             last_input: tokio::time::Instant::now(),
@@ -1333,8 +1339,31 @@ impl Driver {
                 self.waited_on_storage();
                 self.apply(job.run(&*backend));
             }
-            Err(job) => self.send_to_storage(backend, job),
+            Err(job) => self.wait_for_storage(backend, job),
         }
+    }
+
+    /// Runs `job`, which was tried here and would have waited for a
+    /// device: a read through the thread's ring when it has one (no pool
+    /// thread sleeps for it), anything else on the pool.
+    fn wait_for_storage(&mut self, backend: Arc<dyn Backend>, job: Job) {
+        let job = match &self.read_ring {
+            Some(ring) => match ring.read(Arc::clone(&backend), job, &self.done_tx) {
+                Ok(()) => {
+                    self.handed_over();
+                    return;
+                }
+                Err(job) => job,
+            },
+            None => job,
+        };
+        self.send_to_storage(backend, job);
+    }
+
+    /// A job went elsewhere; its outcome will come through `done_rx`.
+    fn handed_over(&mut self) {
+        self.pending += 1;
+        self.waited_on_storage();
     }
 
     /// Polling stops for a client whose request waited on storage: on the
@@ -1380,8 +1409,7 @@ impl Driver {
     /// comes back through `done_rx`.
     fn send_to_storage(&mut self, backend: Arc<dyn Backend>, job: Job) {
         let done_tx = self.done_tx.clone();
-        self.pending += 1;
-        self.waited_on_storage();
+        self.handed_over();
         if let Some(storage) = backend.async_form() {
             // Network storage: a task per request, no pool thread held
             // while it waits on round trips.

@@ -16,10 +16,13 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::warn;
 
+use super::read_ring::ReadRing;
+
 /// One thread's runtime and how many connections it holds.
 struct IoThread {
     handle: Handle,
     connections: Arc<AtomicUsize>,
+    read_ring: Option<ReadRing>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -33,12 +36,18 @@ pub(super) struct IoThreads {
 /// A connection's place on a thread, given back when dropped.
 pub(super) struct Placement {
     connections: Arc<AtomicUsize>,
+    read_ring: Option<ReadRing>,
 }
 
 impl Placement {
     /// What the connection sees of the others on its thread.
     pub(super) fn share(&self) -> ThreadShare {
         ThreadShare(Arc::clone(&self.connections))
+    }
+
+    /// The thread's ring for reads that wait for a disk, if it has one.
+    pub(super) fn read_ring(&self) -> Option<ReadRing> {
+        self.read_ring.clone()
     }
 }
 
@@ -69,6 +78,7 @@ impl IoThreads {
                 .enable_all()
                 .build()?;
             let handle = runtime.handle().clone();
+            let read_ring = ReadRing::start(&handle);
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
                 .name(format!("nbd-io-{index}"))
@@ -80,6 +90,7 @@ impl IoThreads {
             threads.push(IoThread {
                 handle,
                 connections: Arc::new(AtomicUsize::new(0)),
+                read_ring,
                 stop: Some(stop),
                 thread: Some(thread),
             });
@@ -99,6 +110,7 @@ impl IoThreads {
             &least.handle,
             Placement {
                 connections: Arc::clone(&least.connections),
+                read_ring: least.read_ring.clone(),
             },
         ))
     }

@@ -16,6 +16,7 @@ mod connection;
 mod io_threads;
 pub mod limits;
 mod poll_window;
+mod read_ring;
 mod socket;
 mod storage;
 
@@ -321,6 +322,7 @@ impl Server {
         let (negotiated, selected) = oneshot::channel();
         let placement = io_threads.and_then(IoThreads::place);
         let thread_share = placement.as_ref().map(|(_, place)| place.share());
+        let read_ring = placement.as_ref().and_then(|(_, place)| place.read_ring());
         let poll_window = thread_share
             .as_ref()
             .and_then(|_| PollWindow::new(self.poll_window));
@@ -343,6 +345,7 @@ impl Server {
                 metrics: self.metrics.as_ref().map(Metrics::connection),
                 poll_window,
                 thread_share,
+                read_ring,
             },
             server_metrics: self.metrics.clone(),
         };
