@@ -18,7 +18,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
 
 use io_uring::{IoUring, opcode, types};
 use nbd_core::server::RequestId;
@@ -91,7 +91,11 @@ impl ReadRing {
         match Self::try_start(runtime) {
             Ok(ring) => Some(ring),
             Err(error) => {
-                warn!("reads that wait for a disk go to the blocking pool: no io_uring ({error})");
+                // Once, not once for each I/O thread.
+                static SAID: Once = Once::new();
+                SAID.call_once(|| {
+                    warn!("reads that wait for a disk go to the blocking pool: no io_uring ({error})");
+                });
                 None
             }
         }
