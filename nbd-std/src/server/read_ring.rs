@@ -74,6 +74,8 @@ struct Ring {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// Takes reads (until its completions can no longer be collected).
+    usable: bool,
     /// Completions taken off the queue, kept for the next collection.
     completed: Vec<(u64, i32)>,
 }
@@ -94,7 +96,9 @@ impl ReadRing {
                 // Once, not once for each I/O thread.
                 static SAID: Once = Once::new();
                 SAID.call_once(|| {
-                    warn!("reads that wait for a disk go to the blocking pool: no io_uring ({error})");
+                    warn!(
+                        "reads that wait for a disk go to the blocking pool: no io_uring ({error})"
+                    );
                 });
                 None
             }
@@ -114,15 +118,15 @@ impl ReadRing {
                 slots: Vec::new(),
                 free: Vec::new(),
                 in_flight: 0,
+                usable: true,
                 completed: Vec::new(),
             })),
         };
         let collector = ring.clone();
         runtime.spawn(async move {
             if let Err(error) = collector.collect(completed).await {
-                // Reads in flight then complete only when the ring is
-                // dropped; new ones would never be answered.
-                warn!("io_uring completions can no longer be waited for: {error}");
+                warn!("io_uring completions can no longer be waited for, reads go to the pool: {error}");
+                collector.lock().wait_for_all();
             }
         });
         Ok(ring)
@@ -136,8 +140,8 @@ impl ReadRing {
 
     /// Hands `job`, a read, to the kernel; its outcome comes through
     /// `done`. The job comes back when this ring cannot take it (not a
-    /// read, not of a file, too long for one request, or the queue is
-    /// full even after submitting).
+    /// read, not of a file, too long for one request, the queue is full
+    /// even after submitting, or completions can no longer be collected).
     pub(super) fn read(
         &self,
         backend: Arc<dyn Backend>,
@@ -175,7 +179,12 @@ impl ReadRing {
             done: done.clone(),
         };
         let mut ring = self.lock();
-        match ring.hand_over(read) {
+        let handed_over = if ring.usable {
+            ring.hand_over(read)
+        } else {
+            Err(read)
+        };
+        match handed_over {
             Ok(()) => {
                 ring.submit();
                 Ok(())
@@ -313,6 +322,28 @@ impl Ring {
         self.submit();
     }
 
+    /// Waits on this thread until every read in flight is answered (the
+    /// ring is going, or its completions can no longer be waited for in
+    /// the event loop); takes no new reads after.
+    fn wait_for_all(&mut self) {
+        self.usable = false;
+        while self.in_flight > 0 {
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => self.collect(),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    warn!("cannot wait for reads in flight: {error}");
+                    // Leak their buffers rather than free memory the
+                    // kernel may still write.
+                    for read in self.slots.drain(..).flatten() {
+                        std::mem::forget(read.buffer);
+                    }
+                    self.in_flight = 0;
+                }
+            }
+        }
+    }
+
     /// What a completion means for `read`: more to read (the read
     /// again), or its outcome.
     fn advance(mut read: InFlight, result: i32) -> Result<InFlight, (InFlight, io::Result<()>)> {
@@ -348,38 +379,8 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        // The kernel may still write into buffers in flight: wait for
-        // each read to finish before freeing them.
-        while self.in_flight > 0 {
-            match self.uring.submit_and_wait(1) {
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // Cannot wait: leak the buffers rather than free
-                    // memory the kernel may write.
-                    for read in self.slots.drain(..).flatten() {
-                        std::mem::forget(read.buffer);
-                    }
-                    return;
-                }
-                Ok(_) => {
-                    let completions: Vec<u64> = self
-                        .uring
-                        .completion()
-                        .map(|entry| entry.user_data())
-                        .collect();
-                    for slot in completions {
-                        if let Some(read) = usize::try_from(slot)
-                            .ok()
-                            .and_then(|slot| self.slots.get_mut(slot))
-                            .and_then(Option::take)
-                        {
-                            self.in_flight -= 1;
-                            read.finish(Err(io::ErrorKind::Interrupted.into()));
-                        }
-                    }
-                }
-            }
-        }
+        // The kernel may still write into buffers in flight.
+        self.wait_for_all();
     }
 }
 
@@ -407,6 +408,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("disk.img");
         std::fs::write(&path, data).expect("write the file");
+        // Out of the page cache (where the filesystem lets it go), so the
+        // reads wait for the disk in the kernel rather than finish when
+        // submitted.
+        let file = std::fs::File::open(&path).expect("open the file");
+        file.sync_all().expect("write the file back");
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("evict the file");
         let backend: Arc<dyn Backend> =
             Arc::new(FileBackend::open(&path, true).expect("open the file"));
         (runtime, ring, backend, dir)
@@ -517,12 +524,17 @@ mod tests {
             assert!(ring.read(Arc::clone(&backend), job, &done_tx).is_ok());
         }
         // The runtime never ran the collector: dropping it and the last
-        // handle on the ring must wait for the kernel, and say each
-        // read's outcome.
+        // handle on the ring must wait for the kernel and answer each read.
         drop(runtime);
         drop(ring);
         let mut answered = 0;
-        while let Ok(Done::Read { .. }) = done_rx.try_recv() {
+        while let Ok(Done::Read {
+            id, buffer, result, ..
+        }) = done_rx.try_recv()
+        {
+            result.expect("the read succeeds");
+            let offset = (id.to_bits() as usize) << 18;
+            assert_eq!(buffer, &data[offset..offset + (1 << 18)]);
             answered += 1;
         }
         assert_eq!(answered, 16);
