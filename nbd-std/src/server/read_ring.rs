@@ -78,6 +78,11 @@ struct Ring {
     usable: bool,
     /// Completions taken off the queue, kept for the next collection.
     completed: Vec<(u64, i32)>,
+    /// The `eventfd` the kernel signals completions on; signalled by the
+    /// ring itself to try a refused submission again.
+    wake: Arc<OwnedFd>,
+    /// The last submission was refused (said once until one succeeds).
+    refused: bool,
 }
 
 /// An I/O thread's ring, shared by its connections (a clone each).
@@ -107,10 +112,10 @@ impl ReadRing {
 
     fn try_start(runtime: &Handle) -> io::Result<Self> {
         let uring = IoUring::new(ENTRIES)?;
-        let completed = rustix::event::eventfd(
+        let completed = Arc::new(rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )?;
+        )?);
         uring.submitter().register_eventfd(completed.as_raw_fd())?;
         let ring = Self {
             ring: Arc::new(Mutex::new(Ring {
@@ -120,11 +125,13 @@ impl ReadRing {
                 in_flight: 0,
                 usable: true,
                 completed: Vec::new(),
+                wake: Arc::clone(&completed),
+                refused: false,
             })),
         };
         let collector = ring.clone();
         runtime.spawn(async move {
-            if let Err(error) = collector.collect(completed).await {
+            if let Err(error) = collector.wait_for_completions(completed).await {
                 warn!("io_uring completions can no longer be waited for, reads go to the pool: {error}");
                 collector.lock().wait_for_all();
             }
@@ -200,9 +207,10 @@ impl ReadRing {
 
     /// Waits for completions (the kernel signals `completed`) and
     /// answers them, for as long as the runtime runs.
-    async fn collect(&self, completed: OwnedFd) -> io::Result<()> {
-        // SAFETY: the `OwnedFd` keeps its descriptor open, and the same
-        // one, for as long as the `AsyncFd` owns it.
+    async fn wait_for_completions(&self, completed: Arc<OwnedFd>) -> io::Result<()> {
+        // SAFETY: the `OwnedFd` (in an `Arc`, the ring holds another
+        // handle) keeps its descriptor open, and the same one, for as long
+        // as the `AsyncFd` owns it.
         #[allow(unsafe_code)]
         let completed = unsafe { AsyncFd::register_with_interest(completed, Interest::READABLE) }
             .map_err(|refused| refused.into_parts().1)?;
@@ -218,7 +226,7 @@ impl ReadRing {
                 Ok(Err(error)) => return Err(error),
                 Err(_would_block) => continue,
             }
-            self.lock().collect();
+            self.lock().answer_completed();
         }
     }
 }
@@ -253,7 +261,7 @@ impl Ring {
         // SAFETY: the entry points into `read.buffer`'s spare capacity
         // (`left` bytes reserved past its length) and at the backend's
         // file; both are kept in `slots` until the kernel says it is done
-        // with them (`collect`, or `Drop` waiting for every read).
+        // with them (`answer_completed`, or `wait_for_all`).
         #[allow(unsafe_code)]
         let queued = unsafe {
             let mut queue = self.uring.submission();
@@ -272,23 +280,34 @@ impl Ring {
         Ok(())
     }
 
-    /// Submits what is queued. A refusal leaves it queued for the next
-    /// submission (after the next completion collected).
+    /// Submits what is queued. A refusal (the kernel short of memory,
+    /// or of room for completions) leaves it queued, and the event loop
+    /// tries again at its next turn.
     fn submit(&mut self) {
         loop {
             match self.uring.submit() {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
-                    warn!("io_uring submission refused for now: {error}");
+                    if !self.refused {
+                        warn!("io_uring submission refused, trying again: {error}");
+                        self.refused = true;
+                    }
+                    // Wakes the collector, which answers what completed
+                    // and submits again. A full count means a wake-up is
+                    // already due.
+                    let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
                     return;
                 }
-                Ok(_) => return,
+                Ok(_) => {
+                    self.refused = false;
+                    return;
+                }
             }
         }
     }
 
     /// Answers every completed read, and queues the rest of a short one.
-    fn collect(&mut self) {
+    fn answer_completed(&mut self) {
         let mut completed = std::mem::take(&mut self.completed);
         completed.extend(
             self.uring
@@ -329,7 +348,7 @@ impl Ring {
         self.usable = false;
         while self.in_flight > 0 {
             match self.uring.submit_and_wait(1) {
-                Ok(_) => self.collect(),
+                Ok(_) => self.answer_completed(),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
                     warn!("cannot wait for reads in flight: {error}");
