@@ -70,15 +70,16 @@ impl Drop for Placement {
 }
 
 impl IoThreads {
-    /// Starts `count` threads (at least one).
-    pub(super) fn start(count: usize) -> io::Result<Self> {
+    /// Starts `count` threads (at least one), each with a ring for reads
+    /// that wait for a disk when `read_rings`.
+    pub(super) fn start(count: usize, read_rings: bool) -> io::Result<Self> {
         let mut threads = Vec::with_capacity(count.max(1));
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let handle = runtime.handle().clone();
-            let read_ring = ReadRing::start(&handle);
+            let read_ring = read_rings.then(|| ReadRing::start(&handle)).flatten();
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
                 .name(format!("nbd-io-{index}"))
@@ -159,7 +160,7 @@ mod tests {
 
     #[test]
     fn connections_go_to_the_thread_holding_fewest() {
-        let threads = IoThreads::start(2).expect("start the threads");
+        let threads = IoThreads::start(2, false).expect("start the threads");
         let (_, first) = threads.place().expect("a thread");
         let (_, second) = threads.place().expect("a thread");
         assert!(!Arc::ptr_eq(&first.connections, &second.connections));
@@ -173,7 +174,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_alone_until_another_shares_its_thread() {
-        let threads = IoThreads::start(1).expect("start the thread");
+        let threads = IoThreads::start(1, false).expect("start the thread");
         let (_, first) = threads.place().expect("a thread");
         assert!(first.share().alone());
         let (_, second) = threads.place().expect("a thread");

@@ -234,9 +234,15 @@ impl Server {
         mut shutdown: watch::Receiver<bool>,
     ) -> io::Result<()> {
         info!("listening on {}", listener.describe());
+        // Rings only where a read can wait for a file's disk.
+        let reads_files = self
+            .exports
+            .exports()
+            .iter()
+            .any(|export| export.backend.page_cache_file().is_some());
         let io_threads = match self.io_threads {
             0 => None,
-            count => Some(IoThreads::start(count)?),
+            count => Some(IoThreads::start(count, reads_files)?),
         };
         let mut connections = JoinSet::new();
         let mut next_id: u64 = 0;
