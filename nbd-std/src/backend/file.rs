@@ -446,7 +446,7 @@ impl Backend for FileBackend {
             return None;
         }
         match self.preadv2_appended(buffer, offset, length, libc::RWF_NOWAIT) {
-            // Not all in the page cache: the pool reads it.
+            // Not all in the page cache: read elsewhere (ring or pool).
             Err(error) if error.raw_os_error() == Some(libc::EAGAIN) => None,
             Err(error)
                 if matches!(

@@ -178,9 +178,11 @@ pub trait Backend: Send + Sync + 'static {
     /// For a backend that may block: does what
     /// [`read_appended`](Self::read_appended) does only if that cannot
     /// wait for a device (data in the page cache), so the server may do
-    /// it on the connection's thread instead of handing it to the pool.
-    /// `None` (the default): it might block; use `read_appended` on the
-    /// pool. `buffer` is left as it was then.
+    /// it on the connection's thread instead of handing it off.
+    /// `None` (the default): it might block, and the server reads it
+    /// elsewhere (through its `io_uring` from
+    /// [`page_cache_file`](Self::page_cache_file), else `read_appended` on
+    /// the pool). `buffer` is left as it was then.
     fn try_read_now(
         &self,
         buffer: &mut Vec<u8>,
@@ -192,11 +194,13 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// For a backend whose bytes are a file's (or a block device's) at
-    /// the same offsets: that file, for the server to send read data
-    /// from its page cache (`sendfile`) without copying it into a buffer
-    /// of its own. Only used for ranges
-    /// [`in_page_cache`](Self::in_page_cache) says are there, and only on
-    /// plain sockets. `None` (the default): reads copy.
+    /// the same offsets: that file. The server sends read data from its
+    /// page cache (`sendfile`) without copying it into a buffer of its
+    /// own, only for ranges [`in_page_cache`](Self::in_page_cache) says
+    /// are there and only on plain sockets; and it reads through its
+    /// `io_uring` what [`try_read_now`](Self::try_read_now) could not.
+    /// `None` (the default): reads copy, and those that may block go to
+    /// the pool.
     fn page_cache_file(&self) -> Option<BorrowedFd<'_>> {
         None
     }

@@ -164,10 +164,7 @@ impl ReadRing {
         else {
             return Err(job);
         };
-        let readable = backend.page_cache_file().is_some()
-            && u32::try_from(length).is_ok()
-            && buffer.len().checked_add(length).is_some();
-        if !readable {
+        if buffer.len().checked_add(length).is_none() {
             return Err(Job::Read {
                 id,
                 offset,
@@ -175,6 +172,8 @@ impl ReadRing {
                 buffer,
             });
         }
+        // Whether the backend has a file and the length fits one request
+        // is `hand_over`'s to tell.
         buffer.reserve_exact(length);
         let read = InFlight {
             id,
@@ -315,14 +314,13 @@ impl Ring {
                 .map(|entry| (entry.user_data(), entry.result())),
         );
         for (slot, result) in completed.drain(..) {
-            let Some(read) = usize::try_from(slot)
-                .ok()
-                .and_then(|slot| self.slots.get_mut(slot))
-                .and_then(Option::take)
-            else {
+            let Ok(slot) = usize::try_from(slot) else {
                 continue;
             };
-            self.free.push(slot as usize);
+            let Some(read) = self.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot);
             self.in_flight -= 1;
             let read = match Self::advance(read, result) {
                 Ok(read) => read,
