@@ -317,7 +317,7 @@ impl Backend for MemoryBackend {
                     ));
                 }
                 if let Some(existing) = shard.get_mut(&page) {
-                    unshared(existing)?[within..within + n].copy_from_slice(src);
+                    unshared(existing)?.0.store(within, src);
                     break;
                 }
                 if let Some(mut new) = fresh.take() {

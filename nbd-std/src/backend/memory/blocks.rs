@@ -193,6 +193,57 @@ impl PageBuf {
         copy.copy_from_slice(self);
         Ok(copy)
     }
+
+    /// Copies `data` into the page at `at`. A write to a random page of
+    /// a large export misses the cache, and the vector stores `memcpy`
+    /// uses for copies of a few KiB first read each line they fill from
+    /// memory; streaming stores write whole lines without reading them
+    /// (4 KiB random writes at queue depth 32 on 1 GiB: 0.3 µs less
+    /// server CPU each). Longer copies are left to `memcpy`, whose
+    /// `rep movsb` already writes whole lines: streaming 64 KiB pages made
+    /// 1 MiB sequential writes 9 % slower.
+    pub(super) fn store(&mut self, at: usize, data: &[u8]) {
+        let place = &mut self[at..at + data.len()];
+        #[cfg(target_arch = "x86_64")]
+        if (STREAMED_STORE_MIN..=STREAMED_STORE_MAX).contains(&data.len()) {
+            stream_copy(place, data);
+            return;
+        }
+        place.copy_from_slice(data);
+    }
+}
+
+/// Shorter copies stay in the cache: they likely share lines with what
+/// is around them.
+#[cfg(target_arch = "x86_64")]
+const STREAMED_STORE_MIN: usize = 1024;
+/// Longer copies go through `rep movsb` in `memcpy`.
+#[cfg(target_arch = "x86_64")]
+const STREAMED_STORE_MAX: usize = 8192;
+
+/// `dst.copy_from_slice(src)` with non-temporal stores for the 16-byte
+/// aligned middle of `dst`.
+#[cfg(target_arch = "x86_64")]
+fn stream_copy(dst: &mut [u8], src: &[u8]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    debug_assert_eq!(dst.len(), src.len());
+    let head = dst.as_ptr().align_offset(16).min(dst.len());
+    let middle = (dst.len() - head) & !15;
+    dst[..head].copy_from_slice(&src[..head]);
+    for at in (head..head + middle).step_by(16) {
+        // SAFETY: `at + 16 <= head + middle <= len` for both slices (of
+        // equal length); `dst + at` is 16-byte aligned (`head` aligns it,
+        // steps keep it), as `_mm_stream_si128` needs; SSE2 is part of
+        // x86-64.
+        unsafe {
+            let chunk = _mm_loadu_si128(src.as_ptr().add(at).cast::<__m128i>());
+            _mm_stream_si128(dst.as_mut_ptr().add(at).cast::<__m128i>(), chunk);
+        }
+    }
+    // SAFETY: no operands; orders the streamed stores before later ones
+    // (the lock release that publishes the page).
+    unsafe { _mm_sfence() };
+    dst[head + middle..].copy_from_slice(&src[head + middle..]);
 }
 
 impl std::ops::Deref for PageBuf {
@@ -249,6 +300,34 @@ mod tests {
         let reused = blocks.zeroed()?;
         assert_eq!(reused.start, freed_at, "the freed place is taken first");
         assert!(reused.iter().all(|&b| b == 0));
+        Ok(())
+    }
+
+    #[test]
+    fn stores_land_exactly_where_asked_whatever_the_alignment() -> io::Result<()> {
+        let blocks = PageBlocks::new(PAGE, false);
+        let mut page = blocks.zeroed()?;
+        let mut expected = vec![0u8; PAGE];
+        let mut seed = 7u32;
+        // Short and long, aligned and not, ending at the page's end too.
+        for (at, len) in [
+            (0, 4096),
+            (3, 1500),
+            (17, 1024),
+            (4096, 1),
+            (100, 8191),
+            (PAGE - 1037, 1037),
+        ] {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (seed >> 16) as u8
+                })
+                .collect();
+            page.store(at, &data);
+            expected[at..at + len].copy_from_slice(&data);
+            assert!(page[..] == expected[..], "store of {len} bytes at {at}");
+        }
         Ok(())
     }
 
