@@ -885,15 +885,15 @@ fn parse_everything(input: &[u8], code: u32, reply_type: u32, chunk_type: u16) {
     if let Ok((rest, v)) = OptionHeader::parse(input) {
         assert_eq!(encode_to_vec(16, |o| v.encode(o)), consumed(input, rest));
     }
-    if let Ok((rest, v)) = OptionRequest::parse(input) {
-        if v != OptionRequest::Abort {
-            assert_eq!(option_request_bytes(&v), consumed(input, rest));
-        }
+    if let Ok((rest, v)) = OptionRequest::parse(input)
+        && v != OptionRequest::Abort
+    {
+        assert_eq!(option_request_bytes(&v), consumed(input, rest));
     }
-    if let Ok(v) = OptionRequest::parse_payload(OptionCode::from_wire(code), input) {
-        if v != OptionRequest::Abort {
-            assert_eq!(option_payload_bytes(&v), input);
-        }
+    if let Ok(v) = OptionRequest::parse_payload(OptionCode::from_wire(code), input)
+        && v != OptionRequest::Abort
+    {
+        assert_eq!(option_payload_bytes(&v), input);
     }
     if let Ok((rest, v)) = OptionReplyHeader::parse(input) {
         assert_eq!(encode_to_vec(20, |o| v.encode(o)), consumed(input, rest));

@@ -210,7 +210,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
         let minimum = export.block_sizes.minimum;
         match command {
             Command::Flush => return Ok(()),
-            Command::Resize if offset % u64::from(minimum) != 0 => {
+            Command::Resize if !offset.is_multiple_of(u64::from(minimum)) => {
                 return Err(UsageError::Misaligned { minimum });
             }
             Command::Resize => return Ok(()),
@@ -228,7 +228,7 @@ impl<const REQUESTS: usize, const BUFFER: usize> Connection<REQUESTS, BUFFER> {
             return Err(UsageError::OutOfRange);
         }
         // The server accepts a final partial block of an unaligned export.
-        let unaligned = |value: u64| value % u64::from(minimum) != 0;
+        let unaligned = |value: u64| !value.is_multiple_of(u64::from(minimum));
         if unaligned(offset) || (unaligned(length) && end != Some(size)) {
             return Err(UsageError::Misaligned { minimum });
         }

@@ -502,7 +502,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         }
         let minimum = u64::from(export.block_sizes.minimum);
         let reaches_end = end == Some(export.size);
-        if offset % minimum != 0 || (length % minimum != 0 && !reaches_end) {
+        if !offset.is_multiple_of(minimum) || (!length.is_multiple_of(minimum) && !reaches_end) {
             return Err((Invalid, Reason::Misaligned));
         }
         if command.capped_by_maximum_block_size() && length > u64::from(export.max_request_length) {
@@ -733,5 +733,5 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
 }
 
 fn valid_status_payload(payload: u64) -> bool {
-    (8..=MAX_STATUS_PAYLOAD).contains(&payload) && (payload - 8) % 4 == 0
+    (8..=MAX_STATUS_PAYLOAD).contains(&payload) && (payload - 8).is_multiple_of(4)
 }

@@ -555,10 +555,10 @@ impl<'a> OptionReply<'a> {
     /// [`tails`](Self::tails) from where they are. Errors as
     /// [`encode`](Self::encode).
     pub fn encode_prefix(&self, option: OptionCode, out: &mut [u8]) -> Result<usize, WireError> {
-        if let Self::Error { reply_type, .. } = self {
-            if !reply_type.is_error() {
-                return Err(WireError::InvalidValue("reply type"));
-            }
+        if let Self::Error { reply_type, .. } = self
+            && !reply_type.is_error()
+        {
+            return Err(WireError::InvalidValue("reply type"));
         }
         let length = len_u32(self.payload_len(), "option reply length")?;
         let mut w = Writer::new(out, self.prefix_len())?;

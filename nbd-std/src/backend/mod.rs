@@ -347,11 +347,11 @@ pub(crate) fn push_extent(
     length: u64,
     status: u64,
 ) -> bool {
-    if extents.len() > first {
-        if let Some(last) = extents.last_mut().filter(|last| last.status == status) {
-            last.length += length;
-            return true;
-        }
+    if extents.len() > first
+        && let Some(last) = extents.last_mut().filter(|last| last.status == status)
+    {
+        last.length += length;
+        return true;
     }
     if extents.len() - first == MAX_EXTENTS {
         return false;

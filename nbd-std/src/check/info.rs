@@ -322,7 +322,7 @@ fn size_multiple_of_minimum(ctx: &Ctx) -> Result<Outcome> {
     let Some((min, _, _)) = block_sizes(ctx) else {
         skip!("no NBD_INFO_BLOCK_SIZE");
     };
-    if min > 0 && ctx.probe.size % u64::from(min) != 0 {
+    if min > 0 && !ctx.probe.size.is_multiple_of(u64::from(min)) {
         fail!("size {} is not a multiple of {min}", ctx.probe.size);
     }
     Ok(Outcome::Pass)

@@ -431,10 +431,10 @@ pub fn assemble(
     if let Some(e) = conn::reply_error(replies) {
         return Ok(Err(e));
     }
-    if let [only] = replies {
-        if only.is_simple() {
-            return Ok(Ok(only.payload.clone()));
-        }
+    if let [only] = replies
+        && only.is_simple()
+    {
+        return Ok(Ok(only.payload.clone()));
     }
     let mut data = vec![0u8; len as usize];
     for r in replies {

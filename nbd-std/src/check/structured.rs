@@ -346,7 +346,7 @@ pub fn descriptors(r: &Reply) -> std::result::Result<(u32, Vec<(u64, u32)>), Str
     let p = &r.payload;
     match r.kind {
         chunk::BLOCK_STATUS => {
-            if p.len() < 12 || (p.len() - 4) % 8 != 0 {
+            if p.len() < 12 || !(p.len() - 4).is_multiple_of(8) {
                 return Err(format!("BLOCK_STATUS chunk of length {}", p.len()));
             }
             let list = p[4..]
@@ -356,7 +356,7 @@ pub fn descriptors(r: &Reply) -> std::result::Result<(u32, Vec<(u64, u32)>), Str
             Ok((be32(p), list))
         }
         chunk::BLOCK_STATUS_EXT => {
-            if p.len() < 24 || (p.len() - 8) % 16 != 0 {
+            if p.len() < 24 || !(p.len() - 8).is_multiple_of(16) {
                 return Err(format!("BLOCK_STATUS_EXT chunk of length {}", p.len()));
             }
             let n = (p.len() - 8) / 16;

@@ -692,10 +692,10 @@ fn past_end_command(
     if ctx.probe.flags & tflag::READ_ONLY != 0 {
         skip!("the export is read-only");
     }
-    if let Some((flag, name)) = flag {
-        if ctx.probe.flags & flag == 0 {
-            skip!("{name} not advertised");
-        }
+    if let Some((flag, name)) = flag
+        && ctx.probe.flags & flag == 0
+    {
+        skip!("{name} not advertised");
     }
     let (offset, len) = beyond_end(ctx);
     let payload = if command == cmd::WRITE {

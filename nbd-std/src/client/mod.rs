@@ -375,7 +375,7 @@ impl Client {
             });
         }
         let minimum = self.export().block_sizes.minimum.max(1);
-        let unaligned = |value: u64| value % u64::from(minimum) != 0;
+        let unaligned = |value: u64| !value.is_multiple_of(u64::from(minimum));
         if unaligned(offset) || (unaligned(length) && end != Some(size)) {
             return Err(Error::Misaligned {
                 command,

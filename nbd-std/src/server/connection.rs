@@ -631,15 +631,16 @@ impl Driver {
             // Just found empty: the event loop waits for it (an idle
             // connection may still poll through its window).
             let read_again = idle || !socket_empty;
-            if room && read_again && !(watching && shutdown.has_changed().unwrap_or(true)) {
-                if let Some(read) = self.read_now(stream, &mut input[end..], idle, &mut idle_since)
-                {
-                    let n = read?;
-                    eof |= self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
-                    // Other connections on this thread get their turn.
-                    tokio::task::consume_budget().await;
-                    continue;
-                }
+            if room
+                && read_again
+                && !(watching && shutdown.has_changed().unwrap_or(true))
+                && let Some(read) = self.read_now(stream, &mut input[end..], idle, &mut idle_since)
+            {
+                let n = read?;
+                eof |= self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
+                // Other connections on this thread get their turn.
+                tokio::task::consume_budget().await;
+                continue;
             }
             // Input is waiting but no budget: another connection must give
             // some back (our own completions wake the loop anyway).

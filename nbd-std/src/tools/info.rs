@@ -81,7 +81,7 @@ pub fn human_size(bytes: u64) -> (String, bool) {
     const UNITS: [&str; 7] = ["", "K", "M", "G", "T", "P", "E"];
     let mut value = bytes;
     let mut unit = 0;
-    while value != 0 && value % 1024 == 0 && unit < UNITS.len() - 1 {
+    while value != 0 && value.is_multiple_of(1024) && unit < UNITS.len() - 1 {
         value /= 1024;
         unit += 1;
     }

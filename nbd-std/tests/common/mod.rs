@@ -231,10 +231,10 @@ impl Server {
     }
 
     fn try_wait(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            if let Some(child) = self.child.as_mut() {
-                self.status = child.try_wait().expect("poll the server process");
-            }
+        if self.status.is_none()
+            && let Some(child) = self.child.as_mut()
+        {
+            self.status = child.try_wait().expect("poll the server process");
         }
         self.status
     }

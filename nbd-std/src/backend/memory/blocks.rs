@@ -54,7 +54,7 @@ impl PageBlocks {
     /// Blocks for pages of `page_size` bytes, a power of two that
     /// divides [`BLOCK_SIZE`]; mapped for huge pages with `huge_pages`.
     pub(super) fn new(page_size: usize, huge_pages: bool) -> Arc<Self> {
-        debug_assert!(page_size.is_power_of_two() && BLOCK_SIZE % page_size == 0);
+        debug_assert!(page_size.is_power_of_two() && BLOCK_SIZE.is_multiple_of(page_size));
         Arc::new(Self {
             page_size,
             huge_pages,

@@ -584,7 +584,7 @@ impl Disk {
             return;
         }
         let next = end.div_ceil(self.object_size) * self.object_size;
-        if next >= self.size || (end % self.object_size != 0 && next - end > length) {
+        if next >= self.size || (!end.is_multiple_of(self.object_size) && next - end > length) {
             return;
         }
         let ahead = (READ_AHEAD_OBJECTS * self.object_size).min(self.size - next);
