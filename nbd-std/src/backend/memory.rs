@@ -329,6 +329,8 @@ impl Backend for MemoryBackend {
             // Allocation happens outside the lock, so a first write does not
             // hold the shard while the page is zeroed.
             let mut fresh: Option<PageData> = None;
+            // Asked once, so a fresh page counts as written too.
+            let cached = written_lately((page << PAGE_SHIFT) + within as u64);
             loop {
                 let mut shard = self.write_shard(page);
                 // Checked under the lock: a concurrent shrink stores the new
@@ -341,7 +343,6 @@ impl Backend for MemoryBackend {
                     ));
                 }
                 if let Some(existing) = shard.get_mut(&page) {
-                    let cached = written_lately((page << PAGE_SHIFT) + within as u64);
                     unshared(existing)?.0.store(within, src, cached);
                     break;
                 }
