@@ -226,54 +226,21 @@ const STREAMED_STORE_MIN: usize = 1024;
 #[cfg(target_arch = "x86_64")]
 const STREAMED_STORE_MAX: usize = 8192;
 
-/// `dst.copy_from_slice(src)` with non-temporal stores for the aligned
-/// middle of `dst`: 32 bytes at a time where the CPU has AVX, 16
-/// otherwise.
+/// `dst.copy_from_slice(src)` with non-temporal stores for the 16-byte
+/// aligned middle of `dst`. Wider stores (32 and 64 bytes) were not
+/// faster: the write-combining buffers fill whole lines either way.
 #[cfg(target_arch = "x86_64")]
 fn stream_copy(dst: &mut [u8], src: &[u8]) {
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: the CPU has AVX, checked just above.
-        unsafe { stream_copy_avx(dst, src) }
-    } else {
-        stream_copy_sse2(dst, src);
-    }
-}
-
-/// # Safety
-///
-/// The CPU must have AVX.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn stream_copy_avx(dst: &mut [u8], src: &[u8]) {
-    use std::arch::x86_64::{__m256i, _mm_sfence, _mm256_loadu_si256, _mm256_stream_si256};
-    debug_assert_eq!(dst.len(), src.len());
-    let head = dst.as_ptr().align_offset(32).min(dst.len());
-    let middle = (dst.len() - head) & !31;
-    dst[..head].copy_from_slice(&src[..head]);
-    // SAFETY: for each `at`, `at + 32 <= head + middle <= len` for both
-    // slices (of equal length), and `dst + at` is 32-byte aligned (`head`
-    // aligns it, steps keep it), as `_mm256_stream_si256` needs; the
-    // caller vouches for AVX. The fence orders the streamed stores before
-    // later ones (the lock release that publishes the page).
-    unsafe {
-        for at in (head..head + middle).step_by(32) {
-            let chunk = _mm256_loadu_si256(src.as_ptr().add(at).cast::<__m256i>());
-            _mm256_stream_si256(dst.as_mut_ptr().add(at).cast::<__m256i>(), chunk);
-        }
-        _mm_sfence();
-    }
-    dst[head + middle..].copy_from_slice(&src[head + middle..]);
-}
-
-#[cfg(target_arch = "x86_64")]
-fn stream_copy_sse2(dst: &mut [u8], src: &[u8]) {
     use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
     debug_assert_eq!(dst.len(), src.len());
     let head = dst.as_ptr().align_offset(16).min(dst.len());
     let middle = (dst.len() - head) & !15;
     dst[..head].copy_from_slice(&src[..head]);
-    // SAFETY: as in `stream_copy_avx`, with 16-byte steps and alignment;
-    // SSE2 is part of x86-64.
+    // SAFETY: for each `at`, `at + 16 <= head + middle <= len` for both
+    // slices (of equal length), and `dst + at` is 16-byte aligned (`head`
+    // aligns it, steps keep it), as `_mm_stream_si128` needs; SSE2 is part
+    // of x86-64. The fence orders the streamed stores before later ones
+    // (the lock release that publishes the page).
     unsafe {
         for at in (head..head + middle).step_by(16) {
             let chunk = _mm_loadu_si128(src.as_ptr().add(at).cast::<__m128i>());
@@ -370,10 +337,9 @@ mod tests {
         Ok(())
     }
 
-    /// `store` takes one of these by the CPU; both are checked here.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn both_streaming_copies_copy_exactly() {
+    fn the_streaming_copy_copies_exactly() {
         let src: Vec<u8> = (0..9000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         for (at, len) in [
             (0, 4096),
@@ -383,22 +349,15 @@ mod tests {
             (64, 8192),
             (5, 70),
         ] {
-            let mut sse2 = vec![0xAAu8; 9000];
-            stream_copy_sse2(&mut sse2[at..at + len], &src[..len]);
-            assert_eq!(
-                &sse2[at..at + len],
-                &src[..len],
-                "SSE2, {len} bytes at {at}"
-            );
+            let mut copy = vec![0xAAu8; 9000];
+            stream_copy(&mut copy[at..at + len], &src[..len]);
+            assert_eq!(&copy[at..at + len], &src[..len], "{len} bytes at {at}");
             assert!(
-                sse2[..at]
+                copy[..at]
                     .iter()
-                    .chain(&sse2[at + len..])
+                    .chain(&copy[at + len..])
                     .all(|&b| b == 0xAA)
             );
-            let mut any = vec![0xAAu8; 9000];
-            stream_copy(&mut any[at..at + len], &src[..len]);
-            assert_eq!(sse2, any, "{len} bytes at {at}");
         }
     }
 
