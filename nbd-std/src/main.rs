@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use nbd_std::export::{ExportSet, ExportSpec, StorageSpec};
 use nbd_std::server::limits::{self, DEFAULT_MAX_CLIENTS};
-use nbd_std::server::{DEFAULT_POLL_WINDOW_MICROS, Listener, Server, ServerLimits};
+use nbd_std::server::{
+    DEFAULT_GATHER_WAIT_MICROS, DEFAULT_POLL_WINDOW_MICROS, Listener, Server, ServerLimits,
+};
 use nbd_std::size::parse_size;
 use tracing::{error, info, warn};
 
@@ -390,6 +392,13 @@ struct ServeArgs {
     #[arg(long, value_name = "MICROSECONDS", default_value_t = DEFAULT_POLL_WINDOW_MICROS,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_window: u64,
+    /// Microseconds replies held for a client keeping several requests in
+    /// flight may wait for its next ones, so that more go out together;
+    /// a connection alone on its I/O thread measures now and then whether
+    /// waiting serves its client quicker, and waits only if so. 0: never.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = DEFAULT_GATHER_WAIT_MICROS,
+          value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    gather_wait: u64,
     /// TLS (NBD_OPT_STARTTLS): off; on (clients choose); require (every
     /// option but STARTTLS and ABORT refused until TLS is up).
     #[arg(long, value_enum, default_value_t = TlsMode::Off, value_name = "MODE")]
@@ -799,7 +808,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             Some(count) => server.with_io_threads(count),
             None => server,
         }
-        .with_poll_window(std::time::Duration::from_micros(args.poll_window));
+        .with_poll_window(std::time::Duration::from_micros(args.poll_window))
+        .with_gather_wait(std::time::Duration::from_micros(args.gather_wait));
         let server = match metrics {
             Some(metrics) => server.with_metrics(metrics),
             None => server,

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
+use super::gathering::Gathering;
 use super::io_threads::ThreadShare;
 use super::poll_window::PollWindow;
 use super::read_ring::ReadRing;
@@ -115,6 +116,9 @@ pub(super) struct Settings {
     /// `--poll-window`: how this connection waits for its next request
     /// (on an I/O thread only).
     pub(super) poll_window: Option<PollWindow>,
+    /// `--gather-wait`: whether held replies wait for more requests (on
+    /// an I/O thread only).
+    pub(super) gathering: Option<Gathering>,
     /// Who else is on this connection's I/O thread (on one only).
     pub(super) thread_share: Option<ThreadShare>,
     /// That thread's ring for reads that wait for a disk, if it has one.
@@ -202,6 +206,7 @@ pub(super) async fn run<S>(
     driver.negotiated = Some(negotiated);
     driver.metrics = settings.metrics;
     driver.poll_window = settings.poll_window;
+    driver.gathering = settings.gathering;
     driver.thread_share = settings.thread_share;
     driver.read_ring = settings.read_ring;
     let first_pass = match driver.skip_greeting(&greeting) {
@@ -427,6 +432,8 @@ struct Driver {
     /// `--metrics`: this connection's counters.
     metrics: Option<ConnectionMetrics>,
     poll_window: Option<PollWindow>,
+    /// See [`Gathering`].
+    gathering: Option<Gathering>,
     thread_share: Option<ThreadShare>,
     read_ring: Option<ReadRing>,
     /// The stream is a plain socket: file data may be sent to it from
@@ -482,6 +489,7 @@ impl Driver {
             negotiated: None,
             metrics: None,
             poll_window: None,
+            gathering: None,
             thread_share: None,
             read_ring: None,
             sendfile: false,
@@ -599,11 +607,25 @@ impl Driver {
                         tokio::task::consume_budget().await;
                         continue;
                     }
-                    None => socket_empty = true,
+                    None => {
+                        let held_for = self
+                            .holding_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed();
+                        if self.more_came_within_wait(stream, held_for) {
+                            continue;
+                        }
+                        socket_empty = true;
+                    }
                 }
             }
             self.holding_since = None;
             let sent = self.transmit(stream).await?;
+            if sent > 0
+                && let Some(gathering) = &mut self.gathering
+            {
+                gathering.replied(sent, std::time::Instant::now());
+            }
             if self.closed {
                 return stream.shutdown().await.map(|()| Ended::Done);
             }
@@ -1043,6 +1065,27 @@ impl Driver {
                 .holding_since
                 .is_none_or(|since| since.elapsed() < LONGEST_HOLD)
             && self.read_data_bytes < MOST_READ_DATA_HELD
+    }
+
+    /// Whether the client's next requests came while the replies held
+    /// for `held_for` waited for them, the socket holding none (see
+    /// [`Gathering`]).
+    fn more_came_within_wait<S: PlainSocket>(
+        &mut self,
+        stream: &S,
+        held_for: std::time::Duration,
+    ) -> bool {
+        let in_flight = self.conn.in_flight();
+        let alone = self.alone_on_thread();
+        let (Some(gathering), Some(fd)) = (self.gathering.as_mut(), stream.plain_fd()) else {
+            return false;
+        };
+        let Some(wait) = gathering.wait(in_flight, held_for).filter(|_| alone) else {
+            return false;
+        };
+        let came = socket::readable_within(fd, wait);
+        gathering.waited(came, in_flight);
+        came
     }
 
     /// Keeps a read's data until its reply header is sent.

@@ -13,6 +13,7 @@
 
 pub mod budget;
 mod connection;
+mod gathering;
 mod io_threads;
 pub mod limits;
 mod poll_window;
@@ -41,6 +42,8 @@ use crate::export::ExportSet;
 use crate::metrics::{HandshakeFailure, Limit, Metrics};
 #[cfg(feature = "tls")]
 use crate::tls::ServerTls;
+pub use gathering::DEFAULT_GATHER_WAIT_MICROS;
+use gathering::Gathering;
 use io_threads::IoThreads;
 pub use poll_window::DEFAULT_POLL_WINDOW_MICROS;
 use poll_window::PollWindow;
@@ -133,6 +136,8 @@ pub struct Server {
     io_threads: usize,
     /// See [`Server::with_poll_window`].
     poll_window: Duration,
+    /// See [`Server::with_gather_wait`].
+    gather_wait: Duration,
 }
 
 /// I/O threads by default: one per CPU the process may run on.
@@ -153,6 +158,7 @@ impl Server {
             metrics: None,
             io_threads: default_io_threads(),
             poll_window: Duration::from_micros(DEFAULT_POLL_WINDOW_MICROS),
+            gather_wait: Duration::from_micros(DEFAULT_GATHER_WAIT_MICROS),
         }
     }
 
@@ -176,6 +182,18 @@ impl Server {
     #[must_use]
     pub fn with_poll_window(mut self, longest: Duration) -> Self {
         self.poll_window = longest;
+        self
+    }
+
+    /// How long replies held for a client with several requests in
+    /// flight may wait for its next ones, the socket holding none, so
+    /// that more go out together (default [`DEFAULT_GATHER_WAIT_MICROS`];
+    /// zero: never). Each connection alone on its I/O thread measures
+    /// whether waiting serves its client quicker, now and then, and waits
+    /// only if so. Only with I/O threads.
+    #[must_use]
+    pub fn with_gather_wait(mut self, longest: Duration) -> Self {
+        self.gather_wait = longest;
         self
     }
 
@@ -332,6 +350,9 @@ impl Server {
         let poll_window = thread_share
             .as_ref()
             .and_then(|_| PollWindow::new(self.poll_window));
+        let gathering = thread_share
+            .as_ref()
+            .and_then(|_| Gathering::new(self.gather_wait));
         let parts = ClientParts {
             exports: Arc::clone(&self.exports),
             config: self.config,
@@ -350,6 +371,7 @@ impl Server {
                 client: client.address,
                 metrics: self.metrics.as_ref().map(Metrics::connection),
                 poll_window,
+                gathering,
                 thread_share,
                 read_ring,
             },

@@ -73,6 +73,22 @@ impl<S: Sync> PlainSocket for tokio_rustls::server::TlsStream<S> {
     }
 }
 
+/// Whether `fd` has bytes to read within `timeout`, the thread sleeping
+/// meanwhile (`poll(2)`; only for a connection alone on its thread). An
+/// error (a signal, say) answers no: the caller then goes on as if
+/// nothing came.
+pub(super) fn readable_within(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+    let timeout = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: timeout.subsec_nanos().into(),
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+}
+
 /// Sends all of `slices` (consuming them) with `MSG_MORE`: more follows
 /// at once, so the kernel holds a short header back to leave with the
 /// data after it. Returns the bytes sent.

@@ -1,0 +1,283 @@
+//! Waiting, with replies held, for requests the client has not sent yet.
+//!
+//! A client keeping many requests in flight (fio at queue depth 32)
+//! sends each request as it takes each reply. The server, quicker than
+//! the client, found about two requests each time it read its socket,
+//! and answered them in one `writev` of about 5 µs on loopback, most of
+//! it per call, not per byte (the segment's delivery to the client). When
+//! the held replies also wait a few microseconds for more requests (the
+//! thread sleeps in `poll(2)` on the socket), about ten go out together:
+//! server CPU per 4 KiB read at queue depth 32 fell from 4.8 to 4.0 µs
+//! and the client's requests a second rose from 195k to 240k
+//! (docs/BENCHMARKS.md).
+//!
+//! A client with fewer requests in flight idles while the server waits,
+//! though: at queue depth 8 the same waits took reads from 131k to 47k
+//! to 72k a second. The server sees neither the client's queue depth nor
+//! how busy it is, so the connection measures instead: it serves
+//! [`TRIAL_REPLIES`] replies with waits and as many without, keeps the
+//! way that was quicker, and tries both again every
+//! [`EPOCHS_BETWEEN_TRIALS`] epochs.
+//!
+//! Waiting holds the I/O thread, so only a connection alone on its thread
+//! waits (the caller asks
+//! [`ThreadShare::alone`](super::io_threads::ThreadShare::alone)).
+
+use std::time::{Duration, Instant};
+
+/// Default longest wait in microseconds (`--gather-wait`). On the
+/// project's virtual machines a sleeping thread woke 20 to 40 µs after
+/// the request came, whatever the timeout: a longer one only adds to the
+/// waits that find nothing.
+pub const DEFAULT_GATHER_WAIT_MICROS: u64 = 10;
+
+/// Replies in one epoch of a trial: about 5 ms at 200k a second, enough
+/// to even out one slow wake-up.
+const TRIAL_REPLIES: u32 = 1024;
+
+/// Epochs served the chosen way between two trials (about 160 ms at
+/// 200k replies a second): a wrong choice lasts that long, and a trial's
+/// epoch served the worse way costs a thirtieth of the time at most.
+const EPOCHS_BETWEEN_TRIALS: u32 = 32;
+
+/// How much quicker an epoch with waits must be to be chosen: waiting is
+/// the riskier way (it costs a client with few requests in flight the
+/// most), so a tie goes to sending at once.
+const WAITING_MUST_BE_QUICKER: f64 = 0.95;
+
+/// A pause between two transmissions longer than this is the client
+/// stopping, not the way replies are sent: the epoch starts again rather
+/// than count it.
+const LONGEST_GAP: Duration = Duration::from_millis(1);
+
+/// One connection's choice whether held replies wait for more requests.
+#[derive(Debug)]
+pub(super) struct Gathering {
+    /// The longest wait.
+    longest: Duration,
+    /// Whether waits happen now.
+    waiting: bool,
+    /// When the current epoch's first replies went out.
+    epoch_began: Option<Instant>,
+    /// The last replies sent.
+    last_replies: Option<Instant>,
+    /// Replies sent in the current epoch.
+    epoch_replies: u32,
+    /// What the connection is doing with its epochs.
+    phase: Phase,
+    /// Requests in flight when a wait last found nothing: the client had
+    /// probably sent all it would (its queue depth), and waiting with as
+    /// many is futile.
+    futile_at: usize,
+}
+
+#[derive(Debug, PartialEq)]
+enum Phase {
+    /// Comparing: the first epoch served one way, then one the other way.
+    Trial { first: Option<(bool, Duration)> },
+    /// Serving the chosen way; a trial after this many epochs.
+    Settled { epochs_left: u32 },
+}
+
+impl Gathering {
+    /// Waits of at most `longest`; `None` when `longest` is zero (never
+    /// wait). A connection starts with a trial.
+    pub(super) fn new(longest: Duration) -> Option<Self> {
+        (!longest.is_zero()).then_some(Self {
+            longest,
+            waiting: false,
+            epoch_began: None,
+            last_replies: None,
+            epoch_replies: 0,
+            phase: Phase::Trial { first: None },
+            futile_at: usize::MAX,
+        })
+    }
+
+    /// How long replies held for `held_for`, with `in_flight` requests
+    /// in flight and none more in the socket, may wait for the next
+    /// requests; `None`: send them now.
+    pub(super) fn wait(&mut self, in_flight: usize, held_for: Duration) -> Option<Duration> {
+        if in_flight > self.futile_at {
+            // The client keeps more in flight than when a wait last
+            // found nothing.
+            self.futile_at = in_flight;
+        }
+        (self.waiting && in_flight < self.futile_at && held_for < self.longest)
+            .then(|| self.longest - held_for)
+    }
+
+    /// Notes whether the requests came within the wait.
+    pub(super) fn waited(&mut self, came: bool, in_flight: usize) {
+        if !came {
+            self.futile_at = in_flight;
+        }
+    }
+
+    /// Counts `replies` sent at `now`, ending an epoch after
+    /// [`TRIAL_REPLIES`] of them.
+    pub(super) fn replied(&mut self, replies: usize, now: Instant) {
+        let paused = self
+            .last_replies
+            .is_some_and(|last| now.duration_since(last) > LONGEST_GAP);
+        self.last_replies = Some(now);
+        let began = match self.epoch_began {
+            Some(began) if !paused => began,
+            _ => {
+                self.epoch_began = Some(now);
+                self.epoch_replies = 0;
+                now
+            }
+        };
+        self.epoch_replies = self
+            .epoch_replies
+            .saturating_add(u32::try_from(replies).unwrap_or(u32::MAX));
+        if self.epoch_replies < TRIAL_REPLIES {
+            return;
+        }
+        // Per reply, so an epoch's last batch going past the count does
+        // not tilt the comparison.
+        let took = now.duration_since(began) / self.epoch_replies;
+        self.epoch_began = None;
+        self.phase = match self.phase {
+            Phase::Settled { epochs_left: 0 | 1 } => Phase::Trial { first: None },
+            Phase::Settled { epochs_left } => Phase::Settled {
+                epochs_left: epochs_left - 1,
+            },
+            Phase::Trial { first: None } => {
+                let first = (self.waiting, took);
+                self.waiting = !self.waiting;
+                Phase::Trial { first: Some(first) }
+            }
+            Phase::Trial {
+                first: Some((first_waiting, first_took)),
+            } => {
+                let (with, without) = if first_waiting {
+                    (first_took, took)
+                } else {
+                    (took, first_took)
+                };
+                self.waiting = with.as_secs_f64() < without.as_secs_f64() * WAITING_MUST_BE_QUICKER;
+                Phase::Settled {
+                    epochs_left: EPOCHS_BETWEEN_TRIALS,
+                }
+            }
+        };
+        if matches!(self.phase, Phase::Trial { first: None }) {
+            // A trial serves its first epoch the way chosen last time.
+            self.futile_at = usize::MAX;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_micros(10);
+
+    /// Sends one epoch's replies in batches of `batch`, `each` apart.
+    fn epoch(gathering: &mut Gathering, now: &mut Instant, batch: usize, each: Duration) {
+        let mut sent = 0;
+        while sent < TRIAL_REPLIES as usize {
+            gathering.replied(batch, *now);
+            *now += each;
+            sent += batch;
+        }
+    }
+
+    #[test]
+    fn zero_never_waits() {
+        assert!(Gathering::new(Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn a_trial_keeps_the_quicker_way_until_the_next_one() {
+        let mut gathering = Gathering::new(WAIT).unwrap();
+        let mut now = Instant::now();
+        assert_eq!(
+            gathering.wait(4, Duration::ZERO),
+            None,
+            "starts sending at once"
+        );
+        // Without waits: 2 replies every 10 µs; with: 10 every 40 µs.
+        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
+        assert_eq!(
+            gathering.wait(4, Duration::from_micros(3)),
+            Some(Duration::from_micros(7))
+        );
+        epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+        assert!(matches!(gathering.phase, Phase::Settled { .. }));
+        assert!(
+            gathering.wait(4, Duration::ZERO).is_some(),
+            "waiting was quicker"
+        );
+        for _ in 0..EPOCHS_BETWEEN_TRIALS {
+            epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+            assert!(gathering.wait(4, Duration::ZERO).is_some());
+        }
+        // The next trial: its first epoch waits (the way chosen), and
+        // now the client is slower with waits.
+        epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+        assert!(matches!(
+            gathering.phase,
+            Phase::Trial {
+                first: Some((true, _))
+            }
+        ));
+        epoch(&mut gathering, &mut now, 8, Duration::from_micros(10));
+        assert_eq!(
+            gathering.wait(4, Duration::ZERO),
+            None,
+            "sending at once was quicker"
+        );
+    }
+
+    #[test]
+    fn a_tie_goes_to_sending_at_once() {
+        let mut gathering = Gathering::new(WAIT).unwrap();
+        let mut now = Instant::now();
+        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
+        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
+        assert_eq!(gathering.wait(4, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn a_pause_starts_the_epoch_again() {
+        let mut gathering = Gathering::new(WAIT).unwrap();
+        let mut now = Instant::now();
+        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
+        // The epoch with waits: the client stops for a second halfway.
+        for _ in 0..TRIAL_REPLIES / 20 {
+            gathering.replied(10, now);
+            now += Duration::from_micros(40);
+        }
+        now += Duration::from_secs(1);
+        assert!(matches!(gathering.phase, Phase::Trial { first: Some(_) }));
+        epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+        assert!(
+            gathering.wait(4, Duration::ZERO).is_some(),
+            "the pause was not counted"
+        );
+    }
+
+    #[test]
+    fn no_wait_once_as_many_are_in_flight_as_when_one_found_nothing() {
+        let mut gathering = Gathering::new(WAIT).unwrap();
+        gathering.waiting = true;
+        assert!(gathering.wait(8, Duration::ZERO).is_some());
+        gathering.waited(false, 8);
+        assert_eq!(gathering.wait(8, Duration::ZERO), None);
+        assert!(gathering.wait(7, Duration::ZERO).is_some());
+        gathering.waited(true, 7);
+        assert!(gathering.wait(7, Duration::ZERO).is_some());
+        // More in flight than then: the client's depth grew.
+        assert_eq!(gathering.wait(9, Duration::ZERO), None);
+        assert!(gathering.wait(8, Duration::ZERO).is_some());
+        assert_eq!(
+            gathering.wait(8, WAIT),
+            None,
+            "held for the whole wait already"
+        );
+    }
+}
