@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_trial_keeps_the_quicker_way_until_the_next_one() {
-        let mut gathering = Gathering::new(WAIT).unwrap();
+        let mut gathering = Gathering::new(WAIT).expect("a wait");
         let mut now = Instant::now();
         assert_eq!(
             gathering.wait(4, Duration::ZERO),
@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn a_tie_goes_to_sending_at_once() {
-        let mut gathering = Gathering::new(WAIT).unwrap();
+        let mut gathering = Gathering::new(WAIT).expect("a wait");
         let mut now = Instant::now();
         epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
         epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn a_pause_starts_the_epoch_again() {
-        let mut gathering = Gathering::new(WAIT).unwrap();
+        let mut gathering = Gathering::new(WAIT).expect("a wait");
         let mut now = Instant::now();
         epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
         // The epoch with waits: the client stops for a second halfway.
@@ -263,7 +263,7 @@ mod tests {
 
     #[test]
     fn no_wait_once_as_many_are_in_flight_as_when_one_found_nothing() {
-        let mut gathering = Gathering::new(WAIT).unwrap();
+        let mut gathering = Gathering::new(WAIT).expect("a wait");
         gathering.waiting = true;
         assert!(gathering.wait(8, Duration::ZERO).is_some());
         gathering.waited(false, 8);
