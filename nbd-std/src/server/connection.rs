@@ -624,7 +624,7 @@ impl Driver {
             if sent > 0
                 && let Some(gathering) = &mut self.gathering
             {
-                gathering.replied(sent, std::time::Instant::now());
+                gathering.replied(sent, std::time::Instant::now(), thread_cpu_time);
             }
             if self.closed {
                 return stream.shutdown().await.map(|()| Ended::Done);
@@ -1657,6 +1657,15 @@ impl Driver {
 /// Whether the process may run on more than one CPU (its affinity and CPU
 /// quota, looked at once): on one, the blocking pool overlaps nothing and
 /// each trip to it is two context switches on that CPU.
+/// The CPU time the calling thread has used.
+fn thread_cpu_time() -> std::time::Duration {
+    let time = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(
+        u64::try_from(time.tv_sec).unwrap_or(0),
+        u32::try_from(time.tv_nsec).unwrap_or(0),
+    )
+}
+
 fn several_cpus() -> bool {
     static SEVERAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SEVERAL.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))

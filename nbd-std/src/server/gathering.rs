@@ -15,9 +15,10 @@
 //! though: at queue depth 8 the same waits took reads from 131k to 47k
 //! to 72k a second. The server sees neither the client's queue depth nor
 //! how busy it is, so the connection measures instead: it serves
-//! [`TRIAL_REPLIES`] replies with waits and as many without, keeps the
-//! way that was quicker, and tries both again every
-//! [`EPOCHS_BETWEEN_TRIALS`] epochs.
+//! [`TRIAL_REPLIES`] replies with waits and as many without, keeps
+//! waiting only if that served them at least as fast for less of the
+//! thread's CPU, and tries both again every [`EPOCHS_BETWEEN_TRIALS`]
+//! epochs.
 //!
 //! Waiting holds the I/O thread, so only a connection alone on its thread
 //! waits (the caller asks
@@ -40,10 +41,12 @@ const TRIAL_REPLIES: u32 = 1024;
 /// epoch served the worse way costs a thirtieth of the time at most.
 const EPOCHS_BETWEEN_TRIALS: u32 = 32;
 
-/// How much quicker an epoch with waits must be to be chosen: waiting is
-/// the riskier way (it costs a client with few requests in flight the
-/// most), so a tie goes to sending at once.
-const WAITING_MUST_BE_QUICKER: f64 = 0.95;
+/// How much less server CPU per reply an epoch with waits must cost to
+/// be chosen (it must also have served its replies at least as fast):
+/// waiting is the riskier way, so a tie goes to sending at once. Over a
+/// `null:` export waits served 10 % more replies a second but cost 40 %
+/// more CPU each (the thread's sleeps and wake-ups): not chosen.
+const WAITING_MUST_BE_CHEAPER: f64 = 0.95;
 
 /// A pause between two transmissions longer than this is the client
 /// stopping, not the way replies are sent: the epoch starts again rather
@@ -57,12 +60,10 @@ pub(super) struct Gathering {
     longest: Duration,
     /// Whether waits happen now.
     waiting: bool,
-    /// When the current epoch's first replies went out.
-    epoch_began: Option<Instant>,
-    /// The last replies sent.
+    /// The epoch being served, from its first replies on.
+    epoch: Option<Epoch>,
+    /// When the last replies were sent.
     last_replies: Option<Instant>,
-    /// Replies sent in the current epoch.
-    epoch_replies: u32,
     /// What the connection is doing with its epochs.
     phase: Phase,
     /// Requests in flight when a wait last found nothing: the client had
@@ -71,10 +72,27 @@ pub(super) struct Gathering {
     futile_at: usize,
 }
 
+#[derive(Debug)]
+struct Epoch {
+    began: Instant,
+    /// The thread's CPU time then.
+    cpu_began: Duration,
+    replies: u32,
+}
+
+/// What an epoch's replies cost each, on average.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cost {
+    /// Time between replies.
+    wall: Duration,
+    /// The thread's CPU time.
+    cpu: Duration,
+}
+
 #[derive(Debug, PartialEq)]
 enum Phase {
     /// Comparing: the first epoch served one way, then one the other way.
-    Trial { first: Option<(bool, Duration)> },
+    Trial { first: Option<(bool, Cost)> },
     /// Serving the chosen way; a trial after this many epochs.
     Settled { epochs_left: u32 },
 }
@@ -86,9 +104,8 @@ impl Gathering {
         (!longest.is_zero()).then_some(Self {
             longest,
             waiting: false,
-            epoch_began: None,
+            epoch: None,
             last_replies: None,
-            epoch_replies: 0,
             phase: Phase::Trial { first: None },
             futile_at: usize::MAX,
         })
@@ -115,58 +132,81 @@ impl Gathering {
     }
 
     /// Counts `replies` sent at `now`, ending an epoch after
-    /// [`TRIAL_REPLIES`] of them.
-    pub(super) fn replied(&mut self, replies: usize, now: Instant) {
+    /// [`TRIAL_REPLIES`] of them. `thread_cpu` tells the thread's CPU
+    /// time; it is asked when an epoch begins and ends only.
+    pub(super) fn replied(
+        &mut self,
+        replies: usize,
+        now: Instant,
+        mut thread_cpu: impl FnMut() -> Duration,
+    ) {
         let paused = self
             .last_replies
             .is_some_and(|last| now.duration_since(last) > LONGEST_GAP);
         self.last_replies = Some(now);
-        let began = match self.epoch_began {
-            Some(began) if !paused => began,
-            _ => {
-                self.epoch_began = Some(now);
-                self.epoch_replies = 0;
-                now
-            }
-        };
-        self.epoch_replies = self
-            .epoch_replies
+        if paused {
+            self.epoch = None;
+        }
+        let epoch = self.epoch.get_or_insert_with(|| Epoch {
+            began: now,
+            cpu_began: thread_cpu(),
+            replies: 0,
+        });
+        epoch.replies = epoch
+            .replies
             .saturating_add(u32::try_from(replies).unwrap_or(u32::MAX));
-        if self.epoch_replies < TRIAL_REPLIES {
+        if epoch.replies < TRIAL_REPLIES {
             return;
         }
         // Per reply, so an epoch's last batch going past the count does
         // not tilt the comparison.
-        let took = now.duration_since(began) / self.epoch_replies;
-        self.epoch_began = None;
+        let cost = Cost {
+            wall: now.duration_since(epoch.began) / epoch.replies,
+            cpu: thread_cpu().saturating_sub(epoch.cpu_began) / epoch.replies,
+        };
+        self.epoch = None;
         self.phase = match self.phase {
-            Phase::Settled { epochs_left: 0 | 1 } => Phase::Trial { first: None },
+            Phase::Settled { epochs_left: 0 | 1 } => {
+                // The next trial serves its first epoch the way chosen
+                // last time, and may find the client's depth anew.
+                self.futile_at = usize::MAX;
+                Phase::Trial { first: None }
+            }
             Phase::Settled { epochs_left } => Phase::Settled {
                 epochs_left: epochs_left - 1,
             },
             Phase::Trial { first: None } => {
-                let first = (self.waiting, took);
+                let first = (self.waiting, cost);
                 self.waiting = !self.waiting;
                 Phase::Trial { first: Some(first) }
             }
             Phase::Trial {
-                first: Some((first_waiting, first_took)),
+                first: Some((first_waiting, first_cost)),
             } => {
                 let (with, without) = if first_waiting {
-                    (first_took, took)
+                    (first_cost, cost)
                 } else {
-                    (took, first_took)
+                    (cost, first_cost)
                 };
-                self.waiting = with.as_secs_f64() < without.as_secs_f64() * WAITING_MUST_BE_QUICKER;
+                self.waiting = with.wall <= without.wall
+                    && with.cpu.as_secs_f64() < without.cpu.as_secs_f64() * WAITING_MUST_BE_CHEAPER;
+                tracing::debug!(
+                    "replies a client keeps in flight {} (a reply every {:?} and {:?} of CPU with waits, {:?} and {:?} without)",
+                    if self.waiting {
+                        "wait for more"
+                    } else {
+                        "go out at once"
+                    },
+                    with.wall,
+                    with.cpu,
+                    without.wall,
+                    without.cpu,
+                );
                 Phase::Settled {
                     epochs_left: EPOCHS_BETWEEN_TRIALS,
                 }
             }
         };
-        if matches!(self.phase, Phase::Trial { first: None }) {
-            // A trial serves its first epoch the way chosen last time.
-            self.futile_at = usize::MAX;
-        }
     }
 }
 
@@ -176,13 +216,31 @@ mod tests {
 
     const WAIT: Duration = Duration::from_micros(10);
 
-    /// Sends one epoch's replies in batches of `batch`, `each` apart.
-    fn epoch(gathering: &mut Gathering, now: &mut Instant, batch: usize, each: Duration) {
-        let mut sent = 0;
-        while sent < TRIAL_REPLIES as usize {
-            gathering.replied(batch, *now);
-            *now += each;
-            sent += batch;
+    /// A client and a thread: the wall clock and the thread's CPU time.
+    struct Clocks {
+        now: Instant,
+        cpu: Duration,
+    }
+
+    impl Clocks {
+        fn new() -> Self {
+            Self {
+                now: Instant::now(),
+                cpu: Duration::ZERO,
+            }
+        }
+
+        /// Sends one epoch's replies in batches of `batch`, each batch
+        /// taking `wall` and `cpu` microseconds.
+        fn epoch(&mut self, gathering: &mut Gathering, batch: usize, wall: u64, cpu: u64) {
+            let mut sent = 0;
+            while sent < TRIAL_REPLIES as usize {
+                let cpu_now = self.cpu;
+                gathering.replied(batch, self.now, || cpu_now);
+                self.now += Duration::from_micros(wall);
+                self.cpu += Duration::from_micros(cpu);
+                sent += batch;
+            }
         }
     }
 
@@ -192,40 +250,42 @@ mod tests {
     }
 
     #[test]
-    fn a_trial_keeps_the_quicker_way_until_the_next_one() {
+    fn a_trial_keeps_waiting_if_quicker_and_cheaper_until_the_next_one() {
         let mut gathering = Gathering::new(WAIT).expect("a wait");
-        let mut now = Instant::now();
+        let mut clocks = Clocks::new();
         assert_eq!(
             gathering.wait(4, Duration::ZERO),
             None,
             "starts sending at once"
         );
-        // Without waits: 2 replies every 10 µs; with: 10 every 40 µs.
-        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
+        // Without waits: 2 replies every 10 µs, 9 µs of CPU; with: 10
+        // every 40 µs, 40 µs of CPU.
+        clocks.epoch(&mut gathering, 2, 10, 9);
         assert_eq!(
             gathering.wait(4, Duration::from_micros(3)),
             Some(Duration::from_micros(7))
         );
-        epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+        clocks.epoch(&mut gathering, 10, 40, 40);
         assert!(matches!(gathering.phase, Phase::Settled { .. }));
         assert!(
             gathering.wait(4, Duration::ZERO).is_some(),
-            "waiting was quicker"
+            "waiting was better"
         );
         for _ in 0..EPOCHS_BETWEEN_TRIALS {
-            epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+            clocks.epoch(&mut gathering, 10, 40, 40);
             assert!(gathering.wait(4, Duration::ZERO).is_some());
         }
+        assert!(matches!(gathering.phase, Phase::Trial { first: None }));
         // The next trial: its first epoch waits (the way chosen), and
         // now the client is slower with waits.
-        epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+        clocks.epoch(&mut gathering, 10, 40, 40);
         assert!(matches!(
             gathering.phase,
             Phase::Trial {
                 first: Some((true, _))
             }
         ));
-        epoch(&mut gathering, &mut now, 8, Duration::from_micros(10));
+        clocks.epoch(&mut gathering, 8, 10, 30);
         assert_eq!(
             gathering.wait(4, Duration::ZERO),
             None,
@@ -234,27 +294,38 @@ mod tests {
     }
 
     #[test]
+    fn waits_quicker_but_dearer_are_not_kept() {
+        let mut gathering = Gathering::new(WAIT).expect("a wait");
+        let mut clocks = Clocks::new();
+        clocks.epoch(&mut gathering, 2, 10, 6);
+        clocks.epoch(&mut gathering, 10, 45, 40);
+        assert_eq!(gathering.wait(4, Duration::ZERO), None);
+    }
+
+    #[test]
     fn a_tie_goes_to_sending_at_once() {
         let mut gathering = Gathering::new(WAIT).expect("a wait");
-        let mut now = Instant::now();
-        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
-        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
+        let mut clocks = Clocks::new();
+        clocks.epoch(&mut gathering, 2, 10, 8);
+        clocks.epoch(&mut gathering, 2, 10, 8);
         assert_eq!(gathering.wait(4, Duration::ZERO), None);
     }
 
     #[test]
     fn a_pause_starts_the_epoch_again() {
         let mut gathering = Gathering::new(WAIT).expect("a wait");
-        let mut now = Instant::now();
-        epoch(&mut gathering, &mut now, 2, Duration::from_micros(10));
+        let mut clocks = Clocks::new();
+        clocks.epoch(&mut gathering, 2, 10, 9);
         // The epoch with waits: the client stops for a second halfway.
         for _ in 0..TRIAL_REPLIES / 20 {
-            gathering.replied(10, now);
-            now += Duration::from_micros(40);
+            let cpu_now = clocks.cpu;
+            gathering.replied(10, clocks.now, || cpu_now);
+            clocks.now += Duration::from_micros(40);
+            clocks.cpu += Duration::from_micros(40);
         }
-        now += Duration::from_secs(1);
+        clocks.now += Duration::from_secs(1);
         assert!(matches!(gathering.phase, Phase::Trial { first: Some(_) }));
-        epoch(&mut gathering, &mut now, 10, Duration::from_micros(40));
+        clocks.epoch(&mut gathering, 10, 40, 40);
         assert!(
             gathering.wait(4, Duration::ZERO).is_some(),
             "the pause was not counted"
