@@ -370,6 +370,7 @@ fn bad_limits_are_refused() {
         (&["--max-in-flight", "0"], "--max-in-flight"),
         (&["--max-in-flight", "129"], "1..=128"),
         (&["--poll-window", "10001"], "0..=10000"),
+        (&["--gather-wait", "1001"], "0..=1000"),
         (&["--max-option-length", "100"], "1024 bytes"),
         (&["--max-option-length", "5G"], "--max-option-length"),
         (&["--handshake-timeout=-1"], "--handshake-timeout"),
