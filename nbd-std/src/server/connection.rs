@@ -1654,9 +1654,6 @@ impl Driver {
     }
 }
 
-/// Whether the process may run on more than one CPU (its affinity and CPU
-/// quota, looked at once): on one, the blocking pool overlaps nothing and
-/// each trip to it is two context switches on that CPU.
 /// The CPU time the calling thread has used.
 fn thread_cpu_time() -> std::time::Duration {
     let time = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
@@ -1666,6 +1663,9 @@ fn thread_cpu_time() -> std::time::Duration {
     )
 }
 
+/// Whether the process may run on more than one CPU (its affinity and CPU
+/// quota, looked at once): on one, the blocking pool overlaps nothing and
+/// each trip to it is two context switches on that CPU.
 fn several_cpus() -> bool {
     static SEVERAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SEVERAL.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))

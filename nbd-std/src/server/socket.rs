@@ -79,7 +79,7 @@ impl<S: Sync> PlainSocket for tokio_rustls::server::TlsStream<S> {
 /// nothing came.
 pub(super) fn readable_within(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     let timeout = rustix::event::Timespec {
-        tv_sec: 0,
+        tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
         tv_nsec: timeout.subsec_nanos().into(),
     };
     let mut fds = [rustix::event::PollFd::new(
@@ -160,6 +160,38 @@ mod tests {
             tokio::net::UnixStream::from_std(ours).expect("tokio stream"),
             theirs,
         )
+    }
+
+    #[test]
+    fn readable_within_waits_for_bytes_or_the_timeout() {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let began = std::time::Instant::now();
+        assert!(!readable_within(
+            ours.as_fd(),
+            std::time::Duration::from_millis(2)
+        ));
+        assert!(began.elapsed() >= std::time::Duration::from_millis(2));
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            theirs.write_all(b"x").expect("write");
+            theirs
+        });
+        // Well within the wait: the byte ends it.
+        let began = std::time::Instant::now();
+        assert!(readable_within(
+            ours.as_fd(),
+            std::time::Duration::from_secs(10)
+        ));
+        assert!(began.elapsed() < std::time::Duration::from_secs(5));
+        let theirs = writer.join().expect("writer");
+        drop(theirs);
+        // A closed peer reads as the end of the stream: readable too.
+        let mut byte = [0u8; 1];
+        (&ours).read_exact(&mut byte).expect("the byte");
+        assert!(readable_within(
+            ours.as_fd(),
+            std::time::Duration::from_millis(1)
+        ));
     }
 
     #[tokio::test]
