@@ -720,23 +720,33 @@ impl Driver {
         idle_since: &mut Option<std::time::Instant>,
     ) -> Option<io::Result<usize>> {
         let fd = stream.plain_fd()?;
-        let mut read = || match rustix::net::recv(fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
-            Ok((n, _)) => Some(Ok(n)),
-            // Nothing yet (or interrupted): the event loop waits for it.
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => None,
-            Err(error) => Some(Err(error.into())),
+        // Whether the last read found the socket empty.
+        let mut empty = false;
+        let mut read = || {
+            let result = rustix::net::recv(fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT);
+            empty = result == Err(rustix::io::Errno::AGAIN);
+            match result {
+                Ok((n, _)) => Some(Ok(n)),
+                // Nothing yet (or interrupted): the event loop waits for it.
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => None,
+                Err(error) => Some(Err(error.into())),
+            }
         };
-        match self
+        let read = match self
             .poll_window
             .as_ref()
             .filter(|_| idle && self.alone_on_thread())
         {
             Some(window) => {
                 *idle_since = Some(std::time::Instant::now());
-                window.poll(read)
+                window.poll(&mut read)
             }
             None => read(),
+        };
+        if read.is_none() && empty {
+            stream.found_empty();
         }
+        read
     }
 
     /// Takes a read of `n` bytes into `input` at `end`; says whether it
