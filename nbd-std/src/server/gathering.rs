@@ -17,7 +17,8 @@
 //! how busy it is, so the connection measures instead: it serves
 //! [`TRIAL_REPLIES`] replies with waits and as many without, keeps
 //! waiting only if that served them quicker for no more of the thread's
-//! CPU, or for less of it no slower, and tries both again every [`EPOCHS_BETWEEN_TRIALS`] epochs.
+//! CPU, or for less of it no slower, and tries both again every
+//! [`EPOCHS_BETWEEN_TRIALS`] epochs.
 //!
 //! Waiting holds the I/O thread, so only a connection alone on its thread
 //! waits (the caller asks
@@ -47,8 +48,8 @@ const EPOCHS_BETWEEN_TRIALS: u32 = 32;
 /// a second but cost 40 % more CPU each (the thread's sleeps and
 /// wake-ups): not chosen. At queue depth 32 on a memory export reads were
 /// 15 to 25 % quicker and 5 to 10 % cheaper; writes 3 to 7 % quicker and
-/// 10 to 14 % cheaper (when the margin was asked of the time alone, 3 of
-/// a write run's 16 trials sent at once).
+/// 10 to 14 % cheaper (when the margin was asked of the time alone, a
+/// quarter to a half of a write run's trials sent at once).
 const WAITING_MUST_GAIN: f64 = 0.95;
 
 /// A pause between two transmissions longer than this is the client

@@ -28,7 +28,7 @@ pub(super) trait PlainSocket: Sync {
     /// just found the socket empty (`EAGAIN`). The loop otherwise still
     /// holds the socket readable from the last time it looked, and its
     /// next wait for input would begin with a read that finds nothing
-    /// (at queue depth 32, one in five requests paid that `recv`). Only
+    /// (4 KiB writes at queue depth 32: 0.06 such `recv`s a request). Only
     /// for `EAGAIN`: forgetting a readiness whose bytes are still there
     /// would leave the loop asleep until more came.
     fn found_empty(&self);
