@@ -395,7 +395,8 @@ struct ServeArgs {
     /// Microseconds replies held for a client keeping several requests in
     /// flight may wait for its next ones, so that more go out together;
     /// a connection alone on its I/O thread measures now and then whether
-    /// waiting serves its client quicker, and waits only if so. 0: never.
+    /// waiting serves its client quicker or cheaper, and waits only if so.
+    /// 0: never.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = DEFAULT_GATHER_WAIT_MICROS,
           value_parser = clap::value_parser!(u64).range(0..=1_000))]
     gather_wait: u64,
