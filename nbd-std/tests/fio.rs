@@ -78,3 +78,31 @@ fn random_writes_verified() {
         "sequential.json",
     );
 }
+
+/// A file export with requests pipelined both ways: writes and reads
+/// mixed at queue depth 32, then everything read back at that depth
+/// (only reads: the replies to those are held while more requests come).
+#[test]
+fn file_export_pipelined_reads_and_writes_verified() {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    let dir = temp_dir();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|file| file.set_len(32 << 20))
+        .expect("create the image");
+    let server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
+    fio_verify(
+        &server.uri_for("disk"),
+        &[
+            "--rw=randrw",
+            "--bsrange=512-64k",
+            "--size=16m",
+            "--iodepth=32",
+            "--verify=crc32c",
+        ],
+        dir.path(),
+        "file.json",
+    );
+}
