@@ -1078,11 +1078,11 @@ impl Driver {
     /// client that waits for each reply: the wait would be all its
     /// latency. For storage that may block (files), only while the
     /// client sends reads: 4 KiB random reads at QD32 from a file's page
-    /// cache took 5 to 10 % less server CPU with replies held, but
-    /// writes to a file on disk went from 38k to 33k a second, with the
-    /// same system calls per request and 85 % of the server's CPU in
-    /// ext4 either way (cause not found), and writes into the page cache
-    /// took 9 % more CPU.
+    /// cache took a median of 7 % less server CPU with replies held
+    /// (0.77 to 1.02 of before over twelve rounds), but writes to a file
+    /// on disk went from 38k to 33k a second, with the same system calls
+    /// per request and 85 % of the server's CPU in ext4 either way (cause
+    /// not found), and writes into the page cache took 8 to 18 % more CPU.
     fn may_hold_replies(&self) -> bool {
         self.conn.wants_transmit()
             && (!self.may_block()
