@@ -89,9 +89,7 @@ fn file_export_pipelined_reads_and_writes_verified() {
     }
     let dir = temp_dir();
     let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .and_then(|file| file.set_len(32 << 20))
-        .expect("create the image");
+    common::create_sparse_file(&image, 32 << 20);
     let server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
     fio_verify(
         &server.uri_for("disk"),
