@@ -104,3 +104,29 @@ fn file_export_pipelined_reads_and_writes_verified() {
         "file.json",
     );
 }
+
+/// Reads of 64 KiB and more at a queue depth above one are sent from a
+/// mapping of the file (the page cache holds what fio just wrote): the
+/// data read back must be what was written.
+#[test]
+fn file_export_large_reads_sent_from_the_mapping_verified() {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    let dir = temp_dir();
+    let image = dir.path().join("disk.img");
+    common::create_sparse_file(&image, 64 << 20);
+    let server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
+    fio_verify(
+        &server.uri_for("disk"),
+        &[
+            "--rw=randrw",
+            "--bsrange=64k-1m",
+            "--size=48m",
+            "--iodepth=8",
+            "--verify=crc32c",
+        ],
+        dir.path(),
+        "mapped.json",
+    );
+}

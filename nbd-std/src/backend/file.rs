@@ -41,14 +41,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use nbd_core::export::Capabilities;
 use nbd_core::wire::{AllocationFlags, ExtDescriptor};
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
-use super::{Backend, ZeroFlags, push_extent};
+use super::{Backend, FileMap, ZeroFlags, push_extent};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
 
@@ -89,6 +89,11 @@ pub struct FileBackend {
     /// Writes hold it shared, `resize` exclusively: no write validated
     /// against the old size lands past a new, smaller end.
     resizing: RwLock<()>,
+    /// The mapping reads are sent from (`file_map`): made at the first,
+    /// again when the file grew past it, dropped when it shrank.
+    map: Mutex<Option<Arc<FileMap>>>,
+    /// Mapping the file failed (no room for it): reads copy.
+    map_failed: AtomicBool,
 }
 
 impl FileBackend {
@@ -134,6 +139,8 @@ impl FileBackend {
             cachestat: AtomicBool::new(true),
             in_memory,
             resizing: RwLock::new(()),
+            map: Mutex::new(None),
+            map_failed: AtomicBool::new(false),
         })
     }
 
@@ -471,6 +478,25 @@ impl Backend for FileBackend {
         self.in_memory || self.all_cached(offset, length)
     }
 
+    fn file_map(&self, end: u64) -> Option<Arc<FileMap>> {
+        let size = self.size();
+        if end > size || self.map_failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(map) = map.as_ref().filter(|map| map.len() >= end) {
+            return Some(Arc::clone(map));
+        }
+        match FileMap::new(self.file.as_fd(), size) {
+            Ok(fresh) => Some(Arc::clone(map.insert(Arc::new(fresh)))),
+            Err(error) => {
+                tracing::warn!("cannot map the export's file ({error}): reads copy its data");
+                self.map_failed.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
         // Any size: done here, the payload is copied once; on the pool it
         // is copied into a buffer of its own first, which costs more than
@@ -603,6 +629,9 @@ impl Backend for FileBackend {
             .unwrap_or_else(PoisonError::into_inner);
         self.file.set_len(size)?;
         self.size.store(size, Ordering::Release);
+        // Reads in flight keep the old mapping (a page past a smaller end
+        // fails their send, see `FileMap`); new reads map the new length.
+        *self.map.lock().unwrap_or_else(PoisonError::into_inner) = None;
         Ok(())
     }
 }
@@ -983,6 +1012,24 @@ mod tests {
         assert!(!caps.fast_zero && !caps.resize);
         assert!(caps.block_status && caps.cache && caps.multi_conn);
         assert_eq!(read(&backend, 10, 5), b"hello");
+    }
+
+    #[test]
+    fn the_mapping_follows_the_files_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = image(&dir, MIB);
+        let backend = FileBackend::open(&path, false).expect("open");
+        assert!(backend.file_map(MIB + 1).is_none(), "past the export");
+        let first = backend.file_map(MIB).expect("mapped");
+        assert_eq!(first.len(), MIB);
+        let again = backend.file_map(4096).expect("mapped");
+        assert!(Arc::ptr_eq(&first, &again), "one mapping for every read");
+        backend.resize(3 * MIB).expect("grow");
+        let grown = backend.file_map(3 * MIB).expect("mapped after growing");
+        assert_eq!(grown.len(), 3 * MIB);
+        backend.resize(MIB / 2).expect("shrink");
+        assert!(backend.file_map(MIB).is_none(), "past the new end");
+        assert_eq!(backend.file_map(MIB / 2).expect("mapped").len(), MIB / 2);
     }
 
     #[test]

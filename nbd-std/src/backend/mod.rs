@@ -19,6 +19,7 @@ use nbd_core::wire::{BlockSizeConstraints, ErrorCode, ExtDescriptor};
 
 pub mod fault;
 pub mod file;
+pub mod mapping;
 pub mod memory;
 pub mod null;
 #[cfg(feature = "s3")]
@@ -26,6 +27,7 @@ pub mod s3;
 
 pub use fault::FaultBackend;
 pub use file::FileBackend;
+pub use mapping::FileMap;
 pub use memory::MemoryBackend;
 pub use null::NullBackend;
 #[cfg(feature = "s3")]
@@ -213,6 +215,16 @@ pub trait Backend: Send + Sync + 'static {
     fn in_page_cache(&self, offset: u64, length: u64) -> bool {
         let _ = (offset, length);
         false
+    }
+
+    /// For a backend with a [`page_cache_file`](Self::page_cache_file): a
+    /// read-only mapping of that file covering its first `end` bytes, for
+    /// the server to send read data the page cache holds with one copy
+    /// (the kernel's into the socket). `None` (the default) when there is
+    /// none, or `end` is past the export.
+    fn file_map(&self, end: u64) -> Option<Arc<FileMap>> {
+        let _ = end;
+        None
     }
 
     /// As [`try_read_now`](Self::try_read_now) for `write_at`: `Some` when

@@ -22,7 +22,7 @@ use super::poll_window::PollWindow;
 use super::read_ring::ReadRing;
 use super::socket::{self, PlainSocket};
 use super::storage::{Done, Job};
-use crate::backend::{Backend, INLINE_BYTES, ReadPiece, ZeroFlags, error_code};
+use crate::backend::{Backend, FileMap, INLINE_BYTES, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
 use crate::metrics::{ConnectionMetrics, HandshakeFailure};
 
@@ -367,6 +367,13 @@ enum ReadData {
     /// In the page cache of the backend's file at `offset`
     /// (`Backend::page_cache_file`), sent from there.
     Cached { offset: u64, length: usize },
+    /// In the page cache of the backend's file at `offset`, copied by the
+    /// kernel into the socket from the file's mapping (`Backend::file_map`).
+    Mapped {
+        map: Arc<FileMap>,
+        offset: u64,
+        length: usize,
+    },
 }
 
 impl ReadData {
@@ -374,7 +381,7 @@ impl ReadData {
         match self {
             Self::Owned(buffer) => buffer.len(),
             Self::Lent(pieces) => pieces.iter().map(ReadPiece::len).sum(),
-            Self::Cached { length, .. } => *length,
+            Self::Cached { length, .. } | Self::Mapped { length, .. } => *length,
         }
     }
 }
@@ -1329,25 +1336,31 @@ impl Driver {
             return Some(lent.map(ReadData::Lent));
         }
         let backend = self.backend.as_ref()?;
-        // Only for a client waiting for each reply: with others in
-        // flight, on loopback, `sendfile` lost throughput (1 MiB QD8
-        // reads 2.1k against 3.0k MiB/s copied).
-        // Alone on its thread too: `cachestat` counts pages still being
-        // read from the disk, and `sendfile` waits for them, which other
-        // connections on the thread would feel.
-        (self.sendfile
+        // Only from the kernel's copy: a plain socket, not TLS (see
+        // `FileMap`). Alone on its thread too: `cachestat` counts pages
+        // still being read from the disk, and both the copy and `sendfile`
+        // wait for them, which other connections on the thread would feel.
+        if !(self.sendfile
             && length >= SENDFILE_BYTES
-            && self.came_alone
-            && self.nothing_else_in_flight()
             && self.alone_on_thread()
             && backend.page_cache_file().is_some()
             && backend.in_page_cache(offset, length))
-        .then(|| {
-            Ok(ReadData::Cached {
-                offset,
-                length: length as usize,
-            })
-        })
+        {
+            return None;
+        }
+        let length = length as usize;
+        // `sendfile` only for a client waiting for each reply: with others
+        // in flight, on loopback, it lost throughput (1 MiB QD8 reads 2.1k
+        // against 3.0k MiB/s copied).
+        if self.came_alone && self.nothing_else_in_flight() {
+            return Some(Ok(ReadData::Cached { offset, length }));
+        }
+        let map = backend.file_map(offset + length as u64)?;
+        Some(Ok(ReadData::Mapped {
+            map,
+            offset,
+            length,
+        }))
     }
 
     /// Read data lent by a non-blocking backend, when it can lend it. Pieces
@@ -1639,13 +1652,33 @@ impl Driver {
                     socket::send_file(&*stream, file, *offset, *length as u64).await?;
                     self.turn_bytes += length;
                 }
+                Segment::Data(ReadData::Mapped {
+                    map,
+                    offset,
+                    length,
+                }) => slices.push(
+                    map.io_slice(*offset, *length)
+                        .ok_or_else(|| io::Error::other("read data past the file's mapping"))?,
+                ),
                 Segment::Zeroes(length) => push_zeroes(&mut slices, *length),
             }
         }
         let mut remaining: &mut [IoSlice<'_>] = &mut slices;
         while !remaining.is_empty() {
             let batch = remaining.len().min(MAX_IOVECS);
-            let written = stream.write_vectored(&remaining[..batch]).await?;
+            let written = stream
+                .write_vectored(&remaining[..batch])
+                .await
+                .map_err(|error| {
+                    if error.raw_os_error() == Some(libc::EFAULT) {
+                        // The one memory a write here can fault on.
+                        io::Error::other(
+                            "the export's file shrank while read data from it was being sent",
+                        )
+                    } else {
+                        error
+                    }
+                })?;
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
