@@ -212,3 +212,74 @@ fn pipelined_before_the_greeting_is_read() {
     let got = replies(&rest[info_export_and_block_size + 20..], &[(1, 16)]);
     assert_read_data(&got, 1, 0, &h.disk()[..16]);
 }
+
+/// A shell may store a write's payload straight from its transport (a
+/// socket spliced into a file): the core names the payload, counts what
+/// the shell took, and reads the rest itself as usual.
+#[test]
+fn payload_taken_by_the_shell_ends_like_one_passed_through() {
+    let connect = || H::transmission(vec![small_export()], Config::default(), true);
+    let payload: Vec<u8> = (0..700u32).map(|i| (i % 241) as u8 + 3).collect();
+    let write = write_request(
+        HeaderStyle::Compact,
+        CommandFlags::empty(),
+        1,
+        1000,
+        &payload,
+    );
+    let header = &write[..write.len() - payload.len()];
+
+    let mut passed = connect();
+    passed.send(&write);
+    let reply = passed.received();
+    assert!(!reply.is_empty(), "the write was answered");
+
+    let mut h = connect();
+    assert_eq!(h.conn.payload_wanted(), None, "no payload before a header");
+    h.send(header);
+    let wanted = h
+        .conn
+        .payload_wanted()
+        .expect("the write's payload is wanted");
+    assert_eq!((wanted.offset, wanted.remaining), (1000, 700));
+    assert!(h.conn.payload_taken(701).is_err(), "more than remains");
+    assert!(h.conn.payload_taken(0).is_err(), "nothing taken");
+    // The shell stores 300 bytes itself, then passes the rest through.
+    h.disk_mut()[1000..1300].copy_from_slice(&payload[..300]);
+    h.conn.payload_taken(300).expect("taken");
+    let wanted = h.conn.payload_wanted().expect("the rest is wanted");
+    assert_eq!((wanted.offset, wanted.remaining), (1300, 400));
+    h.send(&payload[300..]);
+    assert_eq!(h.conn.payload_wanted(), None, "the payload is whole");
+    assert_eq!(h.disk(), passed.disk());
+    assert_eq!(h.received(), reply, "the same reply");
+
+    // All of it taken: the shell completes the write itself.
+    let mut h = connect();
+    h.send(header);
+    let id = h.conn.payload_wanted().expect("wanted").id;
+    h.disk_mut()[1000..1700].copy_from_slice(&payload);
+    h.conn.payload_taken(700).expect("taken");
+    assert_eq!(h.conn.payload_wanted(), None);
+    h.conn.complete(id, Ok(())).expect("complete the write");
+    assert_eq!(h.disk(), passed.disk());
+    assert_eq!(h.received(), reply, "the same reply");
+}
+
+/// A payload the core drops (its write refused) is not the shell's to store.
+#[test]
+fn a_refused_writes_payload_is_not_wanted() {
+    let mut h = H::transmission(vec![small_export()], Config::default(), true);
+    let payload = [1u8; 600];
+    let write = write_request(
+        HeaderStyle::Compact,
+        CommandFlags::empty(),
+        5,
+        65000,
+        &payload,
+    );
+    h.send(&write[..write.len() - payload.len()]);
+    assert_eq!(h.conn.payload_wanted(), None);
+    assert!(h.conn.payload_taken(1).is_err());
+    h.send(&payload);
+}

@@ -5,7 +5,8 @@ use super::inflight::{InFlight, Reason, Reply, RequestId, SlotState};
 use super::negotiation::{Negotiation, NegotiationOutput};
 use super::transmission::{ActiveExport, Transmission};
 use super::{
-    CloseReason, CompletionError, Config, Event, ProtocolError, ReadOutcome, Request, Step,
+    CloseReason, CompletionError, Config, Event, PayloadNotWanted, PayloadWanted, ProtocolError,
+    ReadOutcome, Request, Step,
 };
 use crate::export::{Catalog, Features};
 use crate::shape::Accumulator;
@@ -254,6 +255,35 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
         self.inflight.release_deferred(id);
         debug!("releasing deferred request {}", id.to_bits());
         Some(request)
+    }
+
+    /// The write whose payload the next input bytes are, when the shell
+    /// may store them straight from its transport (a socket spliced into
+    /// a file) rather than pass them through [`process`](Self::process):
+    /// then it calls [`payload_taken`](Self::payload_taken) with what it
+    /// stored. `None` when the next bytes are anything else, or `process`
+    /// has a deferred request to hand out first (while a payload is being
+    /// received no other event can be due).
+    pub fn payload_wanted(&self) -> Option<PayloadWanted> {
+        if self.inflight.has_deferred() {
+            return None;
+        }
+        self.payload_to_store().map(|receiving| PayloadWanted {
+            id: receiving.id,
+            offset: receiving.offset,
+            remaining: receiving.remaining,
+        })
+    }
+
+    /// Notes that the shell stored the next `taken` bytes of the payload
+    /// [`payload_wanted`](Self::payload_wanted) named, as if `process` had
+    /// handed them out in [`Event::WriteData`]. At zero remaining the
+    /// payload is whole: the shell completes the write once it is stored.
+    pub fn payload_taken(&mut self, taken: u64) -> Result<(), PayloadNotWanted> {
+        if taken == 0 || self.payload_wanted().is_none() || !self.take_stored_payload(taken) {
+            return Err(PayloadNotWanted);
+        }
+        Ok(())
     }
 
     /// Answers a request other than a block-status success: `Ok` for

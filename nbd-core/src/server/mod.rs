@@ -413,3 +413,30 @@ impl core::fmt::Display for CompletionError {
 
 #[cfg(feature = "std")]
 impl std::error::Error for CompletionError {}
+
+/// The payload of the write being received, which the shell may store
+/// straight from its transport instead of passing it through
+/// [`Connection::process`] ([`Connection::payload_wanted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadWanted {
+    /// The write.
+    pub id: RequestId,
+    /// Export offset of the next payload byte.
+    pub offset: u64,
+    /// Payload bytes still to come.
+    pub remaining: u64,
+}
+
+/// [`Connection::payload_taken`] named bytes no payload wanted: none was
+/// being received for the shell to store, or fewer bytes remained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadNotWanted;
+
+impl core::fmt::Display for PayloadNotWanted {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("no write payload wanted that many bytes")
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for PayloadNotWanted {}

@@ -531,16 +531,8 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
             return (0, None);
         }
         let offset = receiving.offset;
-        // A discarded payload's offset may run past 2^64: it is never used.
-        receiving.offset = receiving.offset.wrapping_add(take as u64);
-        receiving.remaining -= take as u64;
         let id = receiving.id;
-        if receiving.remaining == 0 {
-            self.set_request_input(RequestInput::Headers);
-            self.inflight.finish_payload(id);
-        } else {
-            self.set_request_input(RequestInput::Payload(receiving));
-        }
+        receiving = self.advance_payload(receiving, take as u64);
         match receiving.mode {
             ReceiveMode::Store => {
                 let remaining = receiving.remaining;
@@ -555,6 +547,44 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
                 )
             }
             _ => (take, None),
+        }
+    }
+
+    /// Notes `taken` (at most what remains) more bytes of the payload
+    /// being received; the payload's state after them.
+    fn advance_payload(&mut self, mut receiving: Receiving, taken: u64) -> Receiving {
+        // A discarded payload's offset may run past 2^64: it is never used.
+        receiving.offset = receiving.offset.wrapping_add(taken);
+        receiving.remaining -= taken;
+        if receiving.remaining == 0 {
+            self.set_request_input(RequestInput::Headers);
+            self.inflight.finish_payload(receiving.id);
+        } else {
+            self.set_request_input(RequestInput::Payload(receiving));
+        }
+        receiving
+    }
+
+    /// The payload being received for the shell to store, if that is what
+    /// the next input bytes are.
+    pub(super) fn payload_to_store(&self) -> Option<Receiving> {
+        match self.request_input() {
+            Some(RequestInput::Payload(receiving)) if receiving.mode == ReceiveMode::Store => {
+                Some(receiving)
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes `taken` bytes of the payload being received as stored by the
+    /// shell; `false` (nothing noted) when none is, or fewer remain.
+    pub(super) fn take_stored_payload(&mut self, taken: u64) -> bool {
+        match self.payload_to_store() {
+            Some(receiving) if taken <= receiving.remaining => {
+                self.advance_payload(receiving, taken);
+                true
+            }
+            _ => false,
         }
     }
 
