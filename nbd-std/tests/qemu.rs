@@ -181,6 +181,15 @@ fn qemu_io_exercise(uri: &str) {
             "discard 8704k 1M",
             "read -P 0x66 8M 512k",
             "read -P 0x66 9728k 512k",
+            // Large and unaligned (a file export moves these payloads
+            // through a pipe, a partial sector held until the rest comes).
+            "write -P 0x77 10485861 200000",
+            "read -P 0 10485760 101",
+            "read -P 0x77 10485861 200000",
+            "read -P 0 10685861 1000",
+            "write -f -P 0x78 12582913 300000",
+            "read -P 0x78 12582913 300000",
+            "read -P 0 12582912 1",
             // Earlier data untouched.
             "read -P 0xab 0 1M",
             "read -P 0x11 1M 64k",

@@ -261,13 +261,11 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// may store them straight from its transport (a socket spliced into
     /// a file) rather than pass them through [`process`](Self::process):
     /// then it calls [`payload_taken`](Self::payload_taken) with what it
-    /// stored. `None` when the next bytes are anything else, or `process`
-    /// has a deferred request to hand out first (while a payload is being
-    /// received no other event can be due).
+    /// stored. `None` when the next bytes are anything else. A flush
+    /// deferred behind earlier writes may come due meanwhile; `process`
+    /// hands it out at its next call (the write is later than the flush,
+    /// so storing its bytes first is allowed).
     pub fn payload_wanted(&self) -> Option<PayloadWanted> {
-        if self.inflight.has_deferred() {
-            return None;
-        }
         self.payload_to_store().map(|receiving| PayloadWanted {
             id: receiving.id,
             offset: receiving.offset,

@@ -41,7 +41,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use nbd_core::export::Capabilities;
 use nbd_core::wire::{AllocationFlags, ExtDescriptor};
@@ -142,6 +142,20 @@ impl FileBackend {
             map: Mutex::new(None),
             map_failed: AtomicBool::new(false),
         })
+    }
+
+    /// Checks that `length` bytes at `offset` may be written, and holds the
+    /// size stable (against `resize`) while the guard lives.
+    fn writable_range(&self, offset: u64, length: usize) -> io::Result<RwLockReadGuard<'_, ()>> {
+        self.check_writable()?;
+        let size_stable = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
+        if offset.saturating_add(length as u64) > self.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write past the end of the export",
+            ));
+        }
+        Ok(size_stable)
     }
 
     /// Whether this is a block device rather than a regular file.
@@ -414,15 +428,39 @@ impl Backend for FileBackend {
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.check_writable()?;
-        let _size_stable = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
-        if offset.saturating_add(data.len() as u64) > self.size() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "write past the end of the export",
-            ));
-        }
+        let _size_stable = self.writable_range(offset, data.len())?;
         self.file.write_all_at(data, offset)
+    }
+
+    fn writes_from_pipe(&self) -> bool {
+        true
+    }
+
+    fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, length: usize) -> io::Result<()> {
+        let _size_stable = self.writable_range(offset, length)?;
+        let (mut at, mut left) = (offset, length);
+        while left > 0 {
+            // Moves the pipe's pages into the page cache (a buffered write).
+            match rustix::pipe::splice(
+                pipe,
+                None,
+                &self.file,
+                Some(&mut at),
+                left,
+                rustix::pipe::SpliceFlags::empty(),
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the pipe ran dry before the write's end",
+                    ));
+                }
+                Ok(moved) => left -= moved,
+                Err(Errno::INTR) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -227,6 +227,22 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Whether [`write_from_pipe`](Self::write_from_pipe) works: the
+    /// server may then move large write payloads from the socket into the
+    /// backend through a pipe (`splice`), never copying them itself.
+    fn writes_from_pipe(&self) -> bool {
+        false
+    }
+
+    /// Stores the next `length` bytes held in `pipe` at `offset`, as
+    /// `write_at` would (the same checks; done at once, like
+    /// [`try_write_now`](Self::try_write_now)). Only called when
+    /// [`writes_from_pipe`](Self::writes_from_pipe) says so.
+    fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, length: usize) -> io::Result<()> {
+        let _ = (pipe, offset, length);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     /// As [`try_read_now`](Self::try_read_now) for `write_at`: `Some` when
     /// the write was done without waiting for a device.
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::gathering::Gathering;
 use super::io_threads::ThreadShare;
+use super::payload_pipe::PayloadPipe;
 use super::poll_window::PollWindow;
 use super::read_ring::ReadRing;
 use super::socket::{self, PlainSocket};
@@ -73,6 +74,12 @@ const MOST_READ_DATA_HELD: usize = 64 << 10;
 /// data costs less than the extra system calls (`cachestat`, and a send
 /// of its own for the reply header).
 const SENDFILE_BYTES: u64 = 64 << 10;
+
+/// Smallest write whose payload is moved from the socket into a file
+/// through a pipe (`PayloadPipe`) rather than read into the input buffer
+/// and written from there: below it the two extra system calls a step
+/// cost more than the copy saved.
+const SPLICE_BYTES: u64 = 64 << 10;
 
 /// Read buffers a busy connection keeps for its next reads once their
 /// replies are sent. Freeing several MiB buffers together had glibc give
@@ -358,6 +365,18 @@ impl StreamingWrite {
     }
 }
 
+/// What [`Driver::splice_payload`] did.
+enum Spliced {
+    /// Moved payload from the socket (into storage, or the write's piece).
+    Moved,
+    /// The socket holds nothing yet: wait until it is readable.
+    SocketEmpty,
+    /// The client's input ended.
+    End,
+    /// Not for this input: read it the usual way.
+    No,
+}
+
 /// A read's data waiting for its reply header.
 enum ReadData {
     /// Copied into a buffer of ours.
@@ -413,6 +432,14 @@ struct Driver {
     read_data_bytes: usize,
     writes: RequestMap<PendingWrite>,
     streams: RequestMap<StreamingWrite>,
+    /// The pipe large write payloads go through (made at the first).
+    payload_pipe: Option<PayloadPipe>,
+    /// Making the pipe failed: payloads are read the usual way.
+    no_payload_pipe: bool,
+    /// A payload just came through the pipe: the next read takes one
+    /// request header, so a large write's payload after it stays in the
+    /// socket for the pipe.
+    header_only_read: bool,
     /// Reads waiting for budget, in arrival order; while any wait, no
     /// input is fed to the core.
     waiting_reads: VecDeque<(RequestId, u64, u64)>,
@@ -488,6 +515,9 @@ impl Driver {
             read_data_bytes: 0,
             writes: RequestMap::new(),
             streams: RequestMap::new(),
+            payload_pipe: None,
+            no_payload_pipe: false,
+            header_only_read: false,
             waiting_reads: VecDeque::new(),
             spare_reads: Vec::new(),
             budget,
@@ -612,7 +642,8 @@ impl Driver {
                 && !(watching && shutdown.has_changed().unwrap_or(true))
             {
                 (start, end) = nbd_core::shape::make_room(&mut input, start, end);
-                match self.read_now(stream, &mut input[end..], false, &mut idle_since) {
+                let read_end = self.read_end(end, input.len());
+                match self.read_now(stream, &mut input[end..read_end], false, &mut idle_since) {
                     Some(read) => {
                         let n = read?;
                         eof |=
@@ -670,11 +701,43 @@ impl Driver {
             // be seen there.
             // Just found empty: the event loop waits for it (an idle
             // connection may still poll through its window).
-            let read_again = idle || !socket_empty;
+            let mut read_again = idle || !socket_empty;
+            // Payload the socket holds for a large write goes to the file
+            // without passing through the input buffer.
+            // Part of a payload in the pipe: the rest must follow it there,
+            // shutdown or not (it waits for the requests in flight anyway).
+            let mut await_payload = false;
+            let pipe_holds = self
+                .payload_pipe
+                .as_ref()
+                .is_some_and(|pipe| pipe.held() > 0);
+            if start == end
+                && !eof
+                && (pipe_holds || !(watching && shutdown.has_changed().unwrap_or(true)))
+            {
+                match self.splice_payload(stream)? {
+                    Spliced::Moved => {
+                        tokio::task::consume_budget().await;
+                        continue;
+                    }
+                    Spliced::SocketEmpty => {
+                        await_payload = true;
+                        read_again = false;
+                    }
+                    Spliced::End => {
+                        eof |=
+                            self.received(0, &mut input, (&mut start, &mut end), &mut idle_since);
+                        continue;
+                    }
+                    Spliced::No => {}
+                }
+            }
+            let read_end = self.read_end(end, input.len());
             if room
                 && read_again
                 && !(watching && shutdown.has_changed().unwrap_or(true))
-                && let Some(read) = self.read_now(stream, &mut input[end..], idle, &mut idle_since)
+                && let Some(read) =
+                    self.read_now(stream, &mut input[end..read_end], idle, &mut idle_since)
             {
                 let n = read?;
                 eof |= self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
@@ -698,9 +761,17 @@ impl Driver {
                         self.apply(done);
                     }
                 }
-                read = stream.read(&mut input[end..]), if room => {
-                    let n = read?;
-                    eof |= self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
+                read = async {
+                    if await_payload {
+                        // Left in the socket for `splice_payload`.
+                        stream.wait_readable().await.map(|()| None)
+                    } else {
+                        stream.read(&mut input[end..read_end]).await.map(Some)
+                    }
+                }, if room || await_payload => {
+                    if let Some(n) = read? {
+                        eof |= self.received(n, &mut input, (&mut start, &mut end), &mut idle_since);
+                    }
                 },
                 () = server_budget.freed(), if starved => {}
                 () = tokio::time::sleep(SPARE_IDLE), if idle && !self.spare_reads.is_empty() => {
@@ -788,6 +859,7 @@ impl Driver {
         }
         self.last_input = tokio::time::Instant::now();
         self.turn_bytes += n;
+        self.header_only_read = false;
         if let (Some(since), Some(window)) = (idle_since.take(), &mut self.poll_window) {
             window.waited(since.elapsed());
         }
@@ -1247,6 +1319,139 @@ impl Driver {
             write.received = true;
         }
         self.settle_write(id, write);
+    }
+
+    /// Moves payload of the write being received from the socket into the
+    /// backend's file through the connection's pipe (`PayloadPipe`): for
+    /// writes of `SPLICE_BYTES` or more to backends that write from a
+    /// pipe, over plain sockets, when the input buffer is empty. Whole
+    /// sectors go to storage (all at the payload's end); a partial one
+    /// stays in the pipe until the rest of it comes, so a sector never
+    /// holds halves of two overlapping writes (see
+    /// `store_whole_sectors_now`). Once the pipe holds part of a payload,
+    /// the rest comes through it too.
+    fn splice_payload<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Spliced> {
+        let (Some(socket), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
+            return Ok(Spliced::No);
+        };
+        let Some(backend) = self.backend.clone().filter(|b| b.writes_from_pipe()) else {
+            return Ok(Spliced::No);
+        };
+        let suitable = self.streams.get(wanted.id).is_some_and(|write| {
+            write.length >= SPLICE_BYTES
+                && write.inline
+                && write.piece.is_empty()
+                && write.outstanding == 0
+                && write.failed.is_none()
+        });
+        if !suitable {
+            if self
+                .payload_pipe
+                .as_ref()
+                .is_some_and(|pipe| pipe.held() > 0)
+            {
+                return Err(io::Error::other(
+                    "the payload pipe holds bytes of a write no longer received through it",
+                ));
+            }
+            return Ok(Spliced::No);
+        }
+        let Some(mut pipe) = self.take_payload_pipe() else {
+            return Ok(Spliced::No);
+        };
+        let want = usize::try_from(wanted.remaining).unwrap_or(usize::MAX);
+        let filled = pipe.fill_from(socket, want);
+        let outcome = match filled {
+            Ok(0) => Ok(Spliced::End),
+            Ok(moved) => self.store_spliced(&mut pipe, &*backend, wanted, moved),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                stream.found_empty();
+                Ok(Spliced::SocketEmpty)
+            }
+            Err(error) => Err(error),
+        };
+        self.payload_pipe = Some(pipe);
+        outcome
+    }
+
+    /// Takes `moved` more payload bytes of `wanted` into `pipe` and stores
+    /// the whole sectors it holds (everything at the payload's end).
+    fn store_spliced(
+        &mut self,
+        pipe: &mut PayloadPipe,
+        backend: &dyn Backend,
+        wanted: nbd_core::server::PayloadWanted,
+        moved: usize,
+    ) -> io::Result<Spliced> {
+        self.conn
+            .payload_taken(moved as u64)
+            .map_err(io::Error::other)?;
+        self.turn_bytes += moved;
+        self.last_input = tokio::time::Instant::now();
+        let Some(mut write) = self.streams.remove(wanted.id) else {
+            return Err(io::Error::other(
+                "a write's state lost while its payload came",
+            ));
+        };
+        // The pipe held payload up to `wanted.offset` before this.
+        let head = wanted.offset - (pipe.held() - moved) as u64;
+        let end = wanted.offset + moved as u64;
+        let remaining = wanted.remaining - moved as u64;
+        let whole_end = if remaining == 0 {
+            end
+        } else {
+            end - end % SECTOR
+        };
+        let store = usize::try_from(whole_end.saturating_sub(head)).unwrap_or(0);
+        if store > 0 {
+            let stored = backend.write_from_pipe(pipe.output(), head, store);
+            pipe.stored(store);
+            if let Err(error) = stored {
+                // The write is answered with the error; what storage did
+                // not take is dropped, and the core drops the rest.
+                write.keep_first_error(Err(error));
+                pipe.discard()?;
+            }
+        }
+        if remaining == 0 {
+            write.received = true;
+            // The next request may be another large write: its header
+            // alone is read, and its payload left in the socket.
+            self.header_only_read = true;
+        }
+        self.settle_write(wanted.id, write);
+        Ok(Spliced::Moved)
+    }
+
+    /// Where a read into the input buffer (`len` bytes, filled to `end`)
+    /// stops: after one request header when a payload just came through
+    /// the pipe (`header_only_read`), else at its end.
+    fn read_end(&self, end: usize, len: usize) -> usize {
+        if self.header_only_read {
+            let header = nbd_core::wire::RequestHeader::encoded_len(self.conn.header_style());
+            (end + header).min(len)
+        } else {
+            len
+        }
+    }
+
+    /// The connection's payload pipe, made the first time; `None` when
+    /// it cannot be made (said once).
+    fn take_payload_pipe(&mut self) -> Option<PayloadPipe> {
+        if let Some(pipe) = self.payload_pipe.take() {
+            return Some(pipe);
+        }
+        if self.no_payload_pipe {
+            return None;
+        }
+        match PayloadPipe::new() {
+            Ok(pipe) => Some(pipe),
+            Err(error) => {
+                warn!("cannot make a pipe for write payloads ({error}): reading them into memory");
+                self.no_payload_pipe = true;
+                None
+            }
+        }
     }
 
     /// Stores the whole sectors at the start of `data` (all of it when it is

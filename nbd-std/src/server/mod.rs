@@ -16,6 +16,7 @@ mod connection;
 mod gathering;
 mod io_threads;
 pub mod limits;
+mod payload_pipe;
 mod poll_window;
 mod read_ring;
 mod socket;

@@ -32,6 +32,10 @@ pub(super) trait PlainSocket: Sync {
     /// for `EAGAIN`: forgetting a readiness whose bytes are still there
     /// would leave the loop asleep until more came.
     fn found_empty(&self);
+
+    /// Waits until the socket has bytes to read (or its end), through the
+    /// event loop, for reads of our own on [`plain_fd`](Self::plain_fd).
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 macro_rules! plain_socket {
@@ -65,6 +69,10 @@ macro_rules! plain_socket {
                     Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
                 });
             }
+
+            fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                self.readable()
+            }
         }
     };
 }
@@ -91,6 +99,14 @@ impl<S: Sync> PlainSocket for tokio_rustls::server::TlsStream<S> {
 
     /// Never read directly: nothing to tell.
     fn found_empty(&self) {}
+
+    /// Never read directly: the session reads the socket.
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a TLS stream's bytes are read through the session",
+        )))
+    }
 }
 
 /// Whether `fd` has bytes to read within `timeout`, the thread sleeping

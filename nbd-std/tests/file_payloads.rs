@@ -1,0 +1,98 @@
+//! Large write payloads to a file export go from the socket into the file
+//! through a pipe, a partial sector held there until the rest of it comes.
+//! Payloads arriving in uneven pieces, at unaligned offsets, one after the
+//! other and mixed with reads, must land exactly where they belong.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::thread;
+use std::time::Duration;
+
+use common::{
+    CMD_DISC, CMD_READ, CMD_WRITE, Server, create_sparse_file, negotiate_export_name, random_bytes,
+    read_simple_reply, request_bytes, temp_dir,
+};
+
+const SIZE: u64 = 4 << 20;
+
+/// Sends `payload` in pieces of the given sizes (cycled), pausing after
+/// each so the server finds the socket holding only part of it.
+fn send_unevenly(stream: &mut impl Write, payload: &[u8], pieces: &[usize]) {
+    let mut sent = 0;
+    for &piece in pieces.iter().cycle() {
+        if sent == payload.len() {
+            break;
+        }
+        let end = (sent + piece).min(payload.len());
+        stream.write_all(&payload[sent..end]).expect("send a piece");
+        stream.flush().expect("flush");
+        thread::sleep(Duration::from_millis(2));
+        sent = end;
+    }
+}
+
+#[test]
+fn uneven_unaligned_payloads_land_intact() {
+    let dir = temp_dir();
+    let image = dir.path().join("disk.img");
+    create_sparse_file(&image, SIZE);
+    let mut server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
+    let mut client = server.connect();
+    negotiate_export_name(&mut client, "disk");
+
+    let mut expected = vec![0u8; SIZE as usize];
+    // (offset, length, piece sizes): unaligned starts and ends, pieces
+    // that split sectors anywhere, one piece smaller than a sector.
+    let writes: [(u64, u32, &[usize]); 4] = [
+        (4097, 300_001, &[777, 5000, 12_345, 100, 65_536, 511]),
+        (1 << 20, 1 << 20, &[200_000, 1, 300_000]),
+        (3_000_003, 70_000, &[70_000]),
+        (2_500_000, 131_072, &[513, 4096, 100_000]),
+    ];
+    for (cookie, (offset, length, pieces)) in writes.into_iter().enumerate() {
+        let payload = random_bytes(cookie as u64 + 7, length as usize);
+        client
+            .write_all(&request_bytes(CMD_WRITE, cookie as u64, offset, length))
+            .expect("send write header");
+        send_unevenly(&mut client, &payload, pieces);
+        let reply = read_simple_reply(&mut client).expect("write reply");
+        assert_eq!(reply, (0, cookie as u64), "write {cookie}");
+        expected[offset as usize..offset as usize + payload.len()].copy_from_slice(&payload);
+    }
+
+    // Two large writes and a read sent at once: the second write's header
+    // is read alone after the first payload, its payload left for the pipe.
+    let first = random_bytes(100, 200_000);
+    let second = random_bytes(101, 100_000);
+    let mut burst = request_bytes(CMD_WRITE, 10, 5, 200_000).to_vec();
+    burst.extend_from_slice(&first);
+    burst.extend_from_slice(&request_bytes(CMD_WRITE, 11, 200_005, 100_000));
+    burst.extend_from_slice(&second);
+    burst.extend_from_slice(&request_bytes(CMD_READ, 12, 0, 512));
+    client.write_all(&burst).expect("send burst");
+    expected[5..200_005].copy_from_slice(&first);
+    expected[200_005..300_005].copy_from_slice(&second);
+    for cookie in [10, 11] {
+        assert_eq!(read_simple_reply(&mut client).expect("reply"), (0, cookie));
+    }
+    assert_eq!(read_simple_reply(&mut client).expect("reply"), (0, 12));
+    let mut data = [0u8; 512];
+    client.read_exact(&mut data).expect("read data");
+    assert_eq!(&data[..], &expected[..512]);
+
+    client
+        .write_all(&request_bytes(CMD_DISC, 99, 0, 0))
+        .expect("send disconnect");
+    drop(client);
+    server.stop();
+    let file = std::fs::File::open(&image).expect("open image");
+    let mut written = vec![0u8; SIZE as usize];
+    file.read_exact_at(&mut written, 0).expect("read image");
+    let first_difference = written.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "the file differs from what was written"
+    );
+}
