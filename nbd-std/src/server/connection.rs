@@ -1334,9 +1334,9 @@ impl Driver {
         let (Some(socket), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
             return Ok(Spliced::No);
         };
-        let Some(backend) = self.backend.clone().filter(|b| b.writes_from_pipe()) else {
+        if !self.backend.as_ref().is_some_and(|b| b.writes_from_pipe()) {
             return Ok(Spliced::No);
-        };
+        }
         let suitable = self.streams.get(wanted.id).is_some_and(|write| {
             write.length >= SPLICE_BYTES
                 && write.inline
@@ -1356,7 +1356,8 @@ impl Driver {
             }
             return Ok(Spliced::No);
         }
-        let Some(mut pipe) = self.take_payload_pipe() else {
+        let (Some(backend), Some(mut pipe)) = (self.backend.clone(), self.take_payload_pipe())
+        else {
             return Ok(Spliced::No);
         };
         let want = usize::try_from(wanted.remaining).unwrap_or(usize::MAX);
