@@ -367,7 +367,7 @@ impl StreamingWrite {
 
 /// What [`Driver::splice_payload`] did.
 enum Spliced {
-    /// Moved payload from the socket (into storage, or the write's piece).
+    /// Moved payload from the socket into the pipe (and storage).
     Moved,
     /// The socket holds nothing yet: wait until it is readable.
     SocketEmpty,
@@ -702,10 +702,10 @@ impl Driver {
             // Just found empty: the event loop waits for it (an idle
             // connection may still poll through its window).
             let mut read_again = idle || !socket_empty;
-            // Payload the socket holds for a large write goes to the file
-            // without passing through the input buffer.
-            // Part of a payload in the pipe: the rest must follow it there,
-            // shutdown or not (it waits for the requests in flight anyway).
+            // A large write's payload goes from the socket to the file
+            // without the input buffer. Once the pipe holds part of one,
+            // the rest follows it there, shutdown or not (a shutdown waits
+            // for the requests in flight anyway).
             let mut await_payload = false;
             let pipe_holds = self
                 .payload_pipe
