@@ -62,6 +62,28 @@ fn uneven_unaligned_payloads_land_intact() {
         expected[offset as usize..offset as usize + payload.len()].copy_from_slice(&payload);
     }
 
+    // The header and the payload's first bytes arrive together, ending
+    // inside a sector: the rest of that sector is read on its own, then
+    // the pipe takes over.
+    // (A read first: after a payload through the pipe the server reads
+    // one header alone, and this header must come with the bytes.)
+    client
+        .write_all(&request_bytes(CMD_READ, 49, 0, 512))
+        .expect("send read");
+    assert_eq!(read_simple_reply(&mut client).expect("reply"), (0, 49));
+    let mut data = [0u8; 512];
+    client.read_exact(&mut data).expect("read data");
+    let payload = random_bytes(50, 150_000);
+    let mut start = request_bytes(CMD_WRITE, 50, 600_003, 150_000).to_vec();
+    start.extend_from_slice(&payload[..1_000]);
+    client
+        .write_all(&start)
+        .expect("send header and first bytes");
+    thread::sleep(Duration::from_millis(20));
+    send_unevenly(&mut client, &payload[1_000..], &[300, 40_000, 7]);
+    assert_eq!(read_simple_reply(&mut client).expect("reply"), (0, 50));
+    expected[600_003..750_003].copy_from_slice(&payload);
+
     // Two large writes and a read sent at once: the second write's header
     // is read alone after the first payload, its payload left for the pipe.
     let first = random_bytes(100, 200_000);

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use nbd_core::server::{
@@ -1337,14 +1338,22 @@ impl Driver {
         if !self.backend.as_ref().is_some_and(|b| b.writes_from_pipe()) {
             return Ok(Spliced::No);
         }
-        let suitable = self.streams.get(wanted.id).is_some_and(|write| {
+        let suitable = self.streams.get(wanted.id).filter(|write| {
             write.length >= SPLICE_BYTES
                 && write.inline
-                && write.piece.is_empty()
                 && write.outstanding == 0
                 && write.failed.is_none()
         });
-        if !suitable {
+        // Payload read into the input buffer ended inside a sector: the
+        // rest of that sector comes from the socket here, and the write's
+        // piece stores it as usual; the pipe takes over after it.
+        if let Some(need) = suitable
+            .filter(|write| !write.piece.is_empty())
+            .map(|write| write.piece_limit - write.piece.len())
+        {
+            return self.complete_piece_from(stream, socket, wanted, need);
+        }
+        if suitable.is_none() {
             if self
                 .payload_pipe
                 .as_ref()
@@ -1373,6 +1382,47 @@ impl Driver {
         };
         self.payload_pipe = Some(pipe);
         outcome
+    }
+
+    /// Reads up to `need` (less than a sector) payload bytes of `wanted`
+    /// from the socket into the write's partial sector.
+    fn complete_piece_from<S: PlainSocket>(
+        &mut self,
+        stream: &S,
+        socket: BorrowedFd<'_>,
+        wanted: nbd_core::server::PayloadWanted,
+        need: usize,
+    ) -> io::Result<Spliced> {
+        let mut bytes = [0u8; SECTOR as usize];
+        let Some(bytes) = bytes.get_mut(..need) else {
+            return Err(io::Error::other(
+                "a write's partial sector is over a sector",
+            ));
+        };
+        let n = loop {
+            match rustix::net::recv(socket, &mut *bytes, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((0, _)) => return Ok(Spliced::End),
+                Ok((n, _)) => break n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    stream.found_empty();
+                    return Ok(Spliced::SocketEmpty);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
+        self.conn
+            .payload_taken(n as u64)
+            .map_err(io::Error::other)?;
+        self.turn_bytes += n;
+        self.last_input = tokio::time::Instant::now();
+        self.stream_write_data(
+            wanted.id,
+            wanted.offset,
+            &bytes[..n],
+            wanted.remaining - n as u64,
+        );
+        Ok(Spliced::Moved)
     }
 
     /// Takes `moved` more payload bytes of `wanted` into `pipe` and stores
