@@ -100,6 +100,7 @@ pub const INLINE_BYTES: usize = 256 << 10;
 /// appends `length` zero bytes, lets `fill` fill them, and takes them off
 /// again when `fill` answers `None` (the caller then reads another way,
 /// from the buffer as it was).
+#[cfg(feature = "s3")]
 pub(crate) fn try_fill_appended(
     buffer: &mut Vec<u8>,
     length: usize,
