@@ -84,15 +84,8 @@ fn random_writes_verified() {
 /// (only reads: the replies to those are held while more requests come).
 #[test]
 fn file_export_pipelined_reads_and_writes_verified() {
-    if !have_tools(&["fio"]) {
-        return;
-    }
-    let dir = temp_dir();
-    let image = dir.path().join("disk.img");
-    common::create_sparse_file(&image, 32 << 20);
-    let server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
-    fio_verify(
-        &server.uri_for("disk"),
+    fio_verify_file_export(
+        32 << 20,
         &[
             "--rw=randrw",
             "--bsrange=512-64k",
@@ -100,8 +93,6 @@ fn file_export_pipelined_reads_and_writes_verified() {
             "--iodepth=32",
             "--verify=crc32c",
         ],
-        dir.path(),
-        "file.json",
     );
 }
 
@@ -110,15 +101,8 @@ fn file_export_pipelined_reads_and_writes_verified() {
 /// data read back must be what was written.
 #[test]
 fn file_export_large_reads_sent_from_the_mapping_verified() {
-    if !have_tools(&["fio"]) {
-        return;
-    }
-    let dir = temp_dir();
-    let image = dir.path().join("disk.img");
-    common::create_sparse_file(&image, 64 << 20);
-    let server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
-    fio_verify(
-        &server.uri_for("disk"),
+    fio_verify_file_export(
+        64 << 20,
         &[
             "--rw=randrw",
             "--bsrange=64k-1m",
@@ -126,7 +110,18 @@ fn file_export_large_reads_sent_from_the_mapping_verified() {
             "--iodepth=8",
             "--verify=crc32c",
         ],
-        dir.path(),
-        "mapped.json",
     );
+}
+
+/// Runs the fio `job` with verification against a file export over a
+/// fresh sparse image of `image_bytes` (skipped without fio).
+fn fio_verify_file_export(image_bytes: u64, job: &[&str]) {
+    if !have_tools(&["fio"]) {
+        return;
+    }
+    let dir = temp_dir();
+    let image = dir.path().join("disk.img");
+    common::create_sparse_file(&image, image_bytes);
+    let server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
+    fio_verify(&server.uri_for("disk"), job, dir.path(), "file.json");
 }

@@ -144,15 +144,21 @@ impl FileBackend {
         })
     }
 
-    /// Checks that `length` bytes at `offset` may be written, and holds the
-    /// size stable (against `resize`) while the guard lives.
-    fn writable_range(&self, offset: u64, length: usize) -> io::Result<RwLockReadGuard<'_, ()>> {
+    /// Checks that `length` bytes at `offset` may be changed (`what`:
+    /// "write", "zeroing", for the error), and holds the size stable
+    /// (against `resize`) while the guard lives.
+    fn writable_range(
+        &self,
+        offset: u64,
+        length: u64,
+        what: &str,
+    ) -> io::Result<RwLockReadGuard<'_, ()>> {
         self.check_writable()?;
         let size_stable = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
-        if offset.saturating_add(length as u64) > self.size() {
+        if offset.saturating_add(length) > self.size() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "write past the end of the export",
+                format!("{what} past the end of the export"),
             ));
         }
         Ok(size_stable)
@@ -428,7 +434,7 @@ impl Backend for FileBackend {
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        let _size_stable = self.writable_range(offset, data.len())?;
+        let _size_stable = self.writable_range(offset, data.len() as u64, "write")?;
         self.file.write_all_at(data, offset)
     }
 
@@ -437,7 +443,7 @@ impl Backend for FileBackend {
     }
 
     fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, length: usize) -> io::Result<()> {
-        let _size_stable = self.writable_range(offset, length)?;
+        let _size_stable = self.writable_range(offset, length as u64, "write")?;
         let (mut at, mut left) = (offset, length);
         while left > 0 {
             // Moves the pipe's pages into the page cache (a buffered write).
@@ -576,14 +582,7 @@ impl Backend for FileBackend {
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> io::Result<()> {
-        self.check_writable()?;
-        let _size_stable = self.resizing.read().unwrap_or_else(PoisonError::into_inner);
-        if offset.saturating_add(length) > self.size() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "zeroing past the end of the export",
-            ));
-        }
+        let _size_stable = self.writable_range(offset, length, "zeroing")?;
         if self.block_device {
             self.zero_device(offset, length, flags)
         } else {

@@ -5,7 +5,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use nbd_core::server::{
@@ -708,13 +707,9 @@ impl Driver {
             // the rest follows it there, shutdown or not (a shutdown waits
             // for the requests in flight anyway).
             let mut await_payload = false;
-            let pipe_holds = self
-                .payload_pipe
-                .as_ref()
-                .is_some_and(|pipe| pipe.held() > 0);
             if start == end
                 && !eof
-                && (pipe_holds || !(watching && shutdown.has_changed().unwrap_or(true)))
+                && (self.payload_in_pipe() || !(watching && shutdown.has_changed().unwrap_or(true)))
             {
                 match self.splice_payload(stream)? {
                     Spliced::Moved => {
@@ -1351,14 +1346,10 @@ impl Driver {
             .filter(|write| !write.piece.is_empty())
             .map(|write| write.piece_limit - write.piece.len())
         {
-            return self.complete_piece_from(stream, socket, wanted, need);
+            return self.complete_piece_from(stream, wanted, need);
         }
         if suitable.is_none() {
-            if self
-                .payload_pipe
-                .as_ref()
-                .is_some_and(|pipe| pipe.held() > 0)
-            {
+            if self.payload_in_pipe() {
                 return Err(io::Error::other(
                     "the payload pipe holds bytes of a write no longer received through it",
                 ));
@@ -1389,7 +1380,6 @@ impl Driver {
     fn complete_piece_from<S: PlainSocket>(
         &mut self,
         stream: &S,
-        socket: BorrowedFd<'_>,
         wanted: nbd_core::server::PayloadWanted,
         need: usize,
     ) -> io::Result<Spliced> {
@@ -1399,23 +1389,15 @@ impl Driver {
                 "a write's partial sector is over a sector",
             ));
         };
-        let n = loop {
-            match rustix::net::recv(socket, &mut *bytes, rustix::net::RecvFlags::DONTWAIT) {
-                Ok((0, _)) => return Ok(Spliced::End),
-                Ok((n, _)) => break n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(rustix::io::Errno::AGAIN) => {
-                    stream.found_empty();
-                    return Ok(Spliced::SocketEmpty);
-                }
-                Err(error) => return Err(error.into()),
-            }
+        let n = match self.read_now(stream, bytes, false, &mut None) {
+            // Nothing yet (or interrupted): wait for the socket.
+            None => return Ok(Spliced::SocketEmpty),
+            Some(read) => read?,
         };
-        self.conn
-            .payload_taken(n as u64)
-            .map_err(io::Error::other)?;
-        self.turn_bytes += n;
-        self.last_input = tokio::time::Instant::now();
+        if n == 0 {
+            return Ok(Spliced::End);
+        }
+        self.took_payload(n)?;
         self.stream_write_data(
             wanted.id,
             wanted.offset,
@@ -1434,11 +1416,7 @@ impl Driver {
         wanted: nbd_core::server::PayloadWanted,
         moved: usize,
     ) -> io::Result<Spliced> {
-        self.conn
-            .payload_taken(moved as u64)
-            .map_err(io::Error::other)?;
-        self.turn_bytes += moved;
-        self.last_input = tokio::time::Instant::now();
+        self.took_payload(moved)?;
         let Some(mut write) = self.streams.remove(wanted.id) else {
             return Err(io::Error::other(
                 "a write's state lost while its payload came",
@@ -1472,6 +1450,24 @@ impl Driver {
         }
         self.settle_write(wanted.id, write);
         Ok(Spliced::Moved)
+    }
+
+    /// Tells the core that `n` payload bytes came straight from the
+    /// socket, and notes them as input.
+    fn took_payload(&mut self, n: usize) -> io::Result<()> {
+        self.conn
+            .payload_taken(n as u64)
+            .map_err(io::Error::other)?;
+        self.turn_bytes += n;
+        self.last_input = tokio::time::Instant::now();
+        Ok(())
+    }
+
+    /// Whether the payload pipe holds part of a write's payload.
+    fn payload_in_pipe(&self) -> bool {
+        self.payload_pipe
+            .as_ref()
+            .is_some_and(|pipe| pipe.held() > 0)
     }
 
     /// Where a read into the input buffer (`len` bytes, filled to `end`)
