@@ -278,7 +278,7 @@ impl<C: Catalog, const REQUESTS: usize, const BUFFER: usize> Connection<C, REQUE
     /// handed them out in [`Event::WriteData`]. At zero remaining the
     /// payload is whole: the shell completes the write once it is stored.
     pub fn payload_taken(&mut self, taken: u64) -> Result<(), PayloadNotWanted> {
-        if taken == 0 || self.payload_wanted().is_none() || !self.take_stored_payload(taken) {
+        if taken == 0 || !self.take_stored_payload(taken) {
             return Err(PayloadNotWanted);
         }
         Ok(())
