@@ -47,7 +47,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 
-# key, label, fio --rw (or libnbd:OP, see libnbd_qd1.py), --bs, --iodepth, headline metric
+# key, label, fio --rw (or libnbd:OP, see libnbd_qd1.py, or nbdcopy:in|out, see
+# nbdcopy_loop.py), --bs, --iodepth (nbdcopy: informational, it opens its default 4 connections), headline metric
 WORKLOADS = [
     ("randread-4k-qd1", "4k random read QD1", "randread", "4k", 1, "iops"),
     ("randread-4k-qd32", "4k random read QD32", "randread", "4k", 32, "iops"),
@@ -60,6 +61,8 @@ WORKLOADS = [
     ("read-512-qd1", "libnbd 512-byte random read QD1", "libnbd:read", "512", 1, "iops"),
     ("write-fua-4k-qd1", "libnbd 4k random write + FUA QD1", "libnbd:write-fua", "4096", 1, "iops"),
     ("write-flush-4k-qd1", "libnbd 4k random write, then FLUSH, QD1", "libnbd:write-flush", "4096", 1, "iops"),
+    ("copy-in", "nbdcopy a file into the export, 256 KiB requests", "nbdcopy:in", "262144", 4, "mibs"),
+    ("copy-out", "nbdcopy the export to null:, 256 KiB requests", "nbdcopy:out", "262144", 4, "mibs"),
 ]
 DEFAULT_WORKLOADS = [w[0] for w in WORKLOADS[:6]]
 ALL_SERVERS = ["nbd-std", "nbdkit", "qemu-nbd", "nbd-server"]
@@ -69,7 +72,7 @@ FLOOR_SERVERS = ["nbd-std-null", "nbdkit-null"]
 BEFORE_SERVER = "nbd-std-before"
 PEERS = ["nbdkit", "qemu-nbd", "nbd-server"]
 LIBNBD_PYTHON = "/usr/bin/python3"  # python3-libnbd is built for Debian's Python only
-REQUIRED_TOOLS = ["fio", "nbdinfo", "taskset", "nbdkit", "qemu-nbd", "nbd-server"]
+REQUIRED_TOOLS = ["fio", "nbdinfo", "nbdcopy", "taskset", "nbdkit", "qemu-nbd", "nbd-server"]
 
 # Every process we started and have not yet stopped, for cleanup on any exit.
 LIVE_SERVERS: list = []
@@ -413,6 +416,20 @@ class Context:
         self.no_pin = not args.pin
         self.storage = args.storage
         self.shared_file = ""
+        self.copy_file = ""
+
+    def copy_source(self, size: int) -> str:
+        """The file nbdcopy copies into exports: random bytes, the
+        export's size, in /dev/shm (so the source costs no disk reads),
+        written once for every server."""
+        if not self.copy_file:
+            path = f"/dev/shm/nbd-bench-{os.getpid()}-copy-source.img"
+            block = os.urandom(MiB)
+            with open(path, "wb") as f:
+                for _ in range(size // MiB):
+                    f.write(block)
+            self.copy_file = path
+        return self.copy_file
 
     def pin(self, cpus: str) -> list[str]:
         return [] if self.no_pin else ["taskset", "-c", cpus]
@@ -466,8 +483,15 @@ def fio_metrics(path: str) -> dict:
 
 def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dict:
     """One fio process against the server, bracketed by CPU/load samples;
-    fio_args ["libnbd:OP", BYTES, SECONDS] runs libnbd_qd1.py instead."""
+    fio_args ["libnbd:OP", BYTES, SECONDS] runs libnbd_qd1.py instead,
+    ["nbdcopy:in|out", BYTES, SECONDS] nbdcopy_loop.py."""
     out = os.path.join(ctx.outdir, "fio", f"{name}.json")
+    if fio_args and fio_args[0].startswith("nbdcopy:"):
+        script = os.path.join(REPO, "benches", "nbdcopy_loop.py")
+        direction, length, seconds = fio_args[0][len("nbdcopy:") :], fio_args[1], fio_args[2]
+        source = ctx.copy_source(server.size)
+        cmd = ctx.pin(ctx.client_cpus) + [sys.executable, script, server.uri, direction, source, length, seconds]
+        return run_client(ctx, server, name, cmd, out, libnbd=True)
     if fio_args and fio_args[0].startswith("libnbd:"):
         script = os.path.join(REPO, "benches", "libnbd_qd1.py")
         op, length, seconds = fio_args[0][len("libnbd:") :], fio_args[1], fio_args[2]
@@ -546,7 +570,7 @@ def run_client(ctx: Context, server: Server, name: str, cmd: list[str], out: str
 
 
 def workload_args(rw: str, bs: str, qd: int, seconds: float) -> list[str]:
-    if rw.startswith("libnbd:"):
+    if rw.startswith(("libnbd:", "nbdcopy:")):
         return [rw, bs, str(seconds)]
     return [
         f"--rw={rw}",
@@ -1145,11 +1169,12 @@ def main(argv) -> int:
             except Exception as e:  # keep cleaning up the others
                 log(f"stopping {srv.name}: {e}")
         shutil.rmtree(ctx.tmpdir, ignore_errors=True)
-        if ctx.shared_file:
-            try:
-                os.unlink(ctx.shared_file)
-            except FileNotFoundError:
-                pass
+        for path in (ctx.shared_file, ctx.copy_file):
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     if interrupted:
