@@ -352,3 +352,63 @@ fn reads_past_a_file_that_shrank_fail_instead_of_sending_zeroes() {
     stream.read_exact(&mut data).expect("data");
     assert!(data.iter().all(|&b| b == 0xa5));
 }
+
+/// Read buffers the connection keeps for its next reads hold budget; when
+/// eight of them hold all of `--connection-memory`, the next request must
+/// still be read (it once waited for those spares forever). Reads copied
+/// into buffers: the connection shares its I/O thread with another, so
+/// no read is sent from the file's pages.
+#[test]
+fn kept_read_buffers_never_hold_back_the_next_request() {
+    const READ: u32 = 256 << 10;
+    const SPARES_FILLING_THE_BUDGET: u64 = 8;
+    let dir = temp_dir();
+    let path = dir.path().join("disk.img");
+    let image = random_bytes(7, (4 * MIB) as usize);
+    std::fs::write(&path, &image).expect("write image");
+    let export = format!("disk=file:{}", path.display());
+    let server = Server::start([
+        "--export",
+        export.as_str(),
+        "--connection-memory",
+        "2M",
+        "--io-threads",
+        "1",
+        "--log-level",
+        "warn",
+    ]);
+    let _sharing_the_thread = connect(&server, "disk");
+    let mut stream = connect(&server, "disk");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut data = vec![0u8; READ as usize];
+    for round in 0..4u64 {
+        let mut burst = Vec::new();
+        for i in 0..SPARES_FILLING_THE_BUDGET {
+            burst.extend_from_slice(&request_bytes(CMD_READ, i, i * u64::from(READ), READ));
+        }
+        stream.write_all(&burst).expect("send reads");
+        for _ in 0..SPARES_FILLING_THE_BUDGET {
+            let (error, cookie) = read_simple_reply(&mut stream).expect("read reply");
+            assert_eq!(error, 0);
+            stream.read_exact(&mut data).expect("read data");
+            let at = (cookie * u64::from(READ)) as usize;
+            assert!(
+                data == image[at..at + READ as usize],
+                "read {cookie} returned other bytes"
+            );
+        }
+        // At once: the connection is not idle long enough to drop its spares.
+        let cookie = 100 + round;
+        stream
+            .write_all(&request_bytes(CMD_READ, cookie, 0, 4096))
+            .expect("send the next read");
+        let (error, answered) = read_simple_reply(&mut stream).unwrap_or_else(|e| {
+            panic!("no reply to the read sent after the burst (round {round}): {e}")
+        });
+        assert_eq!((error, answered), (0, cookie));
+        stream.read_exact(&mut data[..4096]).expect("read data");
+        assert_eq!(data[..4096], image[..4096]);
+    }
+}

@@ -888,7 +888,14 @@ impl Driver {
         } else if !self.may_block() {
             available
         } else {
-            let granted = self.budget.reserve(available, MIN_GRANT.min(available));
+            let mut granted = self.budget.reserve(available, MIN_GRANT.min(available));
+            if granted == 0 && !self.spare_reads.is_empty() {
+                // Kept read buffers are the first budget to give back:
+                // eight of them can hold all of it, and then the next
+                // request would wait for the connection's own spares.
+                self.drop_spares();
+                granted = self.budget.reserve(available, MIN_GRANT.min(available));
+            }
             if granted == 0 {
                 // A piece waiting for payload that cannot come in would
                 // hold its bytes forever (and every connection might):
