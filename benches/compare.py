@@ -403,6 +403,17 @@ class Server:
 # fio runs
 
 
+def write_random_file(path: str, size: int) -> None:
+    """Writes `size` bytes of random data (one random MiB repeated) to
+    `path`, allocated and on the device (fsync) before it returns."""
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class Context:
     def __init__(self, args):
         self.args = args
@@ -424,10 +435,7 @@ class Context:
         written once for every server."""
         if not self.copy_file:
             path = f"/dev/shm/nbd-bench-{os.getpid()}-copy-source.img"
-            block = os.urandom(MiB)
-            with open(path, "wb") as f:
-                for _ in range(size // MiB):
-                    f.write(block)
+            write_random_file(path, size)
             self.copy_file = path
         return self.copy_file
 
@@ -440,12 +448,7 @@ class Context:
         directory = self.args.file_dir or ("/dev/shm" if self.storage == "shm" else "/var/tmp")
         path = os.path.join(directory, f"nbd-bench-{os.getpid()}.img")
         log(f"writing {size // MiB} MiB to {path}")
-        block = os.urandom(MiB)
-        with open(path, "wb") as f:
-            for _ in range(size // MiB):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+        write_random_file(path, size)
         self.shared_file = path
 
     def evict_shared_file(self) -> None:

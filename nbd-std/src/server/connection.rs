@@ -888,13 +888,14 @@ impl Driver {
         } else if !self.may_block() {
             available
         } else {
-            let mut granted = self.budget.reserve(available, MIN_GRANT.min(available));
+            let floor = MIN_GRANT.min(available);
+            let mut granted = self.budget.reserve(available, floor);
             if granted == 0 && !self.spare_reads.is_empty() {
                 // Kept read buffers are the first budget to give back:
                 // eight of them can hold all of it, and then the next
                 // request would wait for the connection's own spares.
                 self.drop_spares();
-                granted = self.budget.reserve(available, MIN_GRANT.min(available));
+                granted = self.budget.reserve(available, floor);
             }
             if granted == 0 {
                 // A piece waiting for payload that cannot come in would
