@@ -90,18 +90,6 @@ const SENDFILE_BYTES: u64 = 64 << 10;
 /// cost more than the copy saved.
 const SPLICE_BYTES: u64 = 64 << 10;
 
-/// Read buffers a busy connection keeps for its next reads once their
-/// replies are sent. Freeing several MiB buffers together had glibc give
-/// their pages back to the kernel, and the next reads faulted them in
-/// again: 20 to 140 page faults a 1 MiB read at QD8, a quarter of the
-/// server's CPU time pinned to one CPU. Kept buffers stay held in the
-/// connection's budget.
-const SPARE_READ_BUFFERS: usize = 8;
-
-/// Smallest read buffer kept: smaller ones come from the allocator's
-/// free lists without faults.
-const SPARE_MIN_BYTES: usize = 128 << 10;
-
 /// How long an idle connection keeps its spare read buffers.
 const SPARE_IDLE: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -454,10 +442,6 @@ struct Driver {
     /// Reads waiting for budget, in arrival order; while any wait, no
     /// input is fed to the core.
     waiting_reads: VecDeque<(RequestId, u64, u64)>,
-    /// Empty read buffers kept for the next reads of their exact size
-    /// (see [`SPARE_READ_BUFFERS`]), each held in the budget at its
-    /// capacity.
-    spare_reads: Vec<Vec<u8>>,
     budget: Budget,
     /// Completions refused as `Busy` (block-status buffer full), retried
     /// after the next transmit.
@@ -531,7 +515,6 @@ impl Driver {
             no_payload_pipe: false,
             header_only_read: false,
             waiting_reads: VecDeque::new(),
-            spare_reads: Vec::new(),
             budget,
             retry: Vec::new(),
             out: Vec::new(),
@@ -613,8 +596,8 @@ impl Driver {
                 self.pending -= 1;
                 self.apply(done);
             }
-            if !self.spare_reads.is_empty() && self.budget.others_starving() {
-                self.drop_spares();
+            if self.budget.others_starving() {
+                self.budget.drop_spares();
             }
             self.start_waiting_reads();
             let fed = self.feedable(end - start);
@@ -782,8 +765,8 @@ impl Driver {
                     }
                 },
                 () = server_budget.freed(), if starved => {}
-                () = tokio::time::sleep(SPARE_IDLE), if idle && !self.spare_reads.is_empty() => {
-                    self.drop_spares();
+                () = tokio::time::sleep(SPARE_IDLE), if idle && self.budget.keeps_spares() => {
+                    self.budget.drop_spares();
                 }
                 () = tokio::time::sleep_until(idle_deadline.unwrap_or(self.last_input)), if idle_deadline.is_some() => {
                     info!(
@@ -900,15 +883,7 @@ impl Driver {
         } else if !self.may_block() {
             available
         } else {
-            let floor = MIN_GRANT.min(available);
-            let mut granted = self.budget.reserve(available, floor);
-            if granted == 0 && !self.spare_reads.is_empty() {
-                // Kept read buffers are the first budget to give back:
-                // eight of them can hold all of it, and then the next
-                // request would wait for the connection's own spares.
-                self.drop_spares();
-                granted = self.budget.reserve(available, floor);
-            }
+            let granted = self.budget.reserve(available, MIN_GRANT.min(available));
             if granted == 0 {
                 // A piece waiting for payload that cannot come in would
                 // hold its bytes forever (and every connection might):
@@ -1145,33 +1120,12 @@ impl Driver {
             // Lengths are capped by the core (at most 4 GiB).
             let bytes = usize::try_from(length).unwrap_or(usize::MAX);
             // A spare buffer of the size already holds its bytes.
-            let spare = self.take_spare(bytes);
+            let spare = self.budget.take_spare_read_buffer(bytes);
             if spare.is_none() && !self.budget.try_hold(bytes) {
-                if self.spare_reads.is_empty() {
-                    return;
-                }
-                self.drop_spares();
-                continue;
+                return;
             }
             self.waiting_reads.pop_front();
             self.start_read(id, offset, length, spare);
-        }
-    }
-
-    /// An empty spare read buffer of exactly `bytes` (see
-    /// [`SPARE_READ_BUFFERS`]); its hold in the budget becomes the read's.
-    fn take_spare(&mut self, bytes: usize) -> Option<Vec<u8>> {
-        let at = self
-            .spare_reads
-            .iter()
-            .position(|buffer| buffer.capacity() == bytes)?;
-        Some(self.spare_reads.swap_remove(at))
-    }
-
-    /// Frees the spare read buffers and gives their bytes back.
-    fn drop_spares(&mut self) {
-        for buffer in self.spare_reads.drain(..) {
-            self.budget.release(buffer.capacity());
         }
     }
 
@@ -1979,15 +1933,7 @@ impl Driver {
             if let Segment::Data(data) = segment {
                 data_bytes += data.len();
                 match data {
-                    // Held at its length, which is its capacity.
-                    ReadData::Owned(mut buffer)
-                        if buffer.len() == buffer.capacity()
-                            && buffer.len() >= SPARE_MIN_BYTES
-                            && self.spare_reads.len() < SPARE_READ_BUFFERS =>
-                    {
-                        buffer.clear();
-                        self.spare_reads.push(buffer);
-                    }
+                    ReadData::Owned(buffer) => self.budget.release_read_buffer(buffer),
                     data => self.budget.release(data.len()),
                 }
             }
