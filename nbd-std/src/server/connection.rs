@@ -604,7 +604,9 @@ impl Driver {
                 self.pending -= 1;
                 self.apply(done);
             }
-            if self.budget.others_starving() {
+            // Spares first: `others_starving` reads an atomic every
+            // connection writes, not worth it on each pass without them.
+            if self.budget.keeps_spares() && self.budget.others_starving() {
                 self.budget.drop_spares();
             }
             self.start_waiting_reads();
