@@ -663,7 +663,7 @@ impl Driver {
                             .holding_since
                             .get_or_insert_with(std::time::Instant::now)
                             .elapsed();
-                        if self.more_came_within_wait(stream, held_for) {
+                        if self.more_came_within_wait(stream, held_for)? {
                             continue;
                         }
                         socket_empty = true;
@@ -1010,6 +1010,18 @@ impl Driver {
                 }
                 Event::Request(request) => {
                     self.requests += 1;
+                    if let Some(gathering) = &mut self.gathering {
+                        let payload = match request {
+                            Request::Write { length, .. } => length,
+                            _ => 0,
+                        };
+                        let header =
+                            nbd_core::wire::RequestHeader::encoded_len(self.conn.header_style());
+                        gathering.took(
+                            header.saturating_add(usize::try_from(payload).unwrap_or(usize::MAX)),
+                            self.conn.in_flight(),
+                        );
+                    }
                     if let Some(metrics) = &mut self.metrics {
                         metrics.request(&request);
                     }
@@ -1167,18 +1179,18 @@ impl Driver {
         &mut self,
         stream: &S,
         held_for: std::time::Duration,
-    ) -> bool {
+    ) -> io::Result<bool> {
         let in_flight = self.conn.in_flight();
         let alone = self.alone_on_thread();
         let (Some(gathering), Some(fd)) = (self.gathering.as_mut(), stream.plain_fd()) else {
-            return false;
+            return Ok(false);
         };
         let Some(wait) = gathering.wait(in_flight, held_for).filter(|_| alone) else {
-            return false;
+            return Ok(false);
         };
-        let came = socket::readable_within(fd, wait);
-        gathering.waited(came, in_flight);
-        came
+        let arrival = socket::readable_within(fd, wait.within, wait.at_least)?;
+        gathering.waited(arrival, in_flight);
+        Ok(arrival != socket::Arrival::Nothing)
     }
 
     /// Keeps a read's data until its reply header is sent.

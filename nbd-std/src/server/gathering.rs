@@ -20,11 +20,31 @@
 //! CPU, or for less of it no slower, and tries both again every
 //! [`EPOCHS_BETWEEN_TRIALS`] epochs.
 //!
+//! A wait does not end at the first request that comes, though: it asks
+//! for the bytes of several requests (at the size of the client's latest
+//! ones), and the thread sleeps until the socket holds them or the wait
+//! ends (see [`socket::readable_within`]). How many: one more after a
+//! wait they all came within, half as many after one they did not, and
+//! never more than half of what the client may still send (the most it
+//! was seen to keep in flight, less those in flight now): waiting for
+//! all of it left a client keeping 8 in flight idle, its rate 5 to 20 %
+//! lower. Woken by each
+//! request, the thread read about one at a time, and each such read made
+//! Linux acknowledge it with a segment of its own (a read that empties
+//! the socket after two small segments or one full one acknowledges at
+//! once; a reply would have carried it): 0.3 to 0.5 bare acknowledgements
+//! and 0.25 sleeps a request at queue depth 32. Woken by the batch, the
+//! server spent 0.5 to 0.7 of the CPU a request (docs/BENCHMARKS.md).
+//!
 //! Waiting holds the I/O thread, so only a connection alone on its thread
 //! waits (the caller asks
 //! [`ThreadShare::alone`](super::io_threads::ThreadShare::alone)).
+//!
+//! [`socket::readable_within`]: super::socket::readable_within
 
 use std::time::{Duration, Instant};
+
+use super::socket::Arrival;
 
 /// Default longest wait in microseconds (`--gather-wait`). On the
 /// project's virtual machines a sleeping thread woke 20 to 40 µs after
@@ -55,6 +75,10 @@ const EPOCHS_BETWEEN_TRIALS: u32 = 32;
 /// quarter to a half of a write run's trials sent at once).
 const WAITING_MUST_GAIN: f64 = 0.95;
 
+/// Most bytes a wait asks for: sixteen 4 KiB writes. Larger writes go
+/// through the payload pipe, and a request or two is worth a wake-up.
+const MOST_GATHERED_BYTES: usize = 64 << 10;
+
 /// A pause between two transmissions longer than this is the client
 /// stopping, not the way replies are sent: the epoch starts again rather
 /// than count it.
@@ -77,6 +101,24 @@ pub(super) struct Gathering {
     /// probably sent all it would (its queue depth), and waiting with as
     /// many is futile.
     futile_at: usize,
+    /// The most requests seen in flight since the trial began: the
+    /// client's queue depth, as far as it showed it.
+    deepest: usize,
+    /// Requests a wait asks for, at most (see the module's comment).
+    asked: usize,
+    /// Eight times the bytes a request took on the wire lately (header
+    /// and payload): an average weighing each request an eighth.
+    request_bytes_x8: usize,
+}
+
+/// How long held replies may wait for the client's next requests, and
+/// for how many of their bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Wait {
+    /// The longest the thread sleeps.
+    pub(super) within: Duration,
+    /// Bytes the socket should hold before the thread wakes; 1: any.
+    pub(super) at_least: usize,
 }
 
 #[derive(Debug)]
@@ -115,26 +157,50 @@ impl Gathering {
             last_replies: None,
             phase: Phase::Trial { first: None },
             futile_at: usize::MAX,
+            deepest: 0,
+            asked: 1,
+            request_bytes_x8: 0,
         })
+    }
+
+    /// Notes a request taken from the client, `wire_bytes` long, with
+    /// `in_flight` in flight now (itself included).
+    pub(super) fn took(&mut self, wire_bytes: usize, in_flight: usize) {
+        self.deepest = self.deepest.max(in_flight);
+        self.request_bytes_x8 = if self.request_bytes_x8 == 0 {
+            wire_bytes * 8
+        } else {
+            self.request_bytes_x8 - self.request_bytes_x8 / 8 + wire_bytes
+        };
     }
 
     /// How long replies held for `held_for`, with `in_flight` requests
     /// in flight and none more in the socket, may wait for the next
-    /// requests; `None`: send them now.
-    pub(super) fn wait(&mut self, in_flight: usize, held_for: Duration) -> Option<Duration> {
+    /// requests, and for how many bytes of them; `None`: send them now.
+    pub(super) fn wait(&mut self, in_flight: usize, held_for: Duration) -> Option<Wait> {
         if in_flight > self.futile_at {
             // The client keeps more in flight than when a wait last
             // found nothing.
             self.futile_at = in_flight;
         }
-        (self.waiting && in_flight < self.futile_at && held_for < self.longest)
-            .then(|| self.longest - held_for)
+        (self.waiting && in_flight < self.futile_at && held_for < self.longest).then(|| Wait {
+            within: self.longest - held_for,
+            at_least: ((self.deepest.saturating_sub(in_flight) / 2).min(self.asked)
+                * self.request_bytes_x8
+                / 8)
+            .clamp(1, MOST_GATHERED_BYTES),
+        })
     }
 
-    /// Notes whether the requests came within the wait.
-    pub(super) fn waited(&mut self, came: bool, in_flight: usize) {
-        if !came {
-            self.futile_at = in_flight;
+    /// Notes what came within the wait.
+    pub(super) fn waited(&mut self, arrival: Arrival, in_flight: usize) {
+        match arrival {
+            Arrival::Enough => self.asked = self.asked.saturating_add(1),
+            Arrival::Fewer => self.asked = (self.asked / 2).max(1),
+            Arrival::Nothing => {
+                self.asked = (self.asked / 2).max(1);
+                self.futile_at = in_flight;
+            }
         }
     }
 
@@ -177,6 +243,7 @@ impl Gathering {
                 // The next trial serves its first epoch the way chosen
                 // last time, and may find the client's depth anew.
                 self.futile_at = usize::MAX;
+                self.deepest = 0;
                 Phase::Trial { first: None }
             }
             Phase::Settled { epochs_left } => Phase::Settled {
@@ -272,7 +339,9 @@ mod tests {
         // every 40 µs, 40 µs of CPU.
         clocks.epoch(&mut gathering, 2, 10, 9);
         assert_eq!(
-            gathering.wait(4, Duration::from_micros(3)),
+            gathering
+                .wait(4, Duration::from_micros(3))
+                .map(|wait| wait.within),
             Some(Duration::from_micros(7))
         );
         clocks.epoch(&mut gathering, 10, 40, 40);
@@ -358,14 +427,108 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_asks_for_one_request_more_after_each_that_came_and_half_after_one_that_did_not() {
+        let mut gathering = Gathering::new(WAIT).expect("a wait");
+        gathering.waiting = true;
+        let at_least = |gathering: &mut Gathering, in_flight| {
+            gathering
+                .wait(in_flight, Duration::ZERO)
+                .map(|wait| wait.at_least)
+        };
+        assert_eq!(
+            at_least(&mut gathering, 3),
+            Some(1),
+            "nothing known: any byte"
+        );
+        // Reads (28-byte headers), up to 32 in flight.
+        for in_flight in 1..=32 {
+            gathering.took(28, in_flight);
+        }
+        assert_eq!(at_least(&mut gathering, 8), Some(28), "one at first");
+        gathering.waited(Arrival::Enough, 8);
+        assert_eq!(at_least(&mut gathering, 8), Some(2 * 28));
+        for _ in 0..20 {
+            gathering.waited(Arrival::Enough, 8);
+        }
+        assert_eq!(
+            at_least(&mut gathering, 8),
+            Some(12 * 28),
+            "half of what the client may still send"
+        );
+        assert_eq!(at_least(&mut gathering, 30), Some(28));
+        assert_eq!(at_least(&mut gathering, 31), Some(1));
+        assert_eq!(at_least(&mut gathering, 0), Some(16 * 28));
+        gathering.waited(Arrival::Fewer, 0);
+        assert_eq!(
+            at_least(&mut gathering, 0),
+            Some(11 * 28),
+            "22 asked, then 11"
+        );
+        gathering.waited(Arrival::Nothing, 8);
+        assert_eq!(
+            at_least(&mut gathering, 8),
+            None,
+            "nothing came with 8 in flight"
+        );
+        assert_eq!(at_least(&mut gathering, 4), Some(5 * 28));
+        // Then 4 KiB writes: the size follows them.
+        gathering.took(28 + 4096, 8);
+        let after_one = at_least(&mut gathering, 4).expect("a wait");
+        assert!(after_one > 5 * 28 && after_one < 5 * (28 + 4096));
+        for _ in 0..100 {
+            gathering.took(28 + 4096, 8);
+        }
+        assert_eq!(at_least(&mut gathering, 4), Some(5 * (28 + 4096)));
+        for in_flight in 33..=64 {
+            gathering.took(28 + 4096, in_flight);
+        }
+        for _ in 0..40 {
+            gathering.waited(Arrival::Enough, 4);
+        }
+        assert_eq!(
+            at_least(&mut gathering, 4),
+            Some(MOST_GATHERED_BYTES),
+            "capped"
+        );
+    }
+
+    #[test]
+    fn the_depth_is_found_anew_at_each_trial() {
+        let mut gathering = Gathering::new(WAIT).expect("a wait");
+        let mut clocks = Clocks::new();
+        for in_flight in 1..=32 {
+            gathering.took(28, in_flight);
+        }
+        // A trial that keeps waiting, then the epochs until the next one.
+        clocks.epoch(&mut gathering, 2, 10, 9);
+        clocks.epoch(&mut gathering, 10, 40, 40);
+        for _ in 0..EPOCHS_BETWEEN_TRIALS {
+            clocks.epoch(&mut gathering, 10, 40, 40);
+        }
+        assert!(matches!(gathering.phase, Phase::Trial { first: None }));
+        // The client now keeps 4 in flight.
+        for in_flight in 1..=4 {
+            gathering.took(28, in_flight);
+        }
+        for _ in 0..10 {
+            gathering.waited(Arrival::Enough, 2);
+        }
+        assert_eq!(
+            gathering.wait(2, Duration::ZERO).map(|wait| wait.at_least),
+            Some(28),
+            "half of the two it may still send"
+        );
+    }
+
+    #[test]
     fn no_wait_once_as_many_are_in_flight_as_when_one_found_nothing() {
         let mut gathering = Gathering::new(WAIT).expect("a wait");
         gathering.waiting = true;
         assert!(gathering.wait(8, Duration::ZERO).is_some());
-        gathering.waited(false, 8);
+        gathering.waited(Arrival::Nothing, 8);
         assert_eq!(gathering.wait(8, Duration::ZERO), None);
         assert!(gathering.wait(7, Duration::ZERO).is_some());
-        gathering.waited(true, 7);
+        gathering.waited(Arrival::Enough, 7);
         assert!(gathering.wait(7, Duration::ZERO).is_some());
         // More in flight than then: the client's depth grew.
         assert_eq!(gathering.wait(9, Duration::ZERO), None);

@@ -109,11 +109,47 @@ impl<S: Sync> PlainSocket for tokio_rustls::server::TlsStream<S> {
     }
 }
 
-/// Whether `fd` has bytes to read within `timeout`, the thread sleeping
-/// meanwhile (`poll(2)`; only for a connection alone on its thread). An
-/// error (a signal, say) answers no: the caller then goes on as if
-/// nothing came.
-pub(super) fn readable_within(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
+/// What came to a socket within a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Arrival {
+    /// No byte.
+    Nothing,
+    /// Bytes, fewer than asked for.
+    Fewer,
+    /// The bytes asked for.
+    Enough,
+}
+
+/// What came to `fd` within `timeout`, the thread sleeping meanwhile
+/// (`poll(2)`; only for a connection alone on its thread). With
+/// `at_least` above 1 the thread sleeps until the socket holds that
+/// many bytes or the timeout (`SO_RCVLOWAT`, for the call only; TCP
+/// honours it, a unix socket wakes at the first byte). A failed `poll`
+/// (a signal, say) counts as the timeout. Fails only if the socket's
+/// low mark cannot be put back to one byte, as the event loop's waits
+/// would then miss a short request.
+pub(super) fn readable_within(
+    fd: BorrowedFd<'_>,
+    timeout: std::time::Duration,
+    at_least: usize,
+) -> io::Result<Arrival> {
+    // A mark that cannot be set only wakes the thread sooner.
+    let marked = at_least > 1 && set_receive_low_mark(fd, at_least).is_ok();
+    let came = poll_readable(fd, timeout);
+    if marked {
+        set_receive_low_mark(fd, 1)?;
+    }
+    Ok(if came {
+        Arrival::Enough
+    } else if marked && poll_readable(fd, std::time::Duration::ZERO) {
+        Arrival::Fewer
+    } else {
+        Arrival::Nothing
+    })
+}
+
+/// Whether `fd` is readable within `timeout` (at its low mark).
+fn poll_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> bool {
     let timeout = rustix::event::Timespec {
         tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
         tv_nsec: timeout.subsec_nanos().into(),
@@ -123,6 +159,30 @@ pub(super) fn readable_within(fd: BorrowedFd<'_>, timeout: std::time::Duration) 
         rustix::event::PollFlags::IN,
     )];
     matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+}
+
+/// Sets the bytes `fd` must hold before it reads as readable
+/// (`SO_RCVLOWAT`; rustix has no call for it).
+fn set_receive_low_mark(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is an open socket for the call, and the option's value
+    // is a `c_int` that outlives it, its size given.
+    #[allow(unsafe_code)]
+    let result = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sends all of `slices` (consuming them) with `MSG_MORE`: more follows
@@ -202,10 +262,10 @@ mod tests {
     fn readable_within_waits_for_bytes_or_the_timeout() {
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let began = std::time::Instant::now();
-        assert!(!readable_within(
-            ours.as_fd(),
-            std::time::Duration::from_millis(2)
-        ));
+        assert_eq!(
+            readable_within(ours.as_fd(), std::time::Duration::from_millis(2), 1).expect("poll"),
+            Arrival::Nothing
+        );
         assert!(began.elapsed() >= std::time::Duration::from_millis(2));
         let writer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -214,20 +274,62 @@ mod tests {
         });
         // Well within the wait: the byte ends it.
         let began = std::time::Instant::now();
-        assert!(readable_within(
-            ours.as_fd(),
-            std::time::Duration::from_secs(10)
-        ));
+        assert_eq!(
+            readable_within(ours.as_fd(), std::time::Duration::from_secs(10), 1).expect("poll"),
+            Arrival::Enough
+        );
         assert!(began.elapsed() < std::time::Duration::from_secs(5));
         let theirs = writer.join().expect("writer");
         drop(theirs);
         // A closed peer reads as the end of the stream: readable too.
         let mut byte = [0u8; 1];
         (&ours).read_exact(&mut byte).expect("the byte");
-        assert!(readable_within(
-            ours.as_fd(),
-            std::time::Duration::from_millis(1)
-        ));
+        assert_eq!(
+            readable_within(ours.as_fd(), std::time::Duration::from_millis(1), 1).expect("poll"),
+            Arrival::Enough
+        );
+    }
+
+    #[test]
+    fn a_wait_for_more_bytes_sleeps_through_fewer_and_leaves_the_mark_at_one() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let mut theirs =
+            std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        theirs.set_nodelay(true).expect("nodelay");
+        let wait = std::time::Duration::from_millis(20);
+        let began = std::time::Instant::now();
+        assert_eq!(
+            readable_within(ours.as_fd(), wait, 64).expect("poll"),
+            Arrival::Nothing
+        );
+        assert!(began.elapsed() >= wait);
+        // Fewer bytes than asked for: the wait runs to its end.
+        theirs.write_all(&[1; 28]).expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let began = std::time::Instant::now();
+        assert_eq!(
+            readable_within(ours.as_fd(), wait, 64).expect("poll"),
+            Arrival::Fewer
+        );
+        assert!(began.elapsed() >= wait, "woke for 28 of 64 bytes");
+        assert!(
+            poll_readable(ours.as_fd(), std::time::Duration::ZERO),
+            "the mark is back at one byte, for the event loop's waits"
+        );
+        // Enough bytes end the wait.
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            theirs.write_all(&[2; 36]).expect("write");
+            theirs
+        });
+        let began = std::time::Instant::now();
+        assert_eq!(
+            readable_within(ours.as_fd(), std::time::Duration::from_secs(10), 64).expect("poll"),
+            Arrival::Enough
+        );
+        assert!(began.elapsed() < std::time::Duration::from_secs(5));
+        drop(writer.join().expect("writer"));
     }
 
     #[tokio::test]
