@@ -23,18 +23,19 @@
 //! A wait does not end at the first request that comes, though: it asks
 //! for the bytes of several requests (at the size of the client's latest
 //! ones), and the thread sleeps until the socket holds them or the wait
-//! ends (see [`socket::readable_within`]). How many: one more after a
-//! wait they all came within, half as many after one they did not, and
-//! never more than half of what the client may still send (the most it
-//! was seen to keep in flight, less those in flight now): waiting for
-//! all of it left a client keeping 8 in flight idle, its rate 5 to 20 %
-//! lower. Woken by each
-//! request, the thread read about one at a time, and each such read made
-//! Linux acknowledge it with a segment of its own (a read that empties
-//! the socket after two small segments or one full one acknowledges at
-//! once; a reply would have carried it): 0.3 to 0.5 bare acknowledgements
-//! and 0.25 sleeps a request at queue depth 32. Woken by the batch, the
-//! server spent 0.5 to 0.7 of the CPU a request (docs/BENCHMARKS.md).
+//! ends (see [`socket::readable_within`]). Woken by each request, the
+//! thread read about one at a time, and each such read made Linux
+//! acknowledge it with a segment of its own (a read that empties the
+//! socket after two small segments or one full one acknowledges at once;
+//! a reply would have carried it): 0.3 to 0.5 bare acknowledgements and
+//! 0.25 sleeps a request at queue depth 32. Woken by the batch, the
+//! server spent 0.5 to 0.8 of the CPU a request at queue depths 16 and
+//! 32 (docs/BENCHMARKS.md). How many requests: one more after a wait
+//! they all came within, half as many after one they did not, and never
+//! more than half of what the client may still send (the most it was
+//! seen to keep in flight, less those in flight now): waiting for all of
+//! it left a client keeping 8 in flight idle, up to 17 % of its rate
+//! lost.
 //!
 //! Waiting holds the I/O thread, so only a connection alone on its thread
 //! waits (the caller asks
