@@ -169,9 +169,9 @@ impl Gathering {
     pub(super) fn took(&mut self, wire_bytes: usize, in_flight: usize) {
         self.deepest = self.deepest.max(in_flight);
         self.request_bytes_x8 = if self.request_bytes_x8 == 0 {
-            wire_bytes * 8
+            wire_bytes.saturating_mul(8)
         } else {
-            self.request_bytes_x8 - self.request_bytes_x8 / 8 + wire_bytes
+            (self.request_bytes_x8 - self.request_bytes_x8 / 8).saturating_add(wire_bytes)
         };
     }
 
@@ -186,10 +186,9 @@ impl Gathering {
         }
         (self.waiting && in_flight < self.futile_at && held_for < self.longest).then(|| Wait {
             within: self.longest - held_for,
-            at_least: ((self.deepest.saturating_sub(in_flight) / 2).min(self.asked)
-                * self.request_bytes_x8
-                / 8)
-            .clamp(1, MOST_GATHERED_BYTES),
+            at_least: ((self.deepest.saturating_sub(in_flight) / 2).min(self.asked))
+                .saturating_mul(self.request_bytes_x8 / 8)
+                .clamp(1, MOST_GATHERED_BYTES),
         })
     }
 
