@@ -200,23 +200,32 @@ where
             self.closing = None;
             self.end(SessionEnd::Dropped);
         }
-        for handle in [Some(self.handle), self.standby].into_iter().flatten() {
+        let mut listened_again = false;
+        for handle in self.sockets() {
             let socket = sockets.get_mut::<tcp::Socket>(handle);
-            if !socket.is_open() && socket.listen(self.port).is_ok() {
-                info!("listening on port {}", self.port);
-            }
+            listened_again |= !socket.is_open() && socket.listen(self.port).is_ok();
+        }
+        if listened_again {
+            // How many listen tells whether a client arriving now is
+            // accepted while another's socket is busy or still closing.
+            let listening = self
+                .sockets()
+                .filter(|&h| sockets.get_mut::<tcp::Socket>(h).state() == State::Listen)
+                .count();
+            info!(
+                "listening on port {} ({} of {} sockets)",
+                self.port,
+                listening,
+                self.sockets().count()
+            );
         }
         if self.session.is_none() {
-            let Some(handle) = [Some(self.handle), self.standby]
-                .into_iter()
-                .flatten()
-                .find(|&handle| {
-                    matches!(
-                        sockets.get_mut::<tcp::Socket>(handle).state(),
-                        State::Established | State::CloseWait
-                    )
-                })
-            else {
+            let Some(handle) = self.sockets().find(|&handle| {
+                matches!(
+                    sockets.get_mut::<tcp::Socket>(handle).state(),
+                    State::Established | State::CloseWait
+                )
+            }) else {
                 return false;
             };
             info!("client connected");
@@ -240,6 +249,11 @@ where
                 false
             }
         }
+    }
+
+    /// The main socket, then the standby if there is one.
+    fn sockets(&self) -> impl Iterator<Item = SocketHandle> {
+        [Some(self.handle), self.standby].into_iter().flatten()
     }
 
     fn end(&mut self, end: SessionEnd) {

@@ -76,6 +76,8 @@ const BACK_TO_BACK: usize = 8;
 const COPY_BEFORE_KILL: Duration = Duration::from_millis(400);
 /// The firmware's log line once its socket listens.
 const READY: &str = "listening on port 10809";
+/// Its line when both of its sockets (main and standby) listen.
+const ALL_LISTENING: &str = "listening on port 10809 (2 of 2 sockets)";
 
 /// Writes done through `qemu-io`: (offset, length, byte), none aligned to
 /// the 512-byte blocks, the last ending at the end of the card.
@@ -235,6 +237,9 @@ fn firmware_serves_clients_that_poll_from_power_on() {
         let out = run(&mut size(), &qemu);
         assert_eq!(out.trim(), CARD_SIZE.to_string());
     }
+    // The last client's socket may still be closing (its FIN unacknowledged);
+    // the pair needs both sockets listening, as it would on a quiet network.
+    wait_for_all_sockets_listening(&qemu);
     let both: Vec<_> = (0..2)
         .map(|_| {
             size()
@@ -307,6 +312,29 @@ fn wait_for_bursts_served(qemu: &Qemu) {
         if now != seen {
             (seen, since) = (now, Instant::now());
         }
+    }
+}
+
+/// Waits until the firmware's last "listening" line comes after its last
+/// client and says every socket listens (a socket closing after a session
+/// listens again once the client acknowledges its FIN, which through
+/// QEMU's user networking on a loaded host took over 10 ms once).
+fn wait_for_all_sockets_listening(qemu: &Qemu) {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let log = qemu.log();
+        let last_client = log.rfind("client connected").unwrap_or(0);
+        let last_listening = log.rfind(READY).filter(|&at| at > last_client);
+        if last_listening
+            .is_some_and(|at| log[at..].lines().next().map(str::trim_end) == Some(ALL_LISTENING))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the firmware's sockets did not all listen again within {BOOT_TIMEOUT:?}:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
