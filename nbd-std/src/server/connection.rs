@@ -492,12 +492,6 @@ struct Driver {
     /// Since when replies ready to go have waited for input the socket
     /// held.
     holding_since: Option<std::time::Instant>,
-    /// The client's latest request was a read: with nothing but reads
-    /// since replies last went out, replies may be held even for storage
-    /// that may block (see [`may_hold_replies`](Self::may_hold_replies)).
-    latest_request_read: bool,
-    /// A request other than a read came since replies last went out.
-    other_than_reads_since_sent: bool,
 }
 
 impl Driver {
@@ -544,8 +538,6 @@ impl Driver {
             turn_bytes: 0,
             one_in_flight_passes: ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE,
             holding_since: None,
-            latest_request_read: false,
-            other_than_reads_since_sent: false,
         }
     }
 
@@ -672,9 +664,6 @@ impl Driver {
             }
             self.holding_since = None;
             let sent = self.transmit(stream).await?;
-            if sent > 0 {
-                self.other_than_reads_since_sent = false;
-            }
             if sent > 0
                 && let Some(gathering) = &mut self.gathering
             {
@@ -1058,8 +1047,6 @@ impl Driver {
 
     fn request(&mut self, request: Request) {
         debug!("request {request:?}");
-        self.latest_request_read = matches!(request, Request::Read { .. });
-        self.other_than_reads_since_sent |= !self.latest_request_read;
         let job = match request {
             Request::Read { id, offset, length } => {
                 self.waiting_reads.push_back((id, offset, length));
@@ -1154,17 +1141,16 @@ impl Driver {
     /// Whether the replies ready to go may wait while the socket is read
     /// for more requests (see [`LONGEST_HOLD`]). Not for a
     /// client that waits for each reply: the wait would be all its
-    /// latency. For storage that may block (files), only while the
-    /// client sends reads: 4 KiB random reads at QD32 from a file's page
-    /// cache took a median of 7 % less server CPU with replies held
-    /// (0.77 to 1.02 of before over twelve rounds), but writes to a file
-    /// on disk went from 38k to 33k a second, with the same system calls
-    /// per request and 85 % of the server's CPU in ext4 either way (cause
-    /// not found), and writes into the page cache took 8 to 18 % more CPU.
+    /// latency. For every storage: replies to writes to a file were sent
+    /// at once while a held reply's wait woke at the client's first next
+    /// request (writes to a file on disk lost 15 % of their rate held,
+    /// cause not found); since a wait sleeps through a batch
+    /// ([`Gathering`]), 4 KiB writes at QD32 to a file took 3.1 to 5.1 µs
+    /// of server CPU a request held against 5.9 to 9.1 sent at once
+    /// (tmpfs, and an allocated and a fresh sparse file on ext4), at a
+    /// higher rate.
     fn may_hold_replies(&self) -> bool {
         self.conn.wants_transmit()
-            && (!self.may_block()
-                || (self.latest_request_read && !self.other_than_reads_since_sent))
             && self.one_in_flight_passes < ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE
             && self
                 .holding_since
