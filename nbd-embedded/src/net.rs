@@ -195,7 +195,8 @@ where
     /// in CLOSE-WAIT without a session would hold the port forever.
     pub fn service(&mut self, sockets: &mut SocketSet<'_>) -> bool {
         let serving = sockets.get_mut::<tcp::Socket>(self.serving);
-        if self.session.is_some() && !serving.is_open() {
+        let dropped = self.session.is_some() && !serving.is_open();
+        if dropped {
             self.session = None;
             self.closing = None;
             self.end(SessionEnd::Dropped);
@@ -220,6 +221,12 @@ where
             );
         }
         if self.session.is_none() {
+            if dropped {
+                // The next session starts at the next call, once the
+                // application could take this one's end: a session
+                // failing at once would overwrite it.
+                return true;
+            }
             let Some(handle) = self.sockets().find(|&handle| {
                 matches!(
                     sockets.get_mut::<tcp::Socket>(handle).state(),

@@ -242,3 +242,71 @@ fn a_connection_closed_before_the_server_looked_is_closed_and_the_next_client_se
     assert_eq!(error, 0);
     assert_eq!(data, (0..512).map(pattern_byte).collect::<Vec<u8>>());
 }
+
+#[test]
+fn a_dropped_session_is_reported_before_the_standby_client_is_served() {
+    let mut device = Loopback::new(Medium::Ethernet);
+    let mut iface = common::loopback_interface(&mut device);
+    let mut sockets = SocketSet::new(Vec::new());
+    let socket = || {
+        tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 2048]),
+            tcp::SocketBuffer::new(vec![0; 2048]),
+        )
+    };
+    let main = sockets.add(socket());
+    let standby = sockets.add(socket());
+    let clients = [sockets.add(socket()), sockets.add(socket())];
+    let storage = BlockStorage::new(MemCard::new(64)).unwrap();
+    let exports: &'static [Export<'static>] = Box::leak(Box::new([storage.export("card")]));
+    let mut server = TcpServer::new(
+        main,
+        nbd_embedded::DEFAULT_PORT,
+        Config::default(),
+        exports,
+        storage,
+    )
+    .with_standby(standby);
+    let mut now = Instant::from_millis(0);
+    let mut ends = Vec::new();
+    let mut step =
+        |server: &mut Server, sockets: &mut SocketSet<'static>, iface: &mut Interface| {
+            server.poll(now, iface, &mut device, sockets);
+            now += smoltcp::time::Duration::from_millis(1);
+            ends.extend(server.take_session_end());
+        };
+    step(&mut server, &mut sockets, &mut iface);
+    // Both clients connect: the first is served on the main socket, the
+    // second waits on the standby with bytes that are no client flags.
+    for (client, port) in clients.into_iter().zip([49170, 49171]) {
+        sockets
+            .get_mut::<tcp::Socket>(client)
+            .connect(
+                iface.context(),
+                (IpAddress::v4(127, 0, 0, 1), nbd_embedded::DEFAULT_PORT),
+                port,
+            )
+            .unwrap();
+        for _ in 0..100 {
+            step(&mut server, &mut sockets, &mut iface);
+        }
+        assert!(sockets.get::<tcp::Socket>(client).may_send());
+    }
+    assert!(server.has_client());
+    sockets
+        .get_mut::<tcp::Socket>(clients[1])
+        .send_slice(&[0x5a; 64])
+        .unwrap();
+    for _ in 0..100 {
+        step(&mut server, &mut sockets, &mut iface);
+    }
+    // The first client resets its connection: its session ends, and the
+    // second's fails at once on its flags. Both ends are reported.
+    sockets.get_mut::<tcp::Socket>(clients[0]).abort();
+    for _ in 0..100 {
+        step(&mut server, &mut sockets, &mut iface);
+    }
+    assert_eq!(ends.len(), 2, "{ends:?}");
+    assert_eq!(ends[0], SessionEnd::Dropped);
+    assert!(matches!(ends[1], SessionEnd::Failed(_)), "{ends:?}");
+}
