@@ -63,7 +63,7 @@ const ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE: u32 = 32;
 /// is cheap under this many nanoseconds (on average, lately): then its
 /// reply may be held like a read's. 4 KiB random writes at QD32 cost
 /// the server 3 to 4 µs of CPU each, all told, into tmpfs or into ext4
-/// pages not cached before, and 29 to 40 µs into a file on ext4 whose
+/// pages not cached before, and 20 to 40 µs into a file on ext4 whose
 /// pages were cached (read whole; why those are dear was not found).
 const CHEAP_WRITE_NANOS: u64 = 10_000;
 
@@ -1176,8 +1176,8 @@ impl Driver {
     /// [`CHEAP_WRITE_NANOS`]): 4 KiB random reads at QD32 from a file's page
     /// cache took a median of 7 % less server CPU with replies held, and
     /// writes into tmpfs 3.3 to 3.7 µs of it against 6.3 to 6.7; writes
-    /// that cost ext4 tens of µs each lost 0 to 22 % of their rate held
-    /// (the thread, busy with them, only delays the replies), and a flush
+    /// that cost ext4 tens of µs each lost up to 30 % of their rate held
+    /// (why was not found), and a flush
     /// or a trim goes to the pool, whose outcome a thread waiting on the
     /// socket would not see.
     fn may_hold_replies(&self) -> bool {
