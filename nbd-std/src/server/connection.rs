@@ -1172,14 +1172,13 @@ impl Driver {
     /// for more requests (see [`LONGEST_HOLD`]). Not for a
     /// client that waits for each reply: the wait would be all its
     /// latency. For storage that may block (files), only while the
-    /// client sends reads, and writes this thread did cheaply (see
-    /// [`CHEAP_WRITE_NANOS`]): 4 KiB random reads at QD32 from a file's page
-    /// cache took a median of 7 % less server CPU with replies held, and
-    /// writes into tmpfs 3.3 to 3.7 µs of it against 6.3 to 6.7; writes
-    /// that cost ext4 tens of µs each lost up to 30 % of their rate held
-    /// (why was not found), and a flush
-    /// or a trim goes to the pool, whose outcome a thread waiting on the
-    /// socket would not see.
+    /// client sends reads, and writes this thread stored cheaply (see
+    /// [`CHEAP_WRITE_NANOS`]): 4 KiB random reads at QD32 from a file's
+    /// page cache took a median of 7 % less server CPU with replies held,
+    /// and writes into tmpfs 3.3 to 3.7 µs of it against 6.3 to 6.7;
+    /// writes that cost ext4 tens of µs each lost up to 30 % of their
+    /// rate held (why was not found). A flush or a trim goes to the pool,
+    /// whose outcome a thread waiting on the socket would not see.
     fn may_hold_replies(&self) -> bool {
         self.conn.wants_transmit()
             && (!self.may_block()
