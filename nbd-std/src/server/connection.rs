@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use super::average::EighthAverage;
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::gathering::Gathering;
 use super::io_threads::ThreadShare;
@@ -506,13 +507,13 @@ struct Driver {
     /// A request other than a read or a write came since replies last
     /// went out.
     others_since_sent: bool,
-    /// Eight times the time a write done on this thread took lately, in
-    /// nanoseconds: an average weighing each write an eighth (see
-    /// [`CHEAP_WRITE_NANOS`]). Payloads spliced from the socket into the
-    /// file are not timed and leave it as it was (1 MiB writes at QD8
-    /// were level with the build that sent every file write's reply at
-    /// once: 0.94 to 1.12× its rate, in `/dev/shm` and on disk).
-    write_nanos_x8: u64,
+    /// The time a write done on this thread took lately, in nanoseconds
+    /// (see [`CHEAP_WRITE_NANOS`]); cheap until writes show otherwise.
+    /// Payloads spliced from the socket into the file are not timed and
+    /// leave it as it was (1 MiB writes at QD8 were level with the build
+    /// that sent every file write's reply at once: 0.94 to 1.12× its
+    /// rate, in `/dev/shm` and on disk).
+    write_nanos: EighthAverage,
 }
 
 impl Driver {
@@ -561,7 +562,7 @@ impl Driver {
             holding_since: None,
             writes_since_sent: false,
             others_since_sent: false,
-            write_nanos_x8: 0,
+            write_nanos: EighthAverage::starting_at(0),
         }
     }
 
@@ -1186,7 +1187,7 @@ impl Driver {
         self.conn.wants_transmit()
             && (!self.may_block()
                 || (!self.others_since_sent
-                    && (!self.writes_since_sent || self.write_nanos_x8 / 8 < CHEAP_WRITE_NANOS)))
+                    && (!self.writes_since_sent || self.write_nanos.value() < CHEAP_WRITE_NANOS)))
             && self.one_in_flight_passes < ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE
             && self
                 .holding_since
@@ -1721,8 +1722,8 @@ impl Driver {
 
     /// Notes how long a write took on this thread.
     fn wrote_in(&mut self, took: std::time::Duration) {
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.write_nanos_x8 = (self.write_nanos_x8 - self.write_nanos_x8 / 8).saturating_add(nanos);
+        self.write_nanos
+            .note(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
     }
 
     /// Runs `job`, which was tried here and would have waited for a

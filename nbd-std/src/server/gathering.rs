@@ -45,6 +45,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::average::EighthAverage;
 use super::socket::Arrival;
 
 /// Default longest wait in microseconds (`--gather-wait`). On the
@@ -107,9 +108,8 @@ pub(super) struct Gathering {
     deepest: usize,
     /// Requests a wait asks for, at most (see the module's comment).
     asked: usize,
-    /// Eight times the bytes a request took on the wire lately (header
-    /// and payload): an average weighing each request an eighth.
-    request_bytes_x8: usize,
+    /// The bytes a request took on the wire lately (header and payload).
+    request_bytes: EighthAverage,
 }
 
 /// How long held replies may wait for the client's next requests, and
@@ -160,7 +160,7 @@ impl Gathering {
             futile_at: usize::MAX,
             deepest: 0,
             asked: 1,
-            request_bytes_x8: 0,
+            request_bytes: EighthAverage::empty(),
         })
     }
 
@@ -168,11 +168,8 @@ impl Gathering {
     /// `in_flight` in flight now (itself included).
     pub(super) fn took(&mut self, wire_bytes: usize, in_flight: usize) {
         self.deepest = self.deepest.max(in_flight);
-        self.request_bytes_x8 = if self.request_bytes_x8 == 0 {
-            wire_bytes.saturating_mul(8)
-        } else {
-            (self.request_bytes_x8 - self.request_bytes_x8 / 8).saturating_add(wire_bytes)
-        };
+        self.request_bytes
+            .note(u64::try_from(wire_bytes).unwrap_or(u64::MAX));
     }
 
     /// How long replies held for `held_for`, with `in_flight` requests
@@ -187,7 +184,7 @@ impl Gathering {
         (self.waiting && in_flight < self.futile_at && held_for < self.longest).then(|| Wait {
             within: self.longest - held_for,
             at_least: ((self.deepest.saturating_sub(in_flight) / 2).min(self.asked))
-                .saturating_mul(self.request_bytes_x8 / 8)
+                .saturating_mul(usize::try_from(self.request_bytes.value()).unwrap_or(usize::MAX))
                 .clamp(1, MOST_GATHERED_BYTES),
         })
     }
