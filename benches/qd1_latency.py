@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""Mean and 99th-percentile completion latency of the fio runs in a
-benches/compare.py results directory, as a markdown table.
+"""Mean and 99th-percentile latency of the fio runs in a
+benches/compare.py results directory, as a markdown table: submission and
+completion together (fio's `lat`); the p99 of completion alone (`clat`)
+in reports from before 2026-12-06, when compare.py did not yet ask fio
+for the percentiles of `lat`.
 
 compare.py reports the p50; at queue depth 1 the mean (the inverse of the
 IOPS) and the tail say more when a server's latencies are bimodal.
@@ -26,17 +29,20 @@ ORDER = ["nbd-std", "nbd-std-before", "nbdkit", "qemu-nbd", "nbd-server", "nbd-s
 
 
 def latencies(path: str) -> tuple[float, float] | None:
-    """(mean, p99) completion latency in µs of one fio run, or None."""
+    """(mean, p99) latency in µs of one fio run, or None."""
     try:
         with open(path) as f:
             job = json.load(f)["jobs"][0]
     except (OSError, ValueError, KeyError, IndexError):
         return None
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
-    clat = side["clat_ns"]
-    if not clat.get("N"):
+    # A server woken by the client's send makes the submission dear,
+    # which completion latency alone does not show.
+    lat = side["lat_ns"]
+    if not lat.get("N"):
         return None
-    return clat["mean"] / 1000, clat["percentile"]["99.000000"] / 1000
+    tail = lat if "percentile" in lat else side["clat_ns"]
+    return lat["mean"] / 1000, tail["percentile"]["99.000000"] / 1000
 
 
 def cell(values: list[float]) -> str:
