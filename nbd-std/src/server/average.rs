@@ -1,28 +1,28 @@
-//! An average of recent samples in integers, for measures a connection
-//! keeps of its client and its storage.
+//! An average of recent samples in integers, for measures the server
+//! keeps of its clients, its storage and its own copies.
 
 /// An average weighing each new sample an eighth (kept times eight, so
 /// that integer division loses little).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct EighthAverage {
+pub(crate) struct EighthAverage {
     /// Eight times the average; `None` before the first sample.
     times_eight: Option<u64>,
 }
 
 impl EighthAverage {
     /// No sample yet: the first one noted becomes the average.
-    pub(super) const fn empty() -> Self {
+    pub(crate) const fn empty() -> Self {
         Self { times_eight: None }
     }
 
     /// Starting at `value`, as if every earlier sample had been it.
-    pub(super) const fn starting_at(value: u64) -> Self {
+    pub(crate) const fn starting_at(value: u64) -> Self {
         Self {
             times_eight: Some(value.saturating_mul(8)),
         }
     }
 
-    pub(super) fn note(&mut self, sample: u64) {
+    pub(crate) fn note(&mut self, sample: u64) {
         self.times_eight = Some(match self.times_eight {
             None => sample.saturating_mul(8),
             Some(x8) => (x8 - x8 / 8).saturating_add(sample),
@@ -30,7 +30,7 @@ impl EighthAverage {
     }
 
     /// The average; 0 before the first sample.
-    pub(super) fn value(&self) -> u64 {
+    pub(crate) fn value(&self) -> u64 {
         self.times_eight.map_or(0, |x8| x8 / 8)
     }
 }

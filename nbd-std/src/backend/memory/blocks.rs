@@ -19,6 +19,8 @@
 //! export's last page is gone.
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::io;
 use std::ptr::NonNull;
@@ -26,6 +28,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rustix::mm::{self, Advice, MapFlags, ProtFlags};
+
+#[cfg(target_arch = "x86_64")]
+use crate::server::average::EighthAverage;
+#[cfg(target_arch = "x86_64")]
+use std::time::Instant;
 
 /// The size of a transparent huge page on x86-64 and of the blocks.
 const BLOCK_SIZE: usize = 2 << 20;
@@ -202,14 +209,17 @@ impl PageBuf {
     /// less server CPU each). But they also push the lines out of the
     /// cache: for bytes `likely_cached` (written lately) an ordinary copy
     /// is cheaper (over 256 KiB written again and again, 0.3 µs a write).
-    /// Longer copies are left to `memcpy`, whose `rep movsb` already
-    /// writes whole lines: streaming 64 KiB pages made 1 MiB sequential
-    /// writes 9 % slower.
+    /// Longer copies go the way this thread found cheaper lately (see
+    /// [`LongCopies`]).
     pub(super) fn store(&mut self, at: usize, data: &[u8], likely_cached: bool) {
         let place = &mut self[at..at + data.len()];
         #[cfg(target_arch = "x86_64")]
-        if !likely_cached && (STREAMED_STORE_MIN..=STREAMED_STORE_MAX).contains(&data.len()) {
-            stream_copy(place, data);
+        if !likely_cached && data.len() >= STREAMED_STORE_MIN {
+            if data.len() <= STREAMED_STORE_MAX {
+                stream_copy(place, data);
+            } else {
+                LONG_COPIES.with(|copies| copies.copy(place, data));
+            }
             return;
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -222,9 +232,80 @@ impl PageBuf {
 /// is around them.
 #[cfg(target_arch = "x86_64")]
 const STREAMED_STORE_MIN: usize = 1024;
-/// Longer copies go through `rep movsb` in `memcpy`.
+/// Longer copies go the way found cheaper (see [`LongCopies`]).
 #[cfg(target_arch = "x86_64")]
 const STREAMED_STORE_MAX: usize = 8192;
+
+/// One long copy in this many goes the way that is not the cheaper one
+/// lately, so a change (of the machine's load, of where the data lands)
+/// is seen: at most 1.6 % of the copies the dearer way.
+#[cfg(target_arch = "x86_64")]
+const TRY_THE_OTHER_WAY_EVERY: u32 = 64;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static LONG_COPIES: LongCopies = const { LongCopies::new() };
+}
+
+/// How copies longer than [`STREAMED_STORE_MAX`] into pages not in the
+/// cache go: with `memcpy` (`rep movsb`, which writes whole lines) or
+/// with streaming stores. Which is cheaper depends on the machine: 1 MiB
+/// writes at QD8 into a memory export ran 9 % slower streamed on one,
+/// and on another streaming took 52 µs a MiB in 64 KiB copies against
+/// 103 for `memcpy`: 1 MiB writes took 0.81 to 0.87× the server CPU
+/// (2026-12-06, docs/BENCHMARKS.md). So each thread times the copies
+/// both ways and takes the cheaper, the other way now and then.
+#[cfg(target_arch = "x86_64")]
+struct LongCopies {
+    /// Nanoseconds a KiB, `memcpy` then streamed.
+    nanos_per_kib: [Cell<EighthAverage>; 2],
+    copies: Cell<u32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LongCopies {
+    const fn new() -> Self {
+        Self {
+            nanos_per_kib: [
+                Cell::new(EighthAverage::empty()),
+                Cell::new(EighthAverage::empty()),
+            ],
+            copies: Cell::new(0),
+        }
+    }
+
+    fn copy(&self, place: &mut [u8], data: &[u8]) {
+        let copies = self.copies.get().wrapping_add(1);
+        self.copies.set(copies);
+        let streamed = streams_next(
+            copies,
+            self.nanos_per_kib[0].get(),
+            self.nanos_per_kib[1].get(),
+        );
+        let started = Instant::now();
+        if streamed {
+            stream_copy(place, data);
+        } else {
+            place.copy_from_slice(data);
+        }
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let kib = (data.len() as u64 / 1024).max(1);
+        let way = &self.nanos_per_kib[usize::from(streamed)];
+        let mut average = way.get();
+        average.note(nanos / kib);
+        way.set(average);
+    }
+}
+
+/// Whether the `copies`-th long copy is streamed, given what copies took
+/// lately each way: the cheaper way, the other one every
+/// [`TRY_THE_OTHER_WAY_EVERY`] copies; a way not timed yet is tried
+/// first (its average reads 0).
+#[cfg(target_arch = "x86_64")]
+fn streams_next(copies: u32, plain: EighthAverage, streamed: EighthAverage) -> bool {
+    let streaming_cheaper = streamed.value() < plain.value();
+    streaming_cheaper != copies.is_multiple_of(TRY_THE_OTHER_WAY_EVERY)
+}
 
 /// `dst.copy_from_slice(src)` with non-temporal stores for the 16-byte
 /// aligned middle of `dst`. Wider stores (32 and 64 bytes) were not
@@ -359,6 +440,50 @@ mod tests {
                     .all(|&b| b == 0xAA)
             );
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn long_copies_go_the_cheaper_way_and_now_and_then_the_other() {
+        let (cheap, dear) = (
+            EighthAverage::starting_at(50),
+            EighthAverage::starting_at(100),
+        );
+        let untimed = EighthAverage::empty();
+        // Nothing timed: memcpy first; then the way not timed yet.
+        assert!(!streams_next(1, untimed, untimed));
+        assert!(streams_next(2, cheap, untimed));
+        assert!(!streams_next(3, untimed, cheap));
+        for copies in 1..TRY_THE_OTHER_WAY_EVERY {
+            assert!(streams_next(copies, dear, cheap));
+            assert!(!streams_next(copies, cheap, dear));
+        }
+        assert!(!streams_next(TRY_THE_OTHER_WAY_EVERY, dear, cheap));
+        assert!(streams_next(2 * TRY_THE_OTHER_WAY_EVERY, cheap, dear));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn long_copies_land_exactly_whichever_way_they_go() -> io::Result<()> {
+        let blocks = PageBlocks::new(PAGE, false);
+        let mut page = blocks.zeroed()?;
+        let copies = LongCopies::new();
+        let mut expected = vec![0u8; PAGE];
+        // Enough copies for both ways to be timed and tried again.
+        for round in 0..3 * TRY_THE_OTHER_WAY_EVERY as usize {
+            let (at, len) = (round % 61, PAGE / 2 + round % 4093);
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 + round) as u8).collect();
+            copies.copy(&mut page[at..at + len], &data);
+            expected[at..at + len].copy_from_slice(&data);
+            assert!(
+                page[..] == expected[..],
+                "copy {round}: {len} bytes at {at}"
+            );
+        }
+        for way in &copies.nanos_per_kib {
+            assert_ne!(way.get(), EighthAverage::empty(), "both ways timed");
+        }
+        Ok(())
     }
 
     #[test]
