@@ -252,7 +252,7 @@ thread_local! {
 /// with streaming stores. Which is cheaper depends on the machine: 1 MiB
 /// writes at QD8 into a memory export ran 9 % slower streamed on one,
 /// and on another streaming took 52 µs a MiB in 64 KiB copies against
-/// 103 for `memcpy`: 1 MiB writes took 0.81 to 0.87× the server CPU
+/// 103 for `memcpy`: 1 MiB writes took 0.80 to 0.87× the server CPU
 /// (2026-12-06, docs/BENCHMARKS.md). So each thread times the copies
 /// both ways and takes the cheaper, the other way now and then.
 #[cfg(target_arch = "x86_64")]
