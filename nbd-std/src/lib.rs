@@ -28,6 +28,7 @@
 
 #[cfg(feature = "server")]
 pub mod activation;
+mod average;
 pub mod backend;
 #[cfg(feature = "bridge")]
 pub mod bridge;

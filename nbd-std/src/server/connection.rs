@@ -15,7 +15,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use super::average::EighthAverage;
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::gathering::Gathering;
 use super::io_threads::ThreadShare;
@@ -24,6 +23,7 @@ use super::poll_window::PollWindow;
 use super::read_ring::ReadRing;
 use super::socket::{self, PlainSocket};
 use super::storage::{Done, Job};
+use crate::average::EighthAverage;
 use crate::backend::{Backend, FileMap, INLINE_BYTES, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
 use crate::metrics::{ConnectionMetrics, HandshakeFailure};

@@ -45,8 +45,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::average::EighthAverage;
 use super::socket::Arrival;
+use crate::average::EighthAverage;
 
 /// Default longest wait in microseconds (`--gather-wait`). On the
 /// project's virtual machines a sleeping thread woke 20 to 40 µs after

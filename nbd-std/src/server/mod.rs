@@ -11,7 +11,6 @@
 //! accepted and closed at once; a client that has not selected an export
 //! within `handshake_timeout` is dropped.
 
-pub(crate) mod average;
 pub mod budget;
 mod connection;
 mod gathering;

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rustix::mm::{self, Advice, MapFlags, ProtFlags};
 
 #[cfg(target_arch = "x86_64")]
-use crate::server::average::EighthAverage;
+use crate::average::EighthAverage;
 #[cfg(target_arch = "x86_64")]
 use std::time::Instant;
 

@@ -16,6 +16,7 @@ impl EighthAverage {
     }
 
     /// Starting at `value`, as if every earlier sample had been it.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) const fn starting_at(value: u64) -> Self {
         Self {
             times_eight: Some(value.saturating_mul(8)),
