@@ -680,24 +680,17 @@ impl Driver {
                             .holding_since
                             .get_or_insert_with(std::time::Instant::now)
                             .elapsed();
-                        if self.more_came_within_wait(stream, held_for)? {
+                        if self.sends_before_waiting() {
+                            self.send_replies(stream).await?;
+                        }
+                        if !self.closed && self.more_came_within_wait(stream, held_for)? {
                             continue;
                         }
                         socket_empty = true;
                     }
                 }
             }
-            self.holding_since = None;
-            let sent = self.transmit(stream).await?;
-            if sent > 0 {
-                self.writes_since_sent = false;
-                self.others_since_sent = false;
-            }
-            if sent > 0
-                && let Some(gathering) = &mut self.gathering
-            {
-                gathering.replied(sent, std::time::Instant::now(), thread_cpu_time);
-            }
+            let sent = self.send_replies(stream).await?;
             if self.closed {
                 return stream.shutdown().await.map(|()| Ended::Done);
             }
@@ -1193,6 +1186,38 @@ impl Driver {
                 .holding_since
                 .is_none_or(|since| since.elapsed() < LONGEST_HOLD)
             && self.read_data_bytes < MOST_READ_DATA_HELD
+    }
+
+    /// Sends the replies ready, held or not, and notes it; returns how
+    /// many went.
+    async fn send_replies<S: AsyncWrite + Unpin + PlainSocket>(
+        &mut self,
+        stream: &mut S,
+    ) -> io::Result<usize> {
+        self.holding_since = None;
+        let sent = self.transmit(stream).await?;
+        if sent > 0 {
+            self.writes_since_sent = false;
+            self.others_since_sent = false;
+            if let Some(gathering) = &mut self.gathering {
+                gathering.replied(sent, std::time::Instant::now(), thread_cpu_time);
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Whether the replies held go out before the wait for the client's
+    /// next requests rather than after it: those that carry no data (of
+    /// writes, say). Held through the wait, they left the client with
+    /// nothing to do: at queue depth 32, 4 KiB writes into a memory
+    /// export came 10 % slower with waits than without, and waiting
+    /// (for 1.2 µs less server CPU each) was not chosen. Sent first, the
+    /// client works through them while the server sleeps: as quick as
+    /// without waits, for 0.75 of the server CPU. Replies carrying read
+    /// data are better held: sent together they cost the client less
+    /// (4 KiB reads at queue depth 32 came 3 % slower sent first).
+    fn sends_before_waiting(&self) -> bool {
+        self.read_data_bytes == 0 && self.gathering.as_ref().is_some_and(Gathering::waits)
     }
 
     /// Whether the client's next requests came while the replies held
