@@ -36,6 +36,12 @@ impl EighthAverage {
     }
 }
 
+/// `duration` in nanoseconds, as a sample (saturating: a sample past
+/// 584 years is no use anyway).
+pub(crate) fn nanos(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

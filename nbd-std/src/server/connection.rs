@@ -23,7 +23,7 @@ use super::poll_window::PollWindow;
 use super::read_ring::ReadRing;
 use super::socket::{self, PlainSocket};
 use super::storage::{Done, Job};
-use crate::average::EighthAverage;
+use crate::average::{EighthAverage, nanos};
 use crate::backend::{Backend, FileMap, INLINE_BYTES, ReadPiece, ZeroFlags, error_code};
 use crate::export::{ClientView, ExportSet, WriterPolicy};
 use crate::metrics::{ConnectionMetrics, HandshakeFailure};
@@ -1747,8 +1747,7 @@ impl Driver {
 
     /// Notes how long a write took on this thread.
     fn wrote_in(&mut self, took: std::time::Duration) {
-        self.write_nanos
-            .note(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+        self.write_nanos.note(nanos(took));
     }
 
     /// Runs `job`, which was tried here and would have waited for a

@@ -19,8 +19,6 @@
 //! export's last page is gone.
 #![allow(unsafe_code)]
 
-#[cfg(target_arch = "x86_64")]
-use std::cell::Cell;
 use std::ffi::c_void;
 use std::io;
 use std::ptr::NonNull;
@@ -30,9 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rustix::mm::{self, Advice, MapFlags, ProtFlags};
 
 #[cfg(target_arch = "x86_64")]
-use crate::average::EighthAverage;
-#[cfg(target_arch = "x86_64")]
-use std::time::Instant;
+mod streaming;
 
 /// The size of a transparent huge page on x86-64 and of the blocks.
 const BLOCK_SIZE: usize = 2 << 20;
@@ -210,126 +206,17 @@ impl PageBuf {
     /// cache: for bytes `likely_cached` (written lately) an ordinary copy
     /// is cheaper (over 256 KiB written again and again, 0.3 µs a write).
     /// Longer copies go the way this thread found cheaper lately (see
-    /// [`LongCopies`]).
+    /// `streaming::LongCopies`).
     pub(super) fn store(&mut self, at: usize, data: &[u8], likely_cached: bool) {
         let place = &mut self[at..at + data.len()];
         #[cfg(target_arch = "x86_64")]
-        if !likely_cached && data.len() >= STREAMED_STORE_MIN {
-            if data.len() <= STREAMED_STORE_MAX {
-                stream_copy(place, data);
-            } else {
-                LONG_COPIES.with(|copies| copies.copy(place, data));
-            }
+        if !likely_cached && streaming::stored(place, data) {
             return;
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = likely_cached;
         place.copy_from_slice(data);
     }
-}
-
-/// Shorter copies stay in the cache: they likely share lines with what
-/// is around them.
-#[cfg(target_arch = "x86_64")]
-const STREAMED_STORE_MIN: usize = 1024;
-/// Longer copies go the way found cheaper (see [`LongCopies`]).
-#[cfg(target_arch = "x86_64")]
-const STREAMED_STORE_MAX: usize = 8192;
-
-/// One long copy in this many goes the way that is not the cheaper one
-/// lately, so a change (of the machine's load, of where the data lands)
-/// is seen: at most 1.6 % of the copies the dearer way.
-#[cfg(target_arch = "x86_64")]
-const TRY_THE_OTHER_WAY_EVERY: u32 = 64;
-
-#[cfg(target_arch = "x86_64")]
-thread_local! {
-    static LONG_COPIES: LongCopies = const { LongCopies::new() };
-}
-
-/// How copies longer than [`STREAMED_STORE_MAX`] into pages not in the
-/// cache go: with `memcpy` (`rep movsb`, which writes whole lines) or
-/// with streaming stores. Which is cheaper depends on the machine: 1 MiB
-/// writes at QD8 into a memory export ran 9 % slower streamed on one,
-/// and on another streaming took 52 µs a MiB in 64 KiB copies against
-/// 103 for `memcpy`: 1 MiB writes took 0.80 to 0.87× the server CPU
-/// (2026-12-06, docs/BENCHMARKS.md). So each thread times the copies
-/// both ways and takes the cheaper, the other way now and then.
-#[cfg(target_arch = "x86_64")]
-struct LongCopies {
-    /// Nanoseconds a KiB, `memcpy` then streamed.
-    nanos_per_kib: [Cell<EighthAverage>; 2],
-    copies: Cell<u32>,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl LongCopies {
-    const fn new() -> Self {
-        Self {
-            nanos_per_kib: [
-                Cell::new(EighthAverage::empty()),
-                Cell::new(EighthAverage::empty()),
-            ],
-            copies: Cell::new(0),
-        }
-    }
-
-    fn copy(&self, place: &mut [u8], data: &[u8]) {
-        let copies = self.copies.get().wrapping_add(1);
-        self.copies.set(copies);
-        let streamed = streams_next(
-            copies,
-            self.nanos_per_kib[0].get(),
-            self.nanos_per_kib[1].get(),
-        );
-        let started = Instant::now();
-        if streamed {
-            stream_copy(place, data);
-        } else {
-            place.copy_from_slice(data);
-        }
-        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let kib = (data.len() as u64 / 1024).max(1);
-        let way = &self.nanos_per_kib[usize::from(streamed)];
-        let mut average = way.get();
-        average.note(nanos / kib);
-        way.set(average);
-    }
-}
-
-/// Whether the `copies`-th long copy is streamed, given what copies took
-/// lately each way: the cheaper way, the other one every
-/// [`TRY_THE_OTHER_WAY_EVERY`] copies; a way not timed yet is tried
-/// first (its average reads 0).
-#[cfg(target_arch = "x86_64")]
-fn streams_next(copies: u32, plain: EighthAverage, streamed: EighthAverage) -> bool {
-    let streaming_cheaper = streamed.value() < plain.value();
-    streaming_cheaper != copies.is_multiple_of(TRY_THE_OTHER_WAY_EVERY)
-}
-
-/// `dst.copy_from_slice(src)` with non-temporal stores for the 16-byte
-/// aligned middle of `dst`. Wider stores (32 and 64 bytes) were not
-/// faster: the write-combining buffers fill whole lines either way.
-#[cfg(target_arch = "x86_64")]
-fn stream_copy(dst: &mut [u8], src: &[u8]) {
-    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-    debug_assert_eq!(dst.len(), src.len());
-    let head = dst.as_ptr().align_offset(16).min(dst.len());
-    let middle = (dst.len() - head) & !15;
-    dst[..head].copy_from_slice(&src[..head]);
-    // SAFETY: for each `at`, `at + 16 <= head + middle <= len` for both
-    // slices (of equal length), and `dst + at` is 16-byte aligned (`head`
-    // aligns it, steps keep it), as `_mm_stream_si128` needs; SSE2 is part
-    // of x86-64. The fence orders the streamed stores before later ones
-    // (the lock release that publishes the page).
-    unsafe {
-        for at in (head..head + middle).step_by(16) {
-            let chunk = _mm_loadu_si128(src.as_ptr().add(at).cast::<__m128i>());
-            _mm_stream_si128(dst.as_mut_ptr().add(at).cast::<__m128i>(), chunk);
-        }
-        _mm_sfence();
-    }
-    dst[head + middle..].copy_from_slice(&src[head + middle..]);
 }
 
 impl std::ops::Deref for PageBuf {
@@ -414,74 +301,6 @@ mod tests {
             page.store(at, &data, len % 2 == 0);
             expected[at..at + len].copy_from_slice(&data);
             assert!(page[..] == expected[..], "store of {len} bytes at {at}");
-        }
-        Ok(())
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_streaming_copy_copies_exactly() {
-        let src: Vec<u8> = (0..9000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        for (at, len) in [
-            (0, 4096),
-            (1, 4095),
-            (13, 1024),
-            (63, 8192),
-            (64, 8192),
-            (5, 70),
-        ] {
-            let mut copy = vec![0xAAu8; 9000];
-            stream_copy(&mut copy[at..at + len], &src[..len]);
-            assert_eq!(&copy[at..at + len], &src[..len], "{len} bytes at {at}");
-            assert!(
-                copy[..at]
-                    .iter()
-                    .chain(&copy[at + len..])
-                    .all(|&b| b == 0xAA)
-            );
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn long_copies_go_the_cheaper_way_and_now_and_then_the_other() {
-        let (cheap, dear) = (
-            EighthAverage::starting_at(50),
-            EighthAverage::starting_at(100),
-        );
-        let untimed = EighthAverage::empty();
-        // Nothing timed: memcpy first; then the way not timed yet.
-        assert!(!streams_next(1, untimed, untimed));
-        assert!(streams_next(2, cheap, untimed));
-        assert!(!streams_next(3, untimed, cheap));
-        for copies in 1..TRY_THE_OTHER_WAY_EVERY {
-            assert!(streams_next(copies, dear, cheap));
-            assert!(!streams_next(copies, cheap, dear));
-        }
-        assert!(!streams_next(TRY_THE_OTHER_WAY_EVERY, dear, cheap));
-        assert!(streams_next(2 * TRY_THE_OTHER_WAY_EVERY, cheap, dear));
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn long_copies_land_exactly_whichever_way_they_go() -> io::Result<()> {
-        let blocks = PageBlocks::new(PAGE, false);
-        let mut page = blocks.zeroed()?;
-        let copies = LongCopies::new();
-        let mut expected = vec![0u8; PAGE];
-        // Enough copies for both ways to be timed and tried again.
-        for round in 0..3 * TRY_THE_OTHER_WAY_EVERY as usize {
-            let (at, len) = (round % 61, PAGE / 2 + round % 4093);
-            let data: Vec<u8> = (0..len).map(|i| (i * 31 + round) as u8).collect();
-            copies.copy(&mut page[at..at + len], &data);
-            expected[at..at + len].copy_from_slice(&data);
-            assert!(
-                page[..] == expected[..],
-                "copy {round}: {len} bytes at {at}"
-            );
-        }
-        for way in &copies.nanos_per_kib {
-            assert_ne!(way.get(), EighthAverage::empty(), "both ways timed");
         }
         Ok(())
     }
