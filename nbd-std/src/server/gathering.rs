@@ -1,4 +1,4 @@
-//! Waiting, with replies held, for requests the client has not sent yet.
+//! Waiting, with replies ready, for requests the client has not sent yet.
 //!
 //! A client keeping many requests in flight (fio at queue depth 32)
 //! sends each request as it takes each reply. The server, quicker than
@@ -16,9 +16,18 @@
 //! to 72k a second. The server sees neither the client's queue depth nor
 //! how busy it is, so the connection measures instead: it serves
 //! [`TRIAL_REPLIES`] replies with waits and as many without, keeps
-//! waiting only if that served them quicker for no more of the thread's
-//! CPU, or for less of it no slower, and tries both again every
+//! waiting only if that served them quicker for hardly more of the
+//! thread's CPU, or for less of it hardly slower
+//! ([`WAITING_MAY_LOSE`]), and tries both again every
 //! [`EPOCHS_BETWEEN_TRIALS`] epochs.
+//!
+//! Replies carrying read data wait with the thread, held, and go out
+//! together after it; the others (to writes, say) go out before it, so
+//! the client works through them meanwhile. Held through the wait, write
+//! replies left the client idle: waits made 4 KiB writes at queue depth
+//! 32 10 % slower and were seldom chosen; sent first, as quick, for 0.75
+//! of the server's CPU a write (the caller decides, see
+//! `Driver::sends_before_waiting`).
 //!
 //! A wait does not end at the first request that comes, though: it asks
 //! for the bytes of several requests (at the size of the client's latest
@@ -70,10 +79,10 @@ const EPOCHS_BETWEEN_TRIALS: u32 = 32;
 
 /// How much better an epoch with waits must serve its replies, quicker
 /// or cheaper in the thread's CPU per reply, to be chosen (and hardly
-/// worse by the other measure, [`WAITING_MAY_LOSE`]): waiting is the riskier way, so a tie goes to
-/// sending at once. Over a `null:` export waits served 10 % more replies
-/// a second but cost 40 % more CPU each (the thread's sleeps and
-/// wake-ups): not chosen. At queue depth 32 on a memory export reads were
+/// worse by the other measure, [`WAITING_MAY_LOSE`]): waiting is the
+/// riskier way, so a tie goes to sending at once. Over a `null:` export
+/// waits served 10 % more replies a second but cost 40 % more CPU each
+/// (the thread's sleeps and wake-ups): not chosen. At queue depth 32 on a memory export reads were
 /// 15 to 25 % quicker and 5 to 10 % cheaper; writes 3 to 7 % quicker and
 /// 10 to 14 % cheaper (when the margin was asked of the time alone, a
 /// quarter to a half of a write run's trials sent at once).
@@ -81,9 +90,8 @@ const WAITING_MUST_GAIN: f64 = 0.95;
 
 /// How much worse by the other measure waits that gain may be: no more
 /// than epochs served the same way differ. Asked to be no worse at all,
-/// waits that sent write replies first (0.7 of the CPU a reply, as quick
-/// within 1 %: see `Driver::sends_before_waiting`) were kept after a
-/// third of the trials.
+/// waits that sent write replies first (0.75 of the CPU a reply, as
+/// quick within 1 %) were kept after a third of the trials.
 const WAITING_MAY_LOSE: f64 = 1.03;
 
 /// Most bytes a wait asks for: sixteen 4 KiB writes. Larger writes go
