@@ -23,11 +23,8 @@
 //!
 //! Replies carrying read data wait with the thread, held, and go out
 //! together after it; the others (to writes, say) go out before it, so
-//! the client works through them meanwhile. Held through the wait, write
-//! replies left the client idle: waits made 4 KiB writes at queue depth
-//! 32 10 % slower and were seldom chosen; sent first, as quick, for 0.75
-//! of the server's CPU a write (the caller decides, see
-//! `Driver::sends_before_waiting`).
+//! the client works through them meanwhile (the caller decides, and
+//! says why: `Driver::sends_before_waiting`).
 //!
 //! A wait does not end at the first request that comes, though: it asks
 //! for the bytes of several requests (at the size of the client's latest
