@@ -251,6 +251,48 @@ impl MemoryBackend {
     }
 
     /// A zeroed page.
+    /// Lets `fill` write into page `page` under its shard's write lock,
+    /// once the export is known to still reach `until` bytes into the
+    /// page: the page as stored (a copy of its own if a reply holds it),
+    /// or a fresh one, kept only if `fill` says it put bytes there.
+    /// Returns what `fill` returned.
+    fn fill_page(
+        &self,
+        page: u64,
+        until: usize,
+        mut fill: impl FnMut(&mut PageData) -> usize,
+    ) -> io::Result<usize> {
+        let end = (page << PAGE_SHIFT) + until as u64;
+        // Allocation happens outside the lock, so a first write does not
+        // hold the shard while the page is zeroed.
+        let mut fresh: Option<PageData> = None;
+        loop {
+            let mut shard = self.write_shard(page);
+            // Checked under the lock: a concurrent shrink stores the new
+            // size before sweeping each shard, so a write either lands
+            // before the sweep (and is swept) or sees the new size.
+            if end > self.size.load(Ordering::Acquire) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "write past the end of the export",
+                ));
+            }
+            if let Some(existing) = shard.get_mut(&page) {
+                return Ok(fill(unshared(existing)?));
+            }
+            if let Some(mut new) = fresh.take() {
+                let filled = fill(&mut new);
+                if filled > 0 {
+                    shard.insert(page, Arc::new(new));
+                    self.count_allocated(page);
+                }
+                return Ok(filled);
+            }
+            drop(shard);
+            fresh = Some(self.new_page()?);
+        }
+    }
+
     fn new_page(&self) -> io::Result<PageData> {
         self.blocks.zeroed().map(PageData)
     }
@@ -325,38 +367,41 @@ impl Backend for MemoryBackend {
         for (page, within, n) in spans(offset, data.len() as u64) {
             let src = &data[done..done + n];
             done += n;
-            let end = (page << PAGE_SHIFT) + (within + n) as u64;
-            // Allocation happens outside the lock, so a first write does not
-            // hold the shard while the page is zeroed.
-            let mut fresh: Option<PageData> = None;
             // Asked once, so a fresh page counts as written too.
             let cached = written_lately((page << PAGE_SHIFT) + within as u64);
-            loop {
-                let mut shard = self.write_shard(page);
-                // Checked under the lock: a concurrent shrink stores the new
-                // size before sweeping each shard, so a write either lands
-                // before the sweep (and is swept) or sees the new size.
-                if end > self.size.load(Ordering::Acquire) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "write past the end of the export",
-                    ));
-                }
-                if let Some(existing) = shard.get_mut(&page) {
-                    unshared(existing)?.0.store(within, src, cached);
-                    break;
-                }
-                if let Some(mut new) = fresh.take() {
-                    new[within..within + n].copy_from_slice(src);
-                    shard.insert(page, Arc::new(new));
-                    self.count_allocated(page);
-                    break;
-                }
-                drop(shard);
-                fresh = Some(self.new_page()?);
-            }
+            self.fill_page(page, within + n, |data| {
+                data.0.store(within, src, cached);
+                n
+            })?;
         }
         Ok(())
+    }
+
+    /// Lends the pages themselves, one at a time under its shard's write
+    /// lock: a payload taken from the socket this way is copied once (by
+    /// the kernel), not into a buffer first and then into the pages.
+    fn receive_at(
+        &self,
+        offset: u64,
+        length: usize,
+        receive: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<io::Result<usize>> {
+        let mut done = 0;
+        for (page, within, n) in spans(offset, length as u64) {
+            let got = match self.fill_page(page, within + n, |data| {
+                receive(&mut data[within..within + n]).min(n)
+            }) {
+                Ok(got) => got,
+                Err(error) if done == 0 => return Some(Err(error)),
+                // Said by the next call, which starts at this page.
+                Err(_) => break,
+            };
+            done += got;
+            if got < n {
+                break;
+            }
+        }
+        Some(Ok(done))
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -823,6 +868,30 @@ mod tests {
         drop(pieces);
         backend.write_at(&[3; 4096], 0).expect("write");
         assert_eq!(read(&backend, 0, 4096), vec![3; 4096]);
+    }
+
+    #[test]
+    fn received_bytes_land_in_place_and_stop_at_the_first_short_fill() {
+        let backend = MemoryBackend::new(4 * PAGE_SIZE as u64);
+        let source = pattern(3 * PAGE_SIZE, 5);
+        let mut taken = 0;
+        // Gives 40,000 bytes at most, then nothing: a socket running dry.
+        let mut socket = |place: &mut [u8]| {
+            let n = place.len().min(40_000 - taken);
+            place[..n].copy_from_slice(&source[taken..taken + n]);
+            taken += n;
+            n
+        };
+        let offset = PAGE_SIZE as u64 - 1000;
+        let stored = backend.receive_at(offset, 3 * PAGE_SIZE, &mut socket);
+        assert_eq!(stored.map(Result::ok), Some(Some(40_000)));
+        // Nothing more to take: no page is made for it.
+        let stored = backend.receive_at(offset + 40_000, 1 << 20, &mut socket);
+        assert_eq!(stored.map(Result::ok), Some(Some(0)));
+        assert_eq!(backend.allocated_bytes(), 2 * PAGE_SIZE as u64);
+        assert_eq!(read(&backend, offset, 40_000), source[..40_000]);
+        let past_end = backend.receive_at(4 * PAGE_SIZE as u64, 20, &mut socket);
+        assert!(matches!(past_end, Some(Err(_))), "{past_end:?}");
     }
 
     #[test]

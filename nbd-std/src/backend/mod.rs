@@ -244,6 +244,25 @@ pub trait Backend: Send + Sync + 'static {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// Stores up to `length` bytes of a write at `offset` that `receive`
+    /// puts straight into the backend's own memory, without a buffer
+    /// between: `receive` fills the slice it is given as far as it can
+    /// and says how many bytes it put there (fewer than asked: it has no
+    /// more for now). Returns the bytes stored, up to the first short
+    /// fill; an error only when nothing was stored (a later call then
+    /// starts where the failure is). `None` when the backend has no
+    /// memory of its own to lend (the caller stores another way, and
+    /// `receive` was never called).
+    fn receive_at(
+        &self,
+        offset: u64,
+        length: usize,
+        receive: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Option<io::Result<usize>> {
+        let _ = (offset, length, receive);
+        None
+    }
+
     /// As [`try_read_now`](Self::try_read_now) for `write_at`: `Some` when
     /// the write was done without waiting for a device.
     fn try_write_now(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {

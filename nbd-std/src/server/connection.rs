@@ -727,7 +727,7 @@ impl Driver {
                 && !eof
                 && (self.payload_in_pipe() || !(watching && shutdown.has_changed().unwrap_or(true)))
             {
-                match self.splice_payload(stream)? {
+                match self.payload_from_socket(stream)? {
                     Spliced::Moved => {
                         tokio::task::consume_budget().await;
                         continue;
@@ -1310,14 +1310,18 @@ impl Driver {
             return;
         }
         if remaining == 0 {
-            let result = match self.writes.remove(id) {
-                Some(write) => {
-                    backend.flush_range(write.offset, offset + data.len() as u64 - write.offset)
-                }
-                None => Ok(()),
-            };
-            self.apply(Done::Other { id, result });
+            self.payload_stored(&*backend, id, offset + data.len() as u64);
         }
+    }
+
+    /// Answers a write to a fast backend whose payload, ending at `end`,
+    /// is all stored: made durable first if it asked (FUA).
+    fn payload_stored(&mut self, backend: &dyn Backend, id: RequestId, end: u64) {
+        let result = match self.writes.remove(id) {
+            Some(write) => backend.flush_range(write.offset, end - write.offset),
+            None => Ok(()),
+        };
+        self.apply(Done::Other { id, result });
     }
 
     /// Stores write payload straight from the input buffer when the
@@ -1369,6 +1373,75 @@ impl Driver {
             write.received = true;
         }
         self.settle_write(id, write);
+    }
+
+    /// Takes payload of the write being received from the socket straight
+    /// into storage, when the input buffer is empty: into the backend's
+    /// own memory (`Backend::receive_at`) for writes of [`SPLICE_BYTES`]
+    /// or more to fast backends, else through the pipe
+    /// (`splice_payload`).
+    fn payload_from_socket<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Spliced> {
+        let (Some(socket), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
+            return Ok(Spliced::No);
+        };
+        if self.may_block() || wanted.remaining < SPLICE_BYTES {
+            return self.splice_payload(stream);
+        }
+        let Some(backend) = self.backend.clone() else {
+            return Ok(Spliced::No);
+        };
+        let want = usize::try_from(wanted.remaining)
+            .unwrap_or(usize::MAX)
+            .min(MOST_READ_AT_ONCE);
+        // What the socket said when it gave less than asked.
+        let mut ended = None;
+        let mut receive = |place: &mut [u8]| {
+            let mut filled = 0;
+            while filled < place.len() && ended.is_none() {
+                let flags = rustix::net::RecvFlags::DONTWAIT;
+                match rustix::net::recv(socket, &mut place[filled..], flags) {
+                    Ok((0, _)) => ended = Some(Ok(Spliced::End)),
+                    Ok((n, _)) => filled += n,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(rustix::io::Errno::AGAIN) => ended = Some(Ok(Spliced::SocketEmpty)),
+                    Err(error) => ended = Some(Err(io::Error::from(error))),
+                }
+            }
+            filled
+        };
+        let stored = match backend.receive_at(wanted.offset, want, &mut receive) {
+            None => return self.splice_payload(stream),
+            Some(Ok(stored)) => stored,
+            Some(Err(error)) => {
+                // The write is answered with the error; its payload stays
+                // in the socket, for the core to read and drop.
+                self.writes.remove(wanted.id);
+                self.apply(Done::Other {
+                    id: wanted.id,
+                    result: Err(error),
+                });
+                return Ok(Spliced::No);
+            }
+        };
+        if stored > 0 {
+            self.took_payload(stored)?;
+            if wanted.remaining == stored as u64 {
+                self.payload_stored(&*backend, wanted.id, wanted.offset + stored as u64);
+                // The next request may be another large write: its header
+                // alone is read, and its payload left in the socket.
+                self.header_only_read = true;
+            }
+            return Ok(Spliced::Moved);
+        }
+        match ended {
+            Some(Ok(Spliced::SocketEmpty)) => {
+                stream.found_empty();
+                Ok(Spliced::SocketEmpty)
+            }
+            Some(outcome) => outcome,
+            // Nothing asked for (cannot happen: at least SPLICE_BYTES remain).
+            None => Ok(Spliced::No),
+        }
     }
 
     /// Moves payload of the write being received from the socket into the

@@ -1,7 +1,8 @@
-//! Large write payloads to a file export go from the socket into the file
-//! through a pipe, a partial sector held there until the rest of it comes.
-//! Payloads arriving in uneven pieces, at unaligned offsets, one after the
-//! other and mixed with reads, must land exactly where they belong.
+//! Large write payloads go from the socket straight into storage: into a
+//! file export through a pipe (a partial sector held there until the rest
+//! of it comes), into a memory export's own pages. Payloads arriving in
+//! uneven pieces, at unaligned offsets, one after the other and mixed
+//! with reads, must land exactly where they belong.
 
 mod common;
 
@@ -34,11 +35,37 @@ fn send_unevenly(stream: &mut impl Write, payload: &[u8], pieces: &[usize]) {
 }
 
 #[test]
-fn uneven_unaligned_payloads_land_intact() {
+fn uneven_unaligned_payloads_land_intact_in_a_file() {
     let dir = temp_dir();
     let image = dir.path().join("disk.img");
     create_sparse_file(&image, SIZE);
     let mut server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
+    let expected = write_unevenly_and_read_back(&mut server);
+    server.stop();
+    let file = std::fs::File::open(&image).expect("open image");
+    let mut written = vec![0u8; SIZE as usize];
+    file.read_exact_at(&mut written, 0).expect("read image");
+    assert_same(&written, &expected, "the file");
+}
+
+#[test]
+fn uneven_unaligned_payloads_land_intact_in_memory() {
+    let mut server = Server::start(["--export", &format!("disk=memory:{SIZE}")]);
+    write_unevenly_and_read_back(&mut server);
+    server.stop();
+}
+
+fn assert_same(stored: &[u8], expected: &[u8], what: &str) {
+    let first_difference = stored.iter().zip(expected).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "{what} differs from what was written"
+    );
+}
+
+/// Sends writes in every shape the direct paths must handle, checks what
+/// the export then reads back, and returns what it holds.
+fn write_unevenly_and_read_back(server: &mut Server) -> Vec<u8> {
     let mut client = server.connect();
     negotiate_export_name(&mut client, "disk");
 
@@ -64,8 +91,8 @@ fn uneven_unaligned_payloads_land_intact() {
 
     // The header and the payload's first bytes arrive together, ending
     // inside a sector: the rest of that sector is read on its own, then
-    // the pipe takes over.
-    // (A read first: after a payload through the pipe the server reads
+    // the direct path takes over (in a file; in memory, it takes over at
+    // once). (A read first: after a payload taken directly the server reads
     // one header alone, and this header must come with the bytes.)
     client
         .write_all(&request_bytes(CMD_READ, 49, 0, 512))
@@ -85,7 +112,7 @@ fn uneven_unaligned_payloads_land_intact() {
     expected[600_003..750_003].copy_from_slice(&payload);
 
     // Two large writes and a read sent at once: the second write's header
-    // is read alone after the first payload, its payload left for the pipe.
+    // is read alone after the first payload, its payload left for the direct path.
     let first = random_bytes(100, 200_000);
     let second = random_bytes(101, 100_000);
     let mut burst = request_bytes(CMD_WRITE, 10, 5, 200_000).to_vec();
@@ -104,17 +131,29 @@ fn uneven_unaligned_payloads_land_intact() {
     client.read_exact(&mut data).expect("read data");
     assert_eq!(&data[..], &expected[..512]);
 
+    const READ_BACK: u32 = 256 << 10;
+    let mut read_back = vec![0u8; SIZE as usize];
+    for (cookie, chunk) in read_back.chunks_mut(READ_BACK as usize).enumerate() {
+        let offset = cookie as u64 * u64::from(READ_BACK);
+        client
+            .write_all(&request_bytes(
+                CMD_READ,
+                1000 + cookie as u64,
+                offset,
+                READ_BACK,
+            ))
+            .expect("send read back");
+        assert_eq!(
+            read_simple_reply(&mut client).expect("reply"),
+            (0, 1000 + cookie as u64)
+        );
+        client.read_exact(chunk).expect("read back data");
+    }
+    assert_same(&read_back, &expected, "the export");
+
     client
         .write_all(&request_bytes(CMD_DISC, 99, 0, 0))
         .expect("send disconnect");
     drop(client);
-    server.stop();
-    let file = std::fs::File::open(&image).expect("open image");
-    let mut written = vec![0u8; SIZE as usize];
-    file.read_exact_at(&mut written, 0).expect("read image");
-    let first_difference = written.iter().zip(&expected).position(|(a, b)| a != b);
-    assert_eq!(
-        first_difference, None,
-        "the file differs from what was written"
-    );
+    expected
 }
