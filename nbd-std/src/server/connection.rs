@@ -101,11 +101,12 @@ const COPIED_READ_DATA_BEFORE_SENDING: usize = 256 << 10;
 /// of its own for the reply header).
 const SENDFILE_BYTES: u64 = 64 << 10;
 
-/// Smallest write whose payload is moved from the socket into a file
-/// through a pipe (`PayloadPipe`) rather than read into the input buffer
-/// and written from there: below it the two extra system calls a step
-/// cost more than the copy saved.
-const SPLICE_BYTES: u64 = 64 << 10;
+/// Smallest write payload taken from the socket straight into storage
+/// (into a file through a pipe, `PayloadPipe`; into a memory export's
+/// pages) rather than read into the input buffer and stored from there:
+/// below it the extra system calls (a header read alone, and a step or
+/// two per page or pipe-full) cost more than the copy saved.
+const DIRECT_PAYLOAD_BYTES: u64 = 64 << 10;
 
 /// How long an idle connection keeps its spare read buffers.
 const SPARE_IDLE: std::time::Duration = std::time::Duration::from_millis(10);
@@ -379,9 +380,10 @@ impl StreamingWrite {
     }
 }
 
-/// What [`Driver::splice_payload`] did.
-enum Spliced {
-    /// Moved payload from the socket into the pipe (and storage).
+/// What taking payload straight from the socket did
+/// ([`Driver::payload_from_socket`]).
+enum Direct {
+    /// Moved payload from the socket into storage (or the pipe).
     Moved,
     /// The socket holds nothing yet: wait until it is readable.
     SocketEmpty,
@@ -728,20 +730,20 @@ impl Driver {
                 && (self.payload_in_pipe() || !(watching && shutdown.has_changed().unwrap_or(true)))
             {
                 match self.payload_from_socket(stream)? {
-                    Spliced::Moved => {
+                    Direct::Moved => {
                         tokio::task::consume_budget().await;
                         continue;
                     }
-                    Spliced::SocketEmpty => {
+                    Direct::SocketEmpty => {
                         await_payload = true;
                         read_again = false;
                     }
-                    Spliced::End => {
+                    Direct::End => {
                         eof |=
                             self.received(0, &mut input, (&mut start, &mut end), &mut idle_since);
                         continue;
                     }
-                    Spliced::No => {}
+                    Direct::No => {}
                 }
             }
             let read_end = self.read_end(end, input.len());
@@ -1377,18 +1379,18 @@ impl Driver {
 
     /// Takes payload of the write being received from the socket straight
     /// into storage, when the input buffer is empty: into the backend's
-    /// own memory (`Backend::receive_at`) for writes of [`SPLICE_BYTES`]
-    /// or more to fast backends, else through the pipe
+    /// own memory (`Backend::receive_at`) while [`DIRECT_PAYLOAD_BYTES`]
+    /// or more are still to come, for fast backends, else through the pipe
     /// (`splice_payload`).
-    fn payload_from_socket<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Spliced> {
+    fn payload_from_socket<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Direct> {
         let (Some(socket), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
-            return Ok(Spliced::No);
+            return Ok(Direct::No);
         };
-        if self.may_block() || wanted.remaining < SPLICE_BYTES {
+        if self.may_block() || wanted.remaining < DIRECT_PAYLOAD_BYTES {
             return self.splice_payload(stream);
         }
         let Some(backend) = self.backend.clone() else {
-            return Ok(Spliced::No);
+            return Ok(Direct::No);
         };
         let want = usize::try_from(wanted.remaining)
             .unwrap_or(usize::MAX)
@@ -1400,10 +1402,10 @@ impl Driver {
             while filled < place.len() && ended.is_none() {
                 let flags = rustix::net::RecvFlags::DONTWAIT;
                 match rustix::net::recv(socket, &mut place[filled..], flags) {
-                    Ok((0, _)) => ended = Some(Ok(Spliced::End)),
+                    Ok((0, _)) => ended = Some(Ok(Direct::End)),
                     Ok((n, _)) => filled += n,
                     Err(rustix::io::Errno::INTR) => {}
-                    Err(rustix::io::Errno::AGAIN) => ended = Some(Ok(Spliced::SocketEmpty)),
+                    Err(rustix::io::Errno::AGAIN) => ended = Some(Ok(Direct::SocketEmpty)),
                     Err(error) => ended = Some(Err(io::Error::from(error))),
                 }
             }
@@ -1420,7 +1422,7 @@ impl Driver {
                     id: wanted.id,
                     result: Err(error),
                 });
-                return Ok(Spliced::No);
+                return Ok(Direct::No);
             }
         };
         if stored > 0 {
@@ -1431,37 +1433,37 @@ impl Driver {
                 // alone is read, and its payload left in the socket.
                 self.header_only_read = true;
             }
-            return Ok(Spliced::Moved);
+            return Ok(Direct::Moved);
         }
         match ended {
-            Some(Ok(Spliced::SocketEmpty)) => {
+            Some(Ok(Direct::SocketEmpty)) => {
                 stream.found_empty();
-                Ok(Spliced::SocketEmpty)
+                Ok(Direct::SocketEmpty)
             }
             Some(outcome) => outcome,
-            // Nothing asked for (cannot happen: at least SPLICE_BYTES remain).
-            None => Ok(Spliced::No),
+            // Nothing was asked for (cannot be: enough payload remains).
+            None => Ok(Direct::No),
         }
     }
 
     /// Moves payload of the write being received from the socket into the
     /// backend's file through the connection's pipe (`PayloadPipe`): for
-    /// writes of `SPLICE_BYTES` or more to backends that write from a
+    /// writes of `DIRECT_PAYLOAD_BYTES` or more to backends that write from a
     /// pipe, over plain sockets, when the input buffer is empty. Whole
     /// sectors go to storage (all at the payload's end); a partial one
     /// stays in the pipe until the rest of it comes, so a sector never
     /// holds halves of two overlapping writes (see
     /// `store_whole_sectors_now`). Once the pipe holds part of a payload,
     /// the rest comes through it too.
-    fn splice_payload<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Spliced> {
+    fn splice_payload<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Direct> {
         let (Some(socket), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
-            return Ok(Spliced::No);
+            return Ok(Direct::No);
         };
         if !self.backend.as_ref().is_some_and(|b| b.writes_from_pipe()) {
-            return Ok(Spliced::No);
+            return Ok(Direct::No);
         }
         let suitable = self.streams.get(wanted.id).filter(|write| {
-            write.length >= SPLICE_BYTES
+            write.length >= DIRECT_PAYLOAD_BYTES
                 && write.inline
                 && write.outstanding == 0
                 && write.failed.is_none()
@@ -1481,20 +1483,20 @@ impl Driver {
                     "the payload pipe holds bytes of a write no longer received through it",
                 ));
             }
-            return Ok(Spliced::No);
+            return Ok(Direct::No);
         }
         let (Some(backend), Some(mut pipe)) = (self.backend.clone(), self.take_payload_pipe())
         else {
-            return Ok(Spliced::No);
+            return Ok(Direct::No);
         };
         let want = usize::try_from(wanted.remaining).unwrap_or(usize::MAX);
         let filled = pipe.fill_from(socket, want);
         let outcome = match filled {
-            Ok(0) => Ok(Spliced::End),
+            Ok(0) => Ok(Direct::End),
             Ok(moved) => self.store_spliced(&mut pipe, &*backend, wanted, moved),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 stream.found_empty();
-                Ok(Spliced::SocketEmpty)
+                Ok(Direct::SocketEmpty)
             }
             Err(error) => Err(error),
         };
@@ -1509,7 +1511,7 @@ impl Driver {
         stream: &S,
         wanted: nbd_core::server::PayloadWanted,
         need: usize,
-    ) -> io::Result<Spliced> {
+    ) -> io::Result<Direct> {
         let mut bytes = [0u8; SECTOR as usize];
         let Some(bytes) = bytes.get_mut(..need) else {
             return Err(io::Error::other(
@@ -1518,11 +1520,11 @@ impl Driver {
         };
         let n = match self.read_now(stream, bytes, false, &mut None) {
             // Nothing yet (or interrupted): wait for the socket.
-            None => return Ok(Spliced::SocketEmpty),
+            None => return Ok(Direct::SocketEmpty),
             Some(read) => read?,
         };
         if n == 0 {
-            return Ok(Spliced::End);
+            return Ok(Direct::End);
         }
         self.took_payload(n)?;
         self.stream_write_data(
@@ -1531,7 +1533,7 @@ impl Driver {
             &bytes[..n],
             wanted.remaining - n as u64,
         );
-        Ok(Spliced::Moved)
+        Ok(Direct::Moved)
     }
 
     /// Takes `moved` more payload bytes of `wanted` into `pipe` and stores
@@ -1542,7 +1544,7 @@ impl Driver {
         backend: &dyn Backend,
         wanted: nbd_core::server::PayloadWanted,
         moved: usize,
-    ) -> io::Result<Spliced> {
+    ) -> io::Result<Direct> {
         self.took_payload(moved)?;
         let Some(mut write) = self.streams.remove(wanted.id) else {
             return Err(io::Error::other(
@@ -1576,7 +1578,7 @@ impl Driver {
             self.header_only_read = true;
         }
         self.settle_write(wanted.id, write);
-        Ok(Spliced::Moved)
+        Ok(Direct::Moved)
     }
 
     /// Tells the core that `n` payload bytes came straight from the
