@@ -250,7 +250,6 @@ impl MemoryBackend {
         Ok(())
     }
 
-    /// A zeroed page.
     /// Lets `fill` write into page `page` under its shard's write lock,
     /// once the export is known to still reach `until` bytes into the
     /// page: the page as stored (a copy of its own if a reply holds it),
@@ -293,6 +292,7 @@ impl MemoryBackend {
         }
     }
 
+    /// A zeroed page.
     fn new_page(&self) -> io::Result<PageData> {
         self.blocks.zeroed().map(PageData)
     }

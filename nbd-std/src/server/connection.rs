@@ -1303,17 +1303,22 @@ impl Driver {
             return;
         };
         if let Err(error) = backend.write_at(data, offset) {
-            // The core drops the rest of this write's payload from now on.
-            self.writes.remove(id);
-            self.apply(Done::Other {
-                id,
-                result: Err(error),
-            });
+            self.write_failed(id, error);
             return;
         }
         if remaining == 0 {
             self.payload_stored(&*backend, id, offset + data.len() as u64);
         }
+    }
+
+    /// Answers a write to a fast backend that storage refused; the core
+    /// drops the rest of its payload from now on.
+    fn write_failed(&mut self, id: RequestId, error: io::Error) {
+        self.writes.remove(id);
+        self.apply(Done::Other {
+            id,
+            result: Err(error),
+        });
     }
 
     /// Answers a write to a fast backend whose payload, ending at `end`,
@@ -1383,7 +1388,7 @@ impl Driver {
     /// or more are still to come, for fast backends, else through the pipe
     /// (`splice_payload`).
     fn payload_from_socket<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Direct> {
-        let (Some(socket), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
+        let (Some(_), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
             return Ok(Direct::No);
         };
         if self.may_block() || wanted.remaining < DIRECT_PAYLOAD_BYTES {
@@ -1400,13 +1405,12 @@ impl Driver {
         let mut receive = |place: &mut [u8]| {
             let mut filled = 0;
             while filled < place.len() && ended.is_none() {
-                let flags = rustix::net::RecvFlags::DONTWAIT;
-                match rustix::net::recv(socket, &mut place[filled..], flags) {
-                    Ok((0, _)) => ended = Some(Ok(Direct::End)),
-                    Ok((n, _)) => filled += n,
-                    Err(rustix::io::Errno::INTR) => {}
-                    Err(rustix::io::Errno::AGAIN) => ended = Some(Ok(Direct::SocketEmpty)),
-                    Err(error) => ended = Some(Err(io::Error::from(error))),
+                match self.read_now(stream, &mut place[filled..], false, &mut None) {
+                    // Nothing yet (or interrupted): wait for the socket.
+                    None => ended = Some(Ok(Direct::SocketEmpty)),
+                    Some(Ok(0)) => ended = Some(Ok(Direct::End)),
+                    Some(Ok(n)) => filled += n,
+                    Some(Err(error)) => ended = Some(Err(error)),
                 }
             }
             filled
@@ -1415,13 +1419,8 @@ impl Driver {
             None => return self.splice_payload(stream),
             Some(Ok(stored)) => stored,
             Some(Err(error)) => {
-                // The write is answered with the error; its payload stays
-                // in the socket, for the core to read and drop.
-                self.writes.remove(wanted.id);
-                self.apply(Done::Other {
-                    id: wanted.id,
-                    result: Err(error),
-                });
+                // Its payload stays in the socket, for the core to drop.
+                self.write_failed(wanted.id, error);
                 return Ok(Direct::No);
             }
         };
@@ -1435,21 +1434,15 @@ impl Driver {
             }
             return Ok(Direct::Moved);
         }
-        match ended {
-            Some(Ok(Direct::SocketEmpty)) => {
-                stream.found_empty();
-                Ok(Direct::SocketEmpty)
-            }
-            Some(outcome) => outcome,
-            // Nothing was asked for (cannot be: enough payload remains).
-            None => Ok(Direct::No),
-        }
+        // Nothing was asked for if nothing ended it (cannot be: enough
+        // payload remains).
+        ended.unwrap_or(Ok(Direct::No))
     }
 
     /// Moves payload of the write being received from the socket into the
     /// backend's file through the connection's pipe (`PayloadPipe`): for
-    /// writes of `DIRECT_PAYLOAD_BYTES` or more to backends that write from a
-    /// pipe, over plain sockets, when the input buffer is empty. Whole
+    /// writes of `DIRECT_PAYLOAD_BYTES` or more to backends that write
+    /// from a pipe, over plain sockets, when the input buffer is empty. Whole
     /// sectors go to storage (all at the payload's end); a partial one
     /// stays in the pipe until the rest of it comes, so a sector never
     /// holds halves of two overlapping writes (see
