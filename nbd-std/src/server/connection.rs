@@ -659,10 +659,14 @@ impl Driver {
             // Replies to a client that keeps several requests in flight
             // wait while its socket holds more requests: they then go out
             // together, and the client's next requests come together too.
+            // Not while the pipe holds part of a payload: the rest must
+            // follow it there (see `splice_payload`), not into the input
+            // buffer.
             let mut socket_empty = false;
             if self.may_hold_replies()
                 && start == end
                 && !eof
+                && !self.payload_in_pipe()
                 && !(watching && shutdown.has_changed().unwrap_or(true))
             {
                 (start, end) = nbd_core::shape::make_room(&mut input, start, end);
