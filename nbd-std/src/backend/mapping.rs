@@ -1,31 +1,37 @@
-//! A read-only shared mapping of an export's file, lent to the socket so
-//! read data in the page cache reaches the client with one copy (the
-//! kernel's, into the socket) rather than two (into a buffer of ours,
-//! then into the socket).
+//! A shared mapping of an export's file, lent to the socket so read data
+//! in the page cache reaches the client with one copy (the kernel's,
+//! into the socket) rather than two (into a buffer of ours, then into the
+//! socket); and, writable, so a write's payload is received straight into
+//! the file's pages (files in memory: see `FileBackend::receive_at`).
 //!
-//! Only the kernel reads through it: [`FileMap::io_slice`] gives a slice
-//! for a vectored write to a plain socket, never bytes for the server to
-//! look at. A page past the file's end (the file shrunk by another
-//! process, or by a resize while the data waited) then fails that write
-//! with `EFAULT`, where a read by the server itself would raise `SIGBUS`
-//! and end the process.
+//! Only the kernel reads or writes through it: [`FileMap::io_slice`]
+//! gives a slice for a vectored write to a plain socket, and
+//! [`FileMap::place`] one for a receive from it, never bytes for the
+//! server to look at. A page past the file's end (the file shrunk by
+//! another process, or by a resize while the data waited) then fails that
+//! send or receive with `EFAULT`, where an access by the server itself
+//! would raise `SIGBUS` and end the process.
 
 use std::io::{self, IoSlice};
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 
-/// A read-only shared mapping of the first [`len`](FileMap::len) bytes
-/// of a file.
+use rustix::mm::ProtFlags;
+
+/// A shared mapping of the first [`len`](FileMap::len) bytes of a file,
+/// read-only unless made with [`FileMap::new_writable`].
 pub struct FileMap {
     base: NonNull<core::ffi::c_void>,
     len: usize,
 }
 
-// SAFETY: the mapping is read-only and only handed to the kernel; it is
-// unmapped once, when the last owner drops it.
+// SAFETY: the mapping is only handed to the kernel (the server never
+// reads or writes through it); it is unmapped once, when the last owner
+// drops it.
 #[allow(unsafe_code)]
 unsafe impl Send for FileMap {}
-// SAFETY: as above; nothing in it is mutated through `&self`.
+// SAFETY: as above; the server itself neither reads nor writes the
+// mapped bytes through `&self`.
 #[allow(unsafe_code)]
 unsafe impl Sync for FileMap {}
 
@@ -33,6 +39,16 @@ impl FileMap {
     /// Maps the first `len` bytes of `file` (not zero; pages past the
     /// file's end fault when written from, see the module notes).
     pub(crate) fn new(file: BorrowedFd<'_>, len: u64) -> io::Result<Self> {
+        Self::map(file, len, ProtFlags::READ)
+    }
+
+    /// Maps the first `len` bytes of `file` to be written by the kernel
+    /// (see [`place`](Self::place)).
+    pub(crate) fn new_writable(file: BorrowedFd<'_>, len: u64) -> io::Result<Self> {
+        Self::map(file, len, ProtFlags::READ | ProtFlags::WRITE)
+    }
+
+    fn map(file: BorrowedFd<'_>, len: u64, protection: ProtFlags) -> io::Result<Self> {
         let len = usize::try_from(len)
             .ok()
             .filter(|&len| len > 0)
@@ -44,7 +60,7 @@ impl FileMap {
             rustix::mm::mmap(
                 core::ptr::null_mut(),
                 len,
-                rustix::mm::ProtFlags::READ,
+                protection,
                 rustix::mm::MapFlags::SHARED,
                 file,
                 0,
@@ -52,6 +68,30 @@ impl FileMap {
         }?;
         let base = NonNull::new(base).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Self { base, len })
+    }
+
+    /// `length` bytes of a writable mapping from `offset`, for the
+    /// kernel to receive into from a socket (`recv`): the file's pages
+    /// themselves, so the payload is copied once. `None` past the
+    /// mapping. Never read or written by the server: a page past the
+    /// file's end, or one that cannot be allocated (a full `tmpfs`),
+    /// fails that receive with `EFAULT` instead of raising `SIGBUS`.
+    #[allow(clippy::mut_from_ref)]
+    pub fn place(&self, offset: u64, length: usize) -> Option<&mut [u8]> {
+        let offset = usize::try_from(offset).ok()?;
+        if offset.checked_add(length)? > self.len {
+            return None;
+        }
+        // SAFETY: the range lies inside the mapping, which lives as long
+        // as `self`. As with `io_slice`, other writers to the file may
+        // change these bytes at any time; the slice is only handed to the
+        // kernel's copy out of a socket, which reports an unbacked page
+        // as `EFAULT`.
+        #[allow(unsafe_code)]
+        let bytes = unsafe {
+            core::slice::from_raw_parts_mut(self.base.as_ptr().cast::<u8>().add(offset), length)
+        };
+        Some(bytes)
     }
 
     /// Bytes mapped.
@@ -128,6 +168,31 @@ mod tests {
         b.read_exact(&mut got).expect("receive");
         assert_eq!(&got[..10], &[9u8; 10]);
         assert_eq!(&got[10..], &[7u8; 90]);
+    }
+
+    #[test]
+    fn a_receive_lands_in_the_file_and_past_its_end_fails_without_a_signal() {
+        let file = file_of(&[0u8; 2 * 4096]);
+        let map = FileMap::new_writable(file.as_fd(), 2 * 4096).expect("map");
+        assert!(map.place(4096, 4097).is_none(), "past the mapping");
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().expect("pair");
+        client.write_all(&[3u8; 100]).expect("send");
+        let place = map.place(10, 100).expect("in range");
+        let (received, _) =
+            rustix::net::recv(server.as_fd(), place, rustix::net::RecvFlags::DONTWAIT)
+                .expect("receive");
+        assert_eq!(received, 100);
+        let mut stored = [9u8; 120];
+        file.read_exact_at(&mut stored, 0).expect("read");
+        assert_eq!(&stored[..10], &[0u8; 10]);
+        assert_eq!(&stored[10..110], &[3u8; 100]);
+        assert_eq!(&stored[110..], &[0u8; 10]);
+        file.set_len(4096).expect("shrink");
+        client.write_all(&[4u8; 100]).expect("send");
+        let place = map.place(4096 + 10, 100).expect("still mapped");
+        let error = rustix::net::recv(server.as_fd(), place, rustix::net::RecvFlags::DONTWAIT)
+            .expect_err("a page past the end");
+        assert_eq!(error, rustix::io::Errno::FAULT);
     }
 
     #[test]

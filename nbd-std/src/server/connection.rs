@@ -1388,14 +1388,20 @@ impl Driver {
 
     /// Takes payload of the write being received from the socket straight
     /// into storage, when the input buffer is empty: into the backend's
-    /// own memory (`Backend::receive_at`) while [`DIRECT_PAYLOAD_BYTES`]
-    /// or more are still to come, for fast backends, else through the pipe
-    /// (`splice_payload`).
+    /// own memory (`Backend::receive_at`: a memory export's pages, a file
+    /// in memory's page cache) while [`DIRECT_PAYLOAD_BYTES`] or more are
+    /// still to come, else through the pipe (`splice_payload`).
     fn payload_from_socket<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Direct> {
         let (Some(_), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
             return Ok(Direct::No);
         };
-        if self.may_block() || wanted.remaining < DIRECT_PAYLOAD_BYTES {
+        // A write to a file whose pieces are already under way (a partial
+        // sector to complete, pieces on the pool, a failure) goes on the
+        // way it started.
+        let started_otherwise = self.streams.get(wanted.id).is_some_and(|write| {
+            !write.piece.is_empty() || write.outstanding > 0 || write.failed.is_some()
+        });
+        if wanted.remaining < DIRECT_PAYLOAD_BYTES || started_otherwise || self.payload_in_pipe() {
             return self.splice_payload(stream);
         }
         let Some(backend) = self.backend.clone() else {
@@ -1406,6 +1412,8 @@ impl Driver {
             .min(MOST_READ_AT_ONCE);
         // What the socket said when it gave less than asked.
         let mut ended = None;
+        // The received bytes of a sector left incomplete (see below).
+        let mut partial_sector = Vec::new();
         let mut receive = |place: &mut [u8]| {
             let mut filled = 0;
             while filled < place.len() && ended.is_none() {
@@ -1414,9 +1422,18 @@ impl Driver {
                     None => ended = Some(Ok(Direct::SocketEmpty)),
                     Some(Ok(0)) => ended = Some(Ok(Direct::End)),
                     Some(Ok(n)) => filled += n,
+                    // A page the storage cannot back: the payload comes
+                    // the usual way, and storing it reports why.
+                    Some(Err(error)) if error.raw_os_error() == Some(libc::EFAULT) => {
+                        ended = Some(Ok(Direct::No));
+                    }
                     Some(Err(error)) => ended = Some(Err(error)),
                 }
             }
+            let end = wanted.offset + filled as u64;
+            let sector_start = (end - end % SECTOR).max(wanted.offset);
+            partial_sector
+                .extend_from_slice(&place[(sector_start - wanted.offset) as usize..filled]);
             filled
         };
         let stored = match backend.receive_at(wanted.offset, want, &mut receive) {
@@ -1424,23 +1441,52 @@ impl Driver {
             Some(Ok(stored)) => stored,
             Some(Err(error)) => {
                 // Its payload stays in the socket, for the core to drop.
-                self.write_failed(wanted.id, error);
+                match self.streams.remove(wanted.id) {
+                    Some(mut write) => {
+                        write.keep_first_error(Err(error));
+                        self.settle_write(wanted.id, write);
+                    }
+                    None => self.write_failed(wanted.id, error),
+                }
                 return Ok(Direct::No);
             }
         };
-        if stored > 0 {
-            self.took_payload(stored)?;
-            if wanted.remaining == stored as u64 {
-                self.payload_stored(&*backend, wanted.id, wanted.offset + stored as u64);
-                // The next request may be another large write: its header
-                // alone is read, and its payload left in the socket.
-                self.header_only_read = true;
-            }
-            return Ok(Direct::Moved);
+        if stored == 0 {
+            // Nothing was asked for if nothing ended it (cannot be: enough
+            // payload remains).
+            return ended.unwrap_or(Ok(Direct::No));
         }
-        // Nothing was asked for if nothing ended it (cannot be: enough
-        // payload remains).
-        ended.unwrap_or(Ok(Direct::No))
+        self.took_payload(stored)?;
+        let end = wanted.offset + stored as u64;
+        let complete = wanted.remaining == stored as u64;
+        match self.streams.remove(wanted.id) {
+            Some(mut write) => {
+                if complete {
+                    write.received = true;
+                } else if !partial_sector.is_empty() {
+                    // A sector never holds halves of two overlapping writes
+                    // (see `store_whole_sectors_now`): the part received
+                    // becomes a piece that the rest of the sector completes,
+                    // stored whole over what is in the file by then.
+                    let start = end - partial_sector.len() as u64;
+                    let sector_end = start - start % SECTOR + SECTOR;
+                    let piece_end = sector_end.min(wanted.offset + wanted.remaining);
+                    self.budget.draw(partial_sector.len());
+                    write.piece_limit = (piece_end - start) as usize;
+                    write.piece_offset = start;
+                    write.piece = partial_sector;
+                }
+                self.settle_write(wanted.id, write);
+            }
+            None if complete => self.payload_stored(&*backend, wanted.id, end),
+            None => {}
+        }
+        if complete {
+            // The next request may be another large write: its header
+            // alone is read, and its payload left in the socket.
+            self.header_only_read = true;
+        }
+        Ok(Direct::Moved)
     }
 
     /// Moves payload of the write being received from the socket into the
