@@ -37,16 +37,7 @@ fn send_unevenly(stream: &mut impl Write, payload: &[u8], pieces: &[usize]) {
 
 #[test]
 fn uneven_unaligned_payloads_land_intact_in_a_file() {
-    let dir = temp_dir();
-    let image = dir.path().join("disk.img");
-    create_sparse_file(&image, SIZE);
-    let mut server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
-    let expected = write_unevenly_and_read_back(&mut server);
-    server.stop();
-    let file = std::fs::File::open(&image).expect("open image");
-    let mut written = vec![0u8; SIZE as usize];
-    file.read_exact_at(&mut written, 0).expect("read image");
-    assert_same(&written, &expected, "the file");
+    write_unevenly_into_a_file_in(temp_dir().path());
 }
 
 #[test]
@@ -56,7 +47,13 @@ fn uneven_unaligned_payloads_land_intact_in_a_file_in_memory() {
     let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
         return;
     };
-    let image = dir.path().join("disk.img");
+    write_unevenly_into_a_file_in(dir.path());
+}
+
+/// Serves a file made in `dir`, writes to it unevenly, and checks what
+/// the file then holds.
+fn write_unevenly_into_a_file_in(dir: &std::path::Path) {
+    let image = dir.join("disk.img");
     create_sparse_file(&image, SIZE);
     let mut server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
     let expected = write_unevenly_and_read_back(&mut server);

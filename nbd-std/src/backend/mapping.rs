@@ -78,20 +78,29 @@ impl FileMap {
     /// fails that receive with `EFAULT` instead of raising `SIGBUS`.
     #[allow(clippy::mut_from_ref)]
     pub fn place(&self, offset: u64, length: usize) -> Option<&mut [u8]> {
+        let start = self.start(offset, length)?;
+        // SAFETY: `start` and `length` lie inside the mapping, which lives
+        // as long as `self`. As with `io_slice`, other writers to the file
+        // may change these bytes at any time; the slice is only handed to
+        // the kernel's copy out of a socket, which reports an unbacked
+        // page as `EFAULT`.
+        #[allow(unsafe_code)]
+        let bytes = unsafe { core::slice::from_raw_parts_mut(start, length) };
+        Some(bytes)
+    }
+
+    /// Where `length` bytes from `offset` start; `None` unless they all
+    /// lie inside the mapping.
+    fn start(&self, offset: u64, length: usize) -> Option<*mut u8> {
         let offset = usize::try_from(offset).ok()?;
         if offset.checked_add(length)? > self.len {
             return None;
         }
-        // SAFETY: the range lies inside the mapping, which lives as long
-        // as `self`. As with `io_slice`, other writers to the file may
-        // change these bytes at any time; the slice is only handed to the
-        // kernel's copy out of a socket, which reports an unbacked page
-        // as `EFAULT`.
+        // SAFETY: `offset` is at most the mapping's length, so the result
+        // stays inside it (or one past its end).
         #[allow(unsafe_code)]
-        let bytes = unsafe {
-            core::slice::from_raw_parts_mut(self.base.as_ptr().cast::<u8>().add(offset), length)
-        };
-        Some(bytes)
+        let start = unsafe { self.base.as_ptr().cast::<u8>().add(offset) };
+        Some(start)
     }
 
     /// Bytes mapped.
@@ -108,19 +117,14 @@ impl FileMap {
     /// `None` past the mapping. The bytes are the file's as the kernel
     /// copies them, not as they were when this was called.
     pub fn io_slice(&self, offset: u64, length: usize) -> Option<IoSlice<'_>> {
-        let offset = usize::try_from(offset).ok()?;
-        if offset.checked_add(length)? > self.len {
-            return None;
-        }
-        // SAFETY: the range lies inside the mapping, which lives as long
-        // as `self`. Its bytes may change (writes to the file) or stop
-        // being backed (the file shrunk): the slice is only ever read by
-        // the kernel's copy into a socket, which reports the latter as
+        let start = self.start(offset, length)?;
+        // SAFETY: `start` and `length` lie inside the mapping, which lives
+        // as long as `self`. Its bytes may change (writes to the file) or
+        // stop being backed (the file shrunk): the slice is only ever read
+        // by the kernel's copy into a socket, which reports the latter as
         // `EFAULT` (see the module notes).
         #[allow(unsafe_code)]
-        let bytes = unsafe {
-            core::slice::from_raw_parts(self.base.as_ptr().cast::<u8>().add(offset), length)
-        };
+        let bytes = unsafe { core::slice::from_raw_parts(start.cast_const(), length) };
         Some(IoSlice::new(bytes))
     }
 }
