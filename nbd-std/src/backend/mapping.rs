@@ -19,7 +19,7 @@ use std::ptr::NonNull;
 use rustix::mm::ProtFlags;
 
 /// A shared mapping of the first [`len`](FileMap::len) bytes of a file,
-/// read-only unless made with [`FileMap::new_writable`].
+/// read-only unless made with `FileMap::new_writable`.
 pub struct FileMap {
     base: NonNull<core::ffi::c_void>,
     len: usize,
