@@ -48,6 +48,7 @@ use nbd_core::wire::{AllocationFlags, ExtDescriptor};
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
+use super::mapping::LazyMap;
 use super::{Backend, FileMap, ZeroFlags, push_extent};
 
 const HOLE_ZERO: u64 = (AllocationFlags::HOLE.bits() | AllocationFlags::ZERO.bits()) as u64;
@@ -89,17 +90,11 @@ pub struct FileBackend {
     /// Writes hold it shared, `resize` exclusively: no write validated
     /// against the old size lands past a new, smaller end.
     resizing: RwLock<()>,
-    /// The mapping reads are sent from (`file_map`): made at the first,
-    /// again when the file grew past it, dropped when it shrank.
-    map: Mutex<Option<Arc<FileMap>>>,
-    /// Mapping the file failed (no room for it): reads copy.
-    map_failed: AtomicBool,
+    /// The mapping reads are sent from (`file_map`).
+    map: LazyMap,
     /// The writable mapping large write payloads are received into
-    /// (files in memory, `receive_at`): made at the first, again when the
-    /// file's size changed.
-    write_map: Mutex<Option<Arc<FileMap>>>,
-    /// Mapping the file for writing failed: payloads come another way.
-    write_map_failed: AtomicBool,
+    /// (files in memory, `receive_at`).
+    write_map: LazyMap,
     /// Held by a large write to a regular file while it copies into the
     /// page cache. The kernel allows one buffered write to a file at a
     /// time (the inode's lock) and a second writer spins while the first
@@ -152,39 +147,11 @@ impl FileBackend {
             nowait_reads: AtomicBool::new(true),
             cachestat: AtomicBool::new(true),
             in_memory,
-            write_map: Mutex::new(None),
-            write_map_failed: AtomicBool::new(false),
+            write_map: LazyMap::default(),
             resizing: RwLock::new(()),
-            map: Mutex::new(None),
-            map_failed: AtomicBool::new(false),
+            map: LazyMap::default(),
             large_write_turn: Mutex::new(()),
         })
-    }
-
-    /// The writable mapping of the whole file (`receive_at`); `None` when
-    /// it cannot be made (said once). Called with the size held stable.
-    fn writable_map(&self) -> Option<Arc<FileMap>> {
-        let size = self.size();
-        if size == 0 {
-            return None;
-        }
-        let mut map = self
-            .write_map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(map) = map.as_ref().filter(|map| map.len() == size) {
-            return Some(Arc::clone(map));
-        }
-        match FileMap::new_writable(self.file.as_fd(), size) {
-            Ok(fresh) => Some(Arc::clone(map.insert(Arc::new(fresh)))),
-            Err(error) => {
-                tracing::warn!(
-                    "cannot map the export's file for writing ({error}): payloads go through a pipe"
-                );
-                self.write_map_failed.store(true, Ordering::Relaxed);
-                None
-            }
-        }
     }
 
     /// Checks that `length` bytes at `offset` may be changed (`what`:
@@ -571,22 +538,9 @@ impl Backend for FileBackend {
     }
 
     fn file_map(&self, end: u64) -> Option<Arc<FileMap>> {
-        let size = self.size();
-        if end > size || self.map_failed.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(map) = map.as_ref().filter(|map| map.len() >= end) {
-            return Some(Arc::clone(map));
-        }
-        match FileMap::new(self.file.as_fd(), size) {
-            Ok(fresh) => Some(Arc::clone(map.insert(Arc::new(fresh)))),
-            Err(error) => {
-                tracing::warn!("cannot map the export's file ({error}): reads copy its data");
-                self.map_failed.store(true, Ordering::Relaxed);
-                None
-            }
-        }
+        let (file, size) = (self.file.as_fd(), self.size());
+        self.map
+            .reaching(file, end, size, FileMap::new, "reads copy its data")
     }
 
     /// Files in memory (`tmpfs`) only: the payload is received straight
@@ -605,14 +559,22 @@ impl Backend for FileBackend {
         length: usize,
         receive: &mut dyn FnMut(&mut [u8]) -> usize,
     ) -> Option<io::Result<usize>> {
-        if !self.in_memory || self.write_map_failed.load(Ordering::Relaxed) {
+        if !self.in_memory || self.write_map.failed() {
             return None;
         }
         let _size_stable = match self.writable_range(offset, length as u64, "write") {
             Ok(guard) => guard,
             Err(error) => return Some(Err(error)),
         };
-        let map = self.writable_map()?;
+        let end = offset + length as u64;
+        let (file, size) = (self.file.as_fd(), self.size());
+        let map = self.write_map.reaching(
+            file,
+            end,
+            size,
+            FileMap::new_writable,
+            "payloads go through a pipe",
+        )?;
         let place = map.place(offset, length)?;
         Some(Ok(receive(place)))
     }
@@ -742,9 +704,11 @@ impl Backend for FileBackend {
             .unwrap_or_else(PoisonError::into_inner);
         self.file.set_len(size)?;
         self.size.store(size, Ordering::Release);
-        // Reads in flight keep the old mapping (a page past a smaller end
-        // fails their send, see `FileMap`); new reads map the new length.
-        *self.map.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        // Reads and receives in flight keep the old mappings (a page past
+        // a smaller end fails their send or receive, see `FileMap`); new
+        // ones map the new length.
+        self.map.forget();
+        self.write_map.forget();
         Ok(())
     }
 }

@@ -15,6 +15,8 @@
 use std::io::{self, IoSlice};
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rustix::mm::ProtFlags;
 
@@ -126,6 +128,57 @@ impl FileMap {
         #[allow(unsafe_code)]
         let bytes = unsafe { core::slice::from_raw_parts(start.cast_const(), length) };
         Some(IoSlice::new(bytes))
+    }
+}
+
+/// A mapping of an export's file made when first wanted, again when the
+/// file grew past it, after [`forget`](LazyMap::forget) (the file shrank),
+/// and never once making one failed (said once: the caller goes another
+/// way).
+#[derive(Debug, Default)]
+pub(crate) struct LazyMap {
+    map: Mutex<Option<Arc<FileMap>>>,
+    failed: AtomicBool,
+}
+
+impl LazyMap {
+    /// The mapping of `file` (`size` bytes) reaching `end` (at most
+    /// `size`), made by `make` if need be; `None` past `size` or when it
+    /// cannot be made (`otherwise`: what happens instead, for the warning).
+    pub(crate) fn reaching(
+        &self,
+        file: BorrowedFd<'_>,
+        end: u64,
+        size: u64,
+        make: fn(BorrowedFd<'_>, u64) -> io::Result<FileMap>,
+        otherwise: &str,
+    ) -> Option<Arc<FileMap>> {
+        if end > size || self.failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(map) = map.as_ref().filter(|map| map.len() >= end) {
+            return Some(Arc::clone(map));
+        }
+        match make(file, size) {
+            Ok(fresh) => Some(Arc::clone(map.insert(Arc::new(fresh)))),
+            Err(error) => {
+                tracing::warn!("cannot map the export's file ({error}): {otherwise}");
+                self.failed.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Drops the mapping (the file shrank): users in flight keep theirs,
+    /// the next is made at the new length.
+    pub(crate) fn forget(&self) {
+        *self.map.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Whether making a mapping failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 }
 

@@ -1412,7 +1412,9 @@ impl Driver {
             .min(MOST_READ_AT_ONCE);
         // What the socket said when it gave less than asked.
         let mut ended = None;
-        // The received bytes of a sector left incomplete (see below).
+        // A write to a file goes on through its stream (`streams`), which
+        // takes the received bytes of a sector left incomplete (see below).
+        let streamed = self.streams.get(wanted.id).is_some();
         let mut partial_sector = Vec::new();
         let mut receive = |place: &mut [u8]| {
             let mut filled = 0;
@@ -1430,10 +1432,12 @@ impl Driver {
                     Some(Err(error)) => ended = Some(Err(error)),
                 }
             }
-            let end = wanted.offset + filled as u64;
-            let sector_start = (end - end % SECTOR).max(wanted.offset);
-            partial_sector
-                .extend_from_slice(&place[(sector_start - wanted.offset) as usize..filled]);
+            if streamed {
+                let end = wanted.offset + filled as u64;
+                let sector_start = (end - end % SECTOR).max(wanted.offset);
+                partial_sector
+                    .extend_from_slice(&place[(sector_start - wanted.offset) as usize..filled]);
+            }
             filled
         };
         let stored = match backend.receive_at(wanted.offset, want, &mut receive) {
@@ -1458,30 +1462,18 @@ impl Driver {
         }
         self.took_payload(stored)?;
         let end = wanted.offset + stored as u64;
-        let complete = wanted.remaining == stored as u64;
-        match self.streams.remove(wanted.id) {
-            Some(mut write) => {
-                if complete {
-                    write.received = true;
-                } else if !partial_sector.is_empty() {
-                    // A sector never holds halves of two overlapping writes
-                    // (see `store_whole_sectors_now`): the part received
-                    // becomes a piece that the rest of the sector completes,
-                    // stored whole over what is in the file by then.
-                    let start = end - partial_sector.len() as u64;
-                    let sector_end = start - start % SECTOR + SECTOR;
-                    let piece_end = sector_end.min(wanted.offset + wanted.remaining);
-                    self.budget.draw(partial_sector.len());
-                    write.piece_limit = (piece_end - start) as usize;
-                    write.piece_offset = start;
-                    write.piece = partial_sector;
-                }
-                self.settle_write(wanted.id, write);
-            }
-            None if complete => self.payload_stored(&*backend, wanted.id, end),
-            None => {}
+        let remaining = wanted.remaining - stored as u64;
+        if streamed {
+            // A sector never holds halves of two overlapping writes (see
+            // `store_whole_sectors_now`): the part of one received goes
+            // through the write's stream again, as a piece that the rest
+            // of the sector completes and that is stored whole.
+            let again: &[u8] = if remaining == 0 { &[] } else { &partial_sector };
+            self.stream_write_data(wanted.id, end - again.len() as u64, again, remaining);
+        } else if remaining == 0 {
+            self.payload_stored(&*backend, wanted.id, end);
         }
-        if complete {
+        if remaining == 0 {
             // The next request may be another large write: its header
             // alone is read, and its payload left in the socket.
             self.header_only_read = true;
