@@ -147,6 +147,40 @@ fn write_unevenly_and_read_back(server: &mut Server) -> Vec<u8> {
     client.read_exact(&mut data).expect("read data");
     assert_eq!(&data[..], &expected[..512]);
 
+    // A client keeping large writes in flight (each write's next request
+    // already sent when its payload ends): a file export then reads their
+    // payloads rather than splicing them; and one waiting for each reply
+    // again: spliced again. Unaligned, so sectors are shared between
+    // neighbours in both ways and across the change.
+    let mut cookie = 200;
+    let mut at = 1_234_567u64;
+    for (round, in_flight) in [4usize, 4, 4, 1, 1, 1, 4, 1].into_iter().enumerate() {
+        let mut burst = Vec::new();
+        let mut cookies = Vec::new();
+        for _ in 0..in_flight {
+            let length = 70_001 + 4_099 * (cookie % 7) as u32;
+            let payload = random_bytes(cookie, length as usize);
+            burst.extend_from_slice(&request_bytes(CMD_WRITE, cookie, at, length));
+            burst.extend_from_slice(&payload);
+            expected[at as usize..at as usize + payload.len()].copy_from_slice(&payload);
+            cookies.push(cookie);
+            cookie += 1;
+            at = (at + u64::from(length) - 333) % (SIZE - 200_000);
+        }
+        if round % 2 == 0 {
+            client.write_all(&burst).expect("send writes");
+        } else {
+            send_unevenly(&mut client, &burst, &[40_000, 511, 123_457]);
+        }
+        for cookie in cookies {
+            assert_eq!(
+                read_simple_reply(&mut client).expect("reply"),
+                (0, cookie),
+                "write {cookie} of round {round}"
+            );
+        }
+    }
+
     const READ_BACK: u32 = 256 << 10;
     let mut read_back = vec![0u8; SIZE as usize];
     for (cookie, chunk) in read_back.chunks_mut(READ_BACK as usize).enumerate() {

@@ -86,6 +86,10 @@ const MOST_READ_DATA_HELD: usize = 64 << 10;
 /// 5,442 reading 512 KiB at a time (1 MiB: 4,660 to 4,965).
 const MOST_READ_AT_ONCE: usize = 512 << 10;
 
+/// The most `Driver::write_queue` counts: two judgements either way
+/// change the connection's mind.
+const WRITE_QUEUE_SURE: u8 = 3;
+
 /// Data copied into read buffers after which the connection sends the
 /// replies it holds before taking more requests from its input. A batch
 /// of requests read at once was all copied before any reply went out:
@@ -491,6 +495,13 @@ struct Driver {
     /// one request header at most, the client waiting for each reply
     /// (queue depth 1), rather than a batch of requests sent together.
     came_alone: bool,
+    /// A large write's payload just came whole: whether the client sent
+    /// more before its reply is judged (`judge_write_queue`).
+    large_write_received: bool,
+    /// How sure the connection is that its client keeps large writes in
+    /// flight (0 to [`WRITE_QUEUE_SURE`]): up when the next request was
+    /// there before a large write's reply went out, down when it was not.
+    write_queue: u8,
     /// When the client last sent something (`--idle-timeout`).
     last_input: tokio::time::Instant,
     /// Bytes moved since the connection last gave its thread a turn
@@ -558,6 +569,8 @@ impl Driver {
             read_ring: None,
             sendfile: false,
             came_alone: false,
+            large_write_received: false,
+            write_queue: 0,
             last_input: tokio::time::Instant::now(),
             turn_bytes: 0,
             one_in_flight_passes: ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE,
@@ -631,6 +644,9 @@ impl Driver {
             self.start_waiting_reads();
             let fed = self.feedable(end - start);
             start += self.pump(&input[start..start + fed])?;
+            if std::mem::take(&mut self.large_write_received) {
+                self.judge_write_queue(stream, start < end);
+            }
             if let Some(window) = &mut self.poll_window {
                 window.in_flight(self.conn.in_flight());
             }
@@ -1300,6 +1316,17 @@ impl Driver {
     /// gathered into pieces for the pool otherwise.
     fn write_data(&mut self, id: RequestId, offset: u64, data: &[u8], remaining: u64) {
         if self.may_block() {
+            if remaining == 0
+                && self
+                    .streams
+                    .get(id)
+                    .is_some_and(|write| write.length >= DIRECT_PAYLOAD_BYTES)
+            {
+                // As after a payload taken straight from the socket: the
+                // next request may be another large write.
+                self.header_only_read = true;
+                self.large_write_received = true;
+            }
             self.stream_write_data(id, offset, data, remaining);
             return;
         }
@@ -1477,6 +1504,7 @@ impl Driver {
             // The next request may be another large write: its header
             // alone is read, and its payload left in the socket.
             self.header_only_read = true;
+            self.large_write_received = true;
         }
         Ok(Direct::Moved)
     }
@@ -1484,7 +1512,8 @@ impl Driver {
     /// Moves payload of the write being received from the socket into the
     /// backend's file through the connection's pipe (`PayloadPipe`): for
     /// writes of `DIRECT_PAYLOAD_BYTES` or more to backends that write
-    /// from a pipe, over plain sockets, when the input buffer is empty. Whole
+    /// from a pipe, over plain sockets, when the input buffer is empty and
+    /// the client waits for each write's reply (`keeps_writes_in_flight`). Whole
     /// sectors go to storage (all at the payload's end); a partial one
     /// stays in the pipe until the rest of it comes, so a sector never
     /// holds halves of two overlapping writes (see
@@ -1495,6 +1524,14 @@ impl Driver {
             return Ok(Direct::No);
         };
         if !self.backend.as_ref().is_some_and(|b| b.writes_from_pipe()) {
+            return Ok(Direct::No);
+        }
+        // A client keeping large writes in flight sends them on its own
+        // CPU time, and spliced payloads made it pay up to 2.3x a MiB
+        // (its sends copy slower; docs/BENCHMARKS.md): read, they cost it
+        // what they cost against nbdkit. A client waiting for each reply
+        // has the time, and one copy answers it sooner.
+        if !self.payload_in_pipe() && self.keeps_writes_in_flight() {
             return Ok(Direct::No);
         }
         let suitable = self.streams.get(wanted.id).filter(|write| {
@@ -1611,6 +1648,7 @@ impl Driver {
             // The next request may be another large write: its header
             // alone is read, and its payload left in the socket.
             self.header_only_read = true;
+            self.large_write_received = true;
         }
         self.settle_write(wanted.id, write);
         Ok(Direct::Moved)
@@ -1625,6 +1663,29 @@ impl Driver {
         self.turn_bytes += n;
         self.last_input = tokio::time::Instant::now();
         Ok(())
+    }
+
+    /// After a large write's payload came whole, before its reply goes
+    /// out: whether the client had already sent more (`more_input`: the
+    /// input buffer holds some, else the socket does) says whether it
+    /// keeps writes in flight or waits for each reply.
+    fn judge_write_queue<S: PlainSocket>(&mut self, stream: &S, more_input: bool) {
+        let more = more_input
+            || stream
+                .plain_fd()
+                .and_then(|fd| rustix::io::ioctl_fionread(fd).ok())
+                .is_some_and(|held| held > 0);
+        self.write_queue = if more {
+            (self.write_queue + 1).min(WRITE_QUEUE_SURE)
+        } else {
+            self.write_queue.saturating_sub(1)
+        };
+    }
+
+    /// The client keeps large writes in flight (see `judge_write_queue`).
+    /// Their payloads are then read, not spliced (`splice_payload`).
+    fn keeps_writes_in_flight(&self) -> bool {
+        self.write_queue > WRITE_QUEUE_SURE / 2
     }
 
     /// Whether the payload pipe holds part of a write's payload.
