@@ -1526,14 +1526,6 @@ impl Driver {
         if !self.backend.as_ref().is_some_and(|b| b.writes_from_pipe()) {
             return Ok(Direct::No);
         }
-        // A client keeping large writes in flight sends them on its own
-        // CPU time, and spliced payloads made it pay up to 2.3x a MiB
-        // (its sends copy slower; docs/BENCHMARKS.md): read, they cost it
-        // what they cost against nbdkit. A client waiting for each reply
-        // has the time, and one copy answers it sooner.
-        if !self.payload_in_pipe() && self.keeps_writes_in_flight() {
-            return Ok(Direct::No);
-        }
         let suitable = self.streams.get(wanted.id).filter(|write| {
             write.length >= DIRECT_PAYLOAD_BYTES
                 && write.inline
@@ -1555,6 +1547,14 @@ impl Driver {
                     "the payload pipe holds bytes of a write no longer received through it",
                 ));
             }
+            return Ok(Direct::No);
+        }
+        // A client keeping large writes in flight sends them on its own
+        // CPU time, and spliced payloads made it pay up to 2.3x a MiB
+        // (its sends copy slower; docs/BENCHMARKS.md): read, they cost it
+        // what they cost against nbdkit. A client waiting for each reply
+        // has the time, and one copy answers it sooner.
+        if !self.payload_in_pipe() && self.keeps_writes_in_flight() {
             return Ok(Direct::No);
         }
         let (Some(backend), Some(mut pipe)) = (self.backend.clone(), self.take_payload_pipe())
