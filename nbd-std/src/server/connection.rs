@@ -1322,10 +1322,7 @@ impl Driver {
                     .get(id)
                     .is_some_and(|write| write.length >= DIRECT_PAYLOAD_BYTES)
             {
-                // As after a payload taken straight from the socket: the
-                // next request may be another large write.
-                self.header_only_read = true;
-                self.large_write_received = true;
+                self.large_payload_ended();
             }
             self.stream_write_data(id, offset, data, remaining);
             return;
@@ -1501,10 +1498,7 @@ impl Driver {
             self.payload_stored(&*backend, wanted.id, end);
         }
         if remaining == 0 {
-            // The next request may be another large write: its header
-            // alone is read, and its payload left in the socket.
-            self.header_only_read = true;
-            self.large_write_received = true;
+            self.large_payload_ended();
         }
         Ok(Direct::Moved)
     }
@@ -1645,10 +1639,7 @@ impl Driver {
         }
         if remaining == 0 {
             write.received = true;
-            // The next request may be another large write: its header
-            // alone is read, and its payload left in the socket.
-            self.header_only_read = true;
-            self.large_write_received = true;
+            self.large_payload_ended();
         }
         self.settle_write(wanted.id, write);
         Ok(Direct::Moved)
@@ -1663,6 +1654,15 @@ impl Driver {
         self.turn_bytes += n;
         self.last_input = tokio::time::Instant::now();
         Ok(())
+    }
+
+    /// A large write's payload came whole. The next request may be
+    /// another large write: its header alone is read, and its payload
+    /// left in the socket. Whether the client sent it already is judged
+    /// before this write's reply goes out (`judge_write_queue`).
+    fn large_payload_ended(&mut self) {
+        self.header_only_read = true;
+        self.large_write_received = true;
     }
 
     /// After a large write's payload came whole, before its reply goes
