@@ -41,7 +41,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use nbd_core::export::Capabilities;
 use nbd_core::wire::{AllocationFlags, ExtDescriptor};
@@ -59,6 +59,12 @@ const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
 /// Largest zero buffer written at once when zeroing by hand.
 const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Writes from memory of this size or more into a regular file take
+/// turns (`FileBackend::large_write_turn`), as spliced payloads do;
+/// smaller ones hold the inode's lock too briefly for spinning on it to
+/// cost more than sleeping.
+const LARGE_WRITE_BYTES: usize = 64 << 10;
 
 /// Storage in a regular file (raw image) or a block device.
 #[derive(Debug)]
@@ -95,8 +101,9 @@ pub struct FileBackend {
     /// The writable mapping large write payloads are received into
     /// (files in memory, `receive_at`).
     write_map: LazyMap,
-    /// Held by a large write to a regular file while it copies into the
-    /// page cache. The kernel allows one buffered write to a file at a
+    /// Held by a large write to a regular file (spliced from the pipe, or
+    /// of [`LARGE_WRITE_BYTES`] or more from memory) while it copies into
+    /// the page cache. The kernel allows one buffered write to a file at a
     /// time (the inode's lock) and a second writer spins while the first
     /// copies: with `nbdcopy`'s four connections on two I/O threads that
     /// spinning was 14 % of the server's CPU. Waiting here sleeps instead,
@@ -172,6 +179,16 @@ impl FileBackend {
             ));
         }
         Ok(size_stable)
+    }
+
+    /// Waits for this large write's turn (`large_write_turn`); `None` for
+    /// block devices, which need none.
+    fn wait_for_large_write_turn(&self) -> Option<MutexGuard<'_, ()>> {
+        (!self.block_device).then(|| {
+            self.large_write_turn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        })
     }
 
     /// Whether this is a block device rather than a regular file.
@@ -445,6 +462,9 @@ impl Backend for FileBackend {
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let _size_stable = self.writable_range(offset, data.len() as u64, "write")?;
+        let _turn = (data.len() >= LARGE_WRITE_BYTES)
+            .then(|| self.wait_for_large_write_turn())
+            .flatten();
         self.file.write_all_at(data, offset)
     }
 
@@ -454,11 +474,7 @@ impl Backend for FileBackend {
 
     fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, length: usize) -> io::Result<()> {
         let _size_stable = self.writable_range(offset, length as u64, "write")?;
-        let _turn = (!self.block_device).then(|| {
-            self.large_write_turn
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-        });
+        let _turn = self.wait_for_large_write_turn();
         let (mut at, mut left) = (offset, length);
         while left > 0 {
             // Moves the pipe's pages into the page cache (a buffered write).
