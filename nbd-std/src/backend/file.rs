@@ -565,7 +565,9 @@ impl Backend for FileBackend {
     /// client's pages and copied them on later: 1 MiB writes at QD8 went
     /// from 1.4k-2.5k MiB/s to 3.9k-4.9k, see docs/BENCHMARKS.md). On
     /// disk a page not in the page cache would be read before being
-    /// overwritten; there the pipe stays. A page that cannot be backed (a
+    /// overwritten, and a page written back faults again; there the
+    /// payload is spliced or read (see the connection's
+    /// `splice_payload`). A page that cannot be backed (a
     /// full `tmpfs`, the file shrunk by another process) fails the
     /// receive with `EFAULT`, and the caller stores the payload another
     /// way, which reports the error.

@@ -644,7 +644,10 @@ impl Driver {
             self.start_waiting_reads();
             let fed = self.feedable(end - start);
             start += self.pump(&input[start..start + fed])?;
-            if std::mem::take(&mut self.large_write_received) {
+            // Judged only where it is used: payloads that may be spliced.
+            if std::mem::take(&mut self.large_write_received)
+                && self.backend.as_ref().is_some_and(|b| b.writes_from_pipe())
+            {
                 self.judge_write_queue(stream, start < end);
             }
             if let Some(window) = &mut self.poll_window {
