@@ -1547,9 +1547,11 @@ impl Driver {
             return Ok(Direct::No);
         }
         // A client keeping large writes in flight sends them on its own
-        // CPU time, and spliced payloads made it pay up to 2.3x a MiB
-        // (its sends copy slower; docs/BENCHMARKS.md): read, they cost it
-        // what they cost against nbdkit. A client waiting for each reply
+        // CPU time, and spliced payloads made it pay up to 2.3x a MiB:
+        // on this machine its sends copy into pages the pipe freed on the
+        // server's CPU, cold, where `recv` hands them back to the client's
+        // (docs/BENCHMARKS.md). Read, they cost it what they cost against
+        // nbdkit. A client waiting for each reply
         // has the time, and one copy answers it sooner.
         if !self.payload_in_pipe() && self.keeps_writes_in_flight() {
             return Ok(Direct::No);
