@@ -462,9 +462,11 @@ impl Backend for FileBackend {
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let _size_stable = self.writable_range(offset, data.len() as u64, "write")?;
-        let _turn = (data.len() >= LARGE_WRITE_BYTES)
-            .then(|| self.wait_for_large_write_turn())
-            .flatten();
+        let _turn = if data.len() >= LARGE_WRITE_BYTES {
+            self.wait_for_large_write_turn()
+        } else {
+            None
+        };
         self.file.write_all_at(data, offset)
     }
 

@@ -1551,8 +1551,8 @@ impl Driver {
         // on this machine its sends copy into pages the pipe freed on the
         // server's CPU, cold, where `recv` hands them back to the client's
         // (docs/BENCHMARKS.md). Read, they cost it what they cost against
-        // nbdkit. A client waiting for each reply
-        // has the time, and one copy answers it sooner.
+        // nbdkit. A client waiting for each reply has the time, and one
+        // copy answers it sooner.
         if !self.payload_in_pipe() && self.keeps_writes_in_flight() {
             return Ok(Direct::No);
         }
