@@ -796,7 +796,8 @@ def render(report: dict) -> str:
     lines += [
         f"- nbd-std: `{std}` at {report['git']}",
         f"- machine: {report['machine']['cpus']} CPUs ({report['machine']['cpu_model']}), "
-        f"kernel {report['machine']['kernel']}, {report['machine']['mem_gib']:.0f} GiB RAM",
+        f"kernel {report['machine']['kernel']}, {report['machine']['mem_gib']:.0f} GiB RAM, "
+        f"DAMON {report['machine'].get('damon', 'not recorded')}",
         f"- placement: {cfg['placement']}",
         f"- storage: {cfg.get('storage_text', 'memory')}",
         f"- runs: {cfg['rounds']} interleaved round(s) × {len(workloads)} workload(s) × {len(servers)} server(s); "
@@ -897,7 +898,43 @@ def machine_info() -> dict:
                 break
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": os.uname().release, "mem_gib": mem_kib / (1 << 20)}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": os.uname().release,
+        "mem_gib": mem_kib / (1 << 20),
+        "damon": damon_state(),
+    }
+
+
+def damon_state() -> str:
+    """The kernel's DAMON monitors that are running, e.g. "paddr: pageout",
+    or "none". One sampling physical memory clears the accessed bits of
+    the page cache's folios in every mapping of them, which made nbd-std's
+    reads sent from its mapping of a file dearer (docs/BENCHMARKS.md)."""
+    root = "/sys/kernel/mm/damon/admin/kdamonds"
+    running = []
+
+    def text(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    def numbered(path: str) -> list[str]:
+        return sorted((n for n in os.listdir(path) if n.isdigit()), key=int) if os.path.isdir(path) else []
+
+    for kdamond in numbered(root):
+        if text(f"{root}/{kdamond}/state") != "on":
+            continue
+        contexts = f"{root}/{kdamond}/contexts"
+        for context in numbered(contexts):
+            schemes = f"{contexts}/{context}/schemes"
+            actions = [text(f"{schemes}/{n}/action") for n in numbered(schemes)]
+            operations = text(f"{contexts}/{context}/operations") or "?"
+            running.append(f"{operations}: {', '.join(actions) or 'monitoring only'}")
+    return "; ".join(running) or "none"
 
 
 def git_rev() -> str:
