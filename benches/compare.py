@@ -403,14 +403,16 @@ class Server:
 # fio runs
 
 
-def write_random_file(path: str, size: int) -> None:
+def write_random_file(path: str, size: int, write_size: int = MiB) -> None:
     """Writes `size` bytes of random data (one random MiB repeated) to
-    `path`, allocated and on the device (fsync) before it returns."""
+    `path` in writes of `write_size` bytes (a divisor of a MiB: the page
+    cache keeps the file in folios about that large), allocated and on
+    the device (fsync) before it returns."""
     block = os.urandom(MiB)
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         for _ in range(size // MiB):
-            f.write(block)
-        f.flush()
+            for at in range(0, MiB, write_size):
+                f.write(block[at : at + write_size])
         os.fsync(f.fileno())
 
 
@@ -447,8 +449,9 @@ class Context:
         (allocated) before any server starts, so none pays the allocation."""
         directory = self.args.file_dir or ("/dev/shm" if self.storage == "shm" else "/var/tmp")
         path = os.path.join(directory, f"nbd-bench-{os.getpid()}.img")
-        log(f"writing {size // MiB} MiB to {path}")
-        write_random_file(path, size)
+        write_size = self.args.file_writes
+        log(f"writing {size // MiB} MiB to {path} in writes of {write_size} bytes")
+        write_random_file(path, size, write_size)
         self.shared_file = path
 
     def evict_shared_file(self) -> None:
@@ -1011,6 +1014,13 @@ def parse_args(argv):
         "(fsync, then POSIX_FADV_DONTNEED), so reads come from the disk",
     )
     p.add_argument("--file-dir", help="directory of the shared file (default /dev/shm for shm, /var/tmp for disk)")
+    p.add_argument(
+        "--file-writes",
+        type=parse_size,
+        default=MiB,
+        help="size of the writes that make the shared file (default 1M; a divisor of 1M, "
+        "e.g. 8K: the page cache keeps the file in small folios, not large ones)",
+    )
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for every server (default 0)")
     p.add_argument("--client-cpus", default="1", help="taskset CPU list for fio and this script (default 1)")
     p.add_argument("--pin", action="store_true", help="pin servers and clients with taskset (default: unpinned)")
@@ -1044,6 +1054,8 @@ def parse_args(argv):
         p.error("--pin and --no-pin contradict each other")
     if args.cold and args.storage != "disk":
         p.error("--cold needs --storage disk (a file in memory has no disk to read from)")
+    if args.file_writes <= 0 or MiB % args.file_writes:
+        p.error("--file-writes must divide 1M (e.g. 4K, 8K, 256K, 1M)")
     args.servers = [s for s in args.servers.split(",") if s]
     if args.floor:
         args.servers += [s for s in FLOOR_SERVERS if s not in args.servers]
@@ -1115,11 +1127,13 @@ def main(argv) -> int:
             "placement": placement,
             "storage": args.storage,
             "cold": args.cold,
+            "file_writes": args.file_writes,
             "storage_text": {
                 "memory": "nbd-std and nbdkit memory exports; qemu-nbd and nbd-server a file in /dev/shm",
                 "shm": "every server on one file in /dev/shm",
                 "disk": f"every server on one file in {args.file_dir or '/var/tmp'}",
             }[args.storage]
+            + (f", written in {args.file_writes}-byte writes" if args.storage != "memory" else "")
             + (", evicted from the page cache before each run" if args.cold else ""),
             "argv": argv,
         },
