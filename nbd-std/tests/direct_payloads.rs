@@ -1,7 +1,7 @@
-//! Large write payloads go from the socket straight into storage: into a
-//! file export through a pipe (a partial sector held there until the rest
-//! of it comes), into a file in memory's pages through a mapping, into a
-//! memory export's own pages. Payloads arriving in
+//! Large write payloads go from the socket straight into storage (into a
+//! file in memory's pages through a mapping, into a memory export's own
+//! pages) or through the input buffer (a file on disk, a partial sector
+//! held until the rest of it comes). Payloads arriving in
 //! uneven pieces, at unaligned offsets, one after the other and mixed
 //! with reads, must land exactly where they belong.
 
@@ -148,9 +148,9 @@ fn write_unevenly_and_read_back(server: &mut Server) -> Vec<u8> {
     assert_eq!(&data[..], &expected[..512]);
 
     // A client keeping large writes in flight (each write's next request
-    // already sent when its payload ends): a file export then reads their
-    // payloads rather than splicing them; and one waiting for each reply
-    // again: spliced again. Unaligned, so sectors are shared between
+    // already sent when its payload ends), then one waiting for each
+    // reply, and back: the server reads batches of requests, then one
+    // header at a time. Unaligned, so sectors are shared between
     // neighbours in both ways and across the change.
     let mut cookie = 200;
     let mut at = 1_234_567u64;

@@ -181,8 +181,8 @@ fn qemu_io_exercise(uri: &str) {
             "discard 8704k 1M",
             "read -P 0x66 8M 512k",
             "read -P 0x66 9728k 512k",
-            // Large and unaligned (a file export moves these payloads
-            // through a pipe, a partial sector held until the rest comes).
+            // Large and unaligned (a file export stores these payloads
+            // as they come, a partial sector held until the rest comes).
             "write -P 0x77 10485861 200000",
             "read -P 0 10485760 101",
             "read -P 0x77 10485861 200000",

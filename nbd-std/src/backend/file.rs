@@ -61,8 +61,7 @@ const RAMFS_MAGIC: u64 = 0x8584_58f6;
 const ZERO_CHUNK: u64 = 1 << 20;
 
 /// Writes from memory of this size or more into a regular file take
-/// turns (`FileBackend::large_write_turn`), as spliced payloads do;
-/// smaller ones hold the inode's lock too briefly for spinning on it to
+/// turns (`FileBackend::large_write_turn`); smaller ones hold the inode's lock too briefly for spinning on it to
 /// cost more than sleeping.
 const LARGE_WRITE_BYTES: usize = 64 << 10;
 
@@ -101,11 +100,10 @@ pub struct FileBackend {
     /// The writable mapping large write payloads are received into
     /// (files in memory, `receive_at`).
     write_map: LazyMap,
-    /// Held by a large write to a regular file (spliced from the pipe, or
-    /// of [`LARGE_WRITE_BYTES`] or more from memory) while it copies into
-    /// the page cache. The kernel allows one buffered write to a file at a
-    /// time (the inode's lock) and a second writer spins while the first
-    /// copies: with `nbdcopy`'s four connections on two I/O threads that
+    /// Held by a large write to a regular file (of [`LARGE_WRITE_BYTES`]
+    /// or more) while it copies into the page cache. The kernel allows
+    /// one buffered write to a file at a time (the inode's lock) and a
+    /// second writer spins while the first copies: with `nbdcopy`'s four connections on two I/O threads that
     /// spinning was 14 % of the server's CPU. Waiting here sleeps instead,
     /// which leaves the CPU to the client. Block devices take no such lock,
     /// so their writes do not wait here.
@@ -470,38 +468,6 @@ impl Backend for FileBackend {
         self.file.write_all_at(data, offset)
     }
 
-    fn writes_from_pipe(&self) -> bool {
-        true
-    }
-
-    fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, length: usize) -> io::Result<()> {
-        let _size_stable = self.writable_range(offset, length as u64, "write")?;
-        let _turn = self.wait_for_large_write_turn();
-        let (mut at, mut left) = (offset, length);
-        while left > 0 {
-            // Moves the pipe's pages into the page cache (a buffered write).
-            match rustix::pipe::splice(
-                pipe,
-                None,
-                &self.file,
-                Some(&mut at),
-                left,
-                rustix::pipe::SpliceFlags::empty(),
-            ) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the pipe ran dry before the write's end",
-                    ));
-                }
-                Ok(moved) => left -= moved,
-                Err(Errno::INTR) => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        Ok(())
-    }
-
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -563,16 +529,16 @@ impl Backend for FileBackend {
 
     /// Files in memory (`tmpfs`) only: the payload is received straight
     /// into the file's pages through a writable mapping (one copy, and the
-    /// socket drained as fast as the copy goes, where the pipe took the
+    /// socket drained as fast as the copy goes, where a pipe took the
     /// client's pages and copied them on later: 1 MiB writes at QD8 went
     /// from 1.4k-2.5k MiB/s to 3.9k-4.9k, see docs/BENCHMARKS.md). On
     /// disk a page not in the page cache would be read before being
     /// overwritten, and a page written back faults again; there the
-    /// payload is spliced or read (see the connection's
-    /// `splice_payload`). A page that cannot be backed (a
-    /// full `tmpfs`, the file shrunk by another process) fails the
-    /// receive with `EFAULT`, and the caller stores the payload another
-    /// way, which reports the error.
+    /// payload is read into the connection's input buffer and written
+    /// from it. A page that cannot be backed (a full `tmpfs`, the file
+    /// shrunk by another process) fails the receive with `EFAULT`, and
+    /// the caller stores the payload another way, which reports the
+    /// error.
     fn receive_at(
         &self,
         offset: u64,
@@ -593,7 +559,7 @@ impl Backend for FileBackend {
             end,
             size,
             FileMap::new_writable,
-            "payloads go through a pipe",
+            "payloads are read into memory first",
         )?;
         let place = map.place(offset, length)?;
         Some(Ok(receive(place)))

@@ -228,22 +228,6 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Whether [`write_from_pipe`](Self::write_from_pipe) works: the
-    /// server may then move large write payloads from the socket into the
-    /// backend through a pipe (`splice`), never copying them itself.
-    fn writes_from_pipe(&self) -> bool {
-        false
-    }
-
-    /// Stores the next `length` bytes held in `pipe` at `offset`, as
-    /// `write_at` would (the same checks; done at once, like
-    /// [`try_write_now`](Self::try_write_now)). Only called when
-    /// [`writes_from_pipe`](Self::writes_from_pipe) says so.
-    fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, length: usize) -> io::Result<()> {
-        let _ = (pipe, offset, length);
-        Err(io::ErrorKind::Unsupported.into())
-    }
-
     /// Stores up to `length` bytes of a write at `offset` that `receive`
     /// puts straight into the backend's own memory, without a buffer
     /// between: `receive` fills the slice it is given as far as it can

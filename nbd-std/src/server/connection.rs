@@ -18,7 +18,6 @@ use tracing::{debug, error, info, warn};
 use super::budget::{Budget, ServerBudget, WRITE_PIECE};
 use super::gathering::Gathering;
 use super::io_threads::ThreadShare;
-use super::payload_pipe::PayloadPipe;
 use super::poll_window::PollWindow;
 use super::read_ring::ReadRing;
 use super::socket::{self, PlainSocket};
@@ -86,10 +85,6 @@ const MOST_READ_DATA_HELD: usize = 64 << 10;
 /// 5,442 reading 512 KiB at a time (1 MiB: 4,660 to 4,965).
 const MOST_READ_AT_ONCE: usize = 512 << 10;
 
-/// The most `Driver::write_queue` counts: two judgements either way
-/// change the connection's mind.
-const WRITE_QUEUE_SURE: u8 = 3;
-
 /// Data copied into read buffers after which the connection sends the
 /// replies it holds before taking more requests from its input. A batch
 /// of requests read at once was all copied before any reply went out:
@@ -106,10 +101,10 @@ const COPIED_READ_DATA_BEFORE_SENDING: usize = 256 << 10;
 const SENDFILE_BYTES: u64 = 64 << 10;
 
 /// Smallest write payload taken from the socket straight into storage
-/// (into a file through a pipe, `PayloadPipe`; into a memory export's
-/// pages) rather than read into the input buffer and stored from there:
-/// below it the extra system calls (a header read alone, and a step or
-/// two per page or pipe-full) cost more than the copy saved.
+/// (a memory export's pages, a file in memory's pages through its
+/// mapping) rather than read into the input buffer and stored from
+/// there: below it the extra system calls (a header read alone, and a
+/// step or two per page) cost more than the copy saved.
 const DIRECT_PAYLOAD_BYTES: u64 = 64 << 10;
 
 /// How long an idle connection keeps its spare read buffers.
@@ -387,7 +382,7 @@ impl StreamingWrite {
 /// What taking payload straight from the socket did
 /// ([`Driver::payload_from_socket`]).
 enum Direct {
-    /// Moved payload from the socket into storage (or the pipe).
+    /// Moved payload from the socket into storage.
     Moved,
     /// The socket holds nothing yet: wait until it is readable.
     SocketEmpty,
@@ -454,13 +449,9 @@ struct Driver {
     copied_read_data_bytes: usize,
     writes: RequestMap<PendingWrite>,
     streams: RequestMap<StreamingWrite>,
-    /// The pipe large write payloads go through (made at the first).
-    payload_pipe: Option<PayloadPipe>,
-    /// Making the pipe failed: payloads are read the usual way.
-    no_payload_pipe: bool,
-    /// A payload just came through the pipe: the next read takes one
-    /// request header, so a large write's payload after it stays in the
-    /// socket for the pipe.
+    /// A payload just came straight into storage: the next read takes
+    /// one request header, so a large write's payload after it stays in
+    /// the socket to come the same way.
     header_only_read: bool,
     /// Reads waiting for budget, in arrival order; while any wait, no
     /// input is fed to the core.
@@ -495,13 +486,6 @@ struct Driver {
     /// one request header at most, the client waiting for each reply
     /// (queue depth 1), rather than a batch of requests sent together.
     came_alone: bool,
-    /// A large write's payload just came whole: whether the client sent
-    /// more before its reply is judged (`judge_write_queue`).
-    large_write_received: bool,
-    /// How sure the connection is that its client keeps large writes in
-    /// flight (0 to [`WRITE_QUEUE_SURE`]): up when the next request was
-    /// there before a large write's reply went out, down when it was not.
-    write_queue: u8,
     /// When the client last sent something (`--idle-timeout`).
     last_input: tokio::time::Instant,
     /// Bytes moved since the connection last gave its thread a turn
@@ -522,10 +506,6 @@ struct Driver {
     others_since_sent: bool,
     /// The time a write done on this thread took lately, in nanoseconds
     /// (see [`CHEAP_WRITE_NANOS`]); cheap until writes show otherwise.
-    /// Payloads spliced from the socket into the file are not timed and
-    /// leave it as it was (1 MiB writes at QD8 were level with the build
-    /// that sent every file write's reply at once: 0.94 to 1.12× its
-    /// rate, in `/dev/shm` and on disk).
     write_nanos: EighthAverage,
 }
 
@@ -548,8 +528,6 @@ impl Driver {
             copied_read_data_bytes: 0,
             writes: RequestMap::new(),
             streams: RequestMap::new(),
-            payload_pipe: None,
-            no_payload_pipe: false,
             header_only_read: false,
             waiting_reads: VecDeque::new(),
             budget,
@@ -569,8 +547,6 @@ impl Driver {
             read_ring: None,
             sendfile: false,
             came_alone: false,
-            large_write_received: false,
-            write_queue: 0,
             last_input: tokio::time::Instant::now(),
             turn_bytes: 0,
             one_in_flight_passes: ONE_IN_FLIGHT_BEFORE_SENDING_AT_ONCE,
@@ -644,12 +620,6 @@ impl Driver {
             self.start_waiting_reads();
             let fed = self.feedable(end - start);
             start += self.pump(&input[start..start + fed])?;
-            // Judged only where it is used: payloads that may be spliced.
-            if std::mem::take(&mut self.large_write_received)
-                && self.backend.as_ref().is_some_and(|b| b.writes_from_pipe())
-            {
-                self.judge_write_queue(stream, start < end);
-            }
             if let Some(window) = &mut self.poll_window {
                 window.in_flight(self.conn.in_flight());
             }
@@ -678,14 +648,10 @@ impl Driver {
             // Replies to a client that keeps several requests in flight
             // wait while its socket holds more requests: they then go out
             // together, and the client's next requests come together too.
-            // Not while the pipe holds part of a payload: the rest must
-            // follow it there (see `splice_payload`), not into the input
-            // buffer.
             let mut socket_empty = false;
             if self.may_hold_replies()
                 && start == end
                 && !eof
-                && !self.payload_in_pipe()
                 && !(watching && shutdown.has_changed().unwrap_or(true))
             {
                 (start, end) = nbd_core::shape::make_room(&mut input, start, end);
@@ -743,15 +709,10 @@ impl Driver {
             // Just found empty: the event loop waits for it (an idle
             // connection may still poll through its window).
             let mut read_again = idle || !socket_empty;
-            // A large write's payload goes from the socket to the file
-            // without the input buffer. Once the pipe holds part of one,
-            // the rest follows it there, shutdown or not (a shutdown waits
-            // for the requests in flight anyway).
+            // A large write's payload goes from the socket into storage
+            // without the input buffer, where the backend can take it.
             let mut await_payload = false;
-            if start == end
-                && !eof
-                && (self.payload_in_pipe() || !(watching && shutdown.has_changed().unwrap_or(true)))
-            {
+            if start == end && !eof && !(watching && shutdown.has_changed().unwrap_or(true)) {
                 match self.payload_from_socket(stream)? {
                     Direct::Moved => {
                         tokio::task::consume_budget().await;
@@ -800,7 +761,7 @@ impl Driver {
                 }
                 read = async {
                     if await_payload {
-                        // Left in the socket for `splice_payload`.
+                        // Left in the socket for `payload_from_socket`.
                         stream.wait_readable().await.map(|()| None)
                     } else {
                         stream.read(&mut input[end..read_end]).await.map(Some)
@@ -1417,7 +1378,11 @@ impl Driver {
     /// into storage, when the input buffer is empty: into the backend's
     /// own memory (`Backend::receive_at`: a memory export's pages, a file
     /// in memory's page cache) while [`DIRECT_PAYLOAD_BYTES`] or more are
-    /// still to come, else through the pipe (`splice_payload`).
+    /// still to come. Payload for other backends is read into the input
+    /// buffer and stored from there: moved into a file through a pipe
+    /// (`splice`, one copy instead of two) it cost a client on the same
+    /// machine 40 % more CPU a MiB, for 5 % less of the server's
+    /// (docs/BENCHMARKS.md).
     fn payload_from_socket<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Direct> {
         let (Some(_), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
             return Ok(Direct::No);
@@ -1428,8 +1393,8 @@ impl Driver {
         let started_otherwise = self.streams.get(wanted.id).is_some_and(|write| {
             !write.piece.is_empty() || write.outstanding > 0 || write.failed.is_some()
         });
-        if wanted.remaining < DIRECT_PAYLOAD_BYTES || started_otherwise || self.payload_in_pipe() {
-            return self.splice_payload(stream);
+        if wanted.remaining < DIRECT_PAYLOAD_BYTES || started_otherwise {
+            return Ok(Direct::No);
         }
         let Some(backend) = self.backend.clone() else {
             return Ok(Direct::No);
@@ -1468,7 +1433,7 @@ impl Driver {
             filled
         };
         let stored = match backend.receive_at(wanted.offset, want, &mut receive) {
-            None => return self.splice_payload(stream),
+            None => return Ok(Direct::No),
             Some(Ok(stored)) => stored,
             Some(Err(error)) => {
                 // Its payload stays in the socket, for the core to drop.
@@ -1506,150 +1471,6 @@ impl Driver {
         Ok(Direct::Moved)
     }
 
-    /// Moves payload of the write being received from the socket into the
-    /// backend's file through the connection's pipe (`PayloadPipe`): for
-    /// writes of `DIRECT_PAYLOAD_BYTES` or more to backends that write
-    /// from a pipe, over plain sockets, when the input buffer is empty and
-    /// the client waits for each write's reply (`keeps_writes_in_flight`). Whole
-    /// sectors go to storage (all at the payload's end); a partial one
-    /// stays in the pipe until the rest of it comes, so a sector never
-    /// holds halves of two overlapping writes (see
-    /// `store_whole_sectors_now`). Once the pipe holds part of a payload,
-    /// the rest comes through it too.
-    fn splice_payload<S: PlainSocket>(&mut self, stream: &S) -> io::Result<Direct> {
-        let (Some(socket), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
-            return Ok(Direct::No);
-        };
-        if !self.backend.as_ref().is_some_and(|b| b.writes_from_pipe()) {
-            return Ok(Direct::No);
-        }
-        let suitable = self.streams.get(wanted.id).filter(|write| {
-            write.length >= DIRECT_PAYLOAD_BYTES
-                && write.inline
-                && write.outstanding == 0
-                && write.failed.is_none()
-        });
-        // Payload read into the input buffer ended inside a sector: the
-        // rest of that sector comes from the socket here, and the write's
-        // piece stores it as usual; the pipe takes over after it.
-        if let Some(need) = suitable
-            .filter(|write| !write.piece.is_empty())
-            .map(|write| write.piece_limit - write.piece.len())
-        {
-            return self.complete_piece_from(stream, wanted, need);
-        }
-        if suitable.is_none() {
-            if self.payload_in_pipe() {
-                return Err(io::Error::other(
-                    "the payload pipe holds bytes of a write no longer received through it",
-                ));
-            }
-            return Ok(Direct::No);
-        }
-        // A client keeping large writes in flight sends them on its own
-        // CPU time, and spliced payloads made it pay up to 2.3x a MiB:
-        // on this machine its sends copy into pages the pipe freed on the
-        // server's CPU, cold, where `recv` hands them back to the client's
-        // (docs/BENCHMARKS.md). Read, they cost it what they cost against
-        // nbdkit. A client waiting for each reply has the time, and one
-        // copy answers it sooner.
-        if !self.payload_in_pipe() && self.keeps_writes_in_flight() {
-            return Ok(Direct::No);
-        }
-        let (Some(backend), Some(mut pipe)) = (self.backend.clone(), self.take_payload_pipe())
-        else {
-            return Ok(Direct::No);
-        };
-        let want = usize::try_from(wanted.remaining).unwrap_or(usize::MAX);
-        let filled = pipe.fill_from(socket, want);
-        let outcome = match filled {
-            Ok(0) => Ok(Direct::End),
-            Ok(moved) => self.store_spliced(&mut pipe, &*backend, wanted, moved),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                stream.found_empty();
-                Ok(Direct::SocketEmpty)
-            }
-            Err(error) => Err(error),
-        };
-        self.payload_pipe = Some(pipe);
-        outcome
-    }
-
-    /// Reads up to `need` (less than a sector) payload bytes of `wanted`
-    /// from the socket into the write's partial sector.
-    fn complete_piece_from<S: PlainSocket>(
-        &mut self,
-        stream: &S,
-        wanted: nbd_core::server::PayloadWanted,
-        need: usize,
-    ) -> io::Result<Direct> {
-        let mut bytes = [0u8; SECTOR as usize];
-        let Some(bytes) = bytes.get_mut(..need) else {
-            return Err(io::Error::other(
-                "a write's partial sector is over a sector",
-            ));
-        };
-        let n = match self.read_now(stream, bytes, false, &mut None) {
-            // Nothing yet (or interrupted): wait for the socket.
-            None => return Ok(Direct::SocketEmpty),
-            Some(read) => read?,
-        };
-        if n == 0 {
-            return Ok(Direct::End);
-        }
-        self.took_payload(n)?;
-        self.stream_write_data(
-            wanted.id,
-            wanted.offset,
-            &bytes[..n],
-            wanted.remaining - n as u64,
-        );
-        Ok(Direct::Moved)
-    }
-
-    /// Takes `moved` more payload bytes of `wanted` into `pipe` and stores
-    /// the whole sectors it holds (everything at the payload's end).
-    fn store_spliced(
-        &mut self,
-        pipe: &mut PayloadPipe,
-        backend: &dyn Backend,
-        wanted: nbd_core::server::PayloadWanted,
-        moved: usize,
-    ) -> io::Result<Direct> {
-        self.took_payload(moved)?;
-        let Some(mut write) = self.streams.remove(wanted.id) else {
-            return Err(io::Error::other(
-                "a write's state lost while its payload came",
-            ));
-        };
-        // The pipe held payload up to `wanted.offset` before this.
-        let head = wanted.offset - (pipe.held() - moved) as u64;
-        let end = wanted.offset + moved as u64;
-        let remaining = wanted.remaining - moved as u64;
-        let whole_end = if remaining == 0 {
-            end
-        } else {
-            end - end % SECTOR
-        };
-        let store = usize::try_from(whole_end.saturating_sub(head)).unwrap_or(0);
-        if store > 0 {
-            let stored = backend.write_from_pipe(pipe.output(), head, store);
-            pipe.stored(store);
-            if let Err(error) = stored {
-                // The write is answered with the error; what storage did
-                // not take is dropped, and the core drops the rest.
-                write.keep_first_error(Err(error));
-                pipe.discard()?;
-            }
-        }
-        if remaining == 0 {
-            write.received = true;
-            self.large_payload_ended();
-        }
-        self.settle_write(wanted.id, write);
-        Ok(Direct::Moved)
-    }
-
     /// Tells the core that `n` payload bytes came straight from the
     /// socket, and notes them as input.
     fn took_payload(&mut self, n: usize) -> io::Result<()> {
@@ -1663,72 +1484,21 @@ impl Driver {
 
     /// A large write's payload came whole. The next request may be
     /// another large write: its header alone is read, and its payload
-    /// left in the socket. Whether the client sent it already is judged
-    /// before this write's reply goes out (`judge_write_queue`).
+    /// left in the socket for `payload_from_socket`.
     fn large_payload_ended(&mut self) {
         self.header_only_read = true;
-        self.large_write_received = true;
-    }
-
-    /// After a large write's payload came whole, before its reply goes
-    /// out: whether the client had already sent more (`more_input`: the
-    /// input buffer holds some, else the socket does) says whether it
-    /// keeps writes in flight or waits for each reply.
-    fn judge_write_queue<S: PlainSocket>(&mut self, stream: &S, more_input: bool) {
-        let more = more_input
-            || stream
-                .plain_fd()
-                .and_then(|fd| rustix::io::ioctl_fionread(fd).ok())
-                .is_some_and(|held| held > 0);
-        self.write_queue = if more {
-            (self.write_queue + 1).min(WRITE_QUEUE_SURE)
-        } else {
-            self.write_queue.saturating_sub(1)
-        };
-    }
-
-    /// The client keeps large writes in flight (see `judge_write_queue`).
-    /// Their payloads are then read, not spliced (`splice_payload`).
-    fn keeps_writes_in_flight(&self) -> bool {
-        self.write_queue > WRITE_QUEUE_SURE / 2
-    }
-
-    /// Whether the payload pipe holds part of a write's payload.
-    fn payload_in_pipe(&self) -> bool {
-        self.payload_pipe
-            .as_ref()
-            .is_some_and(|pipe| pipe.held() > 0)
     }
 
     /// Where a read into the input buffer (`len` bytes, filled to `end`)
-    /// stops: after one request header when a payload just came through
-    /// the pipe (`header_only_read`), else [`MOST_READ_AT_ONCE`] on or
-    /// at its end.
+    /// stops: after one request header when a large payload just came
+    /// whole (`header_only_read`), else [`MOST_READ_AT_ONCE`] on or at
+    /// its end.
     fn read_end(&self, end: usize, len: usize) -> usize {
         if self.header_only_read {
             let header = nbd_core::wire::RequestHeader::encoded_len(self.conn.header_style());
             (end + header).min(len)
         } else {
             (end + MOST_READ_AT_ONCE).min(len)
-        }
-    }
-
-    /// The connection's payload pipe, made the first time; `None` when
-    /// it cannot be made (said once).
-    fn take_payload_pipe(&mut self) -> Option<PayloadPipe> {
-        if let Some(pipe) = self.payload_pipe.take() {
-            return Some(pipe);
-        }
-        if self.no_payload_pipe {
-            return None;
-        }
-        match PayloadPipe::new() {
-            Ok(pipe) => Some(pipe),
-            Err(error) => {
-                warn!("cannot make a pipe for write payloads ({error}): reading them into memory");
-                self.no_payload_pipe = true;
-                None
-            }
         }
     }
 

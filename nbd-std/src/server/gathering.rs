@@ -91,8 +91,8 @@ const WAITING_MUST_GAIN: f64 = 0.95;
 /// quick within 1 %) were kept after a third of the trials.
 const WAITING_MAY_LOSE: f64 = 1.03;
 
-/// Most bytes a wait asks for: sixteen 4 KiB writes. Larger writes go
-/// through the payload pipe, and a request or two is worth a wake-up.
+/// Most bytes a wait asks for: sixteen 4 KiB writes. Larger writes are
+/// worth a wake-up a request or two.
 const MOST_GATHERED_BYTES: usize = 64 << 10;
 
 /// A pause between two transmissions longer than this is the client

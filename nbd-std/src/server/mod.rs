@@ -16,7 +16,6 @@ mod connection;
 mod gathering;
 mod io_threads;
 pub mod limits;
-mod payload_pipe;
 mod poll_window;
 mod read_ring;
 mod socket;
