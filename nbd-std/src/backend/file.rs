@@ -527,6 +527,10 @@ impl Backend for FileBackend {
             .reaching(file, end, size, FileMap::new, "reads copy its data")
     }
 
+    fn receives_payloads(&self) -> bool {
+        self.in_memory && !self.write_map.failed()
+    }
+
     /// Files in memory (`tmpfs`) only: the payload is received straight
     /// into the file's pages through a writable mapping (one copy, and the
     /// socket drained as fast as the copy goes, where a pipe took the

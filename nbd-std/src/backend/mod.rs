@@ -228,6 +228,14 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Whether [`receive_at`](Self::receive_at) takes write payloads
+    /// straight from the socket into storage now. The server then reads
+    /// the rest of a sector left incomplete in its input buffer on its
+    /// own, so that the payload after it can come that way too.
+    fn receives_payloads(&self) -> bool {
+        false
+    }
+
     /// Stores up to `length` bytes of a write at `offset` that `receive`
     /// puts straight into the backend's own memory, without a buffer
     /// between: `receive` fills the slice it is given as far as it can
