@@ -61,8 +61,9 @@ const RAMFS_MAGIC: u64 = 0x8584_58f6;
 const ZERO_CHUNK: u64 = 1 << 20;
 
 /// Writes from memory of this size or more into a regular file take
-/// turns (`FileBackend::large_write_turn`); smaller ones hold the inode's lock too briefly for spinning on it to
-/// cost more than sleeping.
+/// turns (`FileBackend::large_write_turn`); smaller ones hold the
+/// inode's lock too briefly for spinning on it to cost more than
+/// sleeping.
 const LARGE_WRITE_BYTES: usize = 64 << 10;
 
 /// Storage in a regular file (raw image) or a block device.
@@ -103,10 +104,11 @@ pub struct FileBackend {
     /// Held by a large write to a regular file (of [`LARGE_WRITE_BYTES`]
     /// or more) while it copies into the page cache. The kernel allows
     /// one buffered write to a file at a time (the inode's lock) and a
-    /// second writer spins while the first copies: with `nbdcopy`'s four connections on two I/O threads that
-    /// spinning was 14 % of the server's CPU. Waiting here sleeps instead,
-    /// which leaves the CPU to the client. Block devices take no such lock,
-    /// so their writes do not wait here.
+    /// second writer spins while the first copies: with `nbdcopy`'s four
+    /// connections on two I/O threads that spinning was 14 % of the
+    /// server's CPU. Waiting here sleeps instead, which leaves the CPU to
+    /// the client. Block devices take no such lock, so their writes do not
+    /// wait here.
     large_write_turn: Mutex<()>,
 }
 
@@ -549,7 +551,7 @@ impl Backend for FileBackend {
         length: usize,
         receive: &mut dyn FnMut(&mut [u8]) -> usize,
     ) -> Option<io::Result<usize>> {
-        if !self.in_memory || self.write_map.failed() {
+        if !self.receives_payloads() {
             return None;
         }
         let _size_stable = match self.writable_range(offset, length as u64, "write") {
