@@ -1,7 +1,7 @@
 //! Large write payloads go from the socket straight into storage (into a
 //! file in memory's pages through a mapping, into a memory export's own
-//! pages) or through the input buffer (a file on disk, a partial sector
-//! held until the rest of it comes). Payloads arriving in
+//! pages) or through the input buffer (a file on disk, a partial 4 KiB
+//! block held until the rest of it comes). Payloads arriving in
 //! uneven pieces, at unaligned offsets, one after the other and mixed
 //! with reads, must land exactly where they belong.
 
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{
     CMD_DISC, CMD_READ, CMD_WRITE, Server, create_sparse_file, negotiate_export_name, random_bytes,
-    read_simple_reply, request_bytes, temp_dir,
+    read_simple_reply, request_bytes, temp_dir, write_random_file,
 };
 
 const SIZE: u64 = 4 << 20;
@@ -68,6 +68,90 @@ fn write_unevenly_into_a_file_in(dir: &std::path::Path) {
 fn uneven_unaligned_payloads_land_intact_in_memory() {
     let mut server = Server::start(["--export", &format!("disk=memory:{SIZE}")]);
     write_unevenly_and_read_back(&mut server);
+    server.stop();
+}
+
+/// Bytes the server process has had read from storage devices so far
+/// (`read_bytes` of `/proc/PID/io`), or `None` where the kernel does not say.
+fn bytes_read_from_disk(server: &Server) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{}/io", server.pid())).ok()?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("read_bytes: "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[test]
+fn payload_split_inside_a_block_does_not_read_the_file_from_disk() {
+    // Writing part of a file's block that is not in the page cache makes
+    // the kernel read the block first. A payload arrives split wherever
+    // the socket split it; stored in whole 512-byte sectors, a 256 KiB
+    // request into a cold file cost a read from the disk at nearly every
+    // split, and copying into such a file took twice nbdkit's time.
+    let dir = temp_dir();
+    let image = dir.path().join("disk.img");
+    write_random_file(&image, SIZE, 11);
+    let file = std::fs::File::open(&image).expect("open image");
+    file.sync_all().expect("sync image");
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("evict image");
+    let mut server = Server::start(["--export", &format!("disk=file:{}", image.display())]);
+    let mut client = server.connect();
+    negotiate_export_name(&mut client, "disk");
+
+    // Whether reads from the disk show here at all (not on tmpfs, not
+    // without the kernel's I/O accounting): a read of a cold range must.
+    let Some(before_read) = bytes_read_from_disk(&server) else {
+        eprintln!("skipped: /proc/PID/io has no read_bytes");
+        return;
+    };
+    client
+        .write_all(&request_bytes(CMD_READ, 1, 3 << 20, 65_536))
+        .expect("send read");
+    assert_eq!(read_simple_reply(&mut client).expect("reply"), (0, 1));
+    let mut data = vec![0u8; 65_536];
+    client.read_exact(&mut data).expect("read data");
+    let Some(before_write) = bytes_read_from_disk(&server).filter(|&n| n > before_read) else {
+        eprintln!("skipped: a read of an evicted range read nothing from a disk (tmpfs?)");
+        return;
+    };
+
+    // Block-aligned writes whose payloads arrive in pieces that end
+    // inside blocks (and inside sectors).
+    let mut at = 0u64;
+    for (cookie, pieces) in [
+        &[300_000usize, 1, 77_777][..],
+        &[4_095, 513, 200_000],
+        &[65_000, 65_000, 65_000],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let length = 256 << 10;
+        let payload = random_bytes(20 + cookie as u64, length);
+        client
+            .write_all(&request_bytes(
+                CMD_WRITE,
+                10 + cookie as u64,
+                at,
+                length as u32,
+            ))
+            .expect("send write header");
+        send_unevenly(&mut client, &payload, pieces);
+        assert_eq!(
+            read_simple_reply(&mut client).expect("write reply"),
+            (0, 10 + cookie as u64)
+        );
+        at += length as u64;
+    }
+    let after = bytes_read_from_disk(&server).expect("read_bytes");
+    assert_eq!(
+        after - before_write,
+        0,
+        "storing block-aligned writes read the file from the disk"
+    );
+    client
+        .write_all(&request_bytes(CMD_DISC, 99, 0, 0))
+        .expect("send disconnect");
+    drop(client);
     server.stop();
 }
 

@@ -31,9 +31,15 @@ use crate::metrics::{ConnectionMetrics, HandshakeFailure};
 /// a burst of requests is handled in one pass.
 const INPUT_BYTES: usize = 4 << 20;
 
-/// The unit a block device writes whole: no sector may be left holding
-/// parts of two writes (see `store_whole_sectors_now`).
-const SECTOR: u64 = 512;
+/// The unit a write's payload is stored in whole when it arrives in parts
+/// (see `store_whole_units_now`): no unit is left holding parts of two
+/// overlapping writes, and none is written in two parts. A filesystem
+/// block (4 KiB on common filesystems, a multiple of any disk's sector):
+/// writing part of one that is not in the page cache makes the kernel
+/// read it from the disk first, while the connection waits. Cut at
+/// 512-byte sectors, a 1 GiB copy into a file on disk whose pages were
+/// not cached took 1.15 s against nbdkit's 0.59 (docs/BENCHMARKS.md).
+const WRITE_UNIT: u64 = 4096;
 
 /// Bytes of client input buffered at first. The buffer doubles (up to
 /// `INPUT_BYTES`) each time a read fills it, so an idle or negotiating
@@ -1333,7 +1339,7 @@ impl Driver {
         let (mut data, mut offset) = (data, offset);
         while !data.is_empty() {
             if write.inline && write.piece.is_empty() {
-                let stored = self.store_whole_sectors_now(&mut write, data, offset, remaining);
+                let stored = self.store_whole_units_now(&mut write, data, offset, remaining);
                 data = &data[stored..];
                 offset += stored as u64;
                 if data.is_empty() {
@@ -1342,10 +1348,10 @@ impl Driver {
             }
             if write.piece_limit == 0 {
                 let left = data.len() as u64 + remaining;
-                // Stored at once, a piece only completes a partial sector;
+                // Stored at once, a piece only completes a partial unit;
                 // otherwise it gathers up to WRITE_PIECE for the pool.
                 let limit = if write.inline {
-                    left.min(SECTOR - offset % SECTOR)
+                    left.min(WRITE_UNIT - offset % WRITE_UNIT)
                 } else {
                     left.min(WRITE_PIECE as u64)
                 };
@@ -1387,8 +1393,8 @@ impl Driver {
         let (Some(_), Some(wanted)) = (stream.plain_fd(), self.conn.payload_wanted()) else {
             return Ok(Direct::No);
         };
-        // Payload read into the input buffer ended inside a sector: the
-        // rest of that sector comes from the socket here, and the write's
+        // Payload read into the input buffer ended inside a unit: the
+        // rest of that unit comes from the socket here, and the write's
         // piece stores it as usual; the payload after it then comes
         // straight into storage. Without this, the rest of a 1 MiB write
         // into a file in `/dev/shm` came through the input buffer: at QD8
@@ -1412,7 +1418,7 @@ impl Driver {
             return self.complete_piece_from(stream, wanted, need);
         }
         // A write to a file whose pieces are already under way (a partial
-        // sector to complete, pieces on the pool, a failure) goes on the
+        // unit to complete, pieces on the pool, a failure) goes on the
         // way it started.
         let started_otherwise = self.streams.get(wanted.id).is_some_and(|write| {
             !write.piece.is_empty() || write.outstanding > 0 || write.failed.is_some()
@@ -1429,9 +1435,9 @@ impl Driver {
         // What the socket said when it gave less than asked.
         let mut ended = None;
         // A write to a file goes on through its stream (`streams`), which
-        // takes the received bytes of a sector left incomplete (see below).
+        // takes the received bytes of a unit left incomplete (see below).
         let streamed = self.streams.get(wanted.id).is_some();
-        let mut partial_sector = Vec::new();
+        let mut partial_unit = Vec::new();
         let mut receive = |place: &mut [u8]| {
             let mut filled = 0;
             while filled < place.len() && ended.is_none() {
@@ -1450,9 +1456,9 @@ impl Driver {
             }
             if streamed {
                 let end = wanted.offset + filled as u64;
-                let sector_start = (end - end % SECTOR).max(wanted.offset);
-                partial_sector
-                    .extend_from_slice(&place[(sector_start - wanted.offset) as usize..filled]);
+                let unit_start = (end - end % WRITE_UNIT).max(wanted.offset);
+                partial_unit
+                    .extend_from_slice(&place[(unit_start - wanted.offset) as usize..filled]);
             }
             filled
         };
@@ -1480,11 +1486,11 @@ impl Driver {
         let end = wanted.offset + stored as u64;
         let remaining = wanted.remaining - stored as u64;
         if streamed {
-            // A sector never holds halves of two overlapping writes (see
-            // `store_whole_sectors_now`): the part of one received goes
+            // A unit never holds halves of two overlapping writes (see
+            // `store_whole_units_now`): the part of one received goes
             // through the write's stream again, as a piece that the rest
-            // of the sector completes and that is stored whole.
-            let again: &[u8] = if remaining == 0 { &[] } else { &partial_sector };
+            // of the unit completes and that is stored whole.
+            let again: &[u8] = if remaining == 0 { &[] } else { &partial_unit };
             self.stream_write_data(wanted.id, end - again.len() as u64, again, remaining);
         } else if remaining == 0 {
             self.payload_stored(&*backend, wanted.id, end);
@@ -1495,19 +1501,17 @@ impl Driver {
         Ok(Direct::Moved)
     }
 
-    /// Reads up to `need` (less than a sector) payload bytes of `wanted`
-    /// from the socket into the write's partial sector.
+    /// Reads up to `need` (less than a unit) payload bytes of `wanted`
+    /// from the socket into the write's partial unit.
     fn complete_piece_from<S: PlainSocket>(
         &mut self,
         stream: &S,
         wanted: nbd_core::server::PayloadWanted,
         need: usize,
     ) -> io::Result<Direct> {
-        let mut bytes = [0u8; SECTOR as usize];
+        let mut bytes = [0u8; WRITE_UNIT as usize];
         let Some(bytes) = bytes.get_mut(..need) else {
-            return Err(io::Error::other(
-                "a write's partial sector is over a sector",
-            ));
+            return Err(io::Error::other("a write's partial unit is over a unit"));
         };
         let n = match self.read_now(stream, bytes, false, &mut None) {
             // Nothing yet (or interrupted): wait for the socket.
@@ -1558,14 +1562,14 @@ impl Driver {
         }
     }
 
-    /// Stores the whole sectors at the start of `data` (all of it when it is
+    /// Stores the whole units at the start of `data` (all of it when it is
     /// the payload's end) straight from the input buffer, when the backend
     /// can without blocking: one copy (input buffer to storage) instead of
     /// two, and no trip to the pool. Payload arrives split wherever the
-    /// socket split it, so a partial sector is left for a piece to
-    /// complete: a sector never holds halves of two overlapping writes.
+    /// socket split it, so a partial unit is left for a piece to
+    /// complete: a unit never holds halves of two overlapping writes.
     /// Returns the bytes stored.
-    fn store_whole_sectors_now(
+    fn store_whole_units_now(
         &mut self,
         write: &mut StreamingWrite,
         data: &[u8],
@@ -1579,7 +1583,7 @@ impl Driver {
         let whole_end = if remaining == 0 {
             end
         } else {
-            end - end % SECTOR
+            end - end % WRITE_UNIT
         };
         let Ok(n) = usize::try_from(whole_end.saturating_sub(offset)) else {
             return 0;
