@@ -497,12 +497,15 @@ def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dic
         direction, length, seconds = fio_args[0][len("nbdcopy:") :], fio_args[1], fio_args[2]
         source = ctx.copy_source(server.size)
         cmd = ctx.pin(ctx.client_cpus) + [sys.executable, script, server.uri, direction, source, length, seconds]
-        return run_client(ctx, server, name, cmd, out, libnbd=True)
+        if ctx.args.cold:
+            # Every copy into (or out of) a cold file, not only the first.
+            cmd.append(ctx.shared_file)
+        return run_client(ctx, server, name, cmd, out, request_bytes=int(length))
     if fio_args and fio_args[0].startswith("libnbd:"):
         script = os.path.join(REPO, "benches", "libnbd_qd1.py")
         op, length, seconds = fio_args[0][len("libnbd:") :], fio_args[1], fio_args[2]
         cmd = ctx.pin(ctx.client_cpus) + [LIBNBD_PYTHON, script, server.uri, op, length, seconds]
-        return run_client(ctx, server, name, cmd, out, libnbd=True)
+        return run_client(ctx, server, name, cmd, out, request_bytes=int(length))
     cmd = ctx.pin(ctx.client_cpus) + [
         "fio",
         f"--name={name}",
@@ -512,7 +515,7 @@ def run_fio(ctx: Context, server: Server, name: str, fio_args: list[str]) -> dic
         "--output-format=json",
         f"--output={out}",
     ] + fio_args
-    return run_client(ctx, server, name, cmd, out, libnbd=False)
+    return run_client(ctx, server, name, cmd, out, request_bytes=None)
 
 
 def libnbd_metrics(path: str, length: int) -> dict:
@@ -529,7 +532,12 @@ def libnbd_metrics(path: str, length: int) -> dict:
     }
 
 
-def run_client(ctx: Context, server: Server, name: str, cmd: list[str], out: str, libnbd: bool) -> dict:
+def run_client(
+    ctx: Context, server: Server, name: str, cmd: list[str], out: str, request_bytes: int | None
+) -> dict:
+    """Runs one client: fio (request_bytes None), or a script printing
+    libnbd_qd1.py's JSON for requests of request_bytes."""
+    libnbd = request_bytes is not None
     if ctx.args.cold:
         ctx.evict_shared_file()
     srv0, members = server_cpu(server.pid)
@@ -553,7 +561,7 @@ def run_client(ctx: Context, server: Server, name: str, cmd: list[str], out: str
     if not alive(server.pid):
         server.dead = True
         raise BenchError(f"{server.name} died during {name}: {server.log_tail()}")
-    m = libnbd_metrics(out, int(cmd[-2])) if libnbd else fio_metrics(out)
+    m = libnbd_metrics(out, request_bytes) if request_bytes is not None else fio_metrics(out)
     server_s = (srv1 - srv0) / CLK_TCK
     fio_s = ru.ru_utime + ru.ru_stime
     busy_s = (sys1["busy"] - sys0["busy"]) / CLK_TCK
