@@ -37,8 +37,9 @@ const INPUT_BYTES: usize = 4 << 20;
 /// block (4 KiB on common filesystems, a multiple of any disk's sector):
 /// writing part of one that is not in the page cache makes the kernel
 /// read it from the disk first, while the connection waits. Cut at
-/// 512-byte sectors, a 1 GiB copy into a file on disk whose pages were
-/// not cached took 1.15 s against nbdkit's 0.59 (docs/BENCHMARKS.md).
+/// 512-byte sectors, a 1 GiB `nbdcopy` into a file on disk whose pages
+/// were not cached read the disk six times as often and took 1.07 to
+/// 1.47 s, nbdkit 0.64 to 1.18 (docs/BENCHMARKS.md).
 const WRITE_UNIT: u64 = 4096;
 
 /// Bytes of client input buffered at first. The buffer doubles (up to
