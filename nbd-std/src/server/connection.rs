@@ -926,20 +926,32 @@ impl Driver {
         }
     }
 
+    /// Stores the gathered piece of `write` at once when the backend can
+    /// without blocking (a small buffered write): no trip to the pool and
+    /// back. False, the piece kept, when it cannot.
+    fn store_piece_now(&mut self, write: &mut StreamingWrite) -> bool {
+        let Some(backend) = self.backend.clone() else {
+            return false;
+        };
+        let Some(result) = backend.try_write_now(&write.piece, write.piece_offset) else {
+            return false;
+        };
+        write.piece_limit = 0;
+        self.budget.release(std::mem::take(&mut write.piece).len());
+        write.keep_first_error(result);
+        true
+    }
+
     /// Sends the gathered piece of `write` to storage.
     fn store_piece(&mut self, id: RequestId, write: &mut StreamingWrite) {
+        if self.store_piece_now(write) {
+            return;
+        }
         write.piece_limit = 0;
         let Some(backend) = self.backend.clone() else {
             return;
         };
         let data = std::mem::take(&mut write.piece);
-        // Stored at once when the backend can without blocking (a small
-        // buffered write): no trip to the pool and back.
-        if let Some(result) = backend.try_write_now(&data, write.piece_offset) {
-            self.budget.release(data.len());
-            write.keep_first_error(result);
-            return;
-        }
         write.outstanding += 1;
         self.send_to_storage(
             backend,
@@ -1368,6 +1380,22 @@ impl Driver {
             data = &data[n..];
             offset += n as u64;
             if write.piece.len() == write.piece_limit {
+                let left = data.len() as u64 + remaining;
+                if write.inline && left > 0 && !self.store_piece_now(&mut write) {
+                    // A partial unit the backend cannot store at once (an
+                    // object store without the object cached): the piece
+                    // goes on gathering for the pool, as the rest of the
+                    // payload will, rather than go there alone (a partial
+                    // object, fetched first: with the store down, a write
+                    // of a whole object failed).
+                    write.inline = false;
+                    let more = left.min((WRITE_PIECE - write.piece.len()) as u64);
+                    write.piece_limit += usize::try_from(more).unwrap_or(0);
+                    continue;
+                }
+                if write.piece_limit == 0 {
+                    continue;
+                }
                 let on_storage = write.outstanding;
                 self.store_piece(id, &mut write);
                 if write.outstanding > on_storage {
