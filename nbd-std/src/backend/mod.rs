@@ -230,8 +230,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether [`receive_at`](Self::receive_at) takes write payloads
     /// straight from the socket into storage now. The server then reads
-    /// the rest of a sector left incomplete in its input buffer on its
-    /// own, so that the payload after it can come that way too.
+    /// the rest of a 4 KiB unit left incomplete in its input buffer on
+    /// its own, so that the payload after it can come that way too.
     fn receives_payloads(&self) -> bool {
         false
     }

@@ -942,11 +942,16 @@ impl Driver {
         true
     }
 
-    /// Sends the gathered piece of `write` to storage.
+    /// Sends the gathered piece of `write` to storage: at once when the
+    /// backend can, on the pool otherwise.
     fn store_piece(&mut self, id: RequestId, write: &mut StreamingWrite) {
-        if self.store_piece_now(write) {
-            return;
+        if !self.store_piece_now(write) {
+            self.piece_to_pool(id, write);
         }
+    }
+
+    /// Sends the gathered piece of `write` to the pool.
+    fn piece_to_pool(&mut self, id: RequestId, write: &mut StreamingWrite) {
         write.piece_limit = 0;
         let Some(backend) = self.backend.clone() else {
             return;
@@ -1380,27 +1385,25 @@ impl Driver {
             data = &data[n..];
             offset += n as u64;
             if write.piece.len() == write.piece_limit {
+                if self.store_piece_now(&mut write) {
+                    continue;
+                }
+                // The backend cannot store at once: the rest of the
+                // payload goes to the pool in pieces.
                 let left = data.len() as u64 + remaining;
-                if write.inline && left > 0 && !self.store_piece_now(&mut write) {
-                    // A partial unit the backend cannot store at once (an
-                    // object store without the object cached): the piece
-                    // goes on gathering for the pool, as the rest of the
-                    // payload will, rather than go there alone (a partial
-                    // object, fetched first: with the store down, a write
-                    // of a whole object failed).
+                if write.inline && left > 0 {
+                    // A partial unit (an object store without the object
+                    // cached) goes on gathering with that rest rather
+                    // than go there alone (a partial object, fetched
+                    // first: with the store down, a write of a whole
+                    // object failed).
                     write.inline = false;
                     let more = left.min((WRITE_PIECE - write.piece.len()) as u64);
                     write.piece_limit += usize::try_from(more).unwrap_or(0);
                     continue;
                 }
-                if write.piece_limit == 0 {
-                    continue;
-                }
-                let on_storage = write.outstanding;
-                self.store_piece(id, &mut write);
-                if write.outstanding > on_storage {
-                    write.inline = false;
-                }
+                write.inline = false;
+                self.piece_to_pool(id, &mut write);
             }
         }
         if remaining == 0 {
