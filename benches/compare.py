@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 
+from nbdcopy_loop import evict_file  # beside this script: one way to make a file cold
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
@@ -457,12 +459,7 @@ class Context:
     def evict_shared_file(self) -> None:
         """--cold: the shared file's pages leave the page cache (written
         back first: dirty pages cannot be dropped), for every server alike."""
-        fd = os.open(self.shared_file, os.O_RDWR)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_file(self.shared_file)
 
 
 def fio_metrics(path: str) -> dict:
@@ -561,7 +558,7 @@ def run_client(
     if not alive(server.pid):
         server.dead = True
         raise BenchError(f"{server.name} died during {name}: {server.log_tail()}")
-    m = libnbd_metrics(out, request_bytes) if request_bytes is not None else fio_metrics(out)
+    m = libnbd_metrics(out, request_bytes) if libnbd else fio_metrics(out)
     server_s = (srv1 - srv0) / CLK_TCK
     fio_s = ru.ru_utime + ru.ru_stime
     busy_s = (sys1["busy"] - sys0["busy"]) / CLK_TCK
