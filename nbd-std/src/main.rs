@@ -380,6 +380,11 @@ struct ServeArgs {
     #[arg(long, default_value = "0", value_name = "SECONDS",
           value_parser = limits::parse_handshake_timeout)]
     idle_timeout: std::time::Duration,
+    /// Congestion control of TCP connections from this same host when the
+    /// system's is BBR: cubic (reno where cubic is missing), which does
+    /// not hold large replies back over loopback, or the system's.
+    #[arg(long, value_enum, default_value = "cubic", value_name = "ALGORITHM")]
+    loopback_congestion: nbd_std::server::LoopbackCongestion,
     /// Threads serving connections, each with its own event loop (a
     /// connection stays on one); default: one per CPU. 0: connections
     /// are tasks of the shared work-stealing runtime.
@@ -480,6 +485,7 @@ fn serve_limits(args: &ServeArgs) -> ServerLimits {
         keepalive: Some(std::time::Duration::from_secs(args.keepalive)).filter(|t| !t.is_zero()),
         idle_timeout: Some(args.idle_timeout).filter(|t| !t.is_zero()),
         drain_timeout: args.drain_timeout,
+        loopback_congestion: args.loopback_congestion,
     }
 }
 

@@ -68,6 +68,28 @@ pub struct ServerLimits {
     /// their requests in flight and close; those still open after it are
     /// dropped.
     pub drain_timeout: Duration,
+    /// Congestion control of TCP connections from this same host when
+    /// the system's is BBR.
+    pub loopback_congestion: LoopbackCongestion,
+}
+
+/// Congestion control for a TCP connection whose two ends are on this
+/// host (over the loopback device), when the system's paces segments
+/// (BBR, `net.ipv4.tcp_congestion_control`); other algorithms are left
+/// as they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum LoopbackCongestion {
+    /// cubic (reno, built into every kernel, where cubic is missing):
+    /// over loopback BBR's window, about twice what it measured to be in
+    /// flight, holds most of a large reply back until the client
+    /// acknowledges the start, and the rest is then sent from the
+    /// client's CPU while the server's sends more, so segments arrive out
+    /// of order and some are sent twice (docs/BENCHMARKS.md).
+    #[default]
+    Cubic,
+    /// Keep the system's algorithm.
+    System,
 }
 
 /// Default [`ServerLimits::keepalive`]: a vanished peer is found within
@@ -91,6 +113,7 @@ impl Default for ServerLimits {
             keepalive: Some(DEFAULT_KEEPALIVE),
             idle_timeout: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            loopback_congestion: LoopbackCongestion::Cubic,
         }
     }
 }
