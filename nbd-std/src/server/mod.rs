@@ -452,9 +452,9 @@ fn set_keepalive(stream: &tokio::net::TcpStream, idle: Duration) -> io::Result<(
 
 /// Gives a TCP connection whose two ends are on this host cubic (or
 /// reno) in place of BBR; see [`LoopbackCongestion::Cubic`]. 1 MiB reads
-/// at QD1 from a memory export went from 3,677 MiB/s at 266 µs of server
-/// CPU a MiB to 4,817 at 204 (docs/BENCHMARKS.md). Returns the algorithm
-/// set, if any.
+/// at QD1 from a memory export went from 3,511 MiB/s at 280 µs of server
+/// CPU a MiB to 4,565 at 217, medians unpinned (docs/BENCHMARKS.md).
+/// Returns the algorithm set, if any.
 fn unpaced_on_loopback(stream: &tokio::net::TcpStream) -> io::Result<Option<&'static str>> {
     use rustix::net::sockopt;
     let peer = stream.peer_addr()?.ip().to_canonical();
