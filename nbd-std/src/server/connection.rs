@@ -930,10 +930,11 @@ impl Driver {
     /// without blocking (a small buffered write): no trip to the pool and
     /// back. False, the piece kept, when it cannot.
     fn store_piece_now(&mut self, write: &mut StreamingWrite) -> bool {
-        let Some(backend) = self.backend.clone() else {
-            return false;
-        };
-        let Some(result) = backend.try_write_now(&write.piece, write.piece_offset) else {
+        let Some(result) = self
+            .backend
+            .as_ref()
+            .and_then(|backend| backend.try_write_now(&write.piece, write.piece_offset))
+        else {
             return false;
         };
         write.piece_limit = 0;

@@ -458,8 +458,7 @@ fn set_keepalive(stream: &tokio::net::TcpStream, idle: Duration) -> io::Result<(
 fn unpaced_on_loopback(stream: &tokio::net::TcpStream) -> io::Result<Option<&'static str>> {
     use rustix::net::sockopt;
     let peer = stream.peer_addr()?.ip().to_canonical();
-    let local = stream.local_addr()?.ip().to_canonical();
-    if !(peer.is_loopback() || peer == local) {
+    if !(peer.is_loopback() || peer == stream.local_addr()?.ip().to_canonical()) {
         return Ok(None);
     }
     if !sockopt::tcp_congestion(stream)?.starts_with("bbr") {
