@@ -45,7 +45,8 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }
 
-/// Five ports `p` with `p` and `p + 10000` free (weed puts gRPC there).
+/// Five ports `p` with `p` and `p + 10000` free (weed puts gRPC there),
+/// none of them another's gRPC port (weed refuses to start then).
 fn pick_ports() -> [u16; 5] {
     let mut random = super::Random::new(
         u64::from(std::process::id())
@@ -57,7 +58,10 @@ fn pick_ports() -> [u16; 5] {
     let mut found = 0;
     for _ in 0..1000 {
         let port = 20000 + (random.next_u64() % 20000) as u16;
-        if !ports.contains(&port) && port_free(port) && port_free(port + 10000) {
+        let taken = ports[..found]
+            .iter()
+            .any(|&other| other == port || other + 10000 == port || other == port + 10000);
+        if !taken && port_free(port) && port_free(port + 10000) {
             ports[found] = port;
             found += 1;
             if found == ports.len() {
